@@ -1,0 +1,486 @@
+//! The UDP beacon: how nodes announce themselves on the multicast group.
+//!
+//! Layout (all integers big-endian; details and a hex dump in `PROTOCOL.md`):
+//!
+//! ```text
+//! magic "CSTL" (4) | version (1) | flags (1) | body length (2) | body | trailer
+//! ```
+//!
+//! The body is a msgpack map with named fields, so fields can be added
+//! without a version bump: decoders ignore keys they do not know. The
+//! trailer is empty unless `flags` has [`FLAG_SEALED`], reserved for the
+//! cluster-secret mode (nonce and authentication tag).
+//!
+//! A beacon is a *hint*: it says "a node with this id says it is reachable at
+//! this address". Nothing here trusts it further than that; identity is proven
+//! on the TCP link.
+//!
+//! Decoding follows the datagram contract: one call consumes the whole
+//! datagram, valid or not, and yields a beacon or a typed error. It never
+//! returns "need more bytes".
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::id::{Incarnation, NodeId};
+use crate::wire::addr_str;
+
+/// First four bytes of every beacon.
+pub const MAGIC: [u8; 4] = *b"CSTL";
+/// The beacon envelope version this crate speaks.
+pub const VERSION: u8 = 1;
+/// Largest beacon we send or accept, in bytes (fits any path MTU we care about
+/// without IP fragmentation).
+pub const MAX_BEACON: usize = 1200;
+/// Size of the fixed header before the body.
+pub const HEADER_LEN: usize = 8;
+/// Flag: the body is sealed with the cluster secret and a trailer follows.
+pub const FLAG_SEALED: u8 = 0x01;
+
+/// What a beacon is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BeaconKind {
+    /// Periodic (and first) multicast announcement.
+    Announce,
+    /// Unicast answer to a newcomer's announcement, so that it learns about
+    /// existing nodes within one round trip instead of one beacon interval.
+    Reply,
+    /// Goodbye sent on graceful shutdown.
+    Leave,
+}
+
+impl BeaconKind {
+    /// The wire name of this kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BeaconKind::Announce => "announce",
+            BeaconKind::Reply => "reply",
+            BeaconKind::Leave => "leave",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "announce" => Some(BeaconKind::Announce),
+            "reply" => Some(BeaconKind::Reply),
+            "leave" => Some(BeaconKind::Leave),
+            _ => None,
+        }
+    }
+}
+
+/// A decoded beacon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Beacon {
+    /// Cluster name; beacons of other clusters are dropped by the receiver.
+    pub cluster: String,
+    /// Sender's node id.
+    pub id: NodeId,
+    /// Sender's incarnation (grows with every start).
+    pub incarnation: Incarnation,
+    /// Sender's human name.
+    pub name: String,
+    /// The TCP data address peers should dial.
+    pub addr: SocketAddr,
+    /// Announce, reply or leave.
+    pub kind: BeaconKind,
+    /// [`crate::tags_digest`] of the sender's tags.
+    pub digest: u64,
+}
+
+/// Why a datagram is not a beacon (or a beacon cannot be encoded). Every
+/// variant leaves the receiver's state untouched: the datagram is dropped and
+/// counted under [`BeaconError::reason`].
+#[derive(Debug, thiserror::Error)]
+pub enum BeaconError {
+    /// Shorter than the fixed header, or shorter than its body length says.
+    #[error("truncated beacon ({len} bytes)")]
+    Truncated {
+        /// Datagram length.
+        len: usize,
+    },
+    /// Does not start with [`MAGIC`]: not ours at all.
+    #[error("bad magic")]
+    BadMagic,
+    /// A beacon version this build does not speak.
+    #[error("unsupported beacon version {0}")]
+    UnsupportedVersion(u8),
+    /// Over [`MAX_BEACON`] bytes (decoding), or would be (encoding).
+    #[error("beacon of {len} bytes exceeds the {MAX_BEACON}-byte limit")]
+    TooLarge {
+        /// Offending length.
+        len: usize,
+    },
+    /// The body is not a valid msgpack beacon map.
+    #[error("malformed beacon body: {0}")]
+    Malformed(String),
+    /// A `kind` this build does not know.
+    #[error("unknown beacon kind {0:?}")]
+    UnknownKind(String),
+    /// The beacon is sealed with a cluster secret that this receiver does not
+    /// hold, or this receiver has no secret at all: a security mismatch.
+    #[error("sealed beacon but no matching cluster secret")]
+    Sealed,
+    /// Bytes after the body of an unsealed beacon.
+    #[error("{0} unexpected bytes after the beacon body")]
+    Trailing(usize),
+    /// Encoding failed (a value msgpack cannot represent).
+    #[error("cannot encode beacon: {0}")]
+    Encode(String),
+    /// Socket error, only from codec drivers that read the socket themselves.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl BeaconError {
+    /// A short, stable label for drop counters and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BeaconError::Truncated { .. } => "truncated",
+            BeaconError::BadMagic => "bad_magic",
+            BeaconError::UnsupportedVersion(_) => "version",
+            BeaconError::TooLarge { .. } => "too_large",
+            BeaconError::Malformed(_) => "malformed",
+            BeaconError::UnknownKind(_) => "unknown_kind",
+            BeaconError::Sealed => "security_mismatch",
+            BeaconError::Trailing(_) => "trailing_bytes",
+            BeaconError::Encode(_) => "encode",
+            BeaconError::Io(_) => "io",
+        }
+    }
+}
+
+/// The msgpack body as it is on the wire. Field names are the wire names.
+#[derive(Serialize, Deserialize)]
+struct Body<'a> {
+    #[serde(borrow)]
+    cluster: Cow<'a, str>,
+    id: NodeId,
+    inc: Incarnation,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(with = "addr_str")]
+    addr: SocketAddr,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default)]
+    digest: u64,
+}
+
+/// The parsed fixed envelope of a beacon, body not yet decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// Envelope flags ([`FLAG_SEALED`]).
+    pub flags: u8,
+    /// The body bytes (msgpack, or ciphertext when sealed).
+    pub body: &'a [u8],
+    /// Bytes after the body (empty unless sealed).
+    pub trailer: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    /// Checks size, magic, version and lengths of one whole datagram.
+    pub fn parse(datagram: &'a [u8]) -> Result<Self, BeaconError> {
+        let len = datagram.len();
+        if len > MAX_BEACON {
+            return Err(BeaconError::TooLarge { len });
+        }
+        if len < HEADER_LEN {
+            // Too short to carry a magic we could compare: call it bad magic
+            // only when what is there already differs.
+            if !MAGIC.starts_with(&datagram[..len.min(4)]) {
+                return Err(BeaconError::BadMagic);
+            }
+            return Err(BeaconError::Truncated { len });
+        }
+        let mut hdr = &datagram[..HEADER_LEN];
+        if hdr[..4] != MAGIC {
+            return Err(BeaconError::BadMagic);
+        }
+        hdr.advance(4);
+        let version = hdr.get_u8();
+        if version != VERSION {
+            return Err(BeaconError::UnsupportedVersion(version));
+        }
+        let flags = hdr.get_u8();
+        let body_len = hdr.get_u16() as usize;
+        let rest = &datagram[HEADER_LEN..];
+        if rest.len() < body_len {
+            return Err(BeaconError::Truncated { len });
+        }
+        let (body, trailer) = rest.split_at(body_len);
+        Ok(Envelope {
+            flags,
+            body,
+            trailer,
+        })
+    }
+}
+
+impl Beacon {
+    /// Encodes this beacon as one unsealed datagram. Refuses (rather than
+    /// truncating) anything over [`MAX_BEACON`].
+    pub fn encode(&self) -> Result<Bytes, BeaconError> {
+        let body = self.encode_body()?;
+        seal_envelope(0, &body, &[])
+    }
+
+    /// The msgpack body alone (what a sealing layer encrypts).
+    pub fn encode_body(&self) -> Result<Vec<u8>, BeaconError> {
+        let body = Body {
+            cluster: Cow::Borrowed(&self.cluster),
+            id: self.id,
+            inc: self.incarnation,
+            name: Cow::Borrowed(&self.name),
+            addr: self.addr,
+            kind: Cow::Borrowed(self.kind.as_str()),
+            digest: self.digest,
+        };
+        rmp_serde::to_vec_named(&body).map_err(|e| BeaconError::Encode(e.to_string()))
+    }
+
+    /// Decodes one whole unsealed datagram.
+    pub fn decode(datagram: &[u8]) -> Result<Self, BeaconError> {
+        let env = Envelope::parse(datagram)?;
+        if env.flags & FLAG_SEALED != 0 {
+            return Err(BeaconError::Sealed);
+        }
+        if !env.trailer.is_empty() {
+            return Err(BeaconError::Trailing(env.trailer.len()));
+        }
+        Self::decode_body(env.body)
+    }
+
+    /// Decodes a msgpack body (already opened, if it was sealed).
+    pub fn decode_body(body: &[u8]) -> Result<Self, BeaconError> {
+        let mut rest = body;
+        let raw: Body<'_> = Deserialize::deserialize(&mut rmp_serde::Deserializer::new(&mut rest))
+            .map_err(|e| BeaconError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(BeaconError::Malformed(format!(
+                "{} bytes after the body map",
+                rest.len()
+            )));
+        }
+        let kind = BeaconKind::parse(&raw.kind)
+            .ok_or_else(|| BeaconError::UnknownKind(raw.kind.clone().into_owned()))?;
+        Ok(Beacon {
+            cluster: raw.cluster.into_owned(),
+            id: raw.id,
+            incarnation: raw.inc,
+            name: raw.name.into_owned(),
+            addr: raw.addr,
+            kind,
+            digest: raw.digest,
+        })
+    }
+}
+
+/// Builds `magic | version | flags | len | body | trailer`, refusing anything
+/// over [`MAX_BEACON`].
+pub fn seal_envelope(flags: u8, body: &[u8], trailer: &[u8]) -> Result<Bytes, BeaconError> {
+    let len = HEADER_LEN + body.len() + trailer.len();
+    if len > MAX_BEACON {
+        return Err(BeaconError::TooLarge { len });
+    }
+    let mut out = BytesMut::with_capacity(len);
+    out.put_slice(&MAGIC);
+    out.put_u8(VERSION);
+    out.put_u8(flags);
+    // Cannot overflow: body.len() < MAX_BEACON < u16::MAX.
+    out.put_u16(body.len() as u16);
+    out.put_slice(body);
+    out.put_slice(trailer);
+    Ok(out.freeze())
+}
+
+/// tokio-util codec for beacons. `decode` takes the *whole* buffer as one
+/// datagram, valid or not; an empty buffer (no datagram) is `Ok(None)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BeaconCodec;
+
+impl Decoder for BeaconCodec {
+    type Item = Beacon;
+    type Error = BeaconError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Beacon>, BeaconError> {
+        if src.is_empty() {
+            return Ok(None);
+        }
+        let datagram = src.split();
+        Beacon::decode(&datagram).map(Some)
+    }
+}
+
+impl Encoder<&Beacon> for BeaconCodec {
+    type Error = BeaconError;
+
+    fn encode(&mut self, item: &Beacon, dst: &mut BytesMut) -> Result<(), BeaconError> {
+        dst.put_slice(&item.encode()?);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn sample(kind: BeaconKind) -> Beacon {
+        Beacon {
+            cluster: "default".into(),
+            id: NodeId(0x00112233445566778899aabbccddeeff),
+            incarnation: 1_764_000_000_000,
+            name: "node1".into(),
+            addr: "192.0.2.10:6777".parse().unwrap(),
+            kind,
+            digest: 0x1234,
+        }
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        for kind in [BeaconKind::Announce, BeaconKind::Reply, BeaconKind::Leave] {
+            let b = sample(kind);
+            let bytes = b.encode().unwrap();
+            assert_eq!(&bytes[..4], b"CSTL");
+            assert_eq!(bytes[4], VERSION);
+            assert_eq!(Beacon::decode(&bytes).unwrap(), b);
+        }
+    }
+
+    #[test]
+    fn codec_consumes_whole_datagram_even_when_invalid() {
+        let mut codec = BeaconCodec;
+        let mut buf = BytesMut::from(&b"CSTL\x01\x00\x00\x05garbage"[..]);
+        assert!(codec.decode(&mut buf).is_err());
+        assert!(buf.is_empty());
+        let mut buf = BytesMut::new();
+        assert!(matches!(codec.decode(&mut buf), Ok(None)));
+    }
+
+    #[test]
+    fn typed_errors() {
+        let good = sample(BeaconKind::Announce).encode().unwrap();
+        assert!(matches!(
+            Beacon::decode(b"XXXXXXXXXX"),
+            Err(BeaconError::BadMagic)
+        ));
+        assert!(matches!(
+            Beacon::decode(b"CST"),
+            Err(BeaconError::Truncated { .. })
+        ));
+        let mut v = good.to_vec();
+        v[4] = 9;
+        assert!(matches!(
+            Beacon::decode(&v),
+            Err(BeaconError::UnsupportedVersion(9))
+        ));
+        let mut v = good.to_vec();
+        v[5] = FLAG_SEALED;
+        assert!(matches!(Beacon::decode(&v), Err(BeaconError::Sealed)));
+        let mut v = good.to_vec();
+        v.push(0);
+        assert!(matches!(Beacon::decode(&v), Err(BeaconError::Trailing(1))));
+        assert!(matches!(
+            Beacon::decode(&good[..good.len() - 1]),
+            Err(BeaconError::Truncated { .. })
+        ));
+        assert!(matches!(
+            Beacon::decode(&vec![0u8; MAX_BEACON + 1]),
+            Err(BeaconError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_kind_is_typed_and_unknown_fields_are_ignored() {
+        #[derive(Serialize)]
+        struct Future<'a> {
+            cluster: &'a str,
+            id: NodeId,
+            inc: u64,
+            name: &'a str,
+            addr: &'a str,
+            kind: &'a str,
+            digest: u64,
+            shiny_new_field: Vec<u32>,
+        }
+        let mut f = Future {
+            cluster: "c",
+            id: NodeId(5),
+            inc: 1,
+            name: "n",
+            addr: "127.0.0.1:1",
+            kind: "announce",
+            digest: 0,
+            shiny_new_field: vec![1, 2, 3],
+        };
+        let body = rmp_serde::to_vec_named(&f).unwrap();
+        let b = Beacon::decode(&seal_envelope(0, &body, &[]).unwrap()).unwrap();
+        assert_eq!(b.kind, BeaconKind::Announce);
+        f.kind = "teleport";
+        let body = rmp_serde::to_vec_named(&f).unwrap();
+        let err = Beacon::decode(&seal_envelope(0, &body, &[]).unwrap()).unwrap_err();
+        assert!(matches!(err, BeaconError::UnknownKind(k) if k == "teleport"));
+    }
+
+    #[test]
+    fn oversized_beacon_is_refused_not_truncated() {
+        let mut b = sample(BeaconKind::Announce);
+        b.name = "x".repeat(MAX_BEACON);
+        assert!(matches!(b.encode(), Err(BeaconError::TooLarge { .. })));
+    }
+
+    fn arb_beacon() -> impl Strategy<Value = Beacon> {
+        (
+            "[a-z0-9-]{0,40}",
+            any::<u128>(),
+            any::<u64>(),
+            "\\PC{0,60}",
+            any::<([u8; 4], u16)>(),
+            prop_oneof![
+                Just(BeaconKind::Announce),
+                Just(BeaconKind::Reply),
+                Just(BeaconKind::Leave)
+            ],
+            any::<u64>(),
+        )
+            .prop_map(|(cluster, id, inc, name, (ip, port), kind, digest)| Beacon {
+                cluster,
+                id: NodeId(id),
+                incarnation: inc,
+                name,
+                addr: SocketAddr::from((ip, port)),
+                kind,
+                digest,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn prop_encode_decode(b in arb_beacon()) {
+            let bytes = b.encode().unwrap();
+            prop_assert!(bytes.len() <= MAX_BEACON);
+            prop_assert_eq!(Beacon::decode(&bytes).unwrap(), b);
+        }
+
+        #[test]
+        fn prop_arbitrary_bytes_never_panic_and_are_consumed(data in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            let mut buf = BytesMut::from(&data[..]);
+            let _outcome = BeaconCodec.decode(&mut buf); // any outcome but a panic is fine
+            prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn prop_mutated_beacons_never_panic(b in arb_beacon(), idx in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut v = b.encode().unwrap().to_vec();
+            let i = idx.index(v.len());
+            v[i] = byte;
+            let _outcome = Beacon::decode(&v); // must return, valid or not
+        }
+    }
+}

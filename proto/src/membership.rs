@@ -1,0 +1,611 @@
+//! The peer table: who is in the cluster, and in what state.
+//!
+//! [`PeerTable`] is a sans-IO state machine in the style of `quinn-proto`:
+//! drivers call the `on_*` inputs with the `now` at which something happened
+//! (a beacon arrived, a link came up or went down, a pong returned), then
+//! drain [`PeerTable::poll_event`] (what changed, for the read-model, logs
+//! and `watch`) and [`PeerTable::poll_action`] (what the transport should do:
+//! dial). [`PeerTable::next_deadline`] says when [`PeerTable::on_tick`] must
+//! be called next. It never reads a clock and never touches a socket.
+//!
+//! ## Lifecycle (the contract users see)
+//! - `alive`: heard from recently on some channel (beacon, link traffic, pong).
+//! - `failed`: silent for `dead_after` on every channel; or the link was lost
+//!   without a goodbye and no beacon arrived within `link_loss_grace`; or the
+//!   link was lost and a redial was *refused* (the process is gone).
+//! - `left`: the peer said goodbye (leave beacon or goodbye frame).
+//! - Failed and left entries stay as tombstones for `tombstone_ttl`, then are
+//!   reaped. A higher incarnation replaces an entry at once; a lower one is
+//!   stale and ignored, so old information never resurrects a node. A fresh
+//!   beacon of the *same* incarnation revives a failed entry (the node was
+//!   unreachable, not dead), but never a left one (it said goodbye).
+//!
+//! ## Links
+//! Exactly one link per pair is the transport's job; this table decides
+//! *when to dial*: the node with the lower id dials as soon as it learns of a
+//! peer; the higher one dials only if no link exists after `dial_fallback`
+//! (one-way multicast, asymmetric filtering). Redials back off exponentially
+//! with jitter while the peer is believed alive.
+//!
+//! Invariant: one entry per id; the local node never has an entry.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::beacon::{Beacon, BeaconKind};
+use crate::frame::Hello;
+use crate::id::{tags_digest, Incarnation, NodeId, Tags};
+
+/// Timing settings of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Silence on every channel after which an alive peer is failed.
+    pub dead_after: Duration,
+    /// After a link is lost without a goodbye, how long to wait for any other
+    /// sign of life (a beacon, a new link) before declaring the peer failed.
+    pub link_loss_grace: Duration,
+    /// How long the higher-id node waits for the lower-id node to dial before
+    /// dialing itself.
+    pub dial_fallback: Duration,
+    /// First redial delay.
+    pub backoff_min: Duration,
+    /// Largest redial delay.
+    pub backoff_max: Duration,
+    /// How long failed and left entries are kept before being reaped.
+    pub tombstone_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            dead_after: Duration::from_secs(3),
+            link_loss_grace: Duration::from_millis(1500),
+            dial_fallback: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            tombstone_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A peer's membership state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerState {
+    /// Heard from recently.
+    Alive,
+    /// Confirmed unreachable or dead.
+    Failed,
+    /// Said goodbye.
+    Left,
+}
+
+impl PeerState {
+    /// The name used in the API and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Alive => "alive",
+            PeerState::Failed => "failed",
+            PeerState::Left => "left",
+        }
+    }
+}
+
+/// State of the TCP data link to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LinkState {
+    /// Handshake done, frames flowing.
+    Up,
+    /// A dial is in progress.
+    Connecting,
+    /// No link.
+    Down,
+}
+
+impl LinkState {
+    /// The name used in the API and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Up => "up",
+            LinkState::Connecting => "connecting",
+            LinkState::Down => "down",
+        }
+    }
+}
+
+/// Everything the table knows about one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Peer id.
+    pub id: NodeId,
+    /// Peer name.
+    pub name: String,
+    /// Highest incarnation seen.
+    pub incarnation: Incarnation,
+    /// Data address to dial.
+    pub addr: SocketAddr,
+    /// Membership state.
+    pub state: PeerState,
+    /// Link state.
+    pub link: LinkState,
+    /// Last measured round-trip time on the link.
+    pub rtt: Option<Duration>,
+    /// Last sign of life on any channel.
+    pub last_seen: Instant,
+    /// Last beacon.
+    pub last_beacon: Option<Instant>,
+    /// When `state` last changed (or the entry was created).
+    pub since: Instant,
+    /// Metadata, from the handshake.
+    pub tags: Tags,
+    /// Digest of the metadata, from beacons.
+    pub digest: u64,
+    /// When the link was lost without a goodbye and no sign of life since.
+    lost_at: Option<Instant>,
+    /// When to dial next (only while alive and not linked).
+    next_dial: Option<Instant>,
+    /// Consecutive failed dials.
+    dial_attempts: u32,
+}
+
+/// What changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// A new peer (or a failed one heard from again).
+    Joined,
+    /// The peer restarted: a higher incarnation replaced the entry.
+    Restarted,
+    /// Name, address or metadata changed.
+    Updated,
+    /// The peer is failed.
+    Failed,
+    /// The peer left.
+    Left,
+    /// The data link came up.
+    LinkUp,
+    /// The data link went down.
+    LinkDown,
+    /// The tombstone was removed from the table.
+    Reaped,
+}
+
+impl EventKind {
+    /// The name used on the event stream.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Joined => "peer_joined",
+            EventKind::Restarted => "peer_restarted",
+            EventKind::Updated => "peer_updated",
+            EventKind::Failed => "peer_failed",
+            EventKind::Left => "peer_left",
+            EventKind::LinkUp => "link_up",
+            EventKind::LinkDown => "link_down",
+            EventKind::Reaped => "peer_reaped",
+        }
+    }
+}
+
+/// One change to one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    /// The peer.
+    pub id: NodeId,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What the driver should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Open a link to `id` at `addr`; report the outcome with
+    /// [`PeerTable::on_link_up`] or [`PeerTable::on_dial_failed`].
+    Dial {
+        /// Peer to dial.
+        id: NodeId,
+        /// Where.
+        addr: SocketAddr,
+    },
+}
+
+/// How a dial ended without a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialFailure {
+    /// The peer's port actively refused: the process is gone.
+    Refused,
+    /// Timeout, unreachable, handshake failure: no conclusion.
+    Other,
+    /// The peer already has a link with us (the other dial won).
+    Duplicate,
+}
+
+/// The sans-IO peer table. See the module docs.
+#[derive(Debug)]
+pub struct PeerTable {
+    local: NodeId,
+    cfg: Config,
+    peers: HashMap<NodeId, Peer>,
+    events: VecDeque<Event>,
+    actions: VecDeque<Action>,
+    rng: StdRng,
+}
+
+impl PeerTable {
+    /// An empty table for the node `local`. `seed` drives redial jitter
+    /// (tests pass a constant; the daemon a random value).
+    pub fn new(local: NodeId, cfg: Config, seed: u64) -> Self {
+        PeerTable {
+            local,
+            cfg,
+            peers: HashMap::new(),
+            events: VecDeque::new(),
+            actions: VecDeque::new(),
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// One peer.
+    pub fn get(&self, id: &NodeId) -> Option<&Peer> {
+        self.peers.get(id)
+    }
+
+    /// All peers, in no particular order.
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values()
+    }
+
+    /// Number of entries, tombstones included.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// True when the table has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Drains one pending event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Drains one pending action.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn emit(&mut self, id: NodeId, kind: EventKind) {
+        self.events.push_back(Event { id, kind });
+    }
+
+    /// When the first dial to a newly known peer should happen.
+    fn first_dial_at(&self, id: NodeId, now: Instant) -> Instant {
+        if self.local < id {
+            now
+        } else {
+            now + self.cfg.dial_fallback
+        }
+    }
+
+    /// A beacon from another node of our cluster (the driver has already
+    /// checked the cluster and dropped our own looped-back beacons).
+    pub fn on_beacon(&mut self, now: Instant, b: &Beacon) {
+        if b.id == self.local {
+            return;
+        }
+        let first_dial = self.first_dial_at(b.id, now);
+        let Some(p) = self.peers.get_mut(&b.id) else {
+            if b.kind == BeaconKind::Leave {
+                return; // never knew it; nothing to tombstone
+            }
+            self.peers.insert(
+                b.id,
+                Peer {
+                    id: b.id,
+                    name: b.name.clone(),
+                    incarnation: b.incarnation,
+                    addr: b.addr,
+                    state: PeerState::Alive,
+                    link: LinkState::Down,
+                    rtt: None,
+                    last_seen: now,
+                    last_beacon: Some(now),
+                    since: now,
+                    tags: Tags::new(),
+                    digest: b.digest,
+                    lost_at: None,
+                    next_dial: Some(first_dial),
+                    dial_attempts: 0,
+                },
+            );
+            self.emit(b.id, EventKind::Joined);
+            self.schedule(now);
+            return;
+        };
+        if b.incarnation < p.incarnation {
+            return; // stale: an earlier life of this node
+        }
+        let restarted = b.incarnation > p.incarnation;
+        if !restarted && p.state == PeerState::Left {
+            return; // it said goodbye; a late beacon does not bring it back
+        }
+        p.last_seen = now;
+        p.last_beacon = Some(now);
+        p.lost_at = None;
+        let mut kind = None;
+        if restarted {
+            p.incarnation = b.incarnation;
+            p.tags.clear(); // the new life's tags arrive with its handshake
+            kind = Some(EventKind::Restarted);
+        }
+        if b.kind == BeaconKind::Leave {
+            p.state = PeerState::Left;
+            p.since = now;
+            p.next_dial = None;
+            p.name.clone_from(&b.name);
+            let id = p.id;
+            self.emit(id, EventKind::Left);
+            return;
+        }
+        let changed = p.name != b.name || p.addr != b.addr || p.digest != b.digest;
+        p.name.clone_from(&b.name);
+        p.addr = b.addr;
+        p.digest = b.digest;
+        if p.state != PeerState::Alive {
+            p.state = PeerState::Alive;
+            p.since = now;
+            kind = kind.or(Some(EventKind::Joined));
+        } else if changed {
+            kind = kind.or(Some(EventKind::Updated));
+        }
+        if p.link == LinkState::Down && (restarted || p.next_dial.is_none()) {
+            p.dial_attempts = 0;
+            p.next_dial = Some(first_dial);
+        }
+        let id = p.id;
+        if let Some(kind) = kind {
+            self.emit(id, kind);
+        }
+        self.schedule(now);
+    }
+
+    /// A link to `hello.id` completed its handshake (either direction).
+    pub fn on_link_up(&mut self, now: Instant, hello: &Hello) {
+        if hello.id == self.local {
+            return;
+        }
+        let digest = tags_digest(&hello.tags);
+        let mut events = Vec::with_capacity(2);
+        let p = self.peers.entry(hello.id).or_insert_with(|| {
+            events.push(EventKind::Joined);
+            Peer {
+                id: hello.id,
+                name: hello.name.clone(),
+                incarnation: hello.incarnation,
+                addr: hello.addr,
+                state: PeerState::Alive,
+                link: LinkState::Down,
+                rtt: None,
+                last_seen: now,
+                last_beacon: None,
+                since: now,
+                tags: hello.tags.clone(),
+                digest,
+                lost_at: None,
+                next_dial: None,
+                dial_attempts: 0,
+            }
+        });
+        if hello.incarnation > p.incarnation {
+            p.incarnation = hello.incarnation;
+            events.push(EventKind::Restarted);
+        }
+        if p.state != PeerState::Alive {
+            // A completed handshake is proof of life, whatever we believed.
+            p.state = PeerState::Alive;
+            p.since = now;
+            if !events.contains(&EventKind::Restarted) {
+                events.push(EventKind::Joined);
+            }
+        } else if events.is_empty()
+            && (p.tags != hello.tags || p.name != hello.name || p.addr != hello.addr)
+        {
+            events.push(EventKind::Updated);
+        }
+        p.name.clone_from(&hello.name);
+        p.addr = hello.addr;
+        p.tags.clone_from(&hello.tags);
+        p.digest = digest;
+        p.last_seen = now;
+        p.lost_at = None;
+        p.next_dial = None;
+        p.dial_attempts = 0;
+        let was_up = p.link == LinkState::Up;
+        p.link = LinkState::Up;
+        if !was_up {
+            events.push(EventKind::LinkUp);
+        }
+        let id = hello.id;
+        for kind in events {
+            self.emit(id, kind);
+        }
+    }
+
+    /// The link to `id` closed. `graceful` when a goodbye preceded it.
+    pub fn on_link_down(&mut self, now: Instant, id: NodeId, graceful: bool) {
+        let first_dial = self.first_dial_at(id, now);
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if p.link != LinkState::Up {
+            return;
+        }
+        p.link = LinkState::Down;
+        p.rtt = None;
+        if p.state == PeerState::Alive && !graceful {
+            // Is the process gone, or only this link? Redial now: a refusal
+            // answers within a round trip; otherwise beacons decide.
+            p.lost_at = Some(now);
+            p.next_dial = Some(now);
+            p.dial_attempts = 0;
+        } else if p.state == PeerState::Alive {
+            p.next_dial = Some(first_dial);
+        }
+        self.emit(id, EventKind::LinkDown);
+        self.schedule(now);
+    }
+
+    /// A dial to `id` ended without a link.
+    pub fn on_dial_failed(&mut self, now: Instant, id: NodeId, why: DialFailure) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if p.link != LinkState::Connecting {
+            return; // a link came up meanwhile (the other side dialed)
+        }
+        p.link = LinkState::Down;
+        if p.state != PeerState::Alive {
+            return;
+        }
+        let beacon_since_loss = match (p.lost_at, p.last_beacon) {
+            (Some(lost), Some(beacon)) => beacon > lost,
+            _ => false,
+        };
+        if why == DialFailure::Refused && p.lost_at.is_some() && !beacon_since_loss {
+            // The link died and the port now refuses: the process is gone.
+            p.state = PeerState::Failed;
+            p.since = now;
+            p.next_dial = None;
+            self.emit(id, EventKind::Failed);
+            return;
+        }
+        if why == DialFailure::Duplicate {
+            // The other side's dial won; its link is on its way.
+            p.next_dial = Some(now + self.cfg.dial_fallback);
+            return;
+        }
+        p.dial_attempts = p.dial_attempts.saturating_add(1);
+        let exp = self
+            .cfg
+            .backoff_min
+            .saturating_mul(1u32 << p.dial_attempts.min(16))
+            .min(self.cfg.backoff_max);
+        let jitter = self.rng.gen_range(0.8..1.2);
+        p.next_dial = Some(now + exp.mul_f64(jitter));
+    }
+
+    /// The peer said goodbye on its link.
+    pub fn on_goodbye(&mut self, now: Instant, id: NodeId) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if p.state == PeerState::Left {
+            return;
+        }
+        p.state = PeerState::Left;
+        p.since = now;
+        p.next_dial = None;
+        p.lost_at = None;
+        self.emit(id, EventKind::Left);
+    }
+
+    /// A pong measured `rtt` on the link to `id`.
+    pub fn on_pong(&mut self, now: Instant, id: NodeId, rtt: Duration) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.rtt = Some(rtt);
+            p.last_seen = now;
+        }
+    }
+
+    /// Any other frame arrived from `id`.
+    pub fn on_traffic(&mut self, now: Instant, id: NodeId) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.last_seen = now;
+        }
+    }
+
+    /// Advances timers: failures, due dials, reaping.
+    pub fn on_tick(&mut self, now: Instant) {
+        let cfg = self.cfg;
+        let mut reaped = Vec::new();
+        let mut failed = Vec::new();
+        for p in self.peers.values_mut() {
+            match p.state {
+                PeerState::Alive => {
+                    let mut deadline = p.last_seen + cfg.dead_after;
+                    if let Some(lost) = p.lost_at {
+                        deadline = deadline.min(lost + cfg.link_loss_grace);
+                    }
+                    if p.link != LinkState::Up && now >= deadline {
+                        p.state = PeerState::Failed;
+                        p.since = now;
+                        p.next_dial = None;
+                        failed.push(p.id);
+                    }
+                }
+                PeerState::Failed | PeerState::Left => {
+                    if now >= p.since + cfg.tombstone_ttl {
+                        reaped.push(p.id);
+                    }
+                }
+            }
+        }
+        for id in failed {
+            self.emit(id, EventKind::Failed);
+        }
+        for id in reaped {
+            self.peers.remove(&id);
+            self.emit(id, EventKind::Reaped);
+        }
+        self.schedule(now);
+    }
+
+    /// Turns due dials into actions.
+    fn schedule(&mut self, now: Instant) {
+        for p in self.peers.values_mut() {
+            if p.state != PeerState::Alive || p.link != LinkState::Down {
+                continue;
+            }
+            if p.next_dial.is_some_and(|t| t <= now) {
+                p.next_dial = None;
+                p.link = LinkState::Connecting;
+                self.actions.push_back(Action::Dial {
+                    id: p.id,
+                    addr: p.addr,
+                });
+            }
+        }
+    }
+
+    /// When [`PeerTable::on_tick`] must next be called, if ever.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let cfg = &self.cfg;
+        self.peers
+            .values()
+            .filter_map(|p| match p.state {
+                PeerState::Alive => {
+                    let mut t = p.next_dial.filter(|_| p.link == LinkState::Down);
+                    if p.link != LinkState::Up {
+                        let mut dead = p.last_seen + cfg.dead_after;
+                        if let Some(lost) = p.lost_at {
+                            dead = dead.min(lost + cfg.link_loss_grace);
+                        }
+                        t = Some(t.map_or(dead, |t| t.min(dead)));
+                    }
+                    t
+                }
+                PeerState::Failed | PeerState::Left => Some(p.since + cfg.tombstone_ttl),
+            })
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,296 @@
+//! Peer table tests with synthetic time and addresses.
+
+use super::*;
+use crate::frame::VERSION;
+use proptest::prelude::*;
+
+const LOCAL: NodeId = NodeId(500);
+const LOW: NodeId = NodeId(100); // lower than LOCAL: it dials us
+const HIGH: NodeId = NodeId(900); // higher than LOCAL: we dial it
+
+fn beacon(id: NodeId, inc: u64, kind: BeaconKind) -> Beacon {
+    Beacon {
+        cluster: "c".into(),
+        id,
+        incarnation: inc,
+        name: format!("n{}", id.0),
+        addr: SocketAddr::from(([192, 0, 2, (id.0 % 250) as u8 + 1], 6777)),
+        kind,
+        digest: 0,
+    }
+}
+
+fn hello(id: NodeId, inc: u64) -> Hello {
+    Hello {
+        protocol: VERSION,
+        cluster: "c".into(),
+        id,
+        incarnation: inc,
+        name: format!("n{}", id.0),
+        addr: SocketAddr::from(([192, 0, 2, (id.0 % 250) as u8 + 1], 6777)),
+        tags: Tags::new(),
+    }
+}
+
+fn events(t: &mut PeerTable) -> Vec<EventKind> {
+    std::iter::from_fn(|| t.poll_event()).map(|e| e.kind).collect()
+}
+
+fn actions(t: &mut PeerTable) -> Vec<Action> {
+    std::iter::from_fn(|| t.poll_action()).collect()
+}
+
+fn table() -> PeerTable {
+    PeerTable::new(LOCAL, Config::default(), 1)
+}
+
+#[test]
+fn lower_id_dials_at_once_higher_waits_for_fallback() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_beacon(t0, &beacon(HIGH, 1, BeaconKind::Announce));
+    t.on_beacon(t0, &beacon(LOW, 1, BeaconKind::Announce));
+    assert_eq!(events(&mut t), vec![EventKind::Joined, EventKind::Joined]);
+    let a = actions(&mut t);
+    assert_eq!(a.len(), 1);
+    assert!(matches!(a[0], Action::Dial { id, .. } if id == HIGH));
+    assert_eq!(t.get(&HIGH).unwrap().link, LinkState::Connecting);
+    // The lower node has not dialed us within the fallback: we dial it.
+    let fallback = t0 + t.config().dial_fallback;
+    assert_eq!(t.next_deadline(), Some(fallback));
+    t.on_tick(fallback);
+    assert!(matches!(actions(&mut t)[..], [Action::Dial { id, .. }] if id == LOW));
+}
+
+#[test]
+fn silent_peer_fails_exactly_after_dead_after() {
+    let t0 = Instant::now();
+    let mut t = table();
+    let dead = t.config().dead_after;
+    t.on_beacon(t0, &beacon(LOW, 1, BeaconKind::Announce));
+    events(&mut t);
+    t.on_tick(t0 + dead - Duration::from_millis(1));
+    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Alive);
+    t.on_tick(t0 + dead);
+    assert_eq!(events(&mut t), vec![EventKind::Failed]);
+    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Failed);
+}
+
+#[test]
+fn linked_peer_does_not_fail_while_the_link_is_up() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_link_up(t0, &hello(LOW, 1));
+    assert_eq!(events(&mut t), vec![EventKind::Joined, EventKind::LinkUp]);
+    t.on_tick(t0 + Duration::from_secs(60));
+    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Alive);
+    assert!(events(&mut t).is_empty());
+}
+
+#[test]
+fn crash_is_detected_by_a_refused_redial() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_beacon(t0, &beacon(HIGH, 1, BeaconKind::Announce));
+    actions(&mut t);
+    t.on_link_up(t0, &hello(HIGH, 1));
+    events(&mut t);
+    let t1 = t0 + Duration::from_millis(10);
+    t.on_link_down(t1, HIGH, false);
+    assert_eq!(events(&mut t), vec![EventKind::LinkDown]);
+    assert!(matches!(actions(&mut t)[..], [Action::Dial { id, .. }] if id == HIGH));
+    t.on_dial_failed(t1, HIGH, DialFailure::Refused);
+    assert_eq!(events(&mut t), vec![EventKind::Failed]);
+}
+
+#[test]
+fn refused_redial_after_a_fresh_beacon_is_not_a_crash() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_link_up(t0, &hello(HIGH, 1));
+    t.on_link_down(t0, HIGH, false);
+    actions(&mut t);
+    t.on_beacon(t0 + Duration::from_millis(5), &beacon(HIGH, 1, BeaconKind::Announce));
+    t.on_dial_failed(t0 + Duration::from_millis(6), HIGH, DialFailure::Refused);
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Alive);
+}
+
+#[test]
+fn link_loss_without_beacons_fails_after_grace() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_link_up(t0, &hello(HIGH, 1));
+    t.on_link_down(t0, HIGH, false);
+    actions(&mut t);
+    t.on_dial_failed(t0, HIGH, DialFailure::Other);
+    let grace = t.config().link_loss_grace;
+    assert!(t.next_deadline().unwrap() <= t0 + grace);
+    t.on_tick(t0 + grace);
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Failed);
+}
+
+#[test]
+fn leave_and_goodbye_make_left_and_stale_beacons_do_not_resurrect() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_beacon(t0, &beacon(LOW, 5, BeaconKind::Announce));
+    t.on_beacon(t0, &beacon(LOW, 5, BeaconKind::Leave));
+    assert_eq!(events(&mut t), vec![EventKind::Joined, EventKind::Left]);
+    t.on_beacon(t0, &beacon(LOW, 5, BeaconKind::Announce));
+    t.on_beacon(t0, &beacon(LOW, 4, BeaconKind::Announce));
+    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Left);
+    assert!(events(&mut t).is_empty());
+    // A restart (higher incarnation) replaces the tombstone at once.
+    t.on_beacon(t0, &beacon(LOW, 6, BeaconKind::Announce));
+    assert_eq!(events(&mut t), vec![EventKind::Restarted]);
+    let p = t.get(&LOW).unwrap();
+    assert_eq!((p.state, p.incarnation), (PeerState::Alive, 6));
+    t.on_goodbye(t0, LOW);
+    assert_eq!(events(&mut t), vec![EventKind::Left]);
+}
+
+#[test]
+fn failed_peer_heard_again_at_same_incarnation_rejoins() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_beacon(t0, &beacon(LOW, 1, BeaconKind::Announce));
+    t.on_tick(t0 + Duration::from_secs(10));
+    events(&mut t);
+    t.on_beacon(t0 + Duration::from_secs(11), &beacon(LOW, 1, BeaconKind::Announce));
+    assert_eq!(events(&mut t), vec![EventKind::Joined]);
+}
+
+#[test]
+fn tombstones_are_reaped_after_ttl() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_beacon(t0, &beacon(LOW, 1, BeaconKind::Announce));
+    t.on_goodbye(t0, LOW);
+    events(&mut t);
+    let ttl = t.config().tombstone_ttl;
+    assert_eq!(t.next_deadline(), Some(t0 + ttl));
+    t.on_tick(t0 + ttl);
+    assert_eq!(events(&mut t), vec![EventKind::Reaped]);
+    assert!(t.is_empty());
+}
+
+#[test]
+fn failed_dials_back_off_exponentially() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_beacon(t0, &beacon(HIGH, 1, BeaconKind::Announce));
+    let mut now = t0;
+    let mut gaps = Vec::new();
+    for _ in 0..5 {
+        assert_eq!(actions(&mut t).len(), 1);
+        t.on_dial_failed(now, HIGH, DialFailure::Other);
+        let next = t.next_deadline().unwrap();
+        gaps.push(next - now);
+        now = next;
+        // Keep it alive with beacons so it never fails.
+        t.on_beacon(now, &beacon(HIGH, 1, BeaconKind::Announce));
+        t.on_tick(now);
+    }
+    assert!(gaps.windows(2).all(|w| w[1] > w[0]), "{gaps:?}");
+}
+
+#[test]
+fn own_id_is_never_an_entry() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_beacon(t0, &beacon(LOCAL, 1, BeaconKind::Announce));
+    t.on_link_up(t0, &hello(LOCAL, 1));
+    assert!(t.is_empty());
+}
+
+#[derive(Debug, Clone)]
+enum Input {
+    Beacon(u8, u64, u8),
+    LinkUp(u8, u64),
+    LinkDown(u8, bool),
+    DialFailed(u8, u8),
+    Goodbye(u8),
+    Pong(u8),
+    Tick,
+}
+
+fn arb_input() -> impl Strategy<Value = (u64, Input)> {
+    let id = 0u8..6;
+    let input = prop_oneof![
+        (id.clone(), 1u64..4, 0u8..3).prop_map(|(i, n, k)| Input::Beacon(i, n, k)),
+        (id.clone(), 1u64..4).prop_map(|(i, n)| Input::LinkUp(i, n)),
+        (id.clone(), any::<bool>()).prop_map(|(i, g)| Input::LinkDown(i, g)),
+        (id.clone(), 0u8..3).prop_map(|(i, w)| Input::DialFailed(i, w)),
+        id.clone().prop_map(Input::Goodbye),
+        id.prop_map(Input::Pong),
+        Just(Input::Tick),
+    ];
+    (0u64..2_000, input)
+}
+
+proptest! {
+    /// Arbitrary input sequences with non-decreasing `now` keep the table
+    /// coherent: every event names a peer whose first event was `Joined`,
+    /// reaped peers are gone, link events alternate, and an alive peer that
+    /// was heard from within `dead_after` and has no lost link is never failed.
+    #[test]
+    fn prop_table_stays_consistent(inputs in proptest::collection::vec(arb_input(), 1..200)) {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(NodeId(3), Config::default(), 7);
+        let mut now = t0;
+        let mut known: HashMap<NodeId, bool> = HashMap::new(); // id -> link up per events
+        for (dt, input) in inputs {
+            now += Duration::from_millis(dt);
+            let nid = |i: u8| NodeId(i as u128);
+            match input {
+                Input::Beacon(i, n, k) => {
+                    let kind = [BeaconKind::Announce, BeaconKind::Reply, BeaconKind::Leave][k as usize];
+                    t.on_beacon(now, &beacon(nid(i), n, kind));
+                }
+                Input::LinkUp(i, n) => t.on_link_up(now, &hello(nid(i), n)),
+                Input::LinkDown(i, g) => t.on_link_down(now, nid(i), g),
+                Input::DialFailed(i, w) => {
+                    let why = [DialFailure::Refused, DialFailure::Other, DialFailure::Duplicate][w as usize];
+                    t.on_dial_failed(now, nid(i), why);
+                }
+                Input::Goodbye(i) => t.on_goodbye(now, nid(i)),
+                Input::Pong(i) => t.on_pong(now, nid(i), Duration::from_millis(1)),
+                Input::Tick => t.on_tick(now),
+            }
+            while let Some(e) = t.poll_event() {
+                prop_assert!(e.id != NodeId(3), "own id in an event");
+                match e.kind {
+                    EventKind::Joined if !known.contains_key(&e.id) => { known.insert(e.id, false); }
+                    EventKind::Reaped => {
+                        prop_assert!(known.remove(&e.id).is_some());
+                        prop_assert!(t.get(&e.id).is_none());
+                    }
+                    EventKind::LinkUp => {
+                        let up = known.get_mut(&e.id);
+                        prop_assert!(up.is_some(), "link_up before joined");
+                        let up = up.unwrap();
+                        prop_assert!(!*up, "two link_up in a row");
+                        *up = true;
+                    }
+                    EventKind::LinkDown => {
+                        let up = known.get_mut(&e.id);
+                        prop_assert!(up.is_some() && *up.as_deref().unwrap(), "link_down without link_up");
+                        *up.unwrap() = false;
+                    }
+                    _ => prop_assert!(known.contains_key(&e.id), "{:?} before joined", e.kind),
+                }
+            }
+            while let Some(Action::Dial { id, .. }) = t.poll_action() {
+                let p = t.get(&id).unwrap();
+                prop_assert_eq!(p.state, PeerState::Alive);
+                prop_assert_eq!(p.link, LinkState::Connecting);
+            }
+            for p in t.peers() {
+                prop_assert_eq!(known.get(&p.id).copied(), Some(p.link == LinkState::Up));
+                if let Some(d) = t.next_deadline() {
+                    prop_assert!(d + Duration::from_secs(3600) > now);
+                }
+            }
+        }
+    }
+}
