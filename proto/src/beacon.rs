@@ -449,15 +449,17 @@ mod tests {
             ],
             any::<u64>(),
         )
-            .prop_map(|(cluster, id, inc, name, (ip, port), kind, digest)| Beacon {
-                cluster,
-                id: NodeId(id),
-                incarnation: inc,
-                name,
-                addr: SocketAddr::from((ip, port)),
-                kind,
-                digest,
-            })
+            .prop_map(
+                |(cluster, id, inc, name, (ip, port), kind, digest)| Beacon {
+                    cluster,
+                    id: NodeId(id),
+                    incarnation: inc,
+                    name,
+                    addr: SocketAddr::from((ip, port)),
+                    kind,
+                    digest,
+                },
+            )
     }
 
     proptest! {

@@ -254,6 +254,36 @@ impl FrameError {
     }
 }
 
+/// Checks a peer's handshake against ours (sans-IO): the answer to send is
+/// `Welcome` on `Ok`, the returned [`Reject`] otherwise.
+pub fn check_hello(local: &Hello, remote: &Hello) -> Result<(), Reject> {
+    if remote.protocol != VERSION {
+        return Err(Reject {
+            code: "version".into(),
+            detail: format!(
+                "protocol {} is not supported (this node speaks {VERSION})",
+                remote.protocol
+            ),
+        });
+    }
+    if remote.cluster != local.cluster {
+        return Err(Reject {
+            code: "cluster".into(),
+            detail: format!(
+                "cluster {:?} is not this node's cluster {:?}",
+                remote.cluster, local.cluster
+            ),
+        });
+    }
+    if remote.id == local.id {
+        return Err(Reject {
+            code: "self".into(),
+            detail: "a node cannot link to itself".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Length-delimited msgpack frames with an explicit maximum, for
 /// `FramedRead`/`FramedWrite` over the halves of a TCP stream.
 #[derive(Debug)]
@@ -322,14 +352,6 @@ impl Encoder<Message> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), FrameError> {
-        Encoder::<&Message>::encode(self, &item, dst)
-    }
-}
-
-impl Encoder<&Message> for FrameCodec {
-    type Error = FrameError;
-
-    fn encode(&mut self, item: &Message, dst: &mut BytesMut) -> Result<(), FrameError> {
         let body = item
             .encode_body()
             .map_err(|e| FrameError::Encode(e.to_string()))?;
@@ -401,7 +423,7 @@ mod tests {
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::new();
         for m in all_messages() {
-            codec.encode(&m, &mut buf).unwrap();
+            codec.encode(m.clone(), &mut buf).unwrap();
         }
         for m in all_messages() {
             assert_eq!(codec.decode(&mut buf).unwrap(), Some(m));
@@ -414,12 +436,27 @@ mod tests {
         let mut codec = FrameCodec::default();
         let mut full = BytesMut::new();
         codec
-            .encode(&Message::Ping(Ping { seq: 3, ts_us: 4 }), &mut full)
+            .encode(Message::Ping(Ping { seq: 3, ts_us: 4 }), &mut full)
             .unwrap();
         let mut part = BytesMut::from(&full[..full.len() - 1]);
         assert_eq!(codec.decode(&mut part).unwrap(), None);
         part.extend_from_slice(&full[full.len() - 1..]);
         assert!(codec.decode(&mut part).unwrap().is_some());
+    }
+
+    #[test]
+    fn handshake_checks_version_cluster_and_self() {
+        let local = hello();
+        let mut other = hello();
+        other.id = NodeId(43);
+        assert!(check_hello(&local, &other).is_ok());
+        assert_eq!(check_hello(&local, &local).unwrap_err().code, "self");
+        let mut c = other.clone();
+        c.cluster = "x".into();
+        assert_eq!(check_hello(&local, &c).unwrap_err().code, "cluster");
+        let mut v = other;
+        v.protocol = 99;
+        assert_eq!(check_hello(&local, &v).unwrap_err().code, "version");
     }
 
     #[test]
@@ -437,7 +474,7 @@ mod tests {
             payload: Bytes::from(vec![0u8; 2048]),
         });
         assert!(matches!(
-            codec.encode(&big, &mut BytesMut::new()),
+            codec.encode(big, &mut BytesMut::new()),
             Err(FrameError::TooLarge { .. })
         ));
     }
@@ -470,15 +507,17 @@ mod tests {
             any::<([u8; 4], u16)>(),
             proptest::collection::btree_map("[a-z]{1,8}", "\\PC{0,8}", 0..4),
         )
-            .prop_map(|(protocol, cluster, id, inc, name, (ip, port), tags)| Hello {
-                protocol,
-                cluster,
-                id: NodeId(id),
-                incarnation: inc,
-                name,
-                addr: SocketAddr::from((ip, port)),
-                tags,
-            });
+            .prop_map(
+                |(protocol, cluster, id, inc, name, (ip, port), tags)| Hello {
+                    protocol,
+                    cluster,
+                    id: NodeId(id),
+                    incarnation: inc,
+                    name,
+                    addr: SocketAddr::from((ip, port)),
+                    tags,
+                },
+            );
         let ping = (any::<u64>(), any::<u64>()).prop_map(|(seq, ts_us)| Ping { seq, ts_us });
         let rec = (any::<u128>(), any::<u64>(), "\\PC{0,10}", "[a-z]{0,8}").prop_map(
             |(id, incarnation, name, state)| PeerRecord {
@@ -494,12 +533,19 @@ mod tests {
             hello.prop_map(Message::Welcome),
             ping.clone().prop_map(Message::Ping),
             ping.prop_map(Message::Pong),
-            proptest::collection::vec(rec, 0..5).prop_map(|peers| Message::Peers(PeerList { peers })),
-            ("\\PC{0,20}", proptest::collection::vec(any::<u8>(), 0..256)).prop_map(|(topic, p)| {
-                Message::App(AppMessage { topic, payload: Bytes::from(p) })
-            }),
+            proptest::collection::vec(rec, 0..5)
+                .prop_map(|peers| Message::Peers(PeerList { peers })),
+            ("\\PC{0,20}", proptest::collection::vec(any::<u8>(), 0..256)).prop_map(
+                |(topic, p)| {
+                    Message::App(AppMessage {
+                        topic,
+                        payload: Bytes::from(p),
+                    })
+                }
+            ),
             "\\PC{0,20}".prop_map(|reason| Message::Goodbye(Goodbye { reason })),
-            ("[a-z]{0,8}", "\\PC{0,20}").prop_map(|(code, detail)| Message::Reject(Reject { code, detail })),
+            ("[a-z]{0,8}", "\\PC{0,20}")
+                .prop_map(|(code, detail)| Message::Reject(Reject { code, detail })),
         ]
     }
 
@@ -508,7 +554,7 @@ mod tests {
         fn prop_encode_decode(m in arb_message()) {
             let mut codec = FrameCodec::default();
             let mut buf = BytesMut::new();
-            codec.encode(&m, &mut buf).unwrap();
+            codec.encode(m.clone(), &mut buf).unwrap();
             prop_assert_eq!(codec.decode(&mut buf).unwrap(), Some(m));
             prop_assert!(buf.is_empty());
         }

@@ -24,6 +24,7 @@ pub mod beacon;
 pub mod frame;
 pub mod id;
 pub mod membership;
+pub mod stats;
 mod wire;
 
 pub use beacon::{Beacon, BeaconCodec, BeaconError, BeaconKind};

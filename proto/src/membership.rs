@@ -27,7 +27,19 @@
 //! (one-way multicast, asymmetric filtering). Redials back off exponentially
 //! with jitter while the peer is believed alive.
 //!
-//! Invariant: one entry per id; the local node never has an entry.
+//! ## Names and restarts
+//! A node's id is random per process start and its incarnation grows with
+//! every start; its *name* is what stays. The table keeps one entry per name:
+//! a new id claiming a known name with a higher incarnation is a restart and
+//! replaces the old entry at once (`Reaped` for the old id, `Restarted` for the
+//! new one); the old id is remembered as *superseded*, so late information
+//! about it is stale. If the superseded id keeps talking, two live processes
+//! claim one name: the entry is flagged as a conflict (with the other
+//! address) until the other one falls silent for `dead_after`. Nothing is
+//! merged and nothing flaps.
+//!
+//! Invariant: one entry per id and per name; the local node never has an
+//! entry.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -149,6 +161,8 @@ pub struct Peer {
     next_dial: Option<Instant>,
     /// Consecutive failed dials.
     dial_attempts: u32,
+    /// Another live process claims this peer's name (its address).
+    pub conflict: Option<SocketAddr>,
 }
 
 /// What changed.
@@ -221,12 +235,34 @@ pub enum DialFailure {
     Duplicate,
 }
 
+/// An id replaced by a newer incarnation of the same name.
+#[derive(Debug, Clone)]
+struct Superseded {
+    name: String,
+    addr: SocketAddr,
+    last_heard: Instant,
+}
+
+/// How an input's (id, name, incarnation) relates to the table.
+enum NameCheck {
+    /// The id has an entry.
+    Known,
+    /// Neither id nor name is known.
+    New,
+    /// A restart: the id is new and replaces this older id of the same name.
+    Replaces(NodeId),
+    /// Stale or conflicting: ignore the input.
+    Drop,
+}
+
 /// The sans-IO peer table. See the module docs.
 #[derive(Debug)]
 pub struct PeerTable {
     local: NodeId,
     cfg: Config,
     peers: HashMap<NodeId, Peer>,
+    by_name: HashMap<String, NodeId>,
+    superseded: HashMap<NodeId, Superseded>,
     events: VecDeque<Event>,
     actions: VecDeque<Action>,
     rng: StdRng,
@@ -240,6 +276,8 @@ impl PeerTable {
             local,
             cfg,
             peers: HashMap::new(),
+            by_name: HashMap::new(),
+            superseded: HashMap::new(),
             events: VecDeque::new(),
             actions: VecDeque::new(),
             rng: StdRng::seed_from_u64(seed),
@@ -285,6 +323,91 @@ impl PeerTable {
         self.events.push_back(Event { id, kind });
     }
 
+    /// Relates an input from `id` (claiming `name` at `incarnation`) to the
+    /// entries we have; see "Names and restarts" in the module docs.
+    fn check_name(
+        &mut self,
+        now: Instant,
+        id: NodeId,
+        name: &str,
+        incarnation: Incarnation,
+        addr: SocketAddr,
+    ) -> NameCheck {
+        if let Some(sup) = self.superseded.get_mut(&id) {
+            sup.last_heard = now;
+            sup.addr = addr;
+            let sup = sup.clone();
+            self.flag_conflict(&sup.name, sup.addr);
+            return NameCheck::Drop;
+        }
+        if self.peers.contains_key(&id) {
+            return NameCheck::Known;
+        }
+        let Some(&holder) = self.by_name.get(name) else {
+            return NameCheck::New;
+        };
+        let Some(old) = self.peers.get(&holder) else {
+            return NameCheck::New; // index out of date; cannot happen, but harmless
+        };
+        if incarnation > old.incarnation {
+            return NameCheck::Replaces(holder);
+        }
+        // An older (or equal) life of a name held by a newer id.
+        self.superseded.insert(
+            id,
+            Superseded {
+                name: name.to_string(),
+                addr,
+                last_heard: now,
+            },
+        );
+        self.flag_conflict(name, addr);
+        NameCheck::Drop
+    }
+
+    /// Marks the live holder of `name` as in conflict with `other`.
+    fn flag_conflict(&mut self, name: &str, other: SocketAddr) {
+        let Some(&id) = self.by_name.get(name) else {
+            return;
+        };
+        if let Some(p) = self.peers.get_mut(&id) {
+            if p.state == PeerState::Alive && p.conflict.is_none() {
+                p.conflict = Some(other);
+                self.events.push_back(Event {
+                    id,
+                    kind: EventKind::Updated,
+                });
+            }
+        }
+    }
+
+    /// Removes `old` in favour of a newer incarnation of the same name.
+    fn replace(&mut self, now: Instant, old: NodeId) {
+        if let Some(p) = self.peers.remove(&old) {
+            self.by_name.remove(&p.name);
+            self.superseded.insert(
+                old,
+                Superseded {
+                    name: p.name,
+                    addr: p.addr,
+                    // Silent since its last sign of life; if it was only
+                    // restarting, it never speaks again.
+                    last_heard: p.last_seen.min(now),
+                },
+            );
+            self.emit(old, EventKind::Reaped);
+        }
+    }
+
+    fn index_name(&mut self, id: NodeId, old_name: Option<&str>, new_name: &str) {
+        if let Some(old) = old_name {
+            if old != new_name && self.by_name.get(old) == Some(&id) {
+                self.by_name.remove(old);
+            }
+        }
+        self.by_name.insert(new_name.to_string(), id);
+    }
+
     /// When the first dial to a newly known peer should happen.
     fn first_dial_at(&self, id: NodeId, now: Instant) -> Instant {
         if self.local < id {
@@ -300,10 +423,19 @@ impl PeerTable {
         if b.id == self.local {
             return;
         }
+        let check = self.check_name(now, b.id, &b.name, b.incarnation, b.addr);
+        let replaced = match check {
+            NameCheck::Drop => return,
+            NameCheck::Replaces(old) if b.kind != BeaconKind::Leave => {
+                self.replace(now, old);
+                true
+            }
+            _ => false,
+        };
         let first_dial = self.first_dial_at(b.id, now);
         let Some(p) = self.peers.get_mut(&b.id) else {
             if b.kind == BeaconKind::Leave {
-                return; // never knew it; nothing to tombstone
+                return; // never knew it (or a newer life holds its name)
             }
             self.peers.insert(
                 b.id,
@@ -323,9 +455,16 @@ impl PeerTable {
                     lost_at: None,
                     next_dial: Some(first_dial),
                     dial_attempts: 0,
+                    conflict: None,
                 },
             );
-            self.emit(b.id, EventKind::Joined);
+            self.index_name(b.id, None, &b.name);
+            let kind = if replaced {
+                EventKind::Restarted
+            } else {
+                EventKind::Joined
+            };
+            self.emit(b.id, kind);
             self.schedule(now);
             return;
         };
@@ -355,7 +494,7 @@ impl PeerTable {
             return;
         }
         let changed = p.name != b.name || p.addr != b.addr || p.digest != b.digest;
-        p.name.clone_from(&b.name);
+        let old_name = (p.name != b.name).then(|| std::mem::replace(&mut p.name, b.name.clone()));
         p.addr = b.addr;
         p.digest = b.digest;
         if p.state != PeerState::Alive {
@@ -370,6 +509,9 @@ impl PeerTable {
             p.next_dial = Some(first_dial);
         }
         let id = p.id;
+        if let Some(old) = old_name {
+            self.index_name(id, Some(&old), &b.name);
+        }
         if let Some(kind) = kind {
             self.emit(id, kind);
         }
@@ -381,27 +523,36 @@ impl PeerTable {
         if hello.id == self.local {
             return;
         }
-        let digest = tags_digest(&hello.tags);
         let mut events = Vec::with_capacity(2);
-        let p = self.peers.entry(hello.id).or_insert_with(|| {
-            events.push(EventKind::Joined);
-            Peer {
-                id: hello.id,
-                name: hello.name.clone(),
-                incarnation: hello.incarnation,
-                addr: hello.addr,
-                state: PeerState::Alive,
-                link: LinkState::Down,
-                rtt: None,
-                last_seen: now,
-                last_beacon: None,
-                since: now,
-                tags: hello.tags.clone(),
-                digest,
-                lost_at: None,
-                next_dial: None,
-                dial_attempts: 0,
+        match self.check_name(now, hello.id, &hello.name, hello.incarnation, hello.addr) {
+            // A link from a superseded life: the transport closes it when the
+            // process is really gone; the table ignores it.
+            NameCheck::Drop => return,
+            NameCheck::Replaces(old) => {
+                self.replace(now, old);
+                events.push(EventKind::Restarted);
             }
+            NameCheck::New => events.push(EventKind::Joined),
+            NameCheck::Known => {}
+        }
+        let digest = tags_digest(&hello.tags);
+        let p = self.peers.entry(hello.id).or_insert_with(|| Peer {
+            id: hello.id,
+            name: hello.name.clone(),
+            incarnation: hello.incarnation,
+            addr: hello.addr,
+            state: PeerState::Alive,
+            link: LinkState::Down,
+            rtt: None,
+            last_seen: now,
+            last_beacon: None,
+            since: now,
+            tags: hello.tags.clone(),
+            digest,
+            lost_at: None,
+            next_dial: None,
+            dial_attempts: 0,
+            conflict: None,
         });
         if hello.incarnation > p.incarnation {
             p.incarnation = hello.incarnation;
@@ -419,7 +570,8 @@ impl PeerTable {
         {
             events.push(EventKind::Updated);
         }
-        p.name.clone_from(&hello.name);
+        let old_name =
+            (p.name != hello.name).then(|| std::mem::replace(&mut p.name, hello.name.clone()));
         p.addr = hello.addr;
         p.tags.clone_from(&hello.tags);
         p.digest = digest;
@@ -433,6 +585,7 @@ impl PeerTable {
             events.push(EventKind::LinkUp);
         }
         let id = hello.id;
+        self.index_name(id, old_name.as_deref(), &hello.name);
         for kind in events {
             self.emit(id, kind);
         }
@@ -561,9 +714,32 @@ impl PeerTable {
             self.emit(id, EventKind::Failed);
         }
         for id in reaped {
-            self.peers.remove(&id);
+            if let Some(p) = self.peers.remove(&id) {
+                if self.by_name.get(&p.name) == Some(&id) {
+                    self.by_name.remove(&p.name);
+                }
+            }
             self.emit(id, EventKind::Reaped);
         }
+        // A conflict ends when the other claimant has been silent for dead_after.
+        let mut cleared = Vec::new();
+        for p in self.peers.values_mut() {
+            if p.conflict.is_none() {
+                continue;
+            }
+            let other_alive = self.superseded.values().any(|s| {
+                s.name == p.name && now.saturating_duration_since(s.last_heard) < cfg.dead_after
+            });
+            if !other_alive {
+                p.conflict = None;
+                cleared.push(p.id);
+            }
+        }
+        for id in cleared {
+            self.emit(id, EventKind::Updated);
+        }
+        self.superseded
+            .retain(|_, s| now.saturating_duration_since(s.last_heard) < cfg.tombstone_ttl);
         self.schedule(now);
     }
 
@@ -603,7 +779,25 @@ impl PeerTable {
                 }
                 PeerState::Failed | PeerState::Left => Some(p.since + cfg.tombstone_ttl),
             })
+            .chain(self.superseded.values().map(|s| {
+                // Conflicts clear dead_after past the last word; memory after the TTL.
+                let clears = s.last_heard + cfg.dead_after;
+                if self
+                    .peers
+                    .values()
+                    .any(|p| p.conflict.is_some() && p.name == s.name)
+                {
+                    clears
+                } else {
+                    s.last_heard + cfg.tombstone_ttl
+                }
+            }))
             .min()
+    }
+
+    /// Ids of a name's earlier lives still remembered (for diagnostics).
+    pub fn superseded_count(&self) -> usize {
+        self.superseded.len()
     }
 }
 

@@ -33,7 +33,9 @@ fn hello(id: NodeId, inc: u64) -> Hello {
 }
 
 fn events(t: &mut PeerTable) -> Vec<EventKind> {
-    std::iter::from_fn(|| t.poll_event()).map(|e| e.kind).collect()
+    std::iter::from_fn(|| t.poll_event())
+        .map(|e| e.kind)
+        .collect()
 }
 
 fn actions(t: &mut PeerTable) -> Vec<Action> {
@@ -110,7 +112,10 @@ fn refused_redial_after_a_fresh_beacon_is_not_a_crash() {
     t.on_link_up(t0, &hello(HIGH, 1));
     t.on_link_down(t0, HIGH, false);
     actions(&mut t);
-    t.on_beacon(t0 + Duration::from_millis(5), &beacon(HIGH, 1, BeaconKind::Announce));
+    t.on_beacon(
+        t0 + Duration::from_millis(5),
+        &beacon(HIGH, 1, BeaconKind::Announce),
+    );
     t.on_dial_failed(t0 + Duration::from_millis(6), HIGH, DialFailure::Refused);
     assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Alive);
 }
@@ -156,7 +161,10 @@ fn failed_peer_heard_again_at_same_incarnation_rejoins() {
     t.on_beacon(t0, &beacon(LOW, 1, BeaconKind::Announce));
     t.on_tick(t0 + Duration::from_secs(10));
     events(&mut t);
-    t.on_beacon(t0 + Duration::from_secs(11), &beacon(LOW, 1, BeaconKind::Announce));
+    t.on_beacon(
+        t0 + Duration::from_secs(11),
+        &beacon(LOW, 1, BeaconKind::Announce),
+    );
     assert_eq!(events(&mut t), vec![EventKind::Joined]);
 }
 
@@ -203,6 +211,82 @@ fn own_id_is_never_an_entry() {
     assert!(t.is_empty());
 }
 
+fn named(id: NodeId, inc: u64, name: &str) -> Beacon {
+    Beacon {
+        name: name.into(),
+        ..beacon(id, inc, BeaconKind::Announce)
+    }
+}
+
+#[test]
+fn restart_under_a_new_id_replaces_the_entry_by_name() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_beacon(t0, &named(NodeId(10), 1, "node3"));
+    t.on_link_up(
+        t0,
+        &Hello {
+            name: "node3".into(),
+            ..hello(NodeId(10), 1)
+        },
+    );
+    t.on_link_down(t0, NodeId(10), false);
+    events(&mut t);
+    // node3 restarts: new id, higher incarnation.
+    t.on_beacon(
+        t0 + Duration::from_millis(50),
+        &named(NodeId(11), 2, "node3"),
+    );
+    let ev: Vec<_> = std::iter::from_fn(|| t.poll_event()).collect();
+    assert_eq!(
+        ev,
+        vec![
+            Event {
+                id: NodeId(10),
+                kind: EventKind::Reaped
+            },
+            Event {
+                id: NodeId(11),
+                kind: EventKind::Restarted
+            }
+        ]
+    );
+    assert_eq!(t.len(), 1);
+    // A late beacon of the old life is stale: no new entry, no resurrection.
+    t.on_beacon(
+        t0 + Duration::from_millis(60),
+        &named(NodeId(10), 1, "node3"),
+    );
+    assert_eq!(t.len(), 1);
+    assert_eq!(t.get(&NodeId(11)).unwrap().state, PeerState::Alive);
+}
+
+#[test]
+fn two_live_nodes_with_one_name_are_a_conflict_until_one_stops() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_beacon(t0, &named(NodeId(10), 1, "dup"));
+    t.on_beacon(t0, &named(NodeId(11), 2, "dup"));
+    events(&mut t);
+    // The older one is still alive and beaconing: conflict, not flapping.
+    for i in 1..5 {
+        let now = t0 + Duration::from_millis(900 * i);
+        t.on_beacon(now, &named(NodeId(10), 1, "dup"));
+        t.on_beacon(now, &named(NodeId(11), 2, "dup"));
+        t.on_tick(now);
+    }
+    assert_eq!(t.len(), 1);
+    let p = t.get(&NodeId(11)).unwrap();
+    assert!(p.conflict.is_some(), "conflict flagged");
+    assert_eq!(events(&mut t), vec![EventKind::Updated]);
+    // The older one stops; the conflict clears after dead_after.
+    let last = t0 + Duration::from_millis(3600);
+    let dead = t.config().dead_after;
+    t.on_beacon(last + dead, &named(NodeId(11), 2, "dup"));
+    t.on_tick(last + dead);
+    assert!(t.get(&NodeId(11)).unwrap().conflict.is_none());
+}
+
 #[derive(Debug, Clone)]
 enum Input {
     Beacon(u8, u64, u8),
@@ -245,9 +329,13 @@ proptest! {
             match input {
                 Input::Beacon(i, n, k) => {
                     let kind = [BeaconKind::Announce, BeaconKind::Reply, BeaconKind::Leave][k as usize];
-                    t.on_beacon(now, &beacon(nid(i), n, kind));
+                    // Names collide across ids so restarts and conflicts happen.
+                    let b = Beacon { name: format!("n{}", i % 3), ..beacon(nid(i), n, kind) };
+                    t.on_beacon(now, &b);
                 }
-                Input::LinkUp(i, n) => t.on_link_up(now, &hello(nid(i), n)),
+                Input::LinkUp(i, n) => {
+                    t.on_link_up(now, &Hello { name: format!("n{}", i % 3), ..hello(nid(i), n) })
+                }
                 Input::LinkDown(i, g) => t.on_link_down(now, nid(i), g),
                 Input::DialFailed(i, w) => {
                     let why = [DialFailure::Refused, DialFailure::Other, DialFailure::Duplicate][w as usize];
@@ -260,7 +348,7 @@ proptest! {
             while let Some(e) = t.poll_event() {
                 prop_assert!(e.id != NodeId(3), "own id in an event");
                 match e.kind {
-                    EventKind::Joined if !known.contains_key(&e.id) => { known.insert(e.id, false); }
+                    EventKind::Joined | EventKind::Restarted if !known.contains_key(&e.id) => { known.insert(e.id, false); }
                     EventKind::Reaped => {
                         prop_assert!(known.remove(&e.id).is_some());
                         prop_assert!(t.get(&e.id).is_none());
@@ -285,7 +373,9 @@ proptest! {
                 prop_assert_eq!(p.state, PeerState::Alive);
                 prop_assert_eq!(p.link, LinkState::Connecting);
             }
+            let mut names = std::collections::HashSet::new();
             for p in t.peers() {
+                prop_assert!(names.insert(p.name.clone()), "two entries named {}", p.name);
                 prop_assert_eq!(known.get(&p.id).copied(), Some(p.link == LinkState::Up));
                 if let Some(d) = t.next_deadline() {
                     prop_assert!(d + Duration::from_secs(3600) > now);

@@ -1,0 +1,496 @@
+//! The UDP driver: socket setup, reader tasks, writer task, main loop.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto::beacon::{Beacon, BeaconKind};
+use proto::stats::Drops;
+use proto::{Incarnation, NodeId};
+use rand::Rng;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::sources::{Limits, SourceTable, Verdict};
+
+/// Raw datagrams waiting for the main loop. A flood beyond this is dropped
+/// (and counted) at the reader, before any decoding.
+const INBOUND_QUEUE: usize = 1024;
+/// Datagrams waiting for the writer. Beacons are periodic and replies are
+/// rate-limited per source, so this only fills if sending itself stalls.
+const OUTBOUND_QUEUE: usize = 256;
+/// Receive buffer: a whole datagram of any size, so oversize ones are seen
+/// (and counted) as such rather than silently truncated.
+const RECV_BUF: usize = 65_536;
+/// How long shutdown waits for the leave beacons to be written.
+const LEAVE_FLUSH: Duration = Duration::from_millis(500);
+
+/// One interface to send beacons on and join the group on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    /// Interface name (`lo`, `eth0`), for logs and status.
+    pub name: String,
+    /// Its IPv4 address.
+    pub addr: Ipv4Addr,
+    /// Its netmask, used to pick the interface a unicast reply leaves on.
+    pub netmask: Ipv4Addr,
+}
+
+impl Interface {
+    fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::from(self.netmask);
+        u32::from(self.addr) & mask == u32::from(ip) & mask
+    }
+}
+
+/// Discovery settings (validated by the caller).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Multicast group and port.
+    pub group: SocketAddrV4,
+    /// Interfaces to use; unusable ones are skipped with a warning.
+    pub interfaces: Vec<Interface>,
+    /// Multicast TTL (0 keeps beacons on this host).
+    pub ttl: u32,
+    /// Mean beacon interval (each wait is jittered by ±10%).
+    pub interval: Duration,
+    /// Cluster name; other clusters' beacons are dropped and counted.
+    pub cluster: String,
+    /// Flood limits.
+    pub limits: Limits,
+}
+
+/// What this node says about itself in beacons.
+#[derive(Debug, Clone)]
+pub struct LocalIdentity {
+    /// Node id.
+    pub id: NodeId,
+    /// Incarnation.
+    pub incarnation: Incarnation,
+    /// Name.
+    pub name: String,
+    /// TCP data port (advertised with each interface's address).
+    pub data_port: u16,
+    /// Explicit advertised address, overriding the per-interface one.
+    pub advertise: Option<SocketAddr>,
+    /// Digest of the tags.
+    pub digest: u64,
+}
+
+/// Something discovery learned, for the membership task.
+#[derive(Debug, Clone)]
+pub enum DiscoveryEvent {
+    /// A valid beacon of our cluster from another node.
+    Beacon {
+        /// When it arrived.
+        at: std::time::Instant,
+        /// Its source address.
+        src: SocketAddr,
+        /// What it says.
+        beacon: Beacon,
+        /// How it relates to what we knew of its source.
+        verdict: Verdict,
+    },
+}
+
+/// Discovery counters, shared with the control API.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Multicast beacons sent (all interfaces).
+    pub beacons_sent: AtomicU64,
+    /// Unicast replies sent.
+    pub replies_sent: AtomicU64,
+    /// Valid beacons from other nodes received.
+    pub beacons_received: AtomicU64,
+    /// Failed sends.
+    pub send_errors: AtomicU64,
+    /// Whether one of our own multicast beacons came back to us.
+    pub loops_back: AtomicBool,
+    /// Dropped datagrams by reason.
+    pub drops: Drops,
+}
+
+/// Why discovery cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The shared group socket could not be created or bound.
+    #[error("cannot bind the multicast group socket {group}: {source}")]
+    GroupSocket {
+        /// The group.
+        group: SocketAddrV4,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Every configured interface failed; the node would be deaf and mute.
+    #[error("no usable interface for multicast ({0})")]
+    NoUsableInterface(String),
+    /// A beacon of ours cannot be encoded (name too long for 1200 bytes).
+    #[error("cannot build our beacon: {0}")]
+    Beacon(#[from] proto::BeaconError),
+}
+
+/// Sockets bound and ready; [`Bound::run`] starts the tasks.
+#[derive(Debug)]
+pub struct Bound {
+    cfg: Config,
+    local: LocalIdentity,
+    group: Arc<UdpSocket>,
+    ifaces: Vec<(Interface, Arc<UdpSocket>)>,
+    stats: Arc<Stats>,
+}
+
+fn group_socket(group: SocketAddrV4) -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?; // several nodes per host share the group port
+                             // Only the groups this socket joined, not every group any process joined
+                             // on this port (Linux defaults to all).
+    s.set_multicast_all_v4(false)?;
+    s.set_nonblocking(true)?;
+    // Bound to the group address itself: unicast to the port never lands here.
+    s.bind(&SocketAddr::V4(group).into())?;
+    Ok(s)
+}
+
+fn send_socket(iface: &Interface, ttl: u32) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_multicast_if_v4(&iface.addr)?;
+    s.set_multicast_ttl_v4(ttl)?;
+    s.set_multicast_loop_v4(true)?; // same-host nodes must hear us
+    s.set_nonblocking(true)?;
+    // Its own port: the source address of our datagrams identifies us.
+    s.bind(&SocketAddr::from((iface.addr, 0)).into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// Creates the group socket and one send socket per usable interface.
+/// Must be called within a tokio runtime.
+pub fn bind(cfg: Config, local: LocalIdentity) -> Result<Bound, DiscoveryError> {
+    let group = group_socket(cfg.group).map_err(|source| DiscoveryError::GroupSocket {
+        group: cfg.group,
+        source,
+    })?;
+    let mut ifaces = Vec::new();
+    let mut errors = Vec::new();
+    for iface in &cfg.interfaces {
+        let joined = group.join_multicast_v4(cfg.group.ip(), &iface.addr);
+        let sock = joined.and_then(|()| send_socket(iface, cfg.ttl));
+        match sock {
+            Ok(sock) => ifaces.push((iface.clone(), Arc::new(sock))),
+            Err(error) => {
+                warn!(interface = %iface.name, addr = %iface.addr, %error, "skipping interface");
+                errors.push(format!("{} ({}): {error}", iface.name, iface.addr));
+            }
+        }
+    }
+    if ifaces.is_empty() {
+        return Err(DiscoveryError::NoUsableInterface(if errors.is_empty() {
+            "none configured".into()
+        } else {
+            errors.join("; ")
+        }));
+    }
+    let group =
+        UdpSocket::from_std(group.into()).map_err(|source| DiscoveryError::GroupSocket {
+            group: cfg.group,
+            source,
+        })?;
+    let bound = Bound {
+        cfg,
+        local,
+        group: Arc::new(group),
+        ifaces,
+        stats: Arc::new(Stats::default()),
+    };
+    bound.beacons(BeaconKind::Announce)?; // fail now, not in the loop
+    Ok(bound)
+}
+
+/// A datagram for the writer.
+struct Outgoing {
+    iface: usize,
+    to: SocketAddr,
+    datagram: Bytes,
+    reply: bool,
+}
+
+/// A datagram from a reader.
+struct Incoming {
+    data: Bytes,
+    src: SocketAddr,
+}
+
+impl Bound {
+    /// The interfaces in use.
+    pub fn interfaces(&self) -> Vec<Interface> {
+        self.ifaces.iter().map(|(i, _)| i.clone()).collect()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// The data address advertised on each interface, in order.
+    pub fn advertised(&self) -> Vec<SocketAddr> {
+        self.ifaces
+            .iter()
+            .map(|(i, _)| self.advertised_on(i))
+            .collect()
+    }
+
+    /// Source addresses our datagrams leave from.
+    pub fn send_addrs(&self) -> Vec<SocketAddr> {
+        self.ifaces
+            .iter()
+            .filter_map(|(_, s)| s.local_addr().ok())
+            .collect()
+    }
+
+    fn advertised_on(&self, iface: &Interface) -> SocketAddr {
+        self.local
+            .advertise
+            .unwrap_or_else(|| SocketAddr::from((iface.addr, self.local.data_port)))
+    }
+
+    /// One encoded beacon of `kind` per interface (each advertising that
+    /// interface's address).
+    fn beacons(&self, kind: BeaconKind) -> Result<Vec<Bytes>, proto::BeaconError> {
+        self.ifaces
+            .iter()
+            .map(|(iface, _)| {
+                Beacon {
+                    cluster: self.cfg.cluster.clone(),
+                    id: self.local.id,
+                    incarnation: self.local.incarnation,
+                    name: self.local.name.clone(),
+                    addr: self.advertised_on(iface),
+                    kind,
+                    digest: self.local.digest,
+                }
+                .encode()
+            })
+            .collect()
+    }
+
+    /// Which interface a reply to `ip` should leave on.
+    fn iface_for(&self, ip: IpAddr) -> usize {
+        let IpAddr::V4(ip) = ip else { return 0 };
+        self.ifaces
+            .iter()
+            .position(|(i, _)| i.addr == ip)
+            .or_else(|| self.ifaces.iter().position(|(i, _)| i.contains(ip)))
+            .unwrap_or(0)
+    }
+
+    /// Runs discovery until `cancel` fires, then sends a leave beacon on
+    /// every interface. Valid beacons go to `events`.
+    pub async fn run(self, events: mpsc::Sender<DiscoveryEvent>, cancel: CancellationToken) {
+        let tasks = TaskTracker::new();
+        let stats = self.stats.clone();
+        // Built in `bind` already, so these cannot fail here.
+        let announce = self.beacons(BeaconKind::Announce).unwrap_or_default();
+        let reply = self.beacons(BeaconKind::Reply).unwrap_or_default();
+        let leave = self.beacons(BeaconKind::Leave).unwrap_or_default();
+
+        // Writer: the only code that sends.
+        let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOUND_QUEUE);
+        let socks: Vec<Arc<UdpSocket>> = self.ifaces.iter().map(|(_, s)| s.clone()).collect();
+        let wstats = stats.clone();
+        let writer = tasks.spawn(async move {
+            // Ends when every sender is gone, after draining (leave beacons).
+            while let Some(out) = out_rx.recv().await {
+                match socks[out.iface].send_to(&out.datagram, out.to).await {
+                    Ok(_) if out.reply => wstats.replies_sent.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) => wstats.beacons_sent.fetch_add(1, Ordering::Relaxed),
+                    Err(error) => {
+                        debug!(to = %out.to, %error, "beacon send failed");
+                        wstats.send_errors.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        });
+
+        // Readers: one per socket, raw datagrams into one bounded queue.
+        let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(INBOUND_QUEUE);
+        let mut readers: Vec<Arc<UdpSocket>> = vec![self.group.clone()];
+        readers.extend(self.ifaces.iter().map(|(_, s)| s.clone()));
+        for sock in readers {
+            let (tx, cancel, stats) = (in_tx.clone(), cancel.clone(), stats.clone());
+            tasks.spawn(async move {
+                let mut buf = vec![0u8; RECV_BUF];
+                loop {
+                    let got = tokio::select! {
+                        () = cancel.cancelled() => break,
+                        got = sock.recv_from(&mut buf) => got, // cancel-safe
+                    };
+                    match got {
+                        Ok((n, src)) => {
+                            let item = Incoming {
+                                data: Bytes::copy_from_slice(&buf[..n]),
+                                src,
+                            };
+                            if tx.try_send(item).is_err() {
+                                stats.drops.record(now_std(), "queue_full");
+                            }
+                        }
+                        // ICMP errors of earlier sends surface here; transient.
+                        Err(error) => debug!(%error, "datagram receive failed"),
+                    }
+                }
+            });
+        }
+        drop(in_tx);
+
+        let own: Vec<SocketAddr> = self.send_addrs();
+        let mut sources = SourceTable::new(self.cfg.limits);
+        let mut next_beacon = Instant::now(); // announce at once
+        let mut next_prune = Instant::now() + self.cfg.limits.forget_after;
+        let interval = self.cfg.interval;
+        info!(
+            group = %self.cfg.group,
+            interfaces = ?self.ifaces.iter().map(|(i, _)| &i.name).collect::<Vec<_>>(),
+            advertise = ?self.advertised(),
+            "discovery started"
+        );
+
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                () = sleep_until(next_beacon) => {
+                    for (i, datagram) in announce.iter().enumerate() {
+                        let out = Outgoing { iface: i, to: self.cfg.group.into(), datagram: datagram.clone(), reply: false };
+                        if out_tx.try_send(out).is_err() {
+                            stats.drops.record(now_std(), "send_queue_full");
+                        }
+                    }
+                    let jitter = rand::thread_rng().gen_range(0.9..1.1);
+                    next_beacon = Instant::now() + interval.mul_f64(jitter);
+                }
+                () = sleep_until(next_prune) => {
+                    sources.prune(now_std());
+                    next_prune = Instant::now() + self.cfg.limits.forget_after;
+                }
+                item = in_rx.recv() => {
+                    let Some(item) = item else { break };
+                    let now = now_std();
+                    let Some(ev) = self.classify(now, &mut sources, &own, item) else { continue };
+                    let DiscoveryEvent::Beacon { src, ref beacon, verdict, .. } = ev;
+                    if beacon.kind == BeaconKind::Announce
+                        && verdict == Verdict::New
+                        && sources.should_reply(now, src, interval)
+                    {
+                        let i = self.iface_for(src.ip());
+                        let out = Outgoing { iface: i, to: src, datagram: reply[i].clone(), reply: true };
+                        if out_tx.try_send(out).is_err() {
+                            stats.drops.record(now, "send_queue_full");
+                        }
+                    }
+                    if events.try_send(ev).is_err() {
+                        stats.drops.record(now, "event_queue_full");
+                    }
+                }
+            }
+        }
+
+        // Graceful: tell everyone we leave, then let the writer drain.
+        for (i, datagram) in leave.iter().enumerate() {
+            let out = Outgoing {
+                iface: i,
+                to: self.cfg.group.into(),
+                datagram: datagram.clone(),
+                reply: false,
+            };
+            if out_tx.try_send(out).is_err() {
+                stats.drops.record(now_std(), "send_queue_full");
+            }
+        }
+        drop(out_tx);
+        tasks.close();
+        if tokio::time::timeout(LEAVE_FLUSH, writer).await.is_err() {
+            warn!("leave beacons not flushed in time");
+        }
+        tasks.wait().await;
+        info!("discovery stopped");
+    }
+
+    /// Admission, decoding and demultiplexing of one datagram. Returns the
+    /// event to emit, or `None` when it was dropped (and counted) or was our
+    /// own beacon looping back.
+    fn classify(
+        &self,
+        now: std::time::Instant,
+        sources: &mut SourceTable,
+        own: &[SocketAddr],
+        item: Incoming,
+    ) -> Option<DiscoveryEvent> {
+        let stats = &self.stats;
+        let src = item.src;
+        if !sources.admit(now, src) {
+            stats.drops.record(now, "rate_limited");
+            return None;
+        }
+        let beacon = match Beacon::decode(&item.data) {
+            Ok(b) => b,
+            Err(error) => {
+                if stats.drops.record(now, error.reason()) {
+                    warn!(%src, %error, "dropping datagram (further drops of this kind are counted, not logged)");
+                }
+                return None;
+            }
+        };
+        if beacon.id == self.local.id {
+            if own.contains(&src) {
+                stats.loops_back.store(true, Ordering::Relaxed);
+            } else if stats.drops.record(now, "conflict") {
+                warn!(%src, id = %beacon.id, "another source claims our own node id");
+            }
+            return None;
+        }
+        if beacon.cluster != self.cfg.cluster {
+            if stats.drops.record(now, "cluster") {
+                warn!(%src, cluster = %beacon.cluster, ours = %self.cfg.cluster, "dropping beacon of another cluster");
+            }
+            return None;
+        }
+        let verdict = sources.on_beacon(now, src, beacon.id, beacon.incarnation);
+        match verdict {
+            Verdict::Conflict { holder } => {
+                if stats.drops.record(now, "conflict") {
+                    warn!(%src, %holder, id = %beacon.id, name = %beacon.name,
+                        "two live sources claim one node id; keeping the first");
+                }
+                return None;
+            }
+            Verdict::Stale => {
+                stats.drops.record(now, "stale");
+                return None;
+            }
+            Verdict::Moved { from } => {
+                info!(id = %beacon.id, name = %beacon.name, %from, to = %src, "peer moved");
+            }
+            _ => {}
+        }
+        stats.beacons_received.fetch_add(1, Ordering::Relaxed);
+        Some(DiscoveryEvent::Beacon {
+            at: now,
+            src,
+            beacon,
+            verdict,
+        })
+    }
+}
+
+/// The driver's clock, from tokio so that paused-time tests control it.
+fn now_std() -> std::time::Instant {
+    Instant::now().into_std()
+}

@@ -1,0 +1,564 @@
+//! The transport actor: sole owner of the link map, plus the listener and
+//! the dial tasks that feed it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::SinkExt;
+use proto::frame::{AppMessage, Reject};
+use proto::membership::DialFailure;
+use proto::stats::Drops;
+use proto::{Hello, Message, NodeId};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::handshake::{self, Halves, HandshakeError};
+use crate::link::{spawn_link, LinkHandle, LinkSpec};
+
+/// Transport settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Our handshake: identity, cluster, advertised address, tags.
+    pub local: Hello,
+    /// Largest frame accepted or sent, in bytes.
+    pub max_frame: usize,
+    /// How often each side pings on each link.
+    pub ping_interval: Duration,
+    /// A link silent this long is closed.
+    pub link_timeout: Duration,
+    /// Bound on a whole handshake.
+    pub handshake_timeout: Duration,
+    /// Bound on a TCP connect.
+    pub connect_timeout: Duration,
+    /// Per-link outbound queue, in messages.
+    pub queue: usize,
+    /// How long an application send waits for queue room before the link is
+    /// judged stuck and dropped.
+    pub send_timeout: Duration,
+    /// Most inbound handshakes in progress at once; more are refused.
+    pub max_pending_handshakes: usize,
+}
+
+impl Config {
+    /// Defaults around `local`.
+    pub fn new(local: Hello) -> Self {
+        Config {
+            local,
+            max_frame: proto::frame::DEFAULT_MAX_FRAME,
+            ping_interval: Duration::from_millis(500),
+            link_timeout: Duration::from_millis(1500),
+            handshake_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            queue: 1024,
+            send_timeout: Duration::from_secs(2),
+            max_pending_handshakes: 64,
+        }
+    }
+}
+
+/// Transport counters, shared with the control API.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Frames read on established links.
+    pub frames_in: AtomicU64,
+    /// Frames written on established links.
+    pub frames_out: AtomicU64,
+    /// Links established (both directions, duplicates excluded).
+    pub links_established: AtomicU64,
+    /// Dials started.
+    pub dials: AtomicU64,
+    /// Dials that ended without a link.
+    pub dial_failures: AtomicU64,
+    /// Dropped connections and frames by reason.
+    pub drops: Drops,
+}
+
+/// What the transport tells the membership task.
+#[derive(Debug)]
+pub enum TransportEvent {
+    /// A link completed its handshake and is now the link to that peer.
+    LinkUp {
+        /// The peer's handshake.
+        hello: Hello,
+        /// We dialed.
+        outbound: bool,
+        /// The remote socket address.
+        remote: SocketAddr,
+    },
+    /// The link to `id` closed.
+    LinkDown {
+        /// Peer.
+        id: NodeId,
+        /// The peer said goodbye (it is leaving).
+        goodbye: bool,
+        /// Closed on purpose (goodbye or duplicate), not lost.
+        graceful: bool,
+        /// For logs.
+        reason: String,
+    },
+    /// A dial ended without a link.
+    DialFailed {
+        /// Peer.
+        id: NodeId,
+        /// Where we dialed.
+        addr: SocketAddr,
+        /// Refused, duplicate or other.
+        why: DialFailure,
+        /// For logs.
+        detail: String,
+    },
+    /// A pong measured the round-trip time.
+    Pong {
+        /// Peer.
+        id: NodeId,
+        /// Round-trip time.
+        rtt: Duration,
+    },
+    /// An application message arrived.
+    Message {
+        /// Sender.
+        id: NodeId,
+        /// The message.
+        msg: AppMessage,
+    },
+}
+
+/// Why an application message was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// No link to that peer.
+    #[error("no link to that peer")]
+    NoLink,
+    /// The link closed.
+    #[error("the link closed")]
+    Closed,
+    /// The peer did not drain its queue in time; the link was dropped.
+    #[error("the peer is not reading; link dropped")]
+    Stalled,
+}
+
+/// One live link, as the control API sees it.
+#[derive(Debug, Clone)]
+pub struct LinkInfo {
+    /// Peer.
+    pub id: NodeId,
+    /// Handle to its writer and counters.
+    pub handle: LinkHandle,
+    /// We dialed.
+    pub outbound: bool,
+    /// Remote socket address.
+    pub remote: SocketAddr,
+}
+
+pub(crate) enum Internal {
+    Established {
+        hello: Hello,
+        halves: Halves,
+        outbound: bool,
+        remote: SocketAddr,
+    },
+    Closed {
+        id: NodeId,
+        conn: u64,
+        graceful: bool,
+        goodbye: bool,
+        reason: String,
+    },
+}
+
+enum Command {
+    Dial { id: NodeId, addr: SocketAddr },
+    Links(oneshot::Sender<Vec<LinkInfo>>),
+}
+
+pub(crate) struct Shared {
+    pub cfg: Config,
+    pub stats: Arc<Stats>,
+    pub events: mpsc::Sender<TransportEvent>,
+    pub internal: mpsc::Sender<Internal>,
+}
+
+struct Entry {
+    info: LinkInfo,
+    dialer: NodeId,
+    conn: u64,
+}
+
+/// Cheap cloneable handle to the transport. Dropping every handle does not
+/// stop it; the cancellation token does (after goodbyes on every link).
+#[derive(Clone, Debug)]
+pub struct Transport {
+    cmd: mpsc::Sender<Command>,
+    stats: Arc<Stats>,
+    send_timeout: Duration,
+}
+
+impl Transport {
+    /// Starts the listener and the actor on `tracker`. When `cancel` fires,
+    /// every link gets a goodbye and closes.
+    pub fn start(
+        listener: TcpListener,
+        cfg: Config,
+        events: mpsc::Sender<TransportEvent>,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Transport {
+        let stats = Arc::new(Stats::default());
+        let (internal_tx, internal_rx) = mpsc::channel(256);
+        let (cmd_tx, cmd_rx) = mpsc::channel(1024);
+        let send_timeout = cfg.send_timeout;
+        let shared = Arc::new(Shared {
+            cfg,
+            stats: stats.clone(),
+            events,
+            internal: internal_tx,
+        });
+        tracker.spawn(accept_loop(
+            listener,
+            shared.clone(),
+            cancel.clone(),
+            tracker.clone(),
+        ));
+        let actor = Actor {
+            shared,
+            links: HashMap::new(),
+            next_conn: 0,
+            // Not a child of `cancel`: links must outlive it long enough to
+            // carry their goodbyes.
+            links_cancel: CancellationToken::new(),
+            tracker: tracker.clone(),
+        };
+        tracker.spawn(actor.run(cmd_rx, internal_rx, cancel));
+        Transport {
+            cmd: cmd_tx,
+            stats,
+            send_timeout,
+        }
+    }
+
+    /// Asks for a dial to `id` at `addr`; the outcome arrives as an event.
+    /// Returns false if the transport is gone or its queue is full.
+    pub fn dial(&self, id: NodeId, addr: SocketAddr) -> bool {
+        self.cmd.try_send(Command::Dial { id, addr }).is_ok()
+    }
+
+    /// The current links.
+    pub async fn links(&self) -> Vec<LinkInfo> {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Command::Links(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Sends an application message to `id` (per-link order is preserved).
+    pub async fn send(&self, id: NodeId, msg: AppMessage) -> Result<(), SendError> {
+        let link = self.links().await.into_iter().find(|l| l.id == id);
+        match link {
+            Some(l) => l.handle.send_app(msg, self.send_timeout).await,
+            None => Err(SendError::NoLink),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// How long sends wait for room.
+    pub fn send_timeout(&self) -> Duration {
+        self.send_timeout
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    // An essential subsystem: if it ends, the node ends.
+    let _stop_node_on_exit = cancel.clone().drop_guard();
+    let pending = Arc::new(Semaphore::new(shared.cfg.max_pending_handshakes));
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted, // cancel-safe
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(error) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            shared
+                .stats
+                .drops
+                .record(std::time::Instant::now(), "handshake_backlog");
+            continue; // dropping the stream closes it
+        };
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let cfg = &shared.cfg;
+            match handshake::accept(stream, &cfg.local, cfg.max_frame, cfg.handshake_timeout).await
+            {
+                Ok((hello, halves)) => {
+                    let est = Internal::Established {
+                        hello,
+                        halves,
+                        outbound: false,
+                        remote,
+                    };
+                    if shared.internal.send(est).await.is_err() {
+                        debug!("transport stopped during handshake");
+                    }
+                }
+                Err(e) => log_handshake_failure(&shared, remote, &e),
+            }
+        });
+    }
+}
+
+fn log_handshake_failure(shared: &Shared, remote: SocketAddr, e: &HandshakeError) {
+    match e.drop_reason {
+        Some(reason) => {
+            if shared.stats.drops.record(std::time::Instant::now(), reason) {
+                warn!(%remote, error = %e, "refused link (further refusals of this kind are counted)");
+            }
+        }
+        None => debug!(%remote, error = %e, "inbound handshake failed"),
+    }
+}
+
+struct Actor {
+    shared: Arc<Shared>,
+    links: HashMap<NodeId, Entry>,
+    next_conn: u64,
+    links_cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// How long shutdown waits for goodbyes to be queued and flushed.
+const GOODBYE_WAIT: Duration = Duration::from_millis(300);
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut cmd_rx: mpsc::Receiver<Command>,
+        mut internal_rx: mpsc::Receiver<Internal>,
+        cancel: CancellationToken,
+    ) {
+        let _stop_node_on_exit = cancel.clone().drop_guard();
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Some(internal) = internal_rx.recv() => self.on_internal(internal).await,
+                Some(cmd) = cmd_rx.recv() => self.on_command(cmd),
+            }
+        }
+        // Goodbye on every link, concurrently, bounded.
+        let goodbyes = self
+            .links
+            .values()
+            .map(|e| e.info.handle.clone())
+            .collect::<Vec<_>>();
+        let sends = goodbyes.iter().map(|h| h.goodbye("shutdown", GOODBYE_WAIT));
+        futures::future::join_all(sends).await;
+        // Writers exit after flushing the goodbye; give them a moment, then
+        // cut whatever is left.
+        let flushed = async {
+            for h in &goodbyes {
+                h.tx.closed().await;
+            }
+        };
+        if tokio::time::timeout(GOODBYE_WAIT, flushed).await.is_err() {
+            debug!("some goodbyes were not flushed in time");
+        }
+        self.links_cancel.cancel();
+        info!(links = goodbyes.len(), "transport stopped");
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial { id, addr } => self.dial(id, addr),
+            Command::Links(reply) => {
+                let links = self.links.values().map(|e| e.info.clone()).collect();
+                // The asker may have given up; nothing to do then.
+                let _ignored = reply.send(links);
+            }
+        }
+    }
+
+    fn dial(&mut self, id: NodeId, addr: SocketAddr) {
+        self.shared.stats.dials.fetch_add(1, Ordering::Relaxed);
+        let shared = self.shared.clone();
+        self.tracker.spawn(async move {
+            let cfg = &shared.cfg;
+            let res = handshake::dial(
+                addr,
+                &cfg.local,
+                cfg.max_frame,
+                cfg.connect_timeout,
+                cfg.handshake_timeout,
+            )
+            .await;
+            match res {
+                Ok((hello, halves)) => {
+                    let est = Internal::Established {
+                        hello,
+                        halves,
+                        outbound: true,
+                        remote: addr,
+                    };
+                    if shared.internal.send(est).await.is_err() {
+                        debug!("transport stopped during dial");
+                    }
+                }
+                Err(e) => {
+                    shared.stats.dial_failures.fetch_add(1, Ordering::Relaxed);
+                    if let Some(reason) = e.drop_reason {
+                        shared.stats.drops.record(std::time::Instant::now(), reason);
+                    }
+                    let ev = TransportEvent::DialFailed {
+                        id,
+                        addr,
+                        why: e.why,
+                        detail: e.detail,
+                    };
+                    if shared.events.send(ev).await.is_err() {
+                        debug!("node stopped during dial");
+                    }
+                }
+            }
+        });
+    }
+
+    async fn on_internal(&mut self, internal: Internal) {
+        match internal {
+            Internal::Established {
+                hello,
+                halves,
+                outbound,
+                remote,
+            } => self.established(hello, halves, outbound, remote).await,
+            Internal::Closed {
+                id,
+                conn,
+                graceful,
+                goodbye,
+                reason,
+            } => {
+                let current = self.links.get(&id).is_some_and(|e| e.conn == conn);
+                if !current {
+                    return; // a replaced duplicate; the current link is fine
+                }
+                self.links.remove(&id);
+                let ev = TransportEvent::LinkDown {
+                    id,
+                    goodbye,
+                    graceful,
+                    reason,
+                };
+                if self.shared.events.send(ev).await.is_err() {
+                    debug!("node stopped");
+                }
+            }
+        }
+    }
+
+    async fn established(
+        &mut self,
+        hello: Hello,
+        halves: Halves,
+        outbound: bool,
+        remote: SocketAddr,
+    ) {
+        let local = self.shared.cfg.local.id;
+        let id = hello.id;
+        let dialer = if outbound { local } else { id };
+        let preferred = local.min(id);
+        let replacing = match self.links.get(&id) {
+            None => None,
+            // Same direction again: the old one is half-dead; the new wins.
+            Some(cur) if cur.dialer == dialer => Some(cur.info.handle.clone()),
+            Some(cur) if dialer == preferred => Some(cur.info.handle.clone()),
+            Some(_) => {
+                // The current link is the preferred one: refuse this one.
+                let (_rd, mut wr) = halves;
+                let reject = Message::Reject(Reject {
+                    code: "duplicate".into(),
+                    detail: "a link between these nodes already exists".into(),
+                });
+                let wait = self.shared.cfg.handshake_timeout;
+                self.tracker.spawn(async move {
+                    // Best effort: the other side resolves the race the same way.
+                    let _best_effort = tokio::time::timeout(wait, wr.send(reject)).await;
+                });
+                return;
+            }
+        };
+        if let Some(old) = &replacing {
+            let reject = Message::Reject(Reject {
+                code: "duplicate".into(),
+                detail: "replaced by the preferred link".into(),
+            });
+            if old.tx.try_send(reject).is_err() {
+                old.close();
+            }
+        }
+        self.next_conn += 1;
+        let conn = self.next_conn;
+        let (reader, writer) = halves;
+        let handle = spawn_link(
+            LinkSpec {
+                peer: id,
+                conn,
+                reader,
+                writer,
+            },
+            &self.shared,
+            &self.links_cancel,
+            &self.tracker,
+        );
+        self.links.insert(
+            id,
+            Entry {
+                info: LinkInfo {
+                    id,
+                    handle,
+                    outbound,
+                    remote,
+                },
+                dialer,
+                conn,
+            },
+        );
+        if replacing.is_some() {
+            return; // the peer was linked before and still is
+        }
+        self.shared
+            .stats
+            .links_established
+            .fetch_add(1, Ordering::Relaxed);
+        let ev = TransportEvent::LinkUp {
+            hello,
+            outbound,
+            remote,
+        };
+        if self.shared.events.send(ev).await.is_err() {
+            debug!("node stopped");
+        }
+    }
+}

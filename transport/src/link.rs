@@ -1,0 +1,270 @@
+//! One established link: a reader task and a writer task around the owned
+//! halves of a TCP stream.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use proto::frame::{AppMessage, Goodbye, Ping};
+use proto::{FrameCodec, Message, NodeId};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use crate::actor::{Internal, Shared, TransportEvent};
+
+/// Most queued messages the writer flushes in one batch.
+const WRITE_BATCH: usize = 64;
+
+/// Per-link counters (application messages and their payload bytes).
+#[derive(Debug, Default)]
+pub struct LinkCounters {
+    /// Application messages received.
+    pub msgs_in: AtomicU64,
+    /// Application messages sent.
+    pub msgs_out: AtomicU64,
+    /// Payload bytes received.
+    pub bytes_in: AtomicU64,
+    /// Payload bytes sent.
+    pub bytes_out: AtomicU64,
+}
+
+/// Cheap, cloneable handle to one link's writer.
+#[derive(Clone, Debug)]
+pub struct LinkHandle {
+    pub(crate) tx: mpsc::Sender<Message>,
+    pub(crate) cancel: CancellationToken,
+    /// Counters of this link.
+    pub counters: Arc<LinkCounters>,
+}
+
+impl LinkHandle {
+    /// Queues an application message, waiting up to `wait` for room. On
+    /// timeout the link is closed (slow-peer policy) and `false` returned.
+    pub async fn send_app(&self, msg: AppMessage, wait: Duration) -> Result<(), crate::SendError> {
+        let len = msg.payload.len() as u64;
+        match timeout(wait, self.tx.send(Message::App(msg))).await {
+            Ok(Ok(())) => {
+                self.counters.msgs_out.fetch_add(1, Ordering::Relaxed);
+                self.counters.bytes_out.fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(crate::SendError::Closed),
+            Err(_) => {
+                self.cancel.cancel(); // the peer does not drain: drop the link
+                Err(crate::SendError::Stalled)
+            }
+        }
+    }
+
+    /// Queues a goodbye; the writer flushes it and closes the link.
+    pub(crate) async fn goodbye(&self, reason: &str, wait: Duration) {
+        let msg = Message::Goodbye(Goodbye {
+            reason: reason.into(),
+        });
+        if timeout(wait, self.tx.send(msg)).await.is_err() {
+            self.cancel.cancel(); // cannot say goodbye; just close
+        }
+    }
+
+    /// Closes the link without a goodbye.
+    pub fn close(&self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Everything a link task needs to know about its link.
+pub(crate) struct LinkSpec {
+    pub peer: NodeId,
+    pub conn: u64,
+    pub reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    pub writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
+}
+
+/// Spawns the reader and writer of an established link.
+pub(crate) fn spawn_link(
+    spec: LinkSpec,
+    shared: &Arc<Shared>,
+    parent: &CancellationToken,
+    tracker: &TaskTracker,
+) -> LinkHandle {
+    let LinkSpec {
+        peer,
+        conn,
+        mut reader,
+        mut writer,
+    } = spec;
+    let (tx, mut rx) = mpsc::channel::<Message>(shared.cfg.queue);
+    // A link failing cancels only itself; the transport cancels all links.
+    let cancel = parent.child_token();
+    let counters = Arc::new(LinkCounters::default());
+    let started = Instant::now();
+
+    let wc = cancel.clone();
+    let wshared = shared.clone();
+    let ping_every = shared.cfg.ping_interval;
+    tracker.spawn(async move {
+        let _teardown = wc.clone().drop_guard(); // writer gone => reader goes too
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        loop {
+            let first = tokio::select! {
+                biased;
+                () = wc.cancelled() => break,
+                msg = rx.recv() => match msg { Some(m) => m, None => break },
+                _ = ping.tick() => {
+                    seq += 1;
+                    let ts_us = started.elapsed().as_micros() as u64;
+                    Message::Ping(Ping { seq, ts_us })
+                }
+            };
+            // Batch what is already queued, then flush once. `feed`/`flush`
+            // are not cancel-safe: they race only the token that ends us.
+            let closing = matches!(first, Message::Goodbye(_) | Message::Reject(_));
+            let mut batch = vec![first];
+            if !closing {
+                while batch.len() < WRITE_BATCH {
+                    match rx.try_recv() {
+                        Ok(m) => {
+                            let stop = matches!(m, Message::Goodbye(_));
+                            batch.push(m);
+                            if stop {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            let ends = batch
+                .iter()
+                .any(|m| matches!(m, Message::Goodbye(_) | Message::Reject(_)));
+            let n = batch.len() as u64;
+            let write = async {
+                for m in batch {
+                    writer.feed(m).await?;
+                }
+                SinkExt::<Message>::flush(&mut writer).await
+            };
+            let res = tokio::select! {
+                biased;
+                () = wc.cancelled() => break,
+                res = write => res,
+            };
+            if let Err(error) = res {
+                debug!(peer = %peer.short(), %error, "link write failed");
+                break;
+            }
+            wshared.stats.frames_out.fetch_add(n, Ordering::Relaxed);
+            if ends {
+                break;
+            }
+        }
+        // Best effort FIN; the peer may already be gone.
+        let closed: Result<(), proto::FrameError> = match timeout(
+            Duration::from_millis(200),
+            SinkExt::<Message>::close(&mut writer),
+        )
+        .await
+        {
+            Ok(res) => res,
+            Err(_) => Ok(()), // peer not reading; dropping the half closes it anyway
+        };
+        if let Err(error) = closed {
+            debug!(peer = %peer.short(), %error, "link close failed");
+        }
+    });
+
+    let rc = cancel.clone();
+    let rshared = shared.clone();
+    let rcounters = counters.clone();
+    let pong_tx = tx.clone();
+    let link_timeout = shared.cfg.link_timeout;
+    tracker.spawn(async move {
+        let _teardown = rc.clone().drop_guard();
+        let (graceful, reason) = loop {
+            let next = tokio::select! {
+                () = rc.cancelled() => break (false, "closed".to_string()),
+                next = timeout(link_timeout, reader.next()) => next, // cancel-safe
+            };
+            let frame = match next {
+                Err(_) => break (false, format!("silent for {link_timeout:?}")),
+                Ok(None) => break (false, "connection closed".to_string()),
+                Ok(Some(Err(error))) => {
+                    rshared
+                        .stats
+                        .drops
+                        .record(std::time::Instant::now(), error.reason());
+                    break (false, format!("bad frame: {error}"));
+                }
+                Ok(Some(Ok(frame))) => frame,
+            };
+            rshared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+            let event = match frame {
+                Message::Ping(p) => {
+                    // Full queue: the peer's ping goes unanswered, which is
+                    // what an overloaded link should look like.
+                    if pong_tx.try_send(Message::Pong(p)).is_err() {
+                        debug!(peer = %peer.short(), "pong skipped: queue full");
+                    }
+                    continue;
+                }
+                Message::Pong(p) => {
+                    let now = started.elapsed().as_micros() as u64;
+                    let rtt = Duration::from_micros(now.saturating_sub(p.ts_us));
+                    TransportEvent::Pong { id: peer, rtt }
+                }
+                Message::App(msg) => {
+                    rcounters.msgs_in.fetch_add(1, Ordering::Relaxed);
+                    rcounters
+                        .bytes_in
+                        .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
+                    TransportEvent::Message { id: peer, msg }
+                }
+                Message::Goodbye(g) => break (true, format!("goodbye: {}", g.reason)),
+                Message::Reject(r) if r.code == "duplicate" => {
+                    break (true, "duplicate link".into())
+                }
+                Message::Reject(r) => {
+                    break (false, format!("rejected ({}): {}", r.code, r.detail))
+                }
+                Message::Peers(_) => continue, // peer-list exchange: accepted, not used yet
+                Message::Hello(_) | Message::Welcome(_) => {
+                    rshared
+                        .stats
+                        .drops
+                        .record(std::time::Instant::now(), "handshake_after_handshake");
+                    break (false, "handshake frame on an established link".into());
+                }
+            };
+            // Backpressure: a node that cannot keep up slows its links' readers.
+            if rshared.events.send(event).await.is_err() {
+                break (false, "node stopping".into());
+            }
+        };
+        let goodbye = reason.starts_with("goodbye");
+        // Tell the actor; it decides whether this was the current link.
+        let closed = Internal::Closed {
+            id: peer,
+            conn,
+            graceful,
+            goodbye,
+            reason,
+        };
+        if rshared.internal.send(closed).await.is_err() {
+            debug!(peer = %peer.short(), "transport gone before link close was reported");
+        }
+    });
+
+    LinkHandle {
+        tx,
+        cancel,
+        counters,
+    }
+}
