@@ -1,1 +1,21 @@
-//! placeholder
+//! constellationd, the node: configuration, the daemon that wires discovery
+//! and transport around one peer table, the control API on a Unix socket, and
+//! the CLI that is a client of that API.
+//!
+//! - [`config`]: flags, environment, validation.
+//! - [`daemon`]: binding, task wiring, signals, graceful shutdown.
+//! - [`membership`]: the task that owns the peer table.
+//! - [`state`]: the shared read-model and event bus.
+//! - [`api`]: HTTP/1.1 + JSON on the control socket.
+//! - [`client`], [`cli`]: the CLI.
+//! - [`netif`], [`socket`]: interfaces and the control socket path.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod membership;
+pub mod netif;
+pub mod socket;
+pub mod state;

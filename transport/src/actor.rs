@@ -159,7 +159,7 @@ pub struct LinkInfo {
 pub(crate) enum Internal {
     Established {
         hello: Hello,
-        halves: Halves,
+        halves: Box<Halves>,
         outbound: bool,
         remote: SocketAddr,
     },
@@ -316,7 +316,7 @@ async fn accept_loop(
                 Ok((hello, halves)) => {
                     let est = Internal::Established {
                         hello,
-                        halves,
+                        halves: Box::new(halves),
                         outbound: false,
                         remote,
                     };
@@ -418,7 +418,7 @@ impl Actor {
                 Ok((hello, halves)) => {
                     let est = Internal::Established {
                         hello,
-                        halves,
+                        halves: Box::new(halves),
                         outbound: true,
                         remote: addr,
                     };
@@ -452,7 +452,7 @@ impl Actor {
                 halves,
                 outbound,
                 remote,
-            } => self.established(hello, halves, outbound, remote).await,
+            } => self.established(hello, *halves, outbound, remote).await,
             Internal::Closed {
                 id,
                 conn,

@@ -1,0 +1,288 @@
+//! Command line: the daemon's flags and the CLI subcommands.
+//!
+//! Every daemon flag can also be set as `CONSTELLATION_<FLAG>` (repeatable
+//! flags take a comma-separated list there). Values are parsed and checked
+//! here, before anything binds: a bad value prints one line naming the flag
+//! and exits with status 2.
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// A peer-to-peer cluster node: finds its peers by UDP multicast, links to
+/// each over TCP, and answers questions about the cluster on a Unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "constellationd", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+/// The subcommands. Everything but `run`, `keygen` is a client of a running
+/// daemon's control socket.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node (the daemon).
+    #[command(after_help = "Example:\n  constellationd run --interface lo --ttl 0 --listen 127.0.0.1:0 --socket /tmp/n1.sock")]
+    Run(Box<RunArgs>),
+    /// List the peers this node knows.
+    #[command(after_help = "Example:\n  constellationd peers --state alive --tag role=db")]
+    Peers {
+        /// Control socket.
+        #[command(flatten)]
+        sock: SocketArg,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only peers in this state (alive, failed, left).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only peers with this tag (KEY=VALUE); repeatable.
+        #[arg(long, value_parser = parse_tag)]
+        tag: Vec<(String, String)>,
+    },
+    /// This node: identity, counters and warnings.
+    #[command(after_help = "Example:\n  constellationd status --json")]
+    Status {
+        /// Control socket.
+        #[command(flatten)]
+        sock: SocketArg,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow the cluster's events until interrupted.
+    #[command(after_help = "Example:\n  constellationd watch --json")]
+    Watch {
+        /// Control socket.
+        #[command(flatten)]
+        sock: SocketArg,
+        /// Print each event's JSON line as received.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a message to one peer (by name, id or id prefix of 8+ digits).
+    #[command(after_help = "Examples:\n  constellationd send node2 --topic greet hello\n  echo hello | constellationd send node2 -")]
+    Send {
+        /// Control socket.
+        #[command(flatten)]
+        sock: SocketArg,
+        /// Recipient.
+        node: String,
+        /// Topic.
+        #[arg(long, default_value = "")]
+        topic: String,
+        /// The message; `-` or absent reads standard input.
+        message: Option<String>,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a message to every linked peer.
+    #[command(after_help = "Example:\n  constellationd broadcast --topic news 'deploy started'")]
+    Broadcast {
+        /// Control socket.
+        #[command(flatten)]
+        sock: SocketArg,
+        /// Topic.
+        #[arg(long, default_value = "")]
+        topic: String,
+        /// The message; `-` or absent reads standard input.
+        message: Option<String>,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the node to leave the cluster gracefully and stop.
+    #[command(after_help = "Example:\n  constellationd leave")]
+    Leave {
+        /// Control socket.
+        #[command(flatten)]
+        sock: SocketArg,
+    },
+    /// Exit 0 when the node runs (and has at least --min-peers alive peers).
+    #[command(after_help = "Example (container health check):\n  constellationd health --min-peers 4")]
+    Health {
+        /// Control socket.
+        #[command(flatten)]
+        sock: SocketArg,
+        /// Alive peers required.
+        #[arg(long, default_value_t = 0)]
+        min_peers: usize,
+    },
+}
+
+/// `--socket`, shared by every subcommand.
+#[derive(Debug, Args, Clone)]
+pub struct SocketArg {
+    /// Control socket path [default: /run/constellationd.sock as root, else
+    /// $XDG_RUNTIME_DIR/constellationd.sock, else /tmp/constellationd-UID.sock].
+    #[arg(long, env = "CONSTELLATION_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+/// Flags of `constellationd run`.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// This node's name [default: the hostname].
+    #[arg(long, env = "CONSTELLATION_NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+
+    /// Cluster name; beacons and links of other clusters are refused.
+    #[arg(long, env = "CONSTELLATION_CLUSTER", default_value = "default", value_parser = parse_name)]
+    pub cluster: String,
+
+    /// Interface (name like `lo`, `eth1`, or an IPv4 address) to discover on;
+    /// repeatable [default: the interface of the default route].
+    #[arg(long, env = "CONSTELLATION_INTERFACE", value_delimiter = ',', value_name = "IFACE")]
+    pub interface: Vec<String>,
+
+    /// Multicast group and port.
+    #[arg(long, env = "CONSTELLATION_GROUP", default_value = "239.255.67.76:6776", value_parser = parse_group)]
+    pub group: SocketAddrV4,
+
+    /// Multicast TTL: 1 stays on the LAN, 0 on this host.
+    #[arg(long, env = "CONSTELLATION_TTL", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=255))]
+    pub ttl: u32,
+
+    /// TCP address for data links (port 0 picks a free port).
+    #[arg(long, env = "CONSTELLATION_LISTEN", default_value = "0.0.0.0:6777")]
+    pub listen: SocketAddr,
+
+    /// Address peers should dial, ADDR[:PORT] [default: the address of the
+    /// interface each beacon leaves on, with the listen port].
+    #[arg(long, env = "CONSTELLATION_ADVERTISE", value_parser = parse_advertise, value_name = "ADDR[:PORT]")]
+    pub advertise: Option<(IpAddr, Option<u16>)>,
+
+    /// Metadata KEY=VALUE; repeatable.
+    #[arg(long, env = "CONSTELLATION_TAG", value_delimiter = ',', value_parser = parse_tag, value_name = "KEY=VALUE")]
+    pub tag: Vec<(String, String)>,
+
+    /// Control socket.
+    #[command(flatten)]
+    pub sock: SocketArg,
+
+    /// Control socket file mode (octal), e.g. 0660 to let a group in.
+    #[arg(long, env = "CONSTELLATION_SOCKET_MODE", default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
+    /// Mean time between beacons (each is jittered by ±10%).
+    #[arg(long, env = "CONSTELLATION_BEACON_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub beacon_interval: Duration,
+
+    /// Silence on every channel after which a peer is failed.
+    #[arg(long, env = "CONSTELLATION_DEAD_AFTER", default_value = "3s", value_parser = parse_duration)]
+    pub dead_after: Duration,
+
+    /// How long failed and left peers stay listed.
+    #[arg(long, env = "CONSTELLATION_TOMBSTONE_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub tombstone_ttl: Duration,
+
+    /// Largest TCP frame accepted or sent, in bytes.
+    #[arg(long, env = "CONSTELLATION_MAX_FRAME", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
+    pub max_frame: u64,
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err("must be 1 to 64 characters".into());
+    }
+    if !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err("may contain only letters, digits, '-', '_' and '.'".into());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_group(s: &str) -> Result<SocketAddrV4, String> {
+    let g: SocketAddrV4 = s
+        .parse()
+        .map_err(|_| "expected IPv4 ADDR:PORT, e.g. 239.255.67.76:6776".to_string())?;
+    if !g.ip().is_multicast() {
+        return Err(format!("{} is not a multicast address (224.0.0.0/4)", g.ip()));
+    }
+    if g.port() == 0 {
+        return Err("the port must not be 0".into());
+    }
+    Ok(g)
+}
+
+fn parse_advertise(s: &str) -> Result<(IpAddr, Option<u16>), String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return check_advertise(sa.ip()).map(|ip| (ip, Some(sa.port())));
+    }
+    let ip: IpAddr = s
+        .parse()
+        .map_err(|_| "expected an IP address with an optional :PORT".to_string())?;
+    check_advertise(ip).map(|ip| (ip, None))
+}
+
+fn check_advertise(ip: IpAddr) -> Result<IpAddr, String> {
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(format!("{ip} cannot be dialed by peers"));
+    }
+    Ok(ip)
+}
+
+/// `KEY=VALUE`, both non-empty keys.
+pub fn parse_tag(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=VALUE".to_string())?;
+    if k.is_empty() || k.len() > 64 || v.len() > 256 {
+        return Err("the key must be 1-64 bytes and the value at most 256".into());
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| "expected an octal mode such as 0600".to_string())?;
+    if m > 0o777 {
+        return Err("at most 0777".into());
+    }
+    if m & 0o600 != 0o600 {
+        return Err("the owner needs read and write (0600)".into());
+    }
+    Ok(m)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 500ms, 2s, 10m)"))?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_parsers_accept_good_and_refuse_bad_values() {
+        assert!(parse_group("239.1.2.3:5000").is_ok());
+        assert!(parse_group("10.0.0.1:5000").is_err());
+        assert!(parse_group("239.1.2.3:0").is_err());
+        assert_eq!(parse_advertise("192.0.2.1").unwrap().1, None);
+        assert_eq!(parse_advertise("192.0.2.1:99").unwrap().1, Some(99));
+        assert!(parse_advertise("0.0.0.0").is_err());
+        assert_eq!(parse_tag("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert!(parse_tag("novalue").is_err());
+        assert_eq!(parse_mode("0660"), Ok(0o660));
+        assert!(parse_mode("0400").is_err());
+        assert!(parse_mode("999").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_name("node-1.a_b").is_ok());
+        assert!(parse_name("bad name").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

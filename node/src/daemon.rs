@@ -1,0 +1,271 @@
+//! `constellationd run`: validate, bind, spawn, wait, shut down.
+//!
+//! Order matters: configuration is checked before anything binds (exit 2 on
+//! a bad value); then the TCP listener, the multicast sockets and the control
+//! socket are bound (exit 1 with one clear line if any fails); only then are
+//! the sibling tasks spawned. One root token stops everything: SIGTERM,
+//! SIGINT, `POST /v1/leave`, or any essential task ending.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use dashmap::DashMap;
+use discovery::sources::Limits;
+use proto::frame::VERSION;
+use proto::membership::{Config as TableConfig, PeerTable};
+use proto::{tags_digest, Hello, NodeId, Tags};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::RunArgs;
+use crate::state::{NodeState, EVENT_BUFFER};
+use crate::{api, membership, netif, socket};
+
+/// How long tasks get to finish after shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Everything `run` needs, checked.
+struct Plan {
+    args: RunArgs,
+    name: String,
+    interfaces: Vec<discovery::Interface>,
+    socket: PathBuf,
+    tags: Tags,
+}
+
+fn plan(args: RunArgs) -> Result<Plan, String> {
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => {
+            let host = gethostname::gethostname().to_string_lossy().into_owned();
+            let clean: String = host
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+                .take(64)
+                .collect();
+            if clean.is_empty() {
+                "node".to_string()
+            } else {
+                clean
+            }
+        }
+    };
+    let (interfaces, missing) = netif::resolve(&args.interface).map_err(|e| format!("--interface: {e}"))?;
+    for m in &missing {
+        warn!("--interface: {m}; skipping it");
+    }
+    if interfaces.is_empty() {
+        let why: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
+        return Err(format!("--interface: no usable interface ({})", why.join("; ")));
+    }
+    let socket = socket::resolve(args.sock.socket.as_deref());
+    socket::check_len(&socket).map_err(|e| format!("--socket: {e}"))?;
+    if let Some((ip, _)) = args.advertise {
+        if netif::is_loopback(ip) && interfaces.iter().any(|i| !i.addr.is_loopback()) {
+            warn!(advertise = %ip, "advertising a loopback address on a non-loopback interface: peers on other hosts cannot dial it");
+        }
+    }
+    let tags: Tags = args.tag.iter().cloned().collect();
+    Ok(Plan {
+        args,
+        name,
+        interfaces,
+        socket,
+        tags,
+    })
+}
+
+/// Entry point of `constellationd run`.
+pub fn main(args: RunArgs) -> ExitCode {
+    let plan = match plan(args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("constellationd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("constellationd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(plan)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("constellationd: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(plan: Plan) -> anyhow::Result<()> {
+    let Plan {
+        args,
+        name,
+        interfaces,
+        socket: socket_path,
+        tags,
+    } = plan;
+    let id = NodeId::random();
+    // Wall-clock milliseconds: grows across restarts with no state on disk.
+    let incarnation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(1);
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    let listen = listener.local_addr().context("listener address")?;
+    let advertise = args
+        .advertise
+        .map(|(ip, port): (IpAddr, Option<u16>)| SocketAddr::new(ip, port.unwrap_or(listen.port())));
+
+    let disc_cfg = discovery::Config {
+        group: args.group,
+        interfaces,
+        ttl: args.ttl,
+        interval: args.beacon_interval,
+        cluster: args.cluster.clone(),
+        limits: Limits {
+            stale_after: args.dead_after,
+            ..Limits::default()
+        },
+    };
+    let local = discovery::LocalIdentity {
+        id,
+        incarnation,
+        name: name.clone(),
+        data_port: listen.port(),
+        advertise,
+        digest: tags_digest(&tags),
+    };
+    let bound = discovery::bind(disc_cfg, local).context("discovery")?;
+    let advertised = bound.advertised();
+    let control = socket::bind(&socket_path, args.socket_mode)?;
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let hello = Hello {
+        protocol: VERSION,
+        cluster: args.cluster.clone(),
+        id,
+        incarnation,
+        name: name.clone(),
+        addr: advertised[0],
+        tags: tags.clone(),
+    };
+    let mut tcfg = transport::Config::new(hello);
+    tcfg.max_frame = args.max_frame as usize;
+    let (trans_tx, trans_rx) = mpsc::channel(4096);
+    let (disc_tx, disc_rx) = mpsc::channel(1024);
+    let transport = transport::Transport::start(listener, tcfg, trans_tx, cancel.clone(), &tracker);
+
+    let (events, _) = broadcast::channel(EVENT_BUFFER);
+    let state = Arc::new(NodeState {
+        id,
+        name: name.clone(),
+        cluster: args.cluster.clone(),
+        incarnation,
+        started: Instant::now(),
+        tags,
+        interfaces: bound.interfaces(),
+        advertised: advertised.clone(),
+        listen,
+        group: args.group,
+        ttl: args.ttl,
+        beacon_interval: args.beacon_interval,
+        peers: DashMap::new(),
+        events,
+        discovery: bound.stats(),
+        transport,
+        messages_in: AtomicU64::new(0),
+        messages_out: AtomicU64::new(0),
+        stop: cancel.clone(),
+    });
+
+    let table_cfg = TableConfig {
+        dead_after: args.dead_after,
+        // One beacon interval and a half: at least one beacon is due in it.
+        link_loss_grace: args.beacon_interval.mul_f64(1.5).min(args.dead_after),
+        tombstone_ttl: args.tombstone_ttl,
+        ..TableConfig::default()
+    };
+    let table = PeerTable::new(id, table_cfg, rand::random());
+    tracker.spawn(membership::run(table, state.clone(), disc_rx, trans_rx, cancel.clone()));
+    let dc = cancel.clone();
+    tracker.spawn(async move {
+        let _stop_node_on_exit = dc.clone().drop_guard();
+        bound.run(disc_tx, dc).await;
+    });
+    let router = api::router(state.clone(), cancel.clone(), args.max_frame as usize);
+    tracker.spawn(api::serve(control, router, cancel.clone(), tracker.clone()));
+    tracker.close();
+
+    info!(
+        %name, id = %id, cluster = %args.cluster, incarnation,
+        listen = %listen, advertise = ?advertised, socket = %socket_path.display(),
+        "node started"
+    );
+
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = cancel.cancelled() => info!("shutdown requested"),
+    }
+    cancel.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        warn!(remaining = tracker.len(), "tasks still running after the grace period");
+    }
+    if let Err(error) = std::fs::remove_file(&socket_path) {
+        warn!(%error, socket = %socket_path.display(), "cannot remove the control socket");
+    }
+    info!("node stopped");
+    Ok(())
+}
+
+/// SIGTERM (`docker stop`) or SIGINT (Ctrl-C). As PID 1 in a container there
+/// is no default handler, so both are handled explicitly.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (term, int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(error = %e, "cannot install signal handlers; stop with POST /v1/leave");
+            return std::future::pending().await;
+        }
+    };
+    let (mut term, mut int) = (term, int);
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+/// Initialises logging from `RUST_LOG` (default `info`), to standard error.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
+        .with_target(false)
+        .init();
+}

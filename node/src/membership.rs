@@ -1,0 +1,170 @@
+//! The membership task: sole owner of the sans-IO peer table.
+//!
+//! Discovery and transport run as sibling tasks and send what they observe
+//! here; this task applies it to the `PeerTable` (with `now` from tokio's
+//! clock), then mirrors every change into the read-model, logs it, publishes
+//! it on the event bus, and turns the table's actions into dials.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use discovery::DiscoveryEvent;
+use proto::membership::{Action, DialFailure, EventKind, PeerTable};
+use proto::NodeId;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use transport::TransportEvent;
+
+use crate::state::{peer_json, NodeState};
+
+fn now_std() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+/// Runs until `cancel` fires or both input channels close.
+pub async fn run(
+    mut table: PeerTable,
+    state: Arc<NodeState>,
+    mut disc_rx: mpsc::Receiver<DiscoveryEvent>,
+    mut trans_rx: mpsc::Receiver<TransportEvent>,
+    cancel: CancellationToken,
+) {
+    let _stop_node_on_exit = cancel.clone().drop_guard();
+    let idle = Duration::from_secs(3600);
+    loop {
+        let deadline = table
+            .next_deadline()
+            .map(Instant::from_std)
+            .unwrap_or_else(|| Instant::now() + idle);
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            ev = trans_rx.recv() => match ev {
+                Some(ev) => {
+                    let id = on_transport(&mut table, &state, ev);
+                    sync(&table, &state, id);
+                }
+                None => break,
+            },
+            ev = disc_rx.recv() => match ev {
+                Some(DiscoveryEvent::Beacon { at, beacon, .. }) => {
+                    table.on_beacon(at, &beacon);
+                    sync(&table, &state, beacon.id);
+                }
+                None => break,
+            },
+            () = sleep_until(deadline) => table.on_tick(now_std()),
+        }
+        drain(&mut table, &state);
+    }
+}
+
+/// Keeps the read-model's copy of `id` current (rtt, last seen) between
+/// events. Only entries the table has are written.
+fn sync(table: &PeerTable, state: &NodeState, id: NodeId) {
+    if let Some(p) = table.get(&id) {
+        if let Some(mut slot) = state.peers.get_mut(&id) {
+            slot.clone_from(p);
+        }
+    }
+}
+
+/// Applies one transport event; returns the peer it concerned.
+fn on_transport(table: &mut PeerTable, state: &NodeState, ev: TransportEvent) -> NodeId {
+    let now = now_std();
+    match ev {
+        TransportEvent::LinkUp { hello, .. } => {
+            table.on_link_up(now, &hello);
+            hello.id
+        }
+        TransportEvent::LinkDown {
+            id,
+            goodbye,
+            graceful,
+            reason,
+        } => {
+            if goodbye {
+                table.on_goodbye(now, id);
+            }
+            if let Some(p) = table.get(&id) {
+                info!(peer = %p.name, id = %id.short(), addr = %p.addr, %reason, "link down");
+            }
+            table.on_link_down(now, id, graceful || goodbye);
+            id
+        }
+        TransportEvent::DialFailed {
+            id, why, detail, ..
+        } => {
+            if why != DialFailure::Duplicate {
+                tracing::debug!(id = %id.short(), %detail, "dial failed");
+            }
+            table.on_dial_failed(now, id, why);
+            id
+        }
+        TransportEvent::Pong { id, rtt } => {
+            table.on_pong(now, id, rtt);
+            id
+        }
+        TransportEvent::Message { id, msg } => {
+            table.on_traffic(now, id);
+            state.messages_in.fetch_add(1, Ordering::Relaxed);
+            let from_name = table.get(&id).map(|p| p.name.clone());
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&msg.payload);
+            let text = std::str::from_utf8(&msg.payload).ok();
+            state.publish(
+                "message",
+                json!({
+                    "from": id.to_string(),
+                    "from_name": from_name,
+                    "topic": msg.topic,
+                    "payload": text,
+                    "payload_b64": b64,
+                }),
+            );
+            id
+        }
+    }
+}
+
+/// Mirrors table events into the read-model, logs and the bus; starts dials.
+fn drain(table: &mut PeerTable, state: &NodeState) {
+    let now = now_std();
+    while let Some(ev) = table.poll_event() {
+        let peer = match ev.kind {
+            EventKind::Reaped => state.peers.remove(&ev.id).map(|(_, p)| p),
+            _ => table.get(&ev.id).cloned().inspect(|p| {
+                state.peers.insert(ev.id, p.clone());
+            }),
+        };
+        let Some(p) = peer else { continue };
+        let id = p.id.short();
+        match ev.kind {
+            EventKind::Joined => info!(peer = %p.name, %id, addr = %p.addr, "peer joined"),
+            EventKind::Restarted => {
+                info!(peer = %p.name, %id, addr = %p.addr, incarnation = p.incarnation, "peer restarted")
+            }
+            EventKind::Failed => warn!(peer = %p.name, %id, addr = %p.addr, "peer failed"),
+            EventKind::Left => info!(peer = %p.name, %id, addr = %p.addr, "peer left"),
+            EventKind::LinkUp => info!(peer = %p.name, %id, addr = %p.addr, "link up"),
+            EventKind::Updated if p.conflict.is_some() => {
+                warn!(peer = %p.name, %id, addr = %p.addr, other = ?p.conflict, "two live nodes claim this name")
+            }
+            EventKind::Updated | EventKind::LinkDown | EventKind::Reaped => {}
+        }
+        state.publish(ev.kind.as_str(), json!({ "peer": peer_json(&p, now) }));
+    }
+    while let Some(action) = table.poll_action() {
+        match action {
+            Action::Dial { id, addr } => {
+                if !state.transport.dial(id, addr) {
+                    table.on_dial_failed(now, id, DialFailure::Other);
+                }
+            }
+        }
+    }
+}
