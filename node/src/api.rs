@@ -70,15 +70,30 @@ pub fn router(state: Arc<NodeState>, cancel: CancellationToken, max_frame: usize
         .route("/v1/leave", post(post_leave))
         .route("/v1/health", get(get_health))
         .route("/metrics", get(get_metrics))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see the API section of the README") })
-        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint") })
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see the API section of the README",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint",
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
 }
 
 /// Serves `router` on `listener` until `cancel` fires; in-flight requests get
 /// a moment to finish.
-pub async fn serve(listener: UnixListener, router: Router, cancel: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: UnixListener,
+    router: Router,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     let _stop_node_on_exit = cancel.clone().drop_guard();
     loop {
         let accepted = tokio::select! {
@@ -97,7 +112,9 @@ pub async fn serve(listener: UnixListener, router: Router, cancel: CancellationT
         let cancel = cancel.clone();
         tracker.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let res = tokio::select! {
@@ -139,13 +156,18 @@ async fn link_counters(state: &NodeState) -> HashMap<NodeId, Arc<LinkCounters>> 
 
 fn full_peer_json(p: &Peer, now: Instant, counters: &HashMap<NodeId, Arc<LinkCounters>>) -> Value {
     let mut v = peer_json(p, now);
-    if let (Value::Object(m), Value::Object(c)) = (&mut v, counters_json(counters.get(&p.id).map(|c| &**c))) {
+    if let (Value::Object(m), Value::Object(c)) =
+        (&mut v, counters_json(counters.get(&p.id).map(|c| &**c)))
+    {
         m.extend(c);
     }
     v
 }
 
-async fn get_peers(State(api): State<Api>, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Response {
+async fn get_peers(
+    State(api): State<Api>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
     let Ok(Query(q)) = q else {
         return error(StatusCode::BAD_REQUEST, "malformed query string");
     };
@@ -155,13 +177,23 @@ async fn get_peers(State(api): State<Api>, q: Result<Query<Vec<(String, String)>
         match k.as_str() {
             "state" => match v.as_str() {
                 "alive" | "failed" | "left" => state_filter = Some(v),
-                _ => return error(StatusCode::BAD_REQUEST, format!("unknown state {v:?} (alive, failed, left)")),
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown state {v:?} (alive, failed, left)"),
+                    )
+                }
             },
             "tag" => match v.split_once(':') {
                 Some((k, v)) => tags.push((k.to_string(), v.to_string())),
                 None => return error(StatusCode::BAD_REQUEST, "tag filters are key:value"),
             },
-            other => return error(StatusCode::BAD_REQUEST, format!("unknown parameter {other:?}")),
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter {other:?}"),
+                )
+            }
         }
     }
     let counters = link_counters(&api.state).await;
@@ -170,12 +202,19 @@ async fn get_peers(State(api): State<Api>, q: Result<Query<Vec<(String, String)>
         .state
         .peers
         .iter()
-        .filter(|p| state_filter.as_deref().is_none_or(|s| p.state.as_str() == s))
+        .filter(|p| {
+            state_filter
+                .as_deref()
+                .is_none_or(|s| p.state.as_str() == s)
+        })
         .filter(|p| tags.iter().all(|(k, v)| p.tags.get(k) == Some(v)))
         .map(|r| r.clone())
         .collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-    let list: Vec<Value> = peers.iter().map(|p| full_peer_json(p, now, &counters)).collect();
+    let list: Vec<Value> = peers
+        .iter()
+        .map(|p| full_peer_json(p, now, &counters))
+        .collect();
     Json(json!({ "peers": list })).into_response()
 }
 
@@ -212,7 +251,10 @@ fn warnings(state: &NodeState, uptime: Duration) -> Vec<String> {
     }
     for p in state.peers.iter() {
         if let Some(other) = p.conflict {
-            w.push(format!("two live nodes claim the name {:?}: {} and {}", p.name, p.addr, other));
+            w.push(format!(
+                "two live nodes claim the name {:?}: {} and {}",
+                p.name, p.addr, other
+            ));
         }
     }
     let drops = state.discovery.drops.snapshot();
@@ -223,7 +265,10 @@ fn warnings(state: &NodeState, uptime: Duration) -> Vec<String> {
     let tdrops = state.transport.stats().drops.snapshot();
     if !tdrops.is_empty() {
         let list: Vec<String> = tdrops.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        w.push(format!("connections or frames refused: {}", list.join(", ")));
+        w.push(format!(
+            "connections or frames refused: {}",
+            list.join(", ")
+        ));
     }
     w
 }
@@ -276,7 +321,10 @@ async fn get_self(State(api): State<Api>) -> Response {
     Json(self_json(&api.state)).into_response()
 }
 
-async fn get_health(State(api): State<Api>, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Response {
+async fn get_health(
+    State(api): State<Api>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
     let Ok(Query(q)) = q else {
         return error(StatusCode::BAD_REQUEST, "malformed query string");
     };
@@ -284,11 +332,23 @@ async fn get_health(State(api): State<Api>, q: Result<Query<Vec<(String, String)
     for (k, v) in q {
         match (k.as_str(), v.parse::<usize>()) {
             ("min_peers", Ok(n)) => min_peers = n,
-            ("min_peers", Err(_)) => return error(StatusCode::BAD_REQUEST, "min_peers is a whole number"),
-            (other, _) => return error(StatusCode::BAD_REQUEST, format!("unknown parameter {other:?}")),
+            ("min_peers", Err(_)) => {
+                return error(StatusCode::BAD_REQUEST, "min_peers is a whole number")
+            }
+            (other, _) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown parameter {other:?}"),
+                )
+            }
         }
     }
-    let alive = api.state.peers.iter().filter(|p| p.state == PeerState::Alive).count();
+    let alive = api
+        .state
+        .peers
+        .iter()
+        .filter(|p| p.state == PeerState::Alive)
+        .count();
     let body = json!({ "status": if alive >= min_peers { "ok" } else { "waiting" }, "alive_peers": alive, "min_peers": min_peers });
     let status = if alive >= min_peers {
         StatusCode::OK
@@ -302,21 +362,24 @@ async fn get_events(State(api): State<Api>) -> Response {
     let rx = api.state.events.subscribe();
     let first = json!({ "type": "subscribed", "at": now_rfc3339() }).to_string() + "\n";
     let cancel = api.cancel.clone();
-    let stream = futures::stream::unfold((rx, cancel, Some(first)), |(mut rx, cancel, first)| async move {
-        if let Some(first) = first {
-            return Some((Ok::<_, Infallible>(Bytes::from(first)), (rx, cancel, None)));
-        }
-        let line = tokio::select! {
-            () = cancel.cancelled() => return None,
-            got = rx.recv() => match got {
-                Ok(line) => format!("{line}\n"),
-                // This reader fell behind: say how much it missed, go on.
-                Err(RecvError::Lagged(n)) => json!({ "type": "dropped", "at": now_rfc3339(), "count": n }).to_string() + "\n",
-                Err(RecvError::Closed) => return None,
-            },
-        };
-        Some((Ok(Bytes::from(line)), (rx, cancel, None)))
-    });
+    let stream = futures::stream::unfold(
+        (rx, cancel, Some(first)),
+        |(mut rx, cancel, first)| async move {
+            if let Some(first) = first {
+                return Some((Ok::<_, Infallible>(Bytes::from(first)), (rx, cancel, None)));
+            }
+            let line = tokio::select! {
+                () = cancel.cancelled() => return None,
+                got = rx.recv() => match got {
+                    Ok(line) => format!("{line}\n"),
+                    // This reader fell behind: say how much it missed, go on.
+                    Err(RecvError::Lagged(n)) => json!({ "type": "dropped", "at": now_rfc3339(), "count": n }).to_string() + "\n",
+                    Err(RecvError::Closed) => return None,
+                },
+            };
+            Some((Ok(Bytes::from(line)), (rx, cancel, None)))
+        },
+    );
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -335,13 +398,23 @@ async fn post_message(State(api): State<Api>, body: Result<Bytes, BytesRejection
     };
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body is not valid JSON: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body is not valid JSON: {e}"),
+            )
+        }
     };
     let Some(obj) = req.as_object() else {
         return error(StatusCode::BAD_REQUEST, "body must be a JSON object");
     };
     let to = match obj.get("to") {
-        None => return error(StatusCode::BAD_REQUEST, "missing \"to\": a peer name or id, or null to broadcast"),
+        None => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "missing \"to\": a peer name or id, or null to broadcast",
+            )
+        }
         Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return error(StatusCode::BAD_REQUEST, "\"to\" must be a string or null"),
@@ -349,21 +422,41 @@ async fn post_message(State(api): State<Api>, body: Result<Bytes, BytesRejection
     let topic = match obj.get("topic") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) if s.len() <= 1024 => s.clone(),
-        Some(_) => return error(StatusCode::BAD_REQUEST, "\"topic\" must be a string of at most 1024 bytes"),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "\"topic\" must be a string of at most 1024 bytes",
+            )
+        }
     };
     let payload: Bytes = match (obj.get("payload"), obj.get("payload_b64")) {
         (Some(Value::String(s)), None) => Bytes::from(s.clone().into_bytes()),
-        (None, Some(Value::String(b))) => match base64::engine::general_purpose::STANDARD.decode(b) {
+        (None, Some(Value::String(b))) => match base64::engine::general_purpose::STANDARD.decode(b)
+        {
             Ok(v) => Bytes::from(v),
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("payload_b64 is not base64: {e}")),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("payload_b64 is not base64: {e}"),
+                )
+            }
         },
         (None, None) => Bytes::new(),
-        _ => return error(StatusCode::BAD_REQUEST, "give either \"payload\" (a string) or \"payload_b64\", not both"),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give either \"payload\" (a string) or \"payload_b64\", not both",
+            )
+        }
     };
     if payload.len() > api.max_payload {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("payload of {} bytes exceeds the limit of {} bytes", payload.len(), api.max_payload),
+            format!(
+                "payload of {} bytes exceeds the limit of {} bytes",
+                payload.len(),
+                api.max_payload
+            ),
         );
     }
     let state = &api.state;
@@ -374,7 +467,9 @@ async fn post_message(State(api): State<Api>, body: Result<Bytes, BytesRejection
         Some(key) => {
             let peer = match state.find_peer(key) {
                 Ok(p) => p,
-                Err(FindError::Unknown) => return error(StatusCode::NOT_FOUND, format!("no peer {key:?}")),
+                Err(FindError::Unknown) => {
+                    return error(StatusCode::NOT_FOUND, format!("no peer {key:?}"))
+                }
                 Err(e) => return error(StatusCode::CONFLICT, format!("{key:?}: {e}")),
             };
             match links.into_iter().find(|l| l.id == peer.id) {
@@ -382,7 +477,12 @@ async fn post_message(State(api): State<Api>, body: Result<Bytes, BytesRejection
                 None => {
                     return error(
                         StatusCode::CONFLICT,
-                        format!("no link to {} (state {}, link {})", peer.name, peer.state.as_str(), peer.link.as_str()),
+                        format!(
+                            "no link to {} (state {}, link {})",
+                            peer.name,
+                            peer.state.as_str(),
+                            peer.link.as_str()
+                        ),
                     )
                 }
             }
@@ -390,7 +490,11 @@ async fn post_message(State(api): State<Api>, body: Result<Bytes, BytesRejection
         None => links
             .into_iter()
             .map(|l| {
-                let name = state.peers.get(&l.id).map(|p| p.name.clone()).unwrap_or_default();
+                let name = state
+                    .peers
+                    .get(&l.id)
+                    .map(|p| p.name.clone())
+                    .unwrap_or_default();
                 (l, name)
             })
             .collect(),
@@ -434,46 +538,104 @@ async fn get_metrics(State(api): State<Api>) -> Response {
     let d = &s.discovery;
     let t = s.transport.stats();
     let mut out = String::new();
-    let mut by_state: BTreeMap<&str, usize> = [("alive", 0), ("failed", 0), ("left", 0)].into_iter().collect();
+    let mut by_state: BTreeMap<&str, usize> = [("alive", 0), ("failed", 0), ("left", 0)]
+        .into_iter()
+        .collect();
     let mut links_up = 0;
     for p in s.peers.iter() {
         *by_state.entry(p.state.as_str()).or_default() += 1;
         links_up += usize::from(p.link == LinkState::Up);
     }
     // Writing to a String cannot fail.
-    let _ = writeln!(out, "# HELP constellation_peers Peers by state.\n# TYPE constellation_peers gauge");
+    let _ = writeln!(
+        out,
+        "# HELP constellation_peers Peers by state.\n# TYPE constellation_peers gauge"
+    );
     for (k, v) in &by_state {
         let _ = writeln!(out, "constellation_peers{{state=\"{k}\"}} {v}");
     }
     let _ = writeln!(out, "# HELP constellation_links_up Data links up.\n# TYPE constellation_links_up gauge\nconstellation_links_up {links_up}");
     let counters: [(&str, &str, u64); 11] = [
-        ("beacons_sent_total", "Multicast beacons sent.", d.beacons_sent.load(Ordering::Relaxed)),
-        ("beacon_replies_sent_total", "Unicast replies sent.", d.replies_sent.load(Ordering::Relaxed)),
-        ("beacons_received_total", "Valid beacons received.", d.beacons_received.load(Ordering::Relaxed)),
-        ("frames_in_total", "Frames read on links.", t.frames_in.load(Ordering::Relaxed)),
-        ("frames_out_total", "Frames written on links.", t.frames_out.load(Ordering::Relaxed)),
-        ("links_established_total", "Links established.", t.links_established.load(Ordering::Relaxed)),
-        ("dials_total", "Dials started (connects and reconnects).", t.dials.load(Ordering::Relaxed)),
-        ("dial_failures_total", "Dials that failed.", t.dial_failures.load(Ordering::Relaxed)),
-        ("messages_in_total", "Application messages received.", s.messages_in.load(Ordering::Relaxed)),
-        ("messages_out_total", "Application messages sent.", s.messages_out.load(Ordering::Relaxed)),
-        ("uptime_seconds_total", "Seconds since start.", s.started.elapsed().as_secs()),
+        (
+            "beacons_sent_total",
+            "Multicast beacons sent.",
+            d.beacons_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "beacon_replies_sent_total",
+            "Unicast replies sent.",
+            d.replies_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "beacons_received_total",
+            "Valid beacons received.",
+            d.beacons_received.load(Ordering::Relaxed),
+        ),
+        (
+            "frames_in_total",
+            "Frames read on links.",
+            t.frames_in.load(Ordering::Relaxed),
+        ),
+        (
+            "frames_out_total",
+            "Frames written on links.",
+            t.frames_out.load(Ordering::Relaxed),
+        ),
+        (
+            "links_established_total",
+            "Links established.",
+            t.links_established.load(Ordering::Relaxed),
+        ),
+        (
+            "dials_total",
+            "Dials started (connects and reconnects).",
+            t.dials.load(Ordering::Relaxed),
+        ),
+        (
+            "dial_failures_total",
+            "Dials that failed.",
+            t.dial_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "messages_in_total",
+            "Application messages received.",
+            s.messages_in.load(Ordering::Relaxed),
+        ),
+        (
+            "messages_out_total",
+            "Application messages sent.",
+            s.messages_out.load(Ordering::Relaxed),
+        ),
+        (
+            "uptime_seconds_total",
+            "Seconds since start.",
+            s.started.elapsed().as_secs(),
+        ),
     ];
     for (name, help, v) in counters {
         let _ = writeln!(out, "# HELP constellation_{name} {help}\n# TYPE constellation_{name} counter\nconstellation_{name} {v}");
     }
     let counters = link_counters(s).await;
     let (bytes_in, bytes_out) = counters.values().fold((0, 0), |(i, o), c| {
-        (i + c.bytes_in.load(Ordering::Relaxed), o + c.bytes_out.load(Ordering::Relaxed))
+        (
+            i + c.bytes_in.load(Ordering::Relaxed),
+            o + c.bytes_out.load(Ordering::Relaxed),
+        )
     });
     let _ = writeln!(out, "# HELP constellation_payload_bytes Application payload bytes on current links.\n# TYPE constellation_payload_bytes gauge\nconstellation_payload_bytes{{direction=\"in\"}} {bytes_in}\nconstellation_payload_bytes{{direction=\"out\"}} {bytes_out}");
     let _ = writeln!(out, "# HELP constellation_beacons_dropped_total Datagrams dropped, by reason.\n# TYPE constellation_beacons_dropped_total counter");
     for (reason, v) in d.drops.snapshot() {
-        let _ = writeln!(out, "constellation_beacons_dropped_total{{reason=\"{reason}\"}} {v}");
+        let _ = writeln!(
+            out,
+            "constellation_beacons_dropped_total{{reason=\"{reason}\"}} {v}"
+        );
     }
     let _ = writeln!(out, "# HELP constellation_links_refused_total Connections or frames refused, by reason.\n# TYPE constellation_links_refused_total counter");
     for (reason, v) in t.drops.snapshot() {
-        let _ = writeln!(out, "constellation_links_refused_total{{reason=\"{reason}\"}} {v}");
+        let _ = writeln!(
+            out,
+            "constellation_links_refused_total{{reason=\"{reason}\"}} {v}"
+        );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -35,7 +35,10 @@ fn fail(e: ClientError) -> ExitCode {
 }
 
 fn api_error(status: StatusCode, v: &Value) -> ExitCode {
-    let msg = v.get("error").and_then(Value::as_str).unwrap_or("request failed");
+    let msg = v
+        .get("error")
+        .and_then(Value::as_str)
+        .unwrap_or("request failed");
     eprintln!("constellationd: {msg} ({status})");
     ExitCode::from(EXIT_API)
 }
@@ -78,8 +81,21 @@ fn short(id: &str) -> &str {
 
 /// Renders the peers table (sorted by name by the API).
 pub fn render_peers(v: &Value, colour: bool) -> String {
-    let peers = v.get("peers").and_then(Value::as_array).cloned().unwrap_or_default();
-    let header = ["NAME", "ID", "STATE", "ADDRESS", "LINK", "RTT", "LAST-SEEN", "TAGS"];
+    let peers = v
+        .get("peers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let header = [
+        "NAME",
+        "ID",
+        "STATE",
+        "ADDRESS",
+        "LINK",
+        "RTT",
+        "LAST-SEEN",
+        "TAGS",
+    ];
     let rows: Vec<[String; 8]> = peers
         .iter()
         .map(|p| {
@@ -94,7 +110,11 @@ pub fn render_peers(v: &Value, colour: bool) -> String {
                 .and_then(Value::as_f64)
                 .map(|r| format!("{r:.2}ms"))
                 .unwrap_or_else(|| "-".into());
-            let seen = p.get("last_seen_ms").and_then(Value::as_u64).map(human_ms).unwrap_or_default();
+            let seen = p
+                .get("last_seen_ms")
+                .and_then(Value::as_u64)
+                .map(human_ms)
+                .unwrap_or_default();
             let tags = p
                 .get("tags")
                 .and_then(Value::as_object)
@@ -105,7 +125,16 @@ pub fn render_peers(v: &Value, colour: bool) -> String {
                         .join(",")
                 })
                 .unwrap_or_default();
-            [s("name"), short(&s("id")).to_string(), state, s("addr"), s("link"), rtt, seen, tags]
+            [
+                s("name"),
+                short(&s("id")).to_string(),
+                state,
+                s("addr"),
+                s("link"),
+                rtt,
+                seen,
+                tags,
+            ]
         })
         .collect();
     let mut widths = header.map(str::len);
@@ -118,9 +147,17 @@ pub fn render_peers(v: &Value, colour: bool) -> String {
     let line = |cells: [String; 8], colour: bool| {
         let mut l = String::new();
         for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-            let padded = if i + 1 == cells.len() { c.clone() } else { format!("{c:<w$}  ") };
+            let padded = if i + 1 == cells.len() {
+                c.clone()
+            } else {
+                format!("{c:<w$}  ")
+            };
             let key = c.split_whitespace().next().unwrap_or("");
-            l.push_str(&if i == 2 || i == 4 { paint(&padded, key, colour) } else { padded });
+            l.push_str(&if i == 2 || i == 4 {
+                paint(&padded, key, colour)
+            } else {
+                padded
+            });
         }
         l.trim_end().to_string() + "\n"
     };
@@ -141,14 +178,25 @@ fn render_status(v: &Value) -> String {
     let list = |k: &str| {
         v.get(k)
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
             .unwrap_or_default()
     };
     let ifaces = v["interfaces"]
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|i| format!("{} ({})", i["name"].as_str().unwrap_or(""), i["addr"].as_str().unwrap_or("")))
+                .map(|i| {
+                    format!(
+                        "{} ({})",
+                        i["name"].as_str().unwrap_or(""),
+                        i["addr"].as_str().unwrap_or("")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         })
@@ -158,7 +206,12 @@ fn render_status(v: &Value) -> String {
     let drops = |k: &str| {
         c.get(k)
             .and_then(Value::as_object)
-            .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "))
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "none".into())
     };
@@ -184,7 +237,11 @@ fn render_status(v: &Value) -> String {
         ifaces,
         s("group"),
         v["ttl"],
-        if v["multicast_loops_back"].as_bool() == Some(true) { "yes" } else { "no" },
+        if v["multicast_loops_back"].as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        },
         human_ms(v["uptime_ms"].as_u64().unwrap_or(0)),
         pc("alive"),
         pc("failed"),
@@ -203,7 +260,10 @@ fn render_status(v: &Value) -> String {
         n("messages_in"),
         n("messages_out"),
     );
-    let warnings: Vec<&str> = v["warnings"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let warnings: Vec<&str> = v["warnings"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
     if warnings.is_empty() {
         out.push_str("warnings:    none\n");
     } else {
@@ -223,11 +283,22 @@ pub fn render_event(v: &Value) -> String {
     match kind {
         "message" => format!(
             "{time}  message from {} [{}]: {}",
-            v["from_name"].as_str().unwrap_or_else(|| v["from"].as_str().unwrap_or("?")),
+            v["from_name"]
+                .as_str()
+                .unwrap_or_else(|| v["from"].as_str().unwrap_or("?")),
             v["topic"].as_str().unwrap_or(""),
-            v["payload"].as_str().map(str::to_string).unwrap_or_else(|| format!("(binary, base64 {})", v["payload_b64"].as_str().unwrap_or("")))
+            v["payload"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!(
+                    "(binary, base64 {})",
+                    v["payload_b64"].as_str().unwrap_or("")
+                ))
         ),
-        "dropped" => format!("{time}  ... {} events dropped (reader too slow)", v["count"]),
+        "dropped" => format!(
+            "{time}  ... {} events dropped (reader too slow)",
+            v["count"]
+        ),
         "subscribed" => format!("{time}  watching events (Ctrl-C to stop)"),
         _ => {
             let p = &v["peer"];
@@ -259,7 +330,10 @@ fn read_message(message: Option<String>) -> Result<String, ExitCode> {
 
 /// Runs a client subcommand.
 pub fn main(cmd: Command) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("constellationd: cannot start the runtime: {e}");
@@ -272,7 +346,12 @@ pub fn main(cmd: Command) -> ExitCode {
 async fn run(cmd: Command) -> ExitCode {
     match cmd {
         Command::Run(_) => unreachable!("handled by the daemon"),
-        Command::Peers { sock, json, state, tag } => {
+        Command::Peers {
+            sock,
+            json,
+            state,
+            tag,
+        } => {
             let mut q: Vec<String> = Vec::new();
             if let Some(s) = state {
                 q.push(format!("state={}", urlencode(&s)));
@@ -280,7 +359,11 @@ async fn run(cmd: Command) -> ExitCode {
             for (k, v) in tag {
                 q.push(format!("tag={}", urlencode(&format!("{k}:{v}"))));
             }
-            let uri = if q.is_empty() { "/v1/peers".to_string() } else { format!("/v1/peers?{}", q.join("&")) };
+            let uri = if q.is_empty() {
+                "/v1/peers".to_string()
+            } else {
+                format!("/v1/peers?{}", q.join("&"))
+            };
             match client(&sock).json(Method::GET, &uri, None).await {
                 Err(e) => fail(e),
                 Ok((st, v)) if !st.is_success() => api_error(st, &v),
@@ -294,47 +377,77 @@ async fn run(cmd: Command) -> ExitCode {
                 }
             }
         }
-        Command::Status { sock, json } => match client(&sock).json(Method::GET, "/v1/self", None).await {
-            Err(e) => fail(e),
-            Ok((st, v)) if !st.is_success() => api_error(st, &v),
-            Ok((_, v)) if json => {
-                print_json(&v);
-                ExitCode::SUCCESS
+        Command::Status { sock, json } => {
+            match client(&sock).json(Method::GET, "/v1/self", None).await {
+                Err(e) => fail(e),
+                Ok((st, v)) if !st.is_success() => api_error(st, &v),
+                Ok((_, v)) if json => {
+                    print_json(&v);
+                    ExitCode::SUCCESS
+                }
+                Ok((_, v)) => {
+                    print!("{}", render_status(&v));
+                    ExitCode::SUCCESS
+                }
             }
-            Ok((_, v)) => {
-                print!("{}", render_status(&v));
-                ExitCode::SUCCESS
-            }
-        },
+        }
         Command::Watch { sock, json } => watch(&client(&sock), json).await,
-        Command::Send { sock, node, topic, message, json } => {
+        Command::Send {
+            sock,
+            node,
+            topic,
+            message,
+            json,
+        } => {
             let payload = match read_message(message) {
                 Ok(p) => p,
                 Err(code) => return code,
             };
-            send(&client(&sock), json!({ "to": node, "topic": topic, "payload": payload }), json).await
+            send(
+                &client(&sock),
+                json!({ "to": node, "topic": topic, "payload": payload }),
+                json,
+            )
+            .await
         }
-        Command::Broadcast { sock, topic, message, json } => {
+        Command::Broadcast {
+            sock,
+            topic,
+            message,
+            json,
+        } => {
             let payload = match read_message(message) {
                 Ok(p) => p,
                 Err(code) => return code,
             };
-            send(&client(&sock), json!({ "to": null, "topic": topic, "payload": payload }), json).await
+            send(
+                &client(&sock),
+                json!({ "to": null, "topic": topic, "payload": payload }),
+                json,
+            )
+            .await
         }
-        Command::Leave { sock } => match client(&sock).json(Method::POST, "/v1/leave", None).await {
-            Err(e) => fail(e),
-            Ok((st, v)) if !st.is_success() => api_error(st, &v),
-            Ok(_) => {
-                println!("leaving the cluster");
-                ExitCode::SUCCESS
+        Command::Leave { sock } => {
+            match client(&sock).json(Method::POST, "/v1/leave", None).await {
+                Err(e) => fail(e),
+                Ok((st, v)) if !st.is_success() => api_error(st, &v),
+                Ok(_) => {
+                    println!("leaving the cluster");
+                    ExitCode::SUCCESS
+                }
             }
-        },
+        }
         Command::Health { sock, min_peers } => {
             let uri = format!("/v1/health?min_peers={min_peers}");
             match client(&sock).json(Method::GET, &uri, None).await {
                 Err(e) => fail(e),
                 Ok((st, v)) if st == StatusCode::OK || st == StatusCode::SERVICE_UNAVAILABLE => {
-                    println!("{}: {} of {} alive peers", v["status"].as_str().unwrap_or("?"), v["alive_peers"], v["min_peers"]);
+                    println!(
+                        "{}: {} of {} alive peers",
+                        v["status"].as_str().unwrap_or("?"),
+                        v["alive_peers"],
+                        v["min_peers"]
+                    );
                     if st == StatusCode::OK {
                         ExitCode::SUCCESS
                     } else {
@@ -361,8 +474,17 @@ async fn send(client: &Client, body: Value, json: bool) -> ExitCode {
                 }
                 for r in &results {
                     match r["status"].as_str() {
-                        Some("sent") => println!("sent to {} ({})", r["name"].as_str().unwrap_or("?"), short(r["id"].as_str().unwrap_or(""))),
-                        _ => println!("FAILED {} ({}): {}", r["name"].as_str().unwrap_or("?"), short(r["id"].as_str().unwrap_or("")), r["error"].as_str().unwrap_or("")),
+                        Some("sent") => println!(
+                            "sent to {} ({})",
+                            r["name"].as_str().unwrap_or("?"),
+                            short(r["id"].as_str().unwrap_or(""))
+                        ),
+                        _ => println!(
+                            "FAILED {} ({}): {}",
+                            r["name"].as_str().unwrap_or("?"),
+                            short(r["id"].as_str().unwrap_or("")),
+                            r["error"].as_str().unwrap_or("")
+                        ),
                     }
                 }
             }
@@ -381,7 +503,10 @@ async fn watch(client: &Client, json: bool) -> ExitCode {
         Err(e) => return fail(e),
     };
     if !resp.status().is_success() {
-        eprintln!("constellationd: the daemon refused the event stream ({})", resp.status());
+        eprintln!(
+            "constellationd: the daemon refused the event stream ({})",
+            resp.status()
+        );
         return ExitCode::from(EXIT_API);
     }
     let mut body = resp.into_body();
@@ -400,7 +525,9 @@ async fn watch(client: &Client, json: bool) -> ExitCode {
             eprintln!("constellationd: the event stream broke");
             return ExitCode::from(EXIT_API);
         };
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         pending.extend_from_slice(&data);
         while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
@@ -425,7 +552,9 @@ async fn watch(client: &Client, json: bool) -> ExitCode {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -451,8 +580,15 @@ mod tests {
         ]});
         let out = render_peers(&v, false);
         let lines: Vec<&str> = out.lines().collect();
-        assert!(lines[0].starts_with("NAME         ID        STATE"), "{out}");
-        assert!(lines[1].contains("01234567") && lines[1].contains("role=db") && lines[1].contains("0.25ms"));
+        assert!(
+            lines[0].starts_with("NAME         ID        STATE"),
+            "{out}"
+        );
+        assert!(
+            lines[1].contains("01234567")
+                && lines[1].contains("role=db")
+                && lines[1].contains("0.25ms")
+        );
         assert!(lines[2].contains("4.0s") && lines[2].contains(" - "));
         assert!(!out.contains('\x1b'));
         assert_eq!(lines[1].find("01234567"), lines[2].find("fedcba98"));

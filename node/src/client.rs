@@ -54,11 +54,19 @@ impl Client {
     }
 
     /// Sends one request; the response body is left to the caller (streams).
-    pub async fn request(&self, method: Method, uri: &str, body: Option<Value>) -> Result<Response<Incoming>, ClientError> {
-        let stream = UnixStream::connect(&self.path).await.map_err(|source| ClientError::NoDaemon {
-            path: self.path.clone(),
-            source,
-        })?;
+    pub async fn request(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<Value>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let stream =
+            UnixStream::connect(&self.path)
+                .await
+                .map_err(|source| ClientError::NoDaemon {
+                    path: self.path.clone(),
+                    source,
+                })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| self.http(e))?;
@@ -79,11 +87,22 @@ impl Client {
     }
 
     /// Sends a request and reads a JSON answer.
-    pub async fn json(&self, method: Method, uri: &str, body: Option<Value>) -> Result<(StatusCode, Value), ClientError> {
+    pub async fn json(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<Value>,
+    ) -> Result<(StatusCode, Value), ClientError> {
         let resp = self.request(method, uri, body).await?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| self.http(e))?.to_bytes();
-        let value = serde_json::from_slice(&bytes).map_err(|e| self.http(format!("answer is not JSON: {e}")))?;
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| self.http(e))?
+            .to_bytes();
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| self.http(format!("answer is not JSON: {e}")))?;
         Ok((status, value))
     }
 }

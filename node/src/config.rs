@@ -26,7 +26,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node (the daemon).
-    #[command(after_help = "Example:\n  constellationd run --interface lo --ttl 0 --listen 127.0.0.1:0 --socket /tmp/n1.sock")]
+    #[command(
+        after_help = "Example:\n  constellationd run --interface lo --ttl 0 --listen 127.0.0.1:0 --socket /tmp/n1.sock"
+    )]
     Run(Box<RunArgs>),
     /// List the peers this node knows.
     #[command(after_help = "Example:\n  constellationd peers --state alive --tag role=db")]
@@ -65,7 +67,9 @@ pub enum Command {
         json: bool,
     },
     /// Send a message to one peer (by name, id or id prefix of 8+ digits).
-    #[command(after_help = "Examples:\n  constellationd send node2 --topic greet hello\n  echo hello | constellationd send node2 -")]
+    #[command(
+        after_help = "Examples:\n  constellationd send node2 --topic greet hello\n  echo hello | constellationd send node2 -"
+    )]
     Send {
         /// Control socket.
         #[command(flatten)]
@@ -104,7 +108,9 @@ pub enum Command {
         sock: SocketArg,
     },
     /// Exit 0 when the node runs (and has at least --min-peers alive peers).
-    #[command(after_help = "Example (container health check):\n  constellationd health --min-peers 4")]
+    #[command(
+        after_help = "Example (container health check):\n  constellationd health --min-peers 4"
+    )]
     Health {
         /// Control socket.
         #[command(flatten)]
@@ -137,7 +143,12 @@ pub struct RunArgs {
 
     /// Interface (name like `lo`, `eth1`, or an IPv4 address) to discover on;
     /// repeatable [default: the interface of the default route].
-    #[arg(long, env = "CONSTELLATION_INTERFACE", value_delimiter = ',', value_name = "IFACE")]
+    #[arg(
+        long,
+        env = "CONSTELLATION_INTERFACE",
+        value_delimiter = ',',
+        value_name = "IFACE"
+    )]
     pub interface: Vec<String>,
 
     /// Multicast group and port.
@@ -190,7 +201,10 @@ fn parse_name(s: &str) -> Result<String, String> {
     if s.is_empty() || s.len() > 64 {
         return Err("must be 1 to 64 characters".into());
     }
-    if !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
         return Err("may contain only letters, digits, '-', '_' and '.'".into());
     }
     Ok(s.to_string())
@@ -201,7 +215,10 @@ fn parse_group(s: &str) -> Result<SocketAddrV4, String> {
         .parse()
         .map_err(|_| "expected IPv4 ADDR:PORT, e.g. 239.255.67.76:6776".to_string())?;
     if !g.ip().is_multicast() {
-        return Err(format!("{} is not a multicast address (224.0.0.0/4)", g.ip()));
+        return Err(format!(
+            "{} is not a multicast address (224.0.0.0/4)",
+            g.ip()
+        ));
     }
     if g.port() == 0 {
         return Err("the port must not be 0".into());

@@ -48,7 +48,13 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
             let host = gethostname::gethostname().to_string_lossy().into_owned();
             let clean: String = host
                 .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
                 .take(64)
                 .collect();
             if clean.is_empty() {
@@ -58,13 +64,17 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
             }
         }
     };
-    let (interfaces, missing) = netif::resolve(&args.interface).map_err(|e| format!("--interface: {e}"))?;
+    let (interfaces, missing) =
+        netif::resolve(&args.interface).map_err(|e| format!("--interface: {e}"))?;
     for m in &missing {
         warn!("--interface: {m}; skipping it");
     }
     if interfaces.is_empty() {
         let why: Vec<String> = missing.iter().map(|m| m.to_string()).collect();
-        return Err(format!("--interface: no usable interface ({})", why.join("; ")));
+        return Err(format!(
+            "--interface: no usable interface ({})",
+            why.join("; ")
+        ));
     }
     let socket = socket::resolve(args.sock.socket.as_deref());
     socket::check_len(&socket).map_err(|e| format!("--socket: {e}"))?;
@@ -81,6 +91,55 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         socket,
         tags,
     })
+}
+
+/// Why the node did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A flag's value cannot be used (exit 2).
+    #[error("{0}")]
+    Config(String),
+    /// Binding or starting failed (exit 1).
+    #[error("{0:#}")]
+    Start(#[from] anyhow::Error),
+}
+
+/// A started node.
+#[derive(Debug)]
+pub struct Running {
+    /// Shared state (read-model, counters).
+    pub state: Arc<NodeState>,
+    /// Cancelling this stops the node gracefully.
+    pub cancel: CancellationToken,
+    tracker: TaskTracker,
+    socket: PathBuf,
+}
+
+impl Running {
+    /// Waits for a stop request (`cancel`), then shuts down gracefully:
+    /// leave beacons, goodbyes, socket removed.
+    pub async fn wait(self) {
+        self.cancel.cancelled().await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = self.tracker.len(),
+                "tasks still running after the grace period"
+            );
+        }
+        if let Err(error) = std::fs::remove_file(&self.socket) {
+            warn!(%error, socket = %self.socket.display(), "cannot remove the control socket");
+        }
+        info!("node stopped");
+    }
+}
+
+/// Validates `args`, binds everything and spawns the node's tasks.
+pub async fn start(args: RunArgs) -> Result<Running, StartError> {
+    let plan = plan(args).map_err(StartError::Config)?;
+    Ok(run(plan).await?)
 }
 
 /// Entry point of `constellationd run`.
@@ -103,7 +162,18 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(plan)) {
+    let main = async {
+        let node = run(plan).await?;
+        let cancel = node.cancel.clone();
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = cancel.cancelled() => info!("shutdown requested"),
+        }
+        cancel.cancel();
+        node.wait().await;
+        anyhow::Ok(())
+    };
+    match rt.block_on(main) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("constellationd: {e:#}");
@@ -112,7 +182,7 @@ pub fn main(args: RunArgs) -> ExitCode {
     }
 }
 
-async fn run(plan: Plan) -> anyhow::Result<()> {
+async fn run(plan: Plan) -> anyhow::Result<Running> {
     let Plan {
         args,
         name,
@@ -131,9 +201,9 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
     let listen = listener.local_addr().context("listener address")?;
-    let advertise = args
-        .advertise
-        .map(|(ip, port): (IpAddr, Option<u16>)| SocketAddr::new(ip, port.unwrap_or(listen.port())));
+    let advertise = args.advertise.map(|(ip, port): (IpAddr, Option<u16>)| {
+        SocketAddr::new(ip, port.unwrap_or(listen.port()))
+    });
 
     let disc_cfg = discovery::Config {
         group: args.group,
@@ -206,7 +276,13 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         ..TableConfig::default()
     };
     let table = PeerTable::new(id, table_cfg, rand::random());
-    tracker.spawn(membership::run(table, state.clone(), disc_rx, trans_rx, cancel.clone()));
+    tracker.spawn(membership::run(
+        table,
+        state.clone(),
+        disc_rx,
+        trans_rx,
+        cancel.clone(),
+    ));
     let dc = cancel.clone();
     tracker.spawn(async move {
         let _stop_node_on_exit = dc.clone().drop_guard();
@@ -222,26 +298,22 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         "node started"
     );
 
-    tokio::select! {
-        () = shutdown_signal() => {}
-        () = cancel.cancelled() => info!("shutdown requested"),
-    }
-    cancel.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-        warn!(remaining = tracker.len(), "tasks still running after the grace period");
-    }
-    if let Err(error) = std::fs::remove_file(&socket_path) {
-        warn!(%error, socket = %socket_path.display(), "cannot remove the control socket");
-    }
-    info!("node stopped");
-    Ok(())
+    Ok(Running {
+        state,
+        cancel,
+        tracker,
+        socket: socket_path,
+    })
 }
 
 /// SIGTERM (`docker stop`) or SIGINT (Ctrl-C). As PID 1 in a container there
 /// is no default handler, so both are handled explicitly.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (term, int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (term, int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         (Err(e), _) | (_, Err(e)) => {
             warn!(error = %e, "cannot install signal handlers; stop with POST /v1/leave");

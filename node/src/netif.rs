@@ -15,7 +15,9 @@ pub enum IfaceError {
     #[error("interface {0:?} does not exist or has no IPv4 address")]
     Unknown(String),
     /// No default route to pick an interface from.
-    #[error("no default route to choose an interface from; pass --interface (e.g. --interface lo)")]
+    #[error(
+        "no default route to choose an interface from; pass --interface (e.g. --interface lo)"
+    )]
     NoDefaultRoute,
 }
 
@@ -59,7 +61,8 @@ pub fn resolve(values: &[String]) -> Result<(Vec<Interface>, Vec<IfaceError>), I
 
 /// The interface of the IPv4 default route, from `/proc/net/route`.
 fn default_route_interface() -> Result<String, IfaceError> {
-    let table = std::fs::read_to_string("/proc/net/route").map_err(|_| IfaceError::NoDefaultRoute)?;
+    let table =
+        std::fs::read_to_string("/proc/net/route").map_err(|_| IfaceError::NoDefaultRoute)?;
     parse_default_route(&table).ok_or(IfaceError::NoDefaultRoute)
 }
 

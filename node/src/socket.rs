@@ -81,7 +81,9 @@ pub fn bind(path: &Path, mode: u32) -> Result<tokio::net::UnixListener, SocketEr
         source,
     };
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => return Err(SocketError::NotASocket(path.to_path_buf())),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(SocketError::NotASocket(path.to_path_buf()))
+        }
         Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => return Err(SocketError::InUse(path.to_path_buf())),
             // Nobody answers: a dead daemon's leftover.
@@ -125,7 +127,10 @@ mod tests {
         drop(live);
         let plain = dir.join("plain");
         std::fs::write(&plain, b"x").unwrap();
-        assert!(matches!(bind(&plain, 0o600), Err(SocketError::NotASocket(_))));
+        assert!(matches!(
+            bind(&plain, 0o600),
+            Err(SocketError::NotASocket(_))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

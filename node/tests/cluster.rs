@@ -1,0 +1,191 @@
+//! In-process multi-node tests on real loopback sockets: every node runs in
+//! its own tokio runtime (so one can be "crashed" by dropping its runtime,
+//! with no goodbye), on a unique multicast group, interface lo, TTL 0.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use node::config::{Cli, Command};
+use node::state::NodeState;
+use proto::membership::{LinkState, PeerState};
+use support::{unique_group, wait_until, TempDir};
+use tokio_util::sync::CancellationToken;
+
+struct TestNode {
+    rt: Option<tokio::runtime::Runtime>,
+    state: Arc<NodeState>,
+    cancel: CancellationToken,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestNode {
+    fn start(dir: &TempDir, name: &str, group: &str) -> TestNode {
+        let sock = dir.path().join(format!("{name}.sock"));
+        let argv = [
+            "constellationd",
+            "run",
+            "--name",
+            name,
+            "--interface",
+            "lo",
+            "--ttl",
+            "0",
+            "--group",
+            group,
+            "--listen",
+            "127.0.0.1:0",
+            "--socket",
+            sock.to_str().unwrap(),
+        ];
+        let Command::Run(args) = Cli::try_parse_from(argv).expect("args").cmd else {
+            unreachable!()
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let running = rt
+            .block_on(node::daemon::start(*args))
+            .expect("node starts");
+        let (state, cancel) = (running.state.clone(), running.cancel.clone());
+        let done = rt.spawn(running.wait());
+        TestNode {
+            rt: Some(rt),
+            state,
+            cancel,
+            done: Some(done),
+        }
+    }
+
+    fn linked_alive(&self) -> usize {
+        self.state
+            .peers
+            .iter()
+            .filter(|p| p.state == PeerState::Alive && p.link == LinkState::Up)
+            .count()
+    }
+
+    fn state_of(&self, name: &str) -> Option<PeerState> {
+        self.state
+            .peers
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.state)
+    }
+
+    /// Graceful: leave beacon, goodbyes.
+    fn stop(&mut self) {
+        self.cancel.cancel();
+        if let (Some(rt), Some(done)) = (self.rt.as_ref(), self.done.take()) {
+            rt.block_on(done).expect("clean stop");
+        }
+    }
+
+    /// Abrupt: every task and socket dropped at once, nothing said.
+    fn crash(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+#[test]
+fn five_nodes_mesh_then_graceful_leave_and_crash_are_seen_by_all() {
+    let dir = TempDir::new("mesh");
+    let group = unique_group();
+    let mut nodes: Vec<TestNode> = (1..=5)
+        .map(|i| TestNode::start(&dir, &format!("n{i}"), &group))
+        .collect();
+
+    let took = wait_until(Duration::from_secs(10), "full mesh of 5", || {
+        nodes.iter().all(|n| n.linked_alive() == 4)
+    });
+    eprintln!("full mesh of 5 in {took:?}");
+    // Exactly one entry per peer, and never ourselves.
+    for n in &nodes {
+        assert_eq!(n.state.peers.len(), 4);
+        assert!(n.state.peers.get(&n.state.id).is_none());
+    }
+
+    nodes[4].stop();
+    wait_until(Duration::from_secs(2), "n5 left on all", || {
+        nodes[..4]
+            .iter()
+            .all(|n| n.state_of("n5") == Some(PeerState::Left))
+    });
+
+    nodes[3].crash();
+    let took = wait_until(Duration::from_secs(5), "n4 failed on all", || {
+        nodes[..3]
+            .iter()
+            .all(|n| n.state_of("n4") == Some(PeerState::Failed))
+    });
+    eprintln!("crash detected in {took:?}");
+    // Nobody else was affected.
+    for n in &nodes[..3] {
+        assert_eq!(n.linked_alive(), 2, "the three survivors stay linked");
+    }
+}
+
+#[test]
+fn nodes_of_another_cluster_stay_out_and_are_counted() {
+    let dir = TempDir::new("cluster");
+    let group = unique_group();
+    let a = TestNode::start(&dir, "a", &group);
+    let b = TestNode::start(&dir, "b", &group);
+    let sock = dir.path().join("x.sock");
+    let argv = [
+        "constellationd",
+        "run",
+        "--name",
+        "x",
+        "--cluster",
+        "other",
+        "--interface",
+        "lo",
+        "--ttl",
+        "0",
+        "--group",
+        &group,
+        "--listen",
+        "127.0.0.1:0",
+        "--socket",
+        sock.to_str().unwrap(),
+    ];
+    let Command::Run(args) = Cli::try_parse_from(argv).unwrap().cmd else {
+        unreachable!()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let x = rt.block_on(node::daemon::start(*args)).unwrap();
+    wait_until(Duration::from_secs(5), "a and b linked", || {
+        a.linked_alive() == 1 && b.linked_alive() == 1
+    });
+    wait_until(
+        Duration::from_secs(5),
+        "other cluster's beacons counted",
+        || {
+            a.state
+                .discovery
+                .drops
+                .snapshot()
+                .get("cluster")
+                .copied()
+                .unwrap_or(0)
+                > 0
+        },
+    );
+    assert!(a.state.peers.iter().all(|p| p.name != "x"));
+    assert!(x.state.peers.is_empty(), "x sees nobody of cluster default");
+    x.cancel.cancel();
+    rt.block_on(x.wait());
+}
