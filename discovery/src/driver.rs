@@ -30,6 +30,10 @@ const OUTBOUND_QUEUE: usize = 256;
 /// Receive buffer: a whole datagram of any size, so oversize ones are seen
 /// (and counted) as such rather than silently truncated.
 const RECV_BUF: usize = 65_536;
+/// How often group membership is re-asserted on every interface. An
+/// interface that went away and came back (a container network reconnect)
+/// loses its memberships; joining again is harmless when still joined.
+const REJOIN_EVERY: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the leave beacons to be written.
 const LEAVE_FLUSH: Duration = Duration::from_millis(500);
 
@@ -354,6 +358,7 @@ impl Bound {
         let mut sources = SourceTable::new(self.cfg.limits);
         let mut next_beacon = Instant::now(); // announce at once
         let mut next_prune = Instant::now() + self.cfg.limits.forget_after;
+        let mut next_rejoin = Instant::now() + REJOIN_EVERY;
         let interval = self.cfg.interval;
         info!(
             group = %self.cfg.group,
@@ -375,6 +380,10 @@ impl Bound {
                     }
                     let jitter = rand::thread_rng().gen_range(0.9..1.1);
                     next_beacon = Instant::now() + interval.mul_f64(jitter);
+                }
+                () = sleep_until(next_rejoin) => {
+                    self.rejoin();
+                    next_rejoin = Instant::now() + REJOIN_EVERY;
                 }
                 () = sleep_until(next_prune) => {
                     sources.prune(now_std());
@@ -421,6 +430,18 @@ impl Bound {
         }
         tasks.wait().await;
         info!("discovery stopped");
+    }
+
+    /// Joins the group again on every interface; "already joined" is the
+    /// usual answer and is fine.
+    fn rejoin(&self) {
+        for (iface, _) in &self.ifaces {
+            match self.group.join_multicast_v4(*self.cfg.group.ip(), iface.addr) {
+                Ok(()) => info!(interface = %iface.name, "multicast membership restored"),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+                Err(error) => debug!(interface = %iface.name, %error, "cannot rejoin the group yet"),
+            }
+        }
     }
 
     /// Admission, decoding and demultiplexing of one datagram. Returns the

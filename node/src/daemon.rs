@@ -270,8 +270,8 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
 
     let table_cfg = TableConfig {
         dead_after: args.dead_after,
-        // One beacon interval and a half: at least one beacon is due in it.
-        link_loss_grace: args.beacon_interval.mul_f64(1.5).min(args.dead_after),
+        // A beacon interval and a quarter: with ±10% jitter at least one beacon is due in it.
+        link_loss_grace: args.beacon_interval.mul_f64(1.25).min(args.dead_after),
         tombstone_ttl: args.tombstone_ttl,
         ..TableConfig::default()
     };

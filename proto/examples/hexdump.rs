@@ -1,0 +1,41 @@
+//! Prints a real beacon and a real frame as hex dumps (used for PROTOCOL.md).
+
+use bytes::BytesMut;
+use proto::beacon::{Beacon, BeaconKind};
+use proto::frame::{AppMessage, FrameCodec, Message};
+use proto::NodeId;
+use tokio_util::codec::Encoder;
+
+fn dump(bytes: &[u8]) {
+    for (i, chunk) in bytes.chunks(16).enumerate() {
+        let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+        let text: String = chunk
+            .iter()
+            .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+            .collect();
+        println!("{:04x}  {:<48}  {text}", i * 16, hex.join(" "));
+    }
+}
+
+fn main() {
+    let beacon = Beacon {
+        cluster: "default".into(),
+        id: NodeId(0x3f2a_9c41_0b7e_4d2f_8a61_5c3e_9d0f_1b27),
+        incarnation: 1_795_642_108_031,
+        name: "node1".into(),
+        addr: "192.0.2.10:6777".parse().expect("addr"),
+        kind: BeaconKind::Announce,
+        digest: 0,
+    };
+    let bytes = beacon.encode().expect("beacon");
+    println!("beacon ({} bytes):", bytes.len());
+    dump(&bytes);
+    let mut out = BytesMut::new();
+    let msg = Message::App(AppMessage {
+        topic: "greet".into(),
+        payload: bytes::Bytes::from_static(b"hello"),
+    });
+    FrameCodec::default().encode(msg, &mut out).expect("frame");
+    println!("\nframe ({} bytes):", out.len());
+    dump(&out);
+}
