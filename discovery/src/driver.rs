@@ -436,10 +436,15 @@ impl Bound {
     /// usual answer and is fine.
     fn rejoin(&self) {
         for (iface, _) in &self.ifaces {
-            match self.group.join_multicast_v4(*self.cfg.group.ip(), iface.addr) {
+            match self
+                .group
+                .join_multicast_v4(*self.cfg.group.ip(), iface.addr)
+            {
                 Ok(()) => info!(interface = %iface.name, "multicast membership restored"),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
-                Err(error) => debug!(interface = %iface.name, %error, "cannot rejoin the group yet"),
+                Err(error) => {
+                    debug!(interface = %iface.name, %error, "cannot rejoin the group yet")
+                }
             }
         }
     }

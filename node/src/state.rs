@@ -65,9 +65,9 @@ pub struct NodeState {
     pub stop: CancellationToken,
 }
 
-/// RFC 3339 timestamp of now, with milliseconds.
+/// RFC 3339 timestamp of now, with microseconds.
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
 }
 
 /// How a peer looks in the API (link counters are added by the caller).

@@ -14,7 +14,10 @@ use std::time::Duration;
 use support::{bin, wait_until, Daemon, TempDir};
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip (iproute2) must be installed");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2) must be installed");
     assert!(
         out.status.success(),
         "ip {}: {}",
@@ -38,7 +41,11 @@ impl Lab {
         }
         let uid = std::fs::read_to_string("/proc/self/status")
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string()));
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+            });
         assert_eq!(
             uid.as_deref(),
             Some("0"),
@@ -52,15 +59,36 @@ impl Lab {
         };
         let br = lab.ns_bridge();
         ip(&["netns", "add", &br]);
-        ip(&["-n", &br, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        ip(&[
+            "-n",
+            &br,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
         ip(&["-n", &br, "link", "set", "br0", "up"]);
         for i in 1..=hosts {
             let ns = lab.ns(i);
             ip(&["netns", "add", &ns]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
             let port = format!("p{i}");
-            ip(&["-n", &ns, "link", "add", "veth0", "type", "veth", "peer", "name", &port, "netns", &br]);
-            ip(&["-n", &ns, "addr", "add", &format!("10.77.0.{i}/24"), "dev", "veth0"]);
+            ip(&[
+                "-n", &ns, "link", "add", "veth0", "type", "veth", "peer", "name", &port, "netns",
+                &br,
+            ]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.77.0.{i}/24"),
+                "dev",
+                "veth0",
+            ]);
             ip(&["-n", &ns, "link", "set", "veth0", "up"]);
             ip(&["-n", &br, "link", "set", &port, "master", "br0"]);
             ip(&["-n", &br, "link", "set", &port, "up"]);
@@ -82,7 +110,17 @@ impl Lab {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(i), bin(), "run", "--name", &name, "--interface", "veth0"])
+            .args([
+                "netns",
+                "exec",
+                &self.ns(i),
+                bin(),
+                "run",
+                "--name",
+                &name,
+                "--interface",
+                "veth0",
+            ])
             .args(["--listen", "0.0.0.0:6777", "--socket"])
             .arg(&socket)
             .env("RUST_LOG", "debug")
@@ -92,8 +130,15 @@ impl Lab {
             .spawn()
             .expect("spawn in netns");
         // `ip netns exec` execs the daemon: this PID is the daemon's.
-        let d = Daemon { child, name, socket, log };
-        wait_until(Duration::from_secs(10), "control socket", || d.socket.exists());
+        let d = Daemon {
+            child,
+            name,
+            socket,
+            log,
+        };
+        wait_until(Duration::from_secs(10), "control socket", || {
+            d.socket.exists()
+        });
         if self.daemons.len() < i {
             self.daemons.resize_with(i, || None);
         }
@@ -105,7 +150,14 @@ impl Lab {
     }
 
     fn link(&self, i: usize, up: bool) {
-        ip(&["-n", &self.ns(i), "link", "set", "veth0", if up { "up" } else { "down" }]);
+        ip(&[
+            "-n",
+            &self.ns(i),
+            "link",
+            "set",
+            "veth0",
+            if up { "up" } else { "down" },
+        ]);
     }
 }
 
@@ -114,9 +166,13 @@ impl Drop for Lab {
         self.daemons.clear(); // kills the daemons
         for i in 1..=self.hosts {
             // Deleting a namespace also deletes its veth ends.
-            let _ = Command::new("ip").args(["netns", "del", &self.ns(i)]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(i)])
+                .status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns_bridge()]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns_bridge()])
+            .status();
     }
 }
 
@@ -127,7 +183,9 @@ fn three_hosts_mesh_a_cut_host_fails_and_rejoins() {
     for i in 1..=3 {
         lab.start(dir.path(), i);
     }
-    let took = wait_until(Duration::from_secs(10), "3-host full mesh", || (1..=3).all(|i| lab.node(i).linked() == 2));
+    let took = wait_until(Duration::from_secs(10), "3-host full mesh", || {
+        (1..=3).all(|i| lab.node(i).linked() == 2)
+    });
     eprintln!("3-host mesh in {took:?}");
     // Each advertises its veth address, never loopback or 0.0.0.0.
     for p in lab.node(1).peers() {
@@ -143,8 +201,10 @@ fn three_hosts_mesh_a_cut_host_fails_and_rejoins() {
     assert_eq!(lab.node(1).linked(), 1, "h1-h2 unaffected");
 
     lab.link(3, true);
-    let took = wait_until(Duration::from_secs(15), "full mesh after the link came back", || {
-        (1..=3).all(|i| lab.node(i).linked() == 2)
-    });
+    let took = wait_until(
+        Duration::from_secs(15),
+        "full mesh after the link came back",
+        || (1..=3).all(|i| lab.node(i).linked() == 2),
+    );
     eprintln!("rejoined in {took:?}");
 }

@@ -1,0 +1,368 @@
+//! Cluster benchmarks on loopback, printing one JSON line per figure, each
+//! beside a baseline measured in the same run (and their ratio).
+//!
+//! `cargo bench -p constellationd --bench cluster [-- --quick]`
+//!
+//! - `join`: from spawning node N+1 until every one of the N others reports
+//!   its link to it up (the `at` of their `link_up` events), median of runs.
+//!   Baseline: whole-process time of `constellationd --version` (what starting
+//!   a process costs at all).
+//! - `peers_query`: whole-process wall time of `constellationd peers --json`
+//!   against a 32-node cluster. Baseline: `curl --unix-socket` of the same URL.
+//! - `broadcast`: from `POST /v1/messages` with `to: null` on one node until
+//!   all others emitted the message on their event streams. Baseline: the same
+//!   for a unicast to one peer.
+//!
+//! Every node runs on interface lo with TTL 0 on a group of its own; every
+//! process is killed when the benchmark ends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use http_body_util::BodyExt;
+use hyper::Method;
+use node::client::Client;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+const BIN: &str = env!("CARGO_BIN_EXE_constellationd");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill(); // ours, by PID; may have exited already
+        let _ = self.0.wait();
+    }
+}
+
+struct Cluster {
+    dir: PathBuf,
+    group: String,
+    nodes: Vec<(String, PathBuf, Proc)>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn spawn(dir: &Path, group: &str, name: &str) -> (PathBuf, Proc) {
+    let sock = dir.join(format!("{name}.sock"));
+    let child = Command::new(BIN)
+        .args([
+            "run",
+            "--name",
+            name,
+            "--interface",
+            "lo",
+            "--ttl",
+            "0",
+            "--group",
+            group,
+        ])
+        .args(["--listen", "127.0.0.1:0", "--socket"])
+        .arg(&sock)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn node");
+    (sock, Proc(child))
+}
+
+async fn linked(sock: &Path) -> usize {
+    match Client::new(sock)
+        .json(Method::GET, "/v1/peers?state=alive", None)
+        .await
+    {
+        Ok((_, v)) => v["peers"]
+            .as_array()
+            .map(|a| a.iter().filter(|p| p["link"] == "up").count())
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+async fn start_cluster(n: usize, tag: &str) -> Cluster {
+    let dir = std::env::temp_dir().join(format!("cst-bench-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let group = format!("239.255.{}.{}:{port}", n % 250, 1 + port % 250);
+    let nodes = (1..=n)
+        .map(|i| {
+            let name = format!("b{i}");
+            let (sock, p) = spawn(&dir, &group, &name);
+            (name, sock, p)
+        })
+        .collect();
+    let c = Cluster { dir, group, nodes };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut all = true;
+        for (_, sock, _) in &c.nodes {
+            if linked(sock).await != n - 1 {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster of {n} did not mesh in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c
+}
+
+/// Subscribes to every socket's event stream; events arrive as (index, event).
+async fn subscribe(
+    socks: &[PathBuf],
+) -> (
+    mpsc::UnboundedReceiver<(usize, Value)>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    // Unbounded: a benchmark's bounded number of events, read promptly.
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    for (i, sock) in socks.iter().enumerate() {
+        let (tx, ready_tx, sock) = (tx.clone(), ready_tx.clone(), sock.clone());
+        tasks.push(tokio::spawn(async move {
+            let resp = Client::new(&sock)
+                .request(Method::GET, "/v1/events", None)
+                .await
+                .expect("events");
+            let mut body = resp.into_body();
+            let mut buf = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                buf.extend_from_slice(&data);
+                while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let v: Value = serde_json::from_slice(&line).unwrap_or_default();
+                    if v["type"] == "subscribed" {
+                        let _ = ready_tx.send(());
+                    } else if tx.send((i, v)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    for _ in socks {
+        ready_rx.recv().await;
+    }
+    (rx, tasks)
+}
+
+fn at(v: &Value) -> SystemTime {
+    humantime::parse_rfc3339(v["at"].as_str().unwrap_or("")).expect("event time")
+}
+
+fn ms_since(t0: SystemTime, t: SystemTime) -> f64 {
+    t.duration_since(t0)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// Waits for one event per index in `want` matching `pred`; returns the latest `at`.
+async fn latest(
+    rx: &mut mpsc::UnboundedReceiver<(usize, Value)>,
+    want: usize,
+    pred: impl Fn(&Value) -> bool,
+) -> SystemTime {
+    let mut seen = std::collections::HashSet::new();
+    let mut last = SystemTime::UNIX_EPOCH;
+    while seen.len() < want {
+        let (i, v) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("events within 20 s")
+            .expect("stream open");
+        if pred(&v) && seen.insert(i) {
+            last = last.max(at(&v));
+        }
+    }
+    last
+}
+
+fn stats(mut xs: Vec<f64>) -> (f64, f64, f64) {
+    xs.sort_by(f64::total_cmp);
+    (xs[xs.len() / 2], xs[0], xs[xs.len() - 1])
+}
+
+fn whole_process_ms(cmd: &mut Command) -> f64 {
+    let t = Instant::now();
+    let out = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run");
+    assert!(out.success());
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn report(name: &str, extra: Value, xs: Vec<f64>, base_name: &str, base: Vec<f64>) {
+    let (med, min, max) = stats(xs.clone());
+    let (bmed, bmin, bmax) = stats(base.clone());
+    let mut line = json!({
+        "bench": name, "runs": xs.len(), "median_ms": round(med), "min_ms": round(min), "max_ms": round(max),
+        "baseline": base_name, "baseline_median_ms": round(bmed), "baseline_min_ms": round(bmin), "baseline_max_ms": round(bmax),
+        "ratio_to_baseline": round(med / bmed),
+    });
+    if let (Value::Object(l), Value::Object(e)) = (&mut line, extra) {
+        l.extend(e);
+    }
+    println!("{line}");
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+async fn join_bench(n: usize, runs: usize) {
+    let c = start_cluster(n, &format!("join{n}")).await;
+    let socks: Vec<PathBuf> = c.nodes.iter().map(|(_, s, _)| s.clone()).collect();
+    let mut xs = Vec::new();
+    let mut base = Vec::new();
+    for r in 0..runs {
+        base.push(whole_process_ms(Command::new(BIN).arg("--version")));
+        let (mut rx, tasks) = subscribe(&socks).await;
+        let name = format!("new{r}");
+        let t0 = SystemTime::now();
+        let (sock, mut p) = spawn(&c.dir, &c.group, &name);
+        let last = latest(&mut rx, n, |v| {
+            v["type"] == "link_up" && v["peer"]["name"] == name.as_str()
+        })
+        .await;
+        xs.push(ms_since(t0, last));
+        // The newcomer's own table must list all N alive with links up.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while linked(&sock).await != n {
+            assert!(
+                Instant::now() < deadline,
+                "newcomer did not list {n} linked peers"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Leave gracefully so the next run starts from the same cluster.
+        let _ = Command::new("kill")
+            .args(["-TERM", &p.0.id().to_string()])
+            .status();
+        let _ = p.0.wait();
+        latest(&mut rx, n, |v| {
+            v["type"] == "peer_left" && v["peer"]["name"] == name.as_str()
+        })
+        .await;
+        for t in tasks {
+            t.abort();
+        }
+    }
+    report(
+        "join",
+        json!({"n": n}),
+        xs,
+        "process start+exit (constellationd --version)",
+        base,
+    );
+}
+
+async fn peers_and_broadcast(n: usize, runs: usize, msg_runs: usize) {
+    let c = start_cluster(n, "q").await;
+    let s1 = c.nodes[0].1.clone();
+    let mut xs = Vec::new();
+    let mut base = Vec::new();
+    for _ in 0..runs {
+        xs.push(whole_process_ms(
+            Command::new(BIN)
+                .args(["peers", "--json", "--socket"])
+                .arg(&s1),
+        ));
+        base.push(whole_process_ms(
+            Command::new("curl")
+                .args(["-sf", "-o", "/dev/null", "--unix-socket"])
+                .arg(&s1)
+                .arg("http://localhost/v1/peers"),
+        ));
+    }
+    report(
+        "peers_query",
+        json!({"n": n}),
+        xs,
+        "curl --unix-socket /v1/peers",
+        base,
+    );
+
+    let others: Vec<PathBuf> = c.nodes[1..].iter().map(|(_, s, _)| s.clone()).collect();
+    let (mut rx, _tasks) = subscribe(&others).await;
+    let client = Client::new(&s1);
+    let mut xs = Vec::new();
+    let mut base = Vec::new();
+    for r in 0..msg_runs {
+        let topic = format!("uni{r}");
+        let t0 = SystemTime::now();
+        client
+            .json(
+                Method::POST,
+                "/v1/messages",
+                Some(json!({"to": "b2", "topic": topic, "payload": "x"})),
+            )
+            .await
+            .expect("send");
+        let last = latest(&mut rx, 1, |v| {
+            v["type"] == "message" && v["topic"] == topic.as_str()
+        })
+        .await;
+        base.push(ms_since(t0, last));
+        let topic = format!("all{r}");
+        let t0 = SystemTime::now();
+        client
+            .json(
+                Method::POST,
+                "/v1/messages",
+                Some(json!({"to": null, "topic": topic, "payload": "x"})),
+            )
+            .await
+            .expect("broadcast");
+        let last = latest(&mut rx, n - 1, |v| {
+            v["type"] == "message" && v["topic"] == topic.as_str()
+        })
+        .await;
+        xs.push(ms_since(t0, last));
+    }
+    report(
+        "broadcast",
+        json!({"n": n, "recipients": n - 1}),
+        xs,
+        "unicast to one peer",
+        base,
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (sizes, runs): (&[usize], usize) = if quick {
+        (&[4, 16], 3)
+    } else {
+        (&[4, 16, 32], 5)
+    };
+    for &n in sizes {
+        join_bench(n, runs).await;
+    }
+    let n = if quick { 16 } else { 32 };
+    peers_and_broadcast(n, if quick { 10 } else { 20 }, runs).await;
+}
