@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proto::beacon::{Beacon, BeaconKind};
-use proto::stats::Drops;
+use proto::stats::Tally;
 use proto::{Incarnation, NodeId};
 use rand::Rng;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -119,7 +119,7 @@ pub struct Stats {
     /// Whether one of our own multicast beacons came back to us.
     pub loops_back: AtomicBool,
     /// Dropped datagrams by reason.
-    pub drops: Drops,
+    pub drops: Tally,
 }
 
 /// Why discovery cannot start.

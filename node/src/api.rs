@@ -297,6 +297,7 @@ fn self_json(state: &NodeState) -> Value {
         "tags": state.tags,
         "multicast_loops_back": d.loops_back.load(Ordering::Relaxed),
         "peers": by_state,
+        "transitions": state.transitions.snapshot(),
         "links_up": links_up,
         "counters": {
             "beacons_sent": d.beacons_sent.load(Ordering::Relaxed),
@@ -623,6 +624,13 @@ async fn get_metrics(State(api): State<Api>) -> Response {
         )
     });
     let _ = writeln!(out, "# HELP constellation_payload_bytes Application payload bytes on current links.\n# TYPE constellation_payload_bytes gauge\nconstellation_payload_bytes{{direction=\"in\"}} {bytes_in}\nconstellation_payload_bytes{{direction=\"out\"}} {bytes_out}");
+    let _ = writeln!(out, "# HELP constellation_transitions_total Peer state changes, by event.\n# TYPE constellation_transitions_total counter");
+    for (kind, v) in s.transitions.snapshot() {
+        let _ = writeln!(
+            out,
+            "constellation_transitions_total{{event=\"{kind}\"}} {v}"
+        );
+    }
     let _ = writeln!(out, "# HELP constellation_beacons_dropped_total Datagrams dropped, by reason.\n# TYPE constellation_beacons_dropped_total counter");
     for (reason, v) in d.drops.snapshot() {
         let _ = writeln!(

@@ -59,7 +59,7 @@ fn paint(text: &str, state: &str, on: bool) -> String {
     let code = match state {
         "alive" | "up" => "32",
         "failed" | "down" => "31",
-        "left" | "connecting" | "conflict" => "33",
+        "left" | "suspect" | "connecting" | "conflict" => "33",
         _ => return text.to_string(),
     };
     format!("\x1b[{code}m{text}\x1b[0m")
@@ -102,6 +102,8 @@ pub fn render_peers(v: &Value, colour: bool) -> String {
             let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("").to_string();
             let state = if p.get("conflict").is_some_and(|c| !c.is_null()) {
                 format!("{} (conflict)", s("state"))
+            } else if p.get("degraded") == Some(&Value::Bool(true)) {
+                format!("{} (degraded)", s("state"))
             } else {
                 s("state")
             };
@@ -224,7 +226,7 @@ fn render_status(v: &Value) -> String {
          group:       {} ttl {}\n\
          multicast loops back: {}\n\
          uptime:      {}\n\
-         peers:       alive {}, failed {}, left {}; links up {}\n\
+         peers:       alive {}, suspect {}, failed {}, left {}; links up {}\n\
          beacons:     sent {}, received {}, replies sent {}; dropped: {}\n\
          links:       established {}, dials {}, failed dials {}; refused: {}\n\
          frames:      in {}, out {}; messages in {}, out {}\n",
@@ -244,6 +246,7 @@ fn render_status(v: &Value) -> String {
         },
         human_ms(v["uptime_ms"].as_u64().unwrap_or(0)),
         pc("alive"),
+        pc("suspect"),
         pc("failed"),
         pc("left"),
         v["links_up"],

@@ -184,8 +184,13 @@ pub struct RunArgs {
     #[arg(long, env = "CONSTELLATION_BEACON_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub beacon_interval: Duration,
 
-    /// Silence on every channel after which a peer is failed.
-    #[arg(long, env = "CONSTELLATION_DEAD_AFTER", default_value = "3s", value_parser = parse_duration)]
+    /// Silence on every channel after which a peer is suspect.
+    #[arg(long, env = "CONSTELLATION_SUSPECT_AFTER", default_value = "600ms", value_parser = parse_duration)]
+    pub suspect_after: Duration,
+
+    /// Silence on every channel after which a peer is failed (a peer whose
+    /// link is down but whose beacons arrive gets 3 beacon intervals instead).
+    #[arg(long, env = "CONSTELLATION_DEAD_AFTER", default_value = "1500ms", value_parser = parse_duration)]
     pub dead_after: Duration,
 
     /// How long failed and left peers stay listed.

@@ -83,6 +83,12 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
             warn!(advertise = %ip, "advertising a loopback address on a non-loopback interface: peers on other hosts cannot dial it");
         }
     }
+    if args.suspect_after >= args.dead_after {
+        return Err(format!(
+            "--suspect-after ({:?}) must be shorter than --dead-after ({:?})",
+            args.suspect_after, args.dead_after
+        ));
+    }
     let tags: Tags = args.tag.iter().cloned().collect();
     Ok(Plan {
         args,
@@ -241,6 +247,14 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
     };
     let mut tcfg = transport::Config::new(hello);
     tcfg.max_frame = args.max_frame as usize;
+    // Pings often enough that silence means something well within
+    // --suspect-after, and links that go quiet are closed before --dead-after.
+    tcfg.ping_interval =
+        (args.suspect_after / 3).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    tcfg.link_timeout = args
+        .dead_after
+        .mul_f64(2.0 / 3.0)
+        .max(tcfg.ping_interval * 3);
     let (trans_tx, trans_rx) = mpsc::channel(4096);
     let (disc_tx, disc_rx) = mpsc::channel(1024);
     let transport = transport::Transport::start(listener, tcfg, trans_tx, cancel.clone(), &tracker);
@@ -263,15 +277,17 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
         events,
         discovery: bound.stats(),
         transport,
+        transitions: proto::stats::Tally::default(),
         messages_in: AtomicU64::new(0),
         messages_out: AtomicU64::new(0),
         stop: cancel.clone(),
     });
 
     let table_cfg = TableConfig {
+        suspect_after: args.suspect_after,
         dead_after: args.dead_after,
-        // A beacon interval and a quarter: with ±10% jitter at least one beacon is due in it.
-        link_loss_grace: args.beacon_interval.mul_f64(1.25).min(args.dead_after),
+        // Three beacon intervals: a degraded peer survives a lost beacon.
+        beacon_dead_after: (args.beacon_interval * 3).max(args.dead_after),
         tombstone_ttl: args.tombstone_ttl,
         ..TableConfig::default()
     };

@@ -142,6 +142,7 @@ fn drain(table: &mut PeerTable, state: &NodeState) {
             }),
         };
         let Some(p) = peer else { continue };
+        state.transitions.record(now, ev.kind.as_str());
         let id = p.id.short();
         match ev.kind {
             EventKind::Joined => info!(peer = %p.name, %id, addr = %p.addr, "peer joined"),
@@ -149,6 +150,10 @@ fn drain(table: &mut PeerTable, state: &NodeState) {
                 info!(peer = %p.name, %id, addr = %p.addr, incarnation = p.incarnation, "peer restarted")
             }
             EventKind::Failed => warn!(peer = %p.name, %id, addr = %p.addr, "peer failed"),
+            EventKind::Suspect => info!(peer = %p.name, %id, addr = %p.addr, "peer suspect"),
+            EventKind::Recovered => {
+                info!(peer = %p.name, %id, addr = %p.addr, degraded = p.degraded(), "peer alive again")
+            }
             EventKind::Left => info!(peer = %p.name, %id, addr = %p.addr, "peer left"),
             EventKind::LinkUp => info!(peer = %p.name, %id, addr = %p.addr, "link up"),
             EventKind::Updated if p.conflict.is_some() => {

@@ -57,6 +57,8 @@ pub struct NodeState {
     pub discovery: Arc<discovery::Stats>,
     /// Transport handle (and its counters).
     pub transport: Transport,
+    /// Peer state changes by event kind (`peer_failed`, ...).
+    pub transitions: proto::stats::Tally,
     /// Application messages received.
     pub messages_in: AtomicU64,
     /// Application messages sent.
@@ -83,6 +85,7 @@ pub fn peer_json(p: &Peer, now: Instant) -> Value {
         "incarnation": p.incarnation,
         "tags": p.tags,
         "conflict": p.conflict.map(|a| a.to_string()),
+        "degraded": p.degraded(),
         "since_ms": now.saturating_duration_since(p.since).as_millis() as u64,
     })
 }

@@ -10,9 +10,15 @@
 //!
 //! ## Lifecycle (the contract users see)
 //! - `alive`: heard from recently on some channel (beacon, link traffic, pong).
-//! - `failed`: silent for `dead_after` on every channel; or the link was lost
-//!   without a goodbye and no beacon arrived within `link_loss_grace`; or the
-//!   link was lost and a redial was *refused* (the process is gone).
+//!   An alive peer whose link is down while its beacons still arrive is
+//!   *degraded* (one bad path, not a dead node): it stays alive.
+//! - `suspect`: silent on every channel for `suspect_after`, or its link was
+//!   lost without a goodbye and neither a new link nor a beacon has shown it
+//!   alive since. Any sign of life makes it alive again.
+//! - `failed`: silent on every channel for `dead_after` (for a degraded peer,
+//!   which only beacons keep alive, `beacon_dead_after`); or its link was
+//!   lost and a redial was *refused* with no beacon since (the process is
+//!   gone: strong evidence, acted on at once).
 //! - `left`: the peer said goodbye (leave beacon or goodbye frame).
 //! - Failed and left entries stay as tombstones for `tombstone_ttl`, then are
 //!   reaped. A higher incarnation replaces an entry at once; a lower one is
@@ -55,11 +61,13 @@ use crate::id::{tags_digest, Incarnation, NodeId, Tags};
 /// Timing settings of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
-    /// Silence on every channel after which an alive peer is failed.
+    /// Silence on every channel after which a peer is suspect.
+    pub suspect_after: Duration,
+    /// Silence on every channel after which a peer is failed.
     pub dead_after: Duration,
-    /// After a link is lost without a goodbye, how long to wait for any other
-    /// sign of life (a beacon, a new link) before declaring the peer failed.
-    pub link_loss_grace: Duration,
+    /// The same for a degraded peer (link down, beacons arriving), which only
+    /// beacons keep alive: long enough that a lost beacon is no failure.
+    pub beacon_dead_after: Duration,
     /// How long the higher-id node waits for the lower-id node to dial before
     /// dialing itself.
     pub dial_fallback: Duration,
@@ -74,8 +82,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            dead_after: Duration::from_secs(3),
-            link_loss_grace: Duration::from_millis(1500),
+            suspect_after: Duration::from_millis(600),
+            dead_after: Duration::from_millis(1500),
+            beacon_dead_after: Duration::from_secs(3),
             dial_fallback: Duration::from_secs(1),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -89,6 +98,8 @@ impl Default for Config {
 pub enum PeerState {
     /// Heard from recently.
     Alive,
+    /// Silent, or its link lost; not yet failed.
+    Suspect,
     /// Confirmed unreachable or dead.
     Failed,
     /// Said goodbye.
@@ -100,6 +111,7 @@ impl PeerState {
     pub fn as_str(self) -> &'static str {
         match self {
             PeerState::Alive => "alive",
+            PeerState::Suspect => "suspect",
             PeerState::Failed => "failed",
             PeerState::Left => "left",
         }
@@ -165,6 +177,26 @@ pub struct Peer {
     pub conflict: Option<SocketAddr>,
 }
 
+impl Peer {
+    /// Alive in the table's eyes (alive or suspect).
+    pub fn is_live(&self) -> bool {
+        matches!(self.state, PeerState::Alive | PeerState::Suspect)
+    }
+
+    /// Link down while beacons still arrive (after the link was lost, or
+    /// when no link ever came up): one bad path, not a dead node.
+    pub fn degraded(&self) -> bool {
+        if self.link == LinkState::Up || !self.is_live() {
+            return false;
+        }
+        match (self.lost_at, self.last_beacon) {
+            (Some(lost), Some(beacon)) => beacon > lost,
+            (None, Some(_)) => true,
+            (_, None) => false,
+        }
+    }
+}
+
 /// What changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
@@ -174,6 +206,10 @@ pub enum EventKind {
     Restarted,
     /// Name, address or metadata changed.
     Updated,
+    /// The peer became suspect.
+    Suspect,
+    /// A suspect peer showed a sign of life.
+    Recovered,
     /// The peer is failed.
     Failed,
     /// The peer left.
@@ -193,6 +229,8 @@ impl EventKind {
             EventKind::Joined => "peer_joined",
             EventKind::Restarted => "peer_restarted",
             EventKind::Updated => "peer_updated",
+            EventKind::Suspect => "peer_suspect",
+            EventKind::Recovered => "peer_alive",
             EventKind::Failed => "peer_failed",
             EventKind::Left => "peer_left",
             EventKind::LinkUp => "link_up",
@@ -371,7 +409,7 @@ impl PeerTable {
             return;
         };
         if let Some(p) = self.peers.get_mut(&id) {
-            if p.state == PeerState::Alive && p.conflict.is_none() {
+            if p.is_live() && p.conflict.is_none() {
                 p.conflict = Some(other);
                 self.events.push_back(Event {
                     id,
@@ -477,7 +515,6 @@ impl PeerTable {
         }
         p.last_seen = now;
         p.last_beacon = Some(now);
-        p.lost_at = None;
         let mut kind = None;
         if restarted {
             p.incarnation = b.incarnation;
@@ -497,7 +534,11 @@ impl PeerTable {
         let old_name = (p.name != b.name).then(|| std::mem::replace(&mut p.name, b.name.clone()));
         p.addr = b.addr;
         p.digest = b.digest;
-        if p.state != PeerState::Alive {
+        if p.state == PeerState::Suspect {
+            p.state = PeerState::Alive;
+            p.since = now;
+            kind = kind.or(Some(EventKind::Recovered));
+        } else if p.state != PeerState::Alive {
             p.state = PeerState::Alive;
             p.since = now;
             kind = kind.or(Some(EventKind::Joined));
@@ -560,10 +601,15 @@ impl PeerTable {
         }
         if p.state != PeerState::Alive {
             // A completed handshake is proof of life, whatever we believed.
+            let was = p.state;
             p.state = PeerState::Alive;
             p.since = now;
             if !events.contains(&EventKind::Restarted) {
-                events.push(EventKind::Joined);
+                events.push(if was == PeerState::Suspect {
+                    EventKind::Recovered
+                } else {
+                    EventKind::Joined
+                });
             }
         } else if events.is_empty()
             && (p.tags != hello.tags || p.name != hello.name || p.addr != hello.addr)
@@ -602,16 +648,25 @@ impl PeerTable {
         }
         p.link = LinkState::Down;
         p.rtt = None;
-        if p.state == PeerState::Alive && !graceful {
+        let mut suspect = false;
+        if p.is_live() && !graceful {
             // Is the process gone, or only this link? Redial now: a refusal
-            // answers within a round trip; otherwise beacons decide.
+            // answers within a round trip; otherwise beacons and silence decide.
             p.lost_at = Some(now);
             p.next_dial = Some(now);
             p.dial_attempts = 0;
-        } else if p.state == PeerState::Alive {
+            if p.state == PeerState::Alive {
+                p.state = PeerState::Suspect;
+                p.since = now;
+                suspect = true;
+            }
+        } else if p.is_live() {
             p.next_dial = Some(first_dial);
         }
         self.emit(id, EventKind::LinkDown);
+        if suspect {
+            self.emit(id, EventKind::Suspect);
+        }
         self.schedule(now);
     }
 
@@ -624,7 +679,7 @@ impl PeerTable {
             return; // a link came up meanwhile (the other side dialed)
         }
         p.link = LinkState::Down;
-        if p.state != PeerState::Alive {
+        if !p.is_live() {
             return;
         }
         let beacon_since_loss = match (p.lost_at, p.last_beacon) {
@@ -673,14 +728,20 @@ impl PeerTable {
     pub fn on_pong(&mut self, now: Instant, id: NodeId, rtt: Duration) {
         if let Some(p) = self.peers.get_mut(&id) {
             p.rtt = Some(rtt);
-            p.last_seen = now;
         }
+        self.on_traffic(now, id);
     }
 
     /// Any other frame arrived from `id`.
     pub fn on_traffic(&mut self, now: Instant, id: NodeId) {
-        if let Some(p) = self.peers.get_mut(&id) {
-            p.last_seen = now;
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        p.last_seen = now;
+        if p.state == PeerState::Suspect && p.link == LinkState::Up {
+            p.state = PeerState::Alive;
+            p.since = now;
+            self.emit(id, EventKind::Recovered);
         }
     }
 
@@ -689,18 +750,23 @@ impl PeerTable {
         let cfg = self.cfg;
         let mut reaped = Vec::new();
         let mut failed = Vec::new();
+        let mut suspected = Vec::new();
         for p in self.peers.values_mut() {
             match p.state {
-                PeerState::Alive => {
-                    let mut deadline = p.last_seen + cfg.dead_after;
-                    if let Some(lost) = p.lost_at {
-                        deadline = deadline.min(lost + cfg.link_loss_grace);
-                    }
-                    if p.link != LinkState::Up && now >= deadline {
+                PeerState::Alive | PeerState::Suspect => {
+                    let silence = now.saturating_duration_since(p.last_seen);
+                    if silence >= Self::dead_after(&cfg, p) {
                         p.state = PeerState::Failed;
                         p.since = now;
                         p.next_dial = None;
                         failed.push(p.id);
+                    } else if p.state == PeerState::Alive
+                        && silence >= cfg.suspect_after
+                        && !p.degraded()
+                    {
+                        p.state = PeerState::Suspect;
+                        p.since = now;
+                        suspected.push(p.id);
                     }
                 }
                 PeerState::Failed | PeerState::Left => {
@@ -709,6 +775,9 @@ impl PeerTable {
                     }
                 }
             }
+        }
+        for id in suspected {
+            self.emit(id, EventKind::Suspect);
         }
         for id in failed {
             self.emit(id, EventKind::Failed);
@@ -746,7 +815,7 @@ impl PeerTable {
     /// Turns due dials into actions.
     fn schedule(&mut self, now: Instant) {
         for p in self.peers.values_mut() {
-            if p.state != PeerState::Alive || p.link != LinkState::Down {
+            if !p.is_live() || p.link != LinkState::Down {
                 continue;
             }
             if p.next_dial.is_some_and(|t| t <= now) {
@@ -765,19 +834,18 @@ impl PeerTable {
         let cfg = &self.cfg;
         self.peers
             .values()
-            .filter_map(|p| match p.state {
-                PeerState::Alive => {
-                    let mut t = p.next_dial.filter(|_| p.link == LinkState::Down);
-                    if p.link != LinkState::Up {
-                        let mut dead = p.last_seen + cfg.dead_after;
-                        if let Some(lost) = p.lost_at {
-                            dead = dead.min(lost + cfg.link_loss_grace);
-                        }
-                        t = Some(t.map_or(dead, |t| t.min(dead)));
+            .map(|p| match p.state {
+                PeerState::Alive | PeerState::Suspect => {
+                    let mut t = p.last_seen + Self::dead_after(cfg, p);
+                    if p.state == PeerState::Alive && !p.degraded() {
+                        t = t.min(p.last_seen + cfg.suspect_after);
                     }
-                    t
+                    match p.next_dial.filter(|_| p.link == LinkState::Down) {
+                        Some(d) => t.min(d),
+                        None => t,
+                    }
                 }
-                PeerState::Failed | PeerState::Left => Some(p.since + cfg.tombstone_ttl),
+                PeerState::Failed | PeerState::Left => p.since + cfg.tombstone_ttl,
             })
             .chain(self.superseded.values().map(|s| {
                 // Conflicts clear dead_after past the last word; memory after the TTL.
@@ -793,6 +861,15 @@ impl PeerTable {
                 }
             }))
             .min()
+    }
+
+    /// The silence after which `p` is failed.
+    fn dead_after(cfg: &Config, p: &Peer) -> Duration {
+        if p.degraded() {
+            cfg.beacon_dead_after.max(cfg.dead_after)
+        } else {
+            cfg.dead_after
+        }
     }
 
     /// Ids of a name's earlier lives still remembered (for diagnostics).

@@ -3,7 +3,7 @@
 //! Every bad input (malformed datagram, wrong cluster, oversized frame, ...)
 //! is dropped and counted by a short stable reason, and these counters are
 //! what `status` and `/metrics` show. Logging is rate-limited per reason:
-//! [`Drops::record`] says whether this drop should be logged loudly, so a
+//! [`Tally::record`] says whether this drop should be logged loudly, so a
 //! flood produces one warning per window instead of one line per datagram.
 
 use std::collections::BTreeMap;
@@ -19,15 +19,15 @@ struct Inner {
     last_logged: BTreeMap<&'static str, Instant>,
 }
 
-/// Drop counters by reason.
+/// Counters by a short stable label (drop reasons, state transitions).
 #[derive(Debug, Default)]
-pub struct Drops {
+pub struct Tally {
     // A std Mutex: the critical section is a map update, never held across
     // an await, and drops are off the hot path of valid traffic.
     inner: Mutex<Inner>,
 }
 
-impl Drops {
+impl Tally {
     /// Counts one drop for `reason` at `now`; returns true when the caller
     /// should log it at warning level (first in its [`LOG_WINDOW`]).
     pub fn record(&self, now: Instant, reason: &'static str) -> bool {
@@ -60,7 +60,7 @@ mod tests {
 
     #[test]
     fn counts_every_drop_but_logs_once_per_window() {
-        let d = Drops::default();
+        let d = Tally::default();
         let t0 = Instant::now();
         assert!(d.record(t0, "bad_magic"));
         assert!(!d.record(t0 + Duration::from_secs(1), "bad_magic"));

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::SinkExt;
 use proto::frame::{AppMessage, Reject};
 use proto::membership::DialFailure;
-use proto::stats::Drops;
+use proto::stats::Tally;
 use proto::{Hello, Message, NodeId};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -51,8 +51,8 @@ impl Config {
         Config {
             local,
             max_frame: proto::frame::DEFAULT_MAX_FRAME,
-            ping_interval: Duration::from_millis(500),
-            link_timeout: Duration::from_millis(1500),
+            ping_interval: Duration::from_millis(200),
+            link_timeout: Duration::from_secs(1),
             handshake_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
             queue: 1024,
@@ -76,7 +76,7 @@ pub struct Stats {
     /// Dials that ended without a link.
     pub dial_failures: AtomicU64,
     /// Dropped connections and frames by reason.
-    pub drops: Drops,
+    pub drops: Tally,
 }
 
 /// What the transport tells the membership task.

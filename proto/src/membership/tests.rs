@@ -65,26 +65,53 @@ fn lower_id_dials_at_once_higher_waits_for_fallback() {
 }
 
 #[test]
-fn silent_peer_fails_exactly_after_dead_after() {
+fn beacon_only_peer_fails_after_beacon_dead_after() {
     let t0 = Instant::now();
     let mut t = table();
-    let dead = t.config().dead_after;
+    let dead = t.config().beacon_dead_after;
     t.on_beacon(t0, &beacon(LOW, 1, BeaconKind::Announce));
     events(&mut t);
     t.on_tick(t0 + dead - Duration::from_millis(1));
-    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Alive);
+    assert_eq!(
+        t.get(&LOW).unwrap().state,
+        PeerState::Alive,
+        "a lost beacon is no failure"
+    );
     t.on_tick(t0 + dead);
     assert_eq!(events(&mut t), vec![EventKind::Failed]);
     assert_eq!(t.get(&LOW).unwrap().state, PeerState::Failed);
 }
 
 #[test]
-fn linked_peer_does_not_fail_while_the_link_is_up() {
+fn silent_linked_peer_is_suspect_then_failed() {
+    let t0 = Instant::now();
+    let mut t = table();
+    let cfg = *t.config();
+    t.on_link_up(t0, &hello(LOW, 1));
+    events(&mut t);
+    assert_eq!(t.next_deadline(), Some(t0 + cfg.suspect_after));
+    t.on_tick(t0 + cfg.suspect_after);
+    assert_eq!(events(&mut t), vec![EventKind::Suspect]);
+    // A pong in time brings it back.
+    let t1 = t0 + cfg.suspect_after + Duration::from_millis(10);
+    t.on_pong(t1, LOW, Duration::from_millis(1));
+    assert_eq!(events(&mut t), vec![EventKind::Recovered]);
+    t.on_tick(t1 + cfg.suspect_after);
+    t.on_tick(t1 + cfg.dead_after);
+    assert_eq!(events(&mut t), vec![EventKind::Suspect, EventKind::Failed]);
+}
+
+#[test]
+fn pinging_peer_stays_alive() {
     let t0 = Instant::now();
     let mut t = table();
     t.on_link_up(t0, &hello(LOW, 1));
     assert_eq!(events(&mut t), vec![EventKind::Joined, EventKind::LinkUp]);
-    t.on_tick(t0 + Duration::from_secs(60));
+    for i in 1..300 {
+        let now = t0 + Duration::from_millis(200 * i);
+        t.on_pong(now, LOW, Duration::from_millis(1));
+        t.on_tick(now);
+    }
     assert_eq!(t.get(&LOW).unwrap().state, PeerState::Alive);
     assert!(events(&mut t).is_empty());
 }
@@ -99,38 +126,63 @@ fn crash_is_detected_by_a_refused_redial() {
     events(&mut t);
     let t1 = t0 + Duration::from_millis(10);
     t.on_link_down(t1, HIGH, false);
-    assert_eq!(events(&mut t), vec![EventKind::LinkDown]);
+    assert_eq!(
+        events(&mut t),
+        vec![EventKind::LinkDown, EventKind::Suspect]
+    );
     assert!(matches!(actions(&mut t)[..], [Action::Dial { id, .. }] if id == HIGH));
     t.on_dial_failed(t1, HIGH, DialFailure::Refused);
     assert_eq!(events(&mut t), vec![EventKind::Failed]);
 }
 
 #[test]
-fn refused_redial_after_a_fresh_beacon_is_not_a_crash() {
+fn one_bad_link_with_beacons_is_degraded_not_failed() {
     let t0 = Instant::now();
     let mut t = table();
     t.on_link_up(t0, &hello(HIGH, 1));
     t.on_link_down(t0, HIGH, false);
+    events(&mut t);
     actions(&mut t);
     t.on_beacon(
         t0 + Duration::from_millis(5),
         &beacon(HIGH, 1, BeaconKind::Announce),
     );
+    assert_eq!(events(&mut t), vec![EventKind::Recovered]);
     t.on_dial_failed(t0 + Duration::from_millis(6), HIGH, DialFailure::Refused);
+    let p = t.get(&HIGH).unwrap();
+    assert_eq!(p.state, PeerState::Alive);
+    assert!(p.degraded());
+    // Beacons every second (one of them lost) keep it alive for a minute.
+    for i in 1..60u64 {
+        let now = t0 + Duration::from_secs(i);
+        if i % 7 != 0 {
+            t.on_beacon(now, &beacon(HIGH, 1, BeaconKind::Announce));
+        }
+        t.on_tick(now);
+        while let Some(Action::Dial { .. }) = t.poll_action() {
+            t.on_dial_failed(now, HIGH, DialFailure::Other);
+        }
+    }
     assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Alive);
+    assert!(!events(&mut t).contains(&EventKind::Failed));
 }
 
 #[test]
-fn link_loss_without_beacons_fails_after_grace() {
+fn silent_loss_fails_dead_after_the_last_word() {
     let t0 = Instant::now();
     let mut t = table();
+    let cfg = *t.config();
+    t.on_beacon(t0, &beacon(HIGH, 1, BeaconKind::Announce));
     t.on_link_up(t0, &hello(HIGH, 1));
-    t.on_link_down(t0, HIGH, false);
+    let last = t0 + Duration::from_millis(200);
+    t.on_pong(last, HIGH, Duration::from_millis(1));
+    // The transport notices the silence and drops the link.
+    t.on_link_down(last + Duration::from_secs(1), HIGH, false);
     actions(&mut t);
-    t.on_dial_failed(t0, HIGH, DialFailure::Other);
-    let grace = t.config().link_loss_grace;
-    assert!(t.next_deadline().unwrap() <= t0 + grace);
-    t.on_tick(t0 + grace);
+    t.on_dial_failed(last + Duration::from_secs(1), HIGH, DialFailure::Other);
+    t.on_tick(last + cfg.dead_after - Duration::from_millis(1));
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Suspect);
+    t.on_tick(last + cfg.dead_after);
     assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Failed);
 }
 
@@ -370,7 +422,7 @@ proptest! {
             }
             while let Some(Action::Dial { id, .. }) = t.poll_action() {
                 let p = t.get(&id).unwrap();
-                prop_assert_eq!(p.state, PeerState::Alive);
+                prop_assert!(p.is_live());
                 prop_assert_eq!(p.link, LinkState::Connecting);
             }
             let mut names = std::collections::HashSet::new();
