@@ -35,6 +35,13 @@ struct Lab {
 
 impl Lab {
     fn new(hosts: usize) -> Option<Lab> {
+        Self::with_split(hosts, hosts)
+    }
+
+    /// Hosts `1..=split` hang off bridge br0, the others off br1; the two
+    /// bridges are joined by one veth pair (`trunk0`/`trunk1`), so taking
+    /// `trunk0` down partitions the cluster without touching either side.
+    fn with_split(hosts: usize, split: usize) -> Option<Lab> {
         if std::env::var_os("CONSTELLATION_SKIP_NETNS").is_some_and(|v| v == "1") {
             eprintln!("netns test skipped: CONSTELLATION_SKIP_NETNS=1");
             return None;
@@ -51,7 +58,9 @@ impl Lab {
             Some("0"),
             "the netns tests need root (CI runs as root); set CONSTELLATION_SKIP_NETNS=1 to skip them"
         );
-        let prefix = format!("cst{}", std::process::id() % 100_000);
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("cst{}x{n}", std::process::id() % 100_000);
         let lab = Lab {
             prefix: prefix.clone(),
             hosts,
@@ -59,18 +68,27 @@ impl Lab {
         };
         let br = lab.ns_bridge();
         ip(&["netns", "add", &br]);
+        for b in ["br0", "br1"] {
+            ip(&[
+                "-n",
+                &br,
+                "link",
+                "add",
+                b,
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ]);
+            ip(&["-n", &br, "link", "set", b, "up"]);
+        }
         ip(&[
-            "-n",
-            &br,
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
+            "-n", &br, "link", "add", "trunk0", "type", "veth", "peer", "name", "trunk1",
         ]);
-        ip(&["-n", &br, "link", "set", "br0", "up"]);
+        ip(&["-n", &br, "link", "set", "trunk0", "master", "br0"]);
+        ip(&["-n", &br, "link", "set", "trunk1", "master", "br1"]);
+        ip(&["-n", &br, "link", "set", "trunk0", "up"]);
+        ip(&["-n", &br, "link", "set", "trunk1", "up"]);
         for i in 1..=hosts {
             let ns = lab.ns(i);
             ip(&["netns", "add", &ns]);
@@ -90,7 +108,8 @@ impl Lab {
                 "veth0",
             ]);
             ip(&["-n", &ns, "link", "set", "veth0", "up"]);
-            ip(&["-n", &br, "link", "set", &port, "master", "br0"]);
+            let bridge = if i <= split { "br0" } else { "br1" };
+            ip(&["-n", &br, "link", "set", &port, "master", bridge]);
             ip(&["-n", &br, "link", "set", &port, "up"]);
         }
         Some(lab)
@@ -147,6 +166,50 @@ impl Lab {
 
     fn node(&self, i: usize) -> &Daemon {
         self.daemons[i - 1].as_ref().expect("started")
+    }
+
+    /// Cuts (or heals) the trunk between the two bridges.
+    fn trunk(&self, up: bool) {
+        ip(&[
+            "-n",
+            &self.ns_bridge(),
+            "link",
+            "set",
+            "trunk0",
+            if up { "up" } else { "down" },
+        ]);
+    }
+
+    /// Drops `percent`% of every packet entering every host (iptables).
+    fn loss(&self, percent: u32) {
+        for i in 1..=self.hosts {
+            let out = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &self.ns(i),
+                    "iptables",
+                    "-A",
+                    "INPUT",
+                    "-m",
+                    "statistic",
+                ])
+                .args([
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &format!("0.{percent:02}"),
+                    "-j",
+                    "DROP",
+                ])
+                .output()
+                .expect("iptables must be installed for the loss test");
+            assert!(
+                out.status.success(),
+                "iptables: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     fn link(&self, i: usize, up: bool) {
@@ -207,4 +270,111 @@ fn three_hosts_mesh_a_cut_host_fails_and_rejoins() {
         || (1..=3).all(|i| lab.node(i).linked() == 2),
     );
     eprintln!("rejoined in {took:?}");
+}
+
+/// Peer states as one node sees them, by name.
+fn states(d: &Daemon) -> std::collections::HashMap<String, (String, String)> {
+    d.peers()
+        .into_iter()
+        .map(|p| {
+            let f = |k: &str| p[k].as_str().unwrap_or("").to_string();
+            (f("name"), (f("state"), f("link")))
+        })
+        .collect()
+}
+
+#[test]
+fn partition_three_against_three_five_times_heals_each_time() {
+    let Some(mut lab) = Lab::with_split(6, 3) else {
+        return;
+    };
+    let dir = TempDir::new("part");
+    for i in 1..=6 {
+        lab.start(dir.path(), i);
+    }
+    wait_until(Duration::from_secs(15), "6-host full mesh", || {
+        (1..=6).all(|i| lab.node(i).linked() == 5)
+    });
+    let side = |i: usize| if i <= 3 { 0 } else { 1 };
+    for round in 1..=5 {
+        lab.trunk(false);
+        let took = wait_until(Duration::from_secs(10), "each side fails the other", || {
+            (1..=6).all(|i| {
+                let st = states(lab.node(i));
+                (1..=6).filter(|&j| j != i).all(|j| {
+                    let (state, _) = st.get(&format!("h{j}")).cloned().unwrap_or_default();
+                    if side(i) == side(j) {
+                        state == "alive"
+                    } else {
+                        state == "failed"
+                    }
+                })
+            })
+        });
+        eprintln!("round {round}: partition seen by all in {took:?}");
+        lab.trunk(true);
+        let took = wait_until(Duration::from_secs(10), "full mesh after heal", || {
+            (1..=6).all(|i| lab.node(i).linked() == 5)
+        });
+        eprintln!("round {round}: healed, full mesh in {took:?}");
+    }
+    // Nobody on the same side was ever failed.
+    for i in 1..=6 {
+        let (_, body) = support::curl(&lab.node(i).socket, &["http://localhost/v1/self"]);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let failed = v["transitions"]["peer_failed"].as_u64().unwrap_or(0);
+        assert_eq!(
+            failed, 15,
+            "h{i}: 3 failures per round, 5 rounds, none on its own side"
+        );
+    }
+}
+
+#[test]
+fn no_false_failures_under_cpu_load_and_packet_loss() {
+    let secs: u64 = std::env::var("CONSTELLATION_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let hosts = 16;
+    let Some(mut lab) = Lab::new(hosts) else {
+        return;
+    };
+    let dir = TempDir::new("soak");
+    for i in 1..=hosts {
+        lab.start(dir.path(), i);
+    }
+    wait_until(Duration::from_secs(30), "16-host full mesh", || {
+        (1..=hosts).all(|i| lab.node(i).linked() == hosts - 1)
+    });
+    lab.loss(5);
+    // Saturate one core for the whole soak (bounded: it stops with the test).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spin = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                std::hint::black_box(x);
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500)); // pacing of a bounded soak, not synchronisation
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    spin.join().unwrap();
+    let mut total_failed = 0;
+    let mut total_suspect = 0;
+    for i in 1..=hosts {
+        let (_, body) = support::curl(&lab.node(i).socket, &["http://localhost/v1/self"]);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let t = &v["transitions"];
+        total_failed += t["peer_failed"].as_u64().unwrap_or(0);
+        total_suspect += t["peer_suspect"].as_u64().unwrap_or(0);
+    }
+    eprintln!("soak {secs}s, {hosts} hosts, 5% loss, one core busy: {total_failed} failed, {total_suspect} suspect transitions");
+    assert_eq!(total_failed, 0, "no node that never stopped may be failed");
 }
