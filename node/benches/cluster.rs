@@ -13,6 +13,12 @@
 //!   all others emitted the message on their event streams. Baseline: the same
 //!   for a unicast to one peer.
 //!
+//! - `crash_detection`, `restart`, `graceful_leave` (16 nodes): from `kill -9`
+//!   (or a restart's spawn, or SIGTERM) until every other node reported the
+//!   node `failed` (`alive` again as a single entry, `left`). Baseline: a
+//!   unicast message's latency in the same cluster (the floor of anything that
+//!   crosses it).
+//!
 //! Every node runs on interface lo with TTL 0 on a group of its own; every
 //! process is killed when the benchmark ends.
 
@@ -352,6 +358,85 @@ async fn peers_and_broadcast(n: usize, runs: usize, msg_runs: usize) {
     );
 }
 
+async fn lifecycle(n: usize, runs: usize) {
+    let mut c = start_cluster(n, "life").await;
+    let others: Vec<PathBuf> = c.nodes[..n - 1].iter().map(|(_, s, _)| s.clone()).collect();
+    let (mut rx, _tasks) = subscribe(&others).await;
+    let client = Client::new(&others[0]);
+    let (mut crash, mut restart, mut leave, mut base) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in 0..runs {
+        let topic = format!("floor{r}");
+        let t0 = SystemTime::now();
+        client
+            .json(
+                Method::POST,
+                "/v1/messages",
+                Some(json!({"to": "b2", "topic": topic, "payload": "x"})),
+            )
+            .await
+            .expect("send");
+        base.push(ms_since(
+            t0,
+            latest(&mut rx, 1, |v| {
+                v["type"] == "message" && v["topic"] == topic.as_str()
+            })
+            .await,
+        ));
+
+        let name = c.nodes[n - 1].0.clone();
+        let victim = &mut c.nodes[n - 1].2;
+        let t0 = SystemTime::now();
+        victim.0.kill().expect("kill -9");
+        let _ = victim.0.wait();
+        let last = latest(&mut rx, n - 1, |v| {
+            v["type"] == "peer_failed" && v["peer"]["name"] == name.as_str()
+        })
+        .await;
+        crash.push(ms_since(t0, last));
+
+        let t0 = SystemTime::now();
+        let (sock, p) = spawn(&c.dir, &c.group, &name);
+        let last = latest(&mut rx, n - 1, |v| {
+            v["type"] == "peer_restarted" && v["peer"]["name"] == name.as_str()
+        })
+        .await;
+        restart.push(ms_since(t0, last));
+        c.nodes[n - 1] = (name.clone(), sock, p);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while linked(&c.nodes[n - 1].1).await != n - 1 {
+            assert!(Instant::now() < deadline, "restarted node did not mesh");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        let pid = c.nodes[n - 1].2 .0.id().to_string();
+        let t0 = SystemTime::now();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let last = latest(&mut rx, n - 1, |v| {
+            v["type"] == "peer_left" && v["peer"]["name"] == name.as_str()
+        })
+        .await;
+        leave.push(ms_since(t0, last));
+        let _ = c.nodes[n - 1].2 .0.wait();
+        let (sock, p) = spawn(&c.dir, &c.group, &name);
+        latest(&mut rx, n - 1, |v| {
+            v["type"] == "link_up" && v["peer"]["name"] == name.as_str()
+        })
+        .await;
+        c.nodes[n - 1] = (name, sock, p);
+    }
+    let floor = "unicast message latency";
+    report(
+        "crash_detection",
+        json!({"n": n}),
+        crash,
+        floor,
+        base.clone(),
+    );
+    report("restart", json!({"n": n}), restart, floor, base.clone());
+    report("graceful_leave", json!({"n": n}), leave, floor, base);
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -363,6 +448,7 @@ async fn main() {
     for &n in sizes {
         join_bench(n, runs).await;
     }
+    lifecycle(16, runs).await;
     let n = if quick { 16 } else { 32 };
     peers_and_broadcast(n, if quick { 10 } else { 20 }, runs).await;
 }

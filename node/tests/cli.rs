@@ -482,4 +482,25 @@ fn control_socket_rules_and_usage_errors() {
         d.cli(&["status"]).status.success(),
         "daemon survived garbage"
     );
+
+    // A client that connects and says nothing is disconnected (5 s header timeout).
+    let mut idle = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut one = [0u8; 64];
+    let got = idle.read(&mut one);
+    assert!(
+        matches!(got, Ok(_)),
+        "expected EOF or an answer, not {got:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(14),
+        "idle client was not timed out"
+    );
+    assert!(
+        waited >= Duration::from_secs(4),
+        "idle client dropped too early ({waited:?})"
+    );
 }

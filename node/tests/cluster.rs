@@ -189,3 +189,70 @@ fn nodes_of_another_cluster_stay_out_and_are_counted() {
     x.cancel.cancel();
     rt.block_on(x.wait());
 }
+
+#[test]
+fn a_flood_of_garbage_datagrams_is_counted_and_harmless() {
+    use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+    let dir = TempDir::new("flood");
+    let group = unique_group();
+    let a = TestNode::start(&dir, "a", &group);
+    let b = TestNode::start(&dir, "b", &group);
+    wait_until(Duration::from_secs(5), "a and b linked", || {
+        a.linked_alive() == 1 && b.linked_alive() == 1
+    });
+    // Loopback only: multicast interface 127.0.0.1, TTL 0.
+    let g: SocketAddrV4 = group.parse().unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s2 = socket2::SockRef::from(&sock);
+    s2.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
+    s2.set_multicast_ttl_v4(0).unwrap();
+    let mut good = proto::Beacon::decode(&{
+        let b = proto::Beacon {
+            cluster: "default".into(),
+            id: proto::NodeId(1),
+            incarnation: 1,
+            name: "mallory".into(),
+            addr: "127.0.0.1:9".parse().unwrap(),
+            kind: proto::BeaconKind::Announce,
+            digest: 0,
+        };
+        b.encode().unwrap()
+    })
+    .unwrap()
+    .encode()
+    .unwrap()
+    .to_vec();
+    let mut sent = 0u64;
+    for i in 0..5000u32 {
+        let datagram: Vec<u8> = match i % 4 {
+            0 => b"not a beacon at all".to_vec(),
+            1 => vec![0x43, 0x53, 0x54, 0x4c, 9, 0, 0, 0], // unknown version
+            2 => {
+                let idx = (i as usize * 7) % good.len();
+                good[idx] ^= 0x5a; // a flipped byte somewhere
+                good.clone()
+            }
+            _ => vec![0u8; 1500], // oversize
+        };
+        if sock.send_to(&datagram, g).is_ok() {
+            sent += 1;
+        }
+    }
+    wait_until(Duration::from_secs(5), "drops counted", || {
+        a.state.discovery.drops.total() > 1000
+    });
+    eprintln!(
+        "sent {sent} garbage datagrams; a counted {:?}",
+        a.state.discovery.drops.snapshot()
+    );
+    // Still one healthy link, no stray entries.
+    assert_eq!(a.linked_alive(), 1);
+    assert_eq!(b.linked_alive(), 1);
+    // Without a cluster secret a well-formed beacon is a hint anyone can send;
+    // it never becomes a linked peer, since nothing answers at its address.
+    assert!(a
+        .state
+        .peers
+        .iter()
+        .all(|p| p.name == "b" || p.link != LinkState::Up));
+}
