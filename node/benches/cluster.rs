@@ -52,7 +52,9 @@ struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.nodes.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::env::var_os("BENCH_DEBUG").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -72,10 +74,22 @@ fn spawn(dir: &Path, group: &str, name: &str) -> (PathBuf, Proc) {
         ])
         .args(["--listen", "127.0.0.1:0", "--socket"])
         .arg(&sock)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            if std::env::var_os("BENCH_DEBUG").is_some() {
+                "debug"
+            } else {
+                "warn"
+            },
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(match std::env::var_os("BENCH_DEBUG") {
+            Some(_) => {
+                Stdio::from(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log"))
+            }
+            None => Stdio::null(),
+        })
         .spawn()
         .expect("spawn node");
     (sock, Proc(child))
@@ -198,6 +212,14 @@ async fn latest(
             .await
             .expect("events within 20 s")
             .expect("stream open");
+        if std::env::var_os("BENCH_DEBUG").is_some() && v["type"] != "message" {
+            eprintln!(
+                "  event node {i} {} {} at {:?}",
+                v["type"],
+                v["peer"]["name"],
+                at(&v)
+            );
+        }
         if pred(&v) && seen.insert(i) {
             last = last.max(at(&v));
         }
@@ -388,7 +410,15 @@ async fn lifecycle(n: usize, runs: usize) {
         let victim = &mut c.nodes[n - 1].2;
         let t0 = SystemTime::now();
         victim.0.kill().expect("kill -9");
+        let killed = SystemTime::now();
         let _ = victim.0.wait();
+        if std::env::var_os("BENCH_DEBUG").is_some() {
+            eprintln!(
+                "t0 {t0:?} killed after {:.3} ms, reaped after {:.3} ms",
+                ms_since(t0, killed),
+                ms_since(t0, SystemTime::now())
+            );
+        }
         let last = latest(&mut rx, n - 1, |v| {
             v["type"] == "peer_failed" && v["peer"]["name"] == name.as_str()
         })

@@ -23,7 +23,7 @@ use base64::Engine;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use proto::frame::AppMessage;
-use proto::membership::{LinkState, Peer, PeerState};
+use proto::membership::{LinkState, Peer};
 use proto::NodeId;
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
@@ -176,11 +176,11 @@ async fn get_peers(
     for (k, v) in q {
         match k.as_str() {
             "state" => match v.as_str() {
-                "alive" | "failed" | "left" => state_filter = Some(v),
+                "alive" | "suspect" | "failed" | "left" => state_filter = Some(v),
                 _ => {
                     return error(
                         StatusCode::BAD_REQUEST,
-                        format!("unknown state {v:?} (alive, failed, left)"),
+                        format!("unknown state {v:?} (alive, suspect, failed, left)"),
                     )
                 }
             },
@@ -344,12 +344,7 @@ async fn get_health(
             }
         }
     }
-    let alive = api
-        .state
-        .peers
-        .iter()
-        .filter(|p| p.state == PeerState::Alive)
-        .count();
+    let alive = api.state.peers.iter().filter(|p| p.is_live()).count();
     let body = json!({ "status": if alive >= min_peers { "ok" } else { "waiting" }, "alive_peers": alive, "min_peers": min_peers });
     let status = if alive >= min_peers {
         StatusCode::OK
@@ -539,9 +534,10 @@ async fn get_metrics(State(api): State<Api>) -> Response {
     let d = &s.discovery;
     let t = s.transport.stats();
     let mut out = String::new();
-    let mut by_state: BTreeMap<&str, usize> = [("alive", 0), ("failed", 0), ("left", 0)]
-        .into_iter()
-        .collect();
+    let mut by_state: BTreeMap<&str, usize> =
+        [("alive", 0), ("suspect", 0), ("failed", 0), ("left", 0)]
+            .into_iter()
+            .collect();
     let mut links_up = 0;
     for p in s.peers.iter() {
         *by_state.entry(p.state.as_str()).or_default() += 1;

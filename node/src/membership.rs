@@ -101,7 +101,7 @@ fn on_transport(table: &mut PeerTable, state: &NodeState, ev: TransportEvent) ->
             id, why, detail, ..
         } => {
             if why != DialFailure::Duplicate {
-                tracing::debug!(id = %id.short(), %detail, "dial failed");
+                tracing::debug!(id = %id.short(), ?why, %detail, "dial failed");
             }
             table.on_dial_failed(now, id, why);
             id

@@ -490,10 +490,7 @@ fn control_socket_rules_and_usage_errors() {
     let started = std::time::Instant::now();
     let mut one = [0u8; 64];
     let got = idle.read(&mut one);
-    assert!(
-        matches!(got, Ok(_)),
-        "expected EOF or an answer, not {got:?}"
-    );
+    assert!(got.is_ok(), "expected EOF or an answer, not {got:?}");
     let waited = started.elapsed();
     assert!(
         waited < Duration::from_secs(14),

@@ -249,6 +249,9 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// How soon a dial reset during its handshake is retried.
+const RESET_RETRY: Duration = Duration::from_millis(10);
+
 /// What the driver should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -269,6 +272,11 @@ pub enum DialFailure {
     Refused,
     /// Timeout, unreachable, handshake failure: no conclusion.
     Other,
+    /// The connection opened but was reset or closed before the handshake
+    /// answered: typically a process that is dying (its listener still had
+    /// the connection queued). Retried at once, so that the next attempt
+    /// meets a refusal or a live node.
+    Reset,
     /// The peer already has a link with us (the other dial won).
     Duplicate,
 }
@@ -697,6 +705,11 @@ impl PeerTable {
         if why == DialFailure::Duplicate {
             // The other side's dial won; its link is on its way.
             p.next_dial = Some(now + self.cfg.dial_fallback);
+            return;
+        }
+        if why == DialFailure::Reset && p.dial_attempts < 3 {
+            p.dial_attempts += 1;
+            p.next_dial = Some(now + RESET_RETRY);
             return;
         }
         p.dial_attempts = p.dial_attempts.saturating_add(1);

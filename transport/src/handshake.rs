@@ -74,6 +74,13 @@ pub(crate) async fn dial(
                 detail: format!("connect to {addr} refused"),
             })
         }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+            return Err(HandshakeError {
+                why: DialFailure::Reset,
+                drop_reason: None,
+                detail: format!("connect to {addr}: {e}"),
+            })
+        }
         Ok(Err(e)) => return Err(HandshakeError::other(format!("connect to {addr}: {e}"))),
         Ok(Ok(s)) => s,
     };
@@ -88,6 +95,21 @@ pub(crate) async fn dial(
                 "handshake with {addr} timed out"
             )))
         }
+        Ok(Err(proto::FrameError::Io(e))) => {
+            // Reset before any answer: most likely a dying process whose
+            // listener still held our connection in its queue.
+            let why = match e.kind() {
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe => DialFailure::Reset,
+                _ => DialFailure::Other,
+            };
+            return Err(HandshakeError {
+                why,
+                drop_reason: None,
+                detail: format!("handshake with {addr}: {e}"),
+            });
+        }
         Ok(Err(e)) => {
             return Err(HandshakeError {
                 why: DialFailure::Other,
@@ -96,9 +118,11 @@ pub(crate) async fn dial(
             })
         }
         Ok(Ok(None)) => {
-            return Err(HandshakeError::other(format!(
-                "{addr} closed during handshake"
-            )))
+            return Err(HandshakeError {
+                why: DialFailure::Reset,
+                drop_reason: None,
+                detail: format!("{addr} closed during handshake"),
+            })
         }
         Ok(Ok(Some(m))) => m,
     };

@@ -136,6 +136,22 @@ fn crash_is_detected_by_a_refused_redial() {
 }
 
 #[test]
+fn a_dying_peer_that_resets_the_redial_is_retried_at_once_then_failed() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_link_up(t0, &hello(HIGH, 1));
+    t.on_link_down(t0, HIGH, false);
+    actions(&mut t);
+    t.on_dial_failed(t0, HIGH, DialFailure::Reset);
+    let retry = t.next_deadline().unwrap();
+    assert!(retry <= t0 + Duration::from_millis(10));
+    t.on_tick(retry);
+    assert_eq!(actions(&mut t).len(), 1);
+    t.on_dial_failed(retry, HIGH, DialFailure::Refused);
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Failed);
+}
+
+#[test]
 fn one_bad_link_with_beacons_is_degraded_not_failed() {
     let t0 = Instant::now();
     let mut t = table();
@@ -356,7 +372,7 @@ fn arb_input() -> impl Strategy<Value = (u64, Input)> {
         (id.clone(), 1u64..4, 0u8..3).prop_map(|(i, n, k)| Input::Beacon(i, n, k)),
         (id.clone(), 1u64..4).prop_map(|(i, n)| Input::LinkUp(i, n)),
         (id.clone(), any::<bool>()).prop_map(|(i, g)| Input::LinkDown(i, g)),
-        (id.clone(), 0u8..3).prop_map(|(i, w)| Input::DialFailed(i, w)),
+        (id.clone(), 0u8..4).prop_map(|(i, w)| Input::DialFailed(i, w)),
         id.clone().prop_map(Input::Goodbye),
         id.prop_map(Input::Pong),
         Just(Input::Tick),
@@ -390,7 +406,7 @@ proptest! {
                 }
                 Input::LinkDown(i, g) => t.on_link_down(now, nid(i), g),
                 Input::DialFailed(i, w) => {
-                    let why = [DialFailure::Refused, DialFailure::Other, DialFailure::Duplicate][w as usize];
+                    let why = [DialFailure::Refused, DialFailure::Other, DialFailure::Duplicate, DialFailure::Reset][w as usize];
                     t.on_dial_failed(now, nid(i), why);
                 }
                 Input::Goodbye(i) => t.on_goodbye(now, nid(i)),
