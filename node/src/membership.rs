@@ -11,13 +11,16 @@ use std::time::Duration;
 
 use base64::Engine;
 use discovery::DiscoveryEvent;
-use proto::membership::{Action, DialFailure, EventKind, PeerTable};
+use proto::frame::{PeerList, PeerRecord};
+use proto::membership::{Action, DialFailure, EventKind, LinkState, Peer, PeerTable};
+use proto::Message;
 use proto::NodeId;
+use rand::seq::SliceRandom;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use transport::TransportEvent;
 
 use crate::state::{peer_json, NodeState};
@@ -110,6 +113,11 @@ fn on_transport(table: &mut PeerTable, state: &NodeState, ev: TransportEvent) ->
             table.on_pong(now, id, rtt);
             id
         }
+        TransportEvent::Peers { id, list } => {
+            table.on_traffic(now, id);
+            on_peer_list(table, state, now, id, list);
+            id
+        }
         TransportEvent::Message { id, msg } => {
             table.on_traffic(now, id);
             state.messages_in.fetch_add(1, Ordering::Relaxed);
@@ -129,6 +137,85 @@ fn on_transport(table: &mut PeerTable, state: &NodeState, ev: TransportEvent) ->
             id
         }
     }
+}
+
+/// How many linked peers are asked about a suspect peer.
+const PROBE_FANOUT: usize = 3;
+
+/// Asks a few linked peers whether they hear `id` directly.
+fn probe(table: &PeerTable, state: &NodeState, id: NodeId) {
+    let Some(p) = table.get(&id) else { return };
+    let mut helpers: Vec<NodeId> = table
+        .peers()
+        .filter(|h| h.id != id && h.link == LinkState::Up)
+        .map(|h| h.id)
+        .collect();
+    helpers.shuffle(&mut rand::thread_rng());
+    helpers.truncate(PROBE_FANOUT);
+    if helpers.is_empty() {
+        return;
+    }
+    let ask = Message::Peers(PeerList {
+        peers: vec![record(p, "probe", None)],
+    });
+    let transport = state.transport.clone();
+    // Off the membership loop: the transport answers through its actor.
+    tokio::spawn(async move {
+        for h in helpers {
+            if let Err(error) = transport.try_send(h, ask.clone()).await {
+                debug!(helper = %h.short(), %error, "probe not sent");
+            }
+        }
+    });
+}
+
+fn record(p: &Peer, state: &str, age: Option<Duration>) -> PeerRecord {
+    PeerRecord {
+        id: p.id,
+        incarnation: p.incarnation,
+        name: p.name.clone(),
+        addr: p.addr,
+        state: state.into(),
+        age_ms: age.map(|a| a.as_millis() as u64),
+    }
+}
+
+/// Answers probes with our *direct* evidence, and feeds reports to the table.
+fn on_peer_list(
+    table: &mut PeerTable,
+    state: &NodeState,
+    now: std::time::Instant,
+    from: NodeId,
+    list: PeerList,
+) {
+    let fresh = table.config().suspect_after;
+    let mut answers = Vec::new();
+    for r in list.peers {
+        match (r.state.as_str(), r.age_ms) {
+            ("probe", _) => {
+                if let Some(p) = table.get(&r.id).filter(|p| p.is_live()) {
+                    let age = now.saturating_duration_since(p.last_seen);
+                    if age < fresh && p.incarnation == r.incarnation {
+                        answers.push(record(p, "alive", Some(age)));
+                    }
+                }
+            }
+            ("alive", Some(age_ms)) => {
+                table.on_vouch(now, r.id, r.incarnation, Duration::from_millis(age_ms))
+            }
+            _ => {} // other reports are not used
+        }
+    }
+    if answers.is_empty() {
+        return;
+    }
+    let transport = state.transport.clone();
+    let reply = Message::Peers(PeerList { peers: answers });
+    tokio::spawn(async move {
+        if let Err(error) = transport.try_send(from, reply).await {
+            debug!(to = %from.short(), %error, "probe answer not sent");
+        }
+    });
 }
 
 /// Mirrors table events into the read-model, logs and the bus; starts dials.
@@ -170,6 +257,7 @@ fn drain(table: &mut PeerTable, state: &NodeState) {
                     table.on_dial_failed(now, id, DialFailure::Other);
                 }
             }
+            Action::Probe { id } => probe(table, state, id),
         }
     }
 }

@@ -77,8 +77,13 @@ pub struct PeerRecord {
     /// Peer data address.
     #[serde(with = "addr_str")]
     pub addr: SocketAddr,
-    /// Peer state as the sender sees it (`alive`, `failed`, `left`, ...).
+    /// Peer state as the sender sees it (`alive`, `failed`, `left`, ...), or
+    /// `probe` in a request: "have you heard from this peer yourself?".
     pub state: String,
+    /// How long ago the sender last heard from the peer *directly* (its own
+    /// link or beacons, never hearsay), in milliseconds.
+    #[serde(default)]
+    pub age_ms: Option<u64>,
 }
 
 /// The sender's view of the cluster.
@@ -402,6 +407,7 @@ mod tests {
                     name: "n".into(),
                     addr: "127.0.0.1:1".parse().unwrap(),
                     state: "alive".into(),
+                    age_ms: Some(12),
                 }],
             }),
             Message::App(AppMessage {
@@ -526,6 +532,7 @@ mod tests {
                 name,
                 addr: "[::1]:9".parse().unwrap(),
                 state,
+                age_ms: None,
             },
         );
         prop_oneof![

@@ -167,8 +167,13 @@ pub struct Peer {
     pub tags: Tags,
     /// Digest of the metadata, from beacons.
     pub digest: u64,
-    /// When the link was lost without a goodbye and no sign of life since.
+    /// When the link was lost without a goodbye (cleared when a link is up).
     lost_at: Option<Instant>,
+    /// When another node last heard from this peer directly, by its report.
+    vouched_at: Option<Instant>,
+    /// When to ask other nodes about this peer next (while it is degraded
+    /// and only their reports keep it alive).
+    next_probe: Option<Instant>,
     /// When to dial next (only while alive and not linked).
     next_dial: Option<Instant>,
     /// Consecutive failed dials.
@@ -183,17 +188,25 @@ impl Peer {
         matches!(self.state, PeerState::Alive | PeerState::Suspect)
     }
 
-    /// Link down while beacons still arrive (after the link was lost, or
-    /// when no link ever came up): one bad path, not a dead node.
+    /// Link down while beacons still arrive, or while other nodes report
+    /// hearing from it (after the link was lost, or when no link ever came
+    /// up): one bad path, not a dead node.
     pub fn degraded(&self) -> bool {
         if self.link == LinkState::Up || !self.is_live() {
             return false;
         }
-        match (self.lost_at, self.last_beacon) {
-            (Some(lost), Some(beacon)) => beacon > lost,
+        let since_loss = |t: Option<Instant>| match (self.lost_at, t) {
+            (Some(lost), Some(t)) => t > lost,
             (None, Some(_)) => true,
             (_, None) => false,
-        }
+        };
+        since_loss(self.last_beacon) || since_loss(self.vouched_at)
+    }
+
+    /// The freshest evidence of life: our own, or another node's report.
+    fn last_evidence(&self) -> Instant {
+        self.vouched_at
+            .map_or(self.last_seen, |v| v.max(self.last_seen))
     }
 }
 
@@ -249,6 +262,9 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// How often a suspect (or report-kept) peer is asked about.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
 /// How soon a dial reset during its handshake is retried.
 const RESET_RETRY: Duration = Duration::from_millis(10);
 
@@ -262,6 +278,12 @@ pub enum Action {
         id: NodeId,
         /// Where.
         addr: SocketAddr,
+    },
+    /// Ask a few linked peers whether they hear `id` directly; feed their
+    /// answers to [`PeerTable::on_vouch`].
+    Probe {
+        /// The peer in question.
+        id: NodeId,
     },
 }
 
@@ -499,6 +521,8 @@ impl PeerTable {
                     tags: Tags::new(),
                     digest: b.digest,
                     lost_at: None,
+                    vouched_at: None,
+                    next_probe: None,
                     next_dial: Some(first_dial),
                     dial_attempts: 0,
                     conflict: None,
@@ -599,6 +623,8 @@ impl PeerTable {
             tags: hello.tags.clone(),
             digest,
             lost_at: None,
+            vouched_at: None,
+            next_probe: None,
             next_dial: None,
             dial_attempts: 0,
             conflict: None,
@@ -631,6 +657,7 @@ impl PeerTable {
         p.digest = digest;
         p.last_seen = now;
         p.lost_at = None;
+        p.next_probe = None;
         p.next_dial = None;
         p.dial_attempts = 0;
         let was_up = p.link == LinkState::Up;
@@ -668,6 +695,9 @@ impl PeerTable {
                 p.since = now;
                 suspect = true;
             }
+            // Others may still hear it: ask them (only reports newer than
+            // this loss count).
+            p.next_probe = Some(now);
         } else if p.is_live() {
             p.next_dial = Some(first_dial);
         }
@@ -758,7 +788,31 @@ impl PeerTable {
         }
     }
 
-    /// Advances timers: failures, due dials, reaping.
+    /// Another node reports hearing `id` (at `incarnation`) directly, `age`
+    /// ago. Only fresh reports about a live peer of the same incarnation,
+    /// newer than our own loss of its link, count: a report never resurrects
+    /// a failed peer and never outlives what its sender saw.
+    pub fn on_vouch(&mut self, now: Instant, id: NodeId, incarnation: Incarnation, age: Duration) {
+        let cfg = self.cfg;
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if !p.is_live() || incarnation != p.incarnation || age >= cfg.suspect_after {
+            return;
+        }
+        let heard = now.checked_sub(age).unwrap_or(now);
+        if p.lost_at.is_some_and(|lost| heard <= lost) || p.vouched_at.is_some_and(|v| v >= heard) {
+            return;
+        }
+        p.vouched_at = Some(heard);
+        if p.state == PeerState::Suspect && p.link != LinkState::Up {
+            p.state = PeerState::Alive;
+            p.since = now;
+            self.emit(id, EventKind::Recovered);
+        }
+    }
+
+    /// Advances timers: failures, due dials, probes, reaping.
     pub fn on_tick(&mut self, now: Instant) {
         let cfg = self.cfg;
         let mut reaped = Vec::new();
@@ -767,7 +821,7 @@ impl PeerTable {
         for p in self.peers.values_mut() {
             match p.state {
                 PeerState::Alive | PeerState::Suspect => {
-                    let silence = now.saturating_duration_since(p.last_seen);
+                    let silence = now.saturating_duration_since(p.last_evidence());
                     if silence >= Self::dead_after(&cfg, p) {
                         p.state = PeerState::Failed;
                         p.since = now;
@@ -779,7 +833,19 @@ impl PeerTable {
                     {
                         p.state = PeerState::Suspect;
                         p.since = now;
+                        p.next_probe = Some(now);
                         suspected.push(p.id);
+                    }
+                    let beacon_since_loss = match (p.lost_at, p.last_beacon) {
+                        (Some(lost), Some(b)) => b > lost,
+                        (None, Some(_)) => true,
+                        (_, None) => false,
+                    };
+                    if !p.is_live() || p.link == LinkState::Up || beacon_since_loss {
+                        p.next_probe = None; // its own beacons speak for it
+                    } else if p.next_probe.is_some_and(|t| t <= now) {
+                        p.next_probe = Some(now + PROBE_EVERY);
+                        self.actions.push_back(Action::Probe { id: p.id });
                     }
                 }
                 PeerState::Failed | PeerState::Left => {
@@ -849,9 +915,12 @@ impl PeerTable {
             .values()
             .map(|p| match p.state {
                 PeerState::Alive | PeerState::Suspect => {
-                    let mut t = p.last_seen + Self::dead_after(cfg, p);
+                    let mut t = p.last_evidence() + Self::dead_after(cfg, p);
                     if p.state == PeerState::Alive && !p.degraded() {
-                        t = t.min(p.last_seen + cfg.suspect_after);
+                        t = t.min(p.last_evidence() + cfg.suspect_after);
+                    }
+                    if let Some(probe) = p.next_probe.filter(|_| p.link != LinkState::Up) {
+                        t = t.min(probe);
                     }
                     match p.next_dial.filter(|_| p.link == LinkState::Down) {
                         Some(d) => t.min(d),

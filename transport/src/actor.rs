@@ -120,6 +120,13 @@ pub enum TransportEvent {
         /// Round-trip time.
         rtt: Duration,
     },
+    /// A peer-list message (probe or report) arrived.
+    Peers {
+        /// Sender.
+        id: NodeId,
+        /// What it says.
+        list: proto::frame::PeerList,
+    },
     /// An application message arrived.
     Message {
         /// Sender.
@@ -264,6 +271,16 @@ impl Transport {
             Some(l) => l.handle.send_app(msg, self.send_timeout).await,
             None => Err(SendError::NoLink),
         }
+    }
+
+    /// Queues a control message (peer-list probe or report) to `id` without
+    /// waiting: best effort, dropped when the link's queue is full.
+    pub async fn try_send(&self, id: NodeId, msg: Message) -> Result<(), SendError> {
+        let link = self.links().await.into_iter().find(|l| l.id == id);
+        let Some(link) = link else {
+            return Err(SendError::NoLink);
+        };
+        link.handle.tx.try_send(msg).map_err(|_| SendError::Closed)
     }
 
     /// The counters.

@@ -234,7 +234,7 @@ pub(crate) fn spawn_link(
                 Message::Reject(r) => {
                     break (false, format!("rejected ({}): {}", r.code, r.detail))
                 }
-                Message::Peers(_) => continue, // peer-list exchange: accepted, not used yet
+                Message::Peers(list) => TransportEvent::Peers { id: peer, list },
                 Message::Hello(_) | Message::Welcome(_) => {
                     rshared
                         .stats

@@ -143,11 +143,57 @@ fn a_dying_peer_that_resets_the_redial_is_retried_at_once_then_failed() {
     t.on_link_down(t0, HIGH, false);
     actions(&mut t);
     t.on_dial_failed(t0, HIGH, DialFailure::Reset);
-    let retry = t.next_deadline().unwrap();
-    assert!(retry <= t0 + Duration::from_millis(10));
+    let retry = t0 + Duration::from_millis(10);
+    assert!(t.next_deadline().unwrap() <= retry);
     t.on_tick(retry);
-    assert_eq!(actions(&mut t).len(), 1);
+    assert!(actions(&mut t)
+        .iter()
+        .any(|a| matches!(a, Action::Dial { .. })));
     t.on_dial_failed(retry, HIGH, DialFailure::Refused);
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Failed);
+}
+
+#[test]
+fn reports_from_others_keep_a_peer_with_a_broken_link_alive() {
+    let t0 = Instant::now();
+    let mut t = table();
+    let cfg = *t.config();
+    t.on_link_up(t0, &hello(HIGH, 1));
+    let lost = t0 + Duration::from_millis(100);
+    t.on_link_down(lost, HIGH, false);
+    events(&mut t);
+    actions(&mut t);
+    t.on_tick(lost);
+    assert!(actions(&mut t).contains(&Action::Probe { id: HIGH }));
+    // A report older than our loss proves nothing (it may predate a crash).
+    t.on_vouch(
+        lost + Duration::from_millis(10),
+        HIGH,
+        1,
+        Duration::from_millis(50),
+    );
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Suspect);
+    // A fresh one does: alive, degraded, never failed while reports continue.
+    let mut now = lost;
+    for _ in 0..40 {
+        now += Duration::from_millis(250);
+        t.on_vouch(now, HIGH, 1, Duration::from_millis(30));
+        t.on_tick(now);
+        while let Some(a) = t.poll_action() {
+            if let Action::Dial { .. } = a {
+                t.on_dial_failed(now, HIGH, DialFailure::Other);
+            }
+        }
+    }
+    let p = t.get(&HIGH).unwrap();
+    assert_eq!(p.state, PeerState::Alive);
+    assert!(p.degraded());
+    assert!(!events(&mut t).contains(&EventKind::Failed));
+    // Reports stop: failed once the last one is beacon_dead_after old.
+    t.on_tick(now + cfg.beacon_dead_after);
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Failed);
+    // And a late report never brings it back.
+    t.on_vouch(now + cfg.beacon_dead_after, HIGH, 1, Duration::ZERO);
     assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Failed);
 }
 
@@ -436,10 +482,15 @@ proptest! {
                     _ => prop_assert!(known.contains_key(&e.id), "{:?} before joined", e.kind),
                 }
             }
-            while let Some(Action::Dial { id, .. }) = t.poll_action() {
+            while let Some(action) = t.poll_action() {
+                let (Action::Dial { id, .. } | Action::Probe { id }) = action;
                 let p = t.get(&id).unwrap();
                 prop_assert!(p.is_live());
-                prop_assert_eq!(p.link, LinkState::Connecting);
+                if matches!(action, Action::Dial { .. }) {
+                    prop_assert_eq!(p.link, LinkState::Connecting);
+                } else {
+                    prop_assert!(p.link != LinkState::Up);
+                }
             }
             let mut names = std::collections::HashSet::new();
             for p in t.peers() {
