@@ -34,6 +34,11 @@ use tokio::sync::mpsc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_constellationd");
 
+/// `BENCH_DEBUG=1` keeps every node's debug log in its cluster directory.
+fn keep_logs() -> bool {
+    std::env::var_os("BENCH_DEBUG").is_some()
+}
+
 struct Proc(Child);
 
 impl Drop for Proc {
@@ -52,7 +57,7 @@ struct Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.nodes.clear();
-        if std::env::var_os("BENCH_DEBUG").is_none() {
+        if !keep_logs() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -74,21 +79,13 @@ fn spawn(dir: &Path, group: &str, name: &str) -> (PathBuf, Proc) {
         ])
         .args(["--listen", "127.0.0.1:0", "--socket"])
         .arg(&sock)
-        .env(
-            "RUST_LOG",
-            if std::env::var_os("BENCH_DEBUG").is_some() {
-                "debug"
-            } else {
-                "warn"
-            },
-        )
+        .env("RUST_LOG", if keep_logs() { "debug" } else { "warn" })
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(match std::env::var_os("BENCH_DEBUG") {
-            Some(_) => {
-                Stdio::from(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log"))
-            }
-            None => Stdio::null(),
+        .stderr(if keep_logs() {
+            Stdio::from(std::fs::File::create(dir.join(format!("{name}.log"))).expect("log"))
+        } else {
+            Stdio::null()
         })
         .spawn()
         .expect("spawn node");
@@ -212,19 +209,34 @@ async fn latest(
             .await
             .expect("events within 20 s")
             .expect("stream open");
-        if std::env::var_os("BENCH_DEBUG").is_some() && v["type"] != "message" {
-            eprintln!(
-                "  event node {i} {} {} at {:?}",
-                v["type"],
-                v["peer"]["name"],
-                at(&v)
-            );
-        }
         if pred(&v) && seen.insert(i) {
             last = last.max(at(&v));
         }
     }
     last
+}
+
+/// Sends a message (`to`: a peer, or null to broadcast) and returns the ms
+/// until `recipients` event streams emitted it.
+async fn message_ms(
+    client: &Client,
+    rx: &mut mpsc::UnboundedReceiver<(usize, Value)>,
+    to: Value,
+    topic: &str,
+    recipients: usize,
+) -> f64 {
+    let t0 = SystemTime::now();
+    let body = json!({"to": to, "topic": topic, "payload": "x"});
+    let (status, answer) = client
+        .json(Method::POST, "/v1/messages", Some(body))
+        .await
+        .expect("send");
+    assert!(status.is_success(), "{answer}");
+    let last = latest(rx, recipients, |v| {
+        v["type"] == "message" && v["topic"] == topic
+    })
+    .await;
+    ms_since(t0, last)
 }
 
 fn stats(mut xs: Vec<f64>) -> (f64, f64, f64) {
@@ -340,36 +352,8 @@ async fn peers_and_broadcast(n: usize, runs: usize, msg_runs: usize) {
     let mut xs = Vec::new();
     let mut base = Vec::new();
     for r in 0..msg_runs {
-        let topic = format!("uni{r}");
-        let t0 = SystemTime::now();
-        client
-            .json(
-                Method::POST,
-                "/v1/messages",
-                Some(json!({"to": "b2", "topic": topic, "payload": "x"})),
-            )
-            .await
-            .expect("send");
-        let last = latest(&mut rx, 1, |v| {
-            v["type"] == "message" && v["topic"] == topic.as_str()
-        })
-        .await;
-        base.push(ms_since(t0, last));
-        let topic = format!("all{r}");
-        let t0 = SystemTime::now();
-        client
-            .json(
-                Method::POST,
-                "/v1/messages",
-                Some(json!({"to": null, "topic": topic, "payload": "x"})),
-            )
-            .await
-            .expect("broadcast");
-        let last = latest(&mut rx, n - 1, |v| {
-            v["type"] == "message" && v["topic"] == topic.as_str()
-        })
-        .await;
-        xs.push(ms_since(t0, last));
+        base.push(message_ms(&client, &mut rx, json!("b2"), &format!("uni{r}"), 1).await);
+        xs.push(message_ms(&client, &mut rx, Value::Null, &format!("all{r}"), n - 1).await);
     }
     report(
         "broadcast",
@@ -388,37 +372,13 @@ async fn lifecycle(n: usize, runs: usize) {
     let (mut crash, mut restart, mut leave, mut base) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in 0..runs {
-        let topic = format!("floor{r}");
-        let t0 = SystemTime::now();
-        client
-            .json(
-                Method::POST,
-                "/v1/messages",
-                Some(json!({"to": "b2", "topic": topic, "payload": "x"})),
-            )
-            .await
-            .expect("send");
-        base.push(ms_since(
-            t0,
-            latest(&mut rx, 1, |v| {
-                v["type"] == "message" && v["topic"] == topic.as_str()
-            })
-            .await,
-        ));
+        base.push(message_ms(&client, &mut rx, json!("b2"), &format!("floor{r}"), 1).await);
 
         let name = c.nodes[n - 1].0.clone();
         let victim = &mut c.nodes[n - 1].2;
         let t0 = SystemTime::now();
         victim.0.kill().expect("kill -9");
-        let killed = SystemTime::now();
         let _ = victim.0.wait();
-        if std::env::var_os("BENCH_DEBUG").is_some() {
-            eprintln!(
-                "t0 {t0:?} killed after {:.3} ms, reaped after {:.3} ms",
-                ms_since(t0, killed),
-                ms_since(t0, SystemTime::now())
-            );
-        }
         let last = latest(&mut rx, n - 1, |v| {
             v["type"] == "peer_failed" && v["peer"]["name"] == name.as_str()
         })

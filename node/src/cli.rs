@@ -401,35 +401,13 @@ async fn run(cmd: Command) -> ExitCode {
             topic,
             message,
             json,
-        } => {
-            let payload = match read_message(message) {
-                Ok(p) => p,
-                Err(code) => return code,
-            };
-            send(
-                &client(&sock),
-                json!({ "to": node, "topic": topic, "payload": payload }),
-                json,
-            )
-            .await
-        }
+        } => send(&sock, Value::from(node), topic, message, json).await,
         Command::Broadcast {
             sock,
             topic,
             message,
             json,
-        } => {
-            let payload = match read_message(message) {
-                Ok(p) => p,
-                Err(code) => return code,
-            };
-            send(
-                &client(&sock),
-                json!({ "to": null, "topic": topic, "payload": payload }),
-                json,
-            )
-            .await
-        }
+        } => send(&sock, Value::Null, topic, message, json).await,
         Command::Leave { sock } => {
             match client(&sock).json(Method::POST, "/v1/leave", None).await {
                 Err(e) => fail(e),
@@ -463,8 +441,23 @@ async fn run(cmd: Command) -> ExitCode {
     }
 }
 
-async fn send(client: &Client, body: Value, json: bool) -> ExitCode {
-    match client.json(Method::POST, "/v1/messages", Some(body)).await {
+/// `send` and `broadcast`: `to` is a peer, or null for every linked peer.
+async fn send(
+    sock: &SocketArg,
+    to: Value,
+    topic: String,
+    message: Option<String>,
+    json: bool,
+) -> ExitCode {
+    let payload = match read_message(message) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let body = json!({ "to": to, "topic": topic, "payload": payload });
+    match client(sock)
+        .json(Method::POST, "/v1/messages", Some(body))
+        .await
+    {
         Err(e) => fail(e),
         Ok((st, v)) if v.get("error").is_some() => api_error(st, &v),
         Ok((st, v)) => {

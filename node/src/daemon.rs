@@ -79,7 +79,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
     let socket = socket::resolve(args.sock.socket.as_deref());
     socket::check_len(&socket).map_err(|e| format!("--socket: {e}"))?;
     if let Some((ip, _)) = args.advertise {
-        if netif::is_loopback(ip) && interfaces.iter().any(|i| !i.addr.is_loopback()) {
+        if ip.is_loopback() && interfaces.iter().any(|i| !i.addr.is_loopback()) {
             warn!(advertise = %ip, "advertising a loopback address on a non-loopback interface: peers on other hosts cannot dial it");
         }
     }
@@ -280,7 +280,6 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
         transitions: proto::stats::Tally::default(),
         messages_in: AtomicU64::new(0),
         messages_out: AtomicU64::new(0),
-        stop: cancel.clone(),
     });
 
     let table_cfg = TableConfig {

@@ -1,7 +1,7 @@
 //! Choosing interfaces: names or addresses from the command line, or the
 //! default-route interface.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use discovery::Interface;
 
@@ -73,11 +73,6 @@ fn parse_default_route(table: &str) -> Option<String> {
         let dest = cols.next()?;
         (dest == "00000000").then(|| iface.to_string())
     })
-}
-
-/// True for addresses that only this host can reach.
-pub fn is_loopback(ip: IpAddr) -> bool {
-    ip.is_loopback()
 }
 
 #[cfg(test)]

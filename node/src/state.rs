@@ -16,7 +16,6 @@ use proto::membership::Peer;
 use proto::{Incarnation, NodeId, Tags};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
 use transport::Transport;
 
 /// Events buffered per `watch` client before it is told it lost some.
@@ -63,8 +62,6 @@ pub struct NodeState {
     pub messages_in: AtomicU64,
     /// Application messages sent.
     pub messages_out: AtomicU64,
-    /// Cancelling this stops the node (graceful leave).
-    pub stop: CancellationToken,
 }
 
 /// RFC 3339 timestamp of now, with microseconds.

@@ -953,11 +953,6 @@ impl PeerTable {
             cfg.dead_after
         }
     }
-
-    /// Ids of a name's earlier lives still remembered (for diagnostics).
-    pub fn superseded_count(&self) -> usize {
-        self.superseded.len()
-    }
 }
 
 #[cfg(test)]

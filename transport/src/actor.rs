@@ -264,15 +264,6 @@ impl Transport {
         rx.await.unwrap_or_default()
     }
 
-    /// Sends an application message to `id` (per-link order is preserved).
-    pub async fn send(&self, id: NodeId, msg: AppMessage) -> Result<(), SendError> {
-        let link = self.links().await.into_iter().find(|l| l.id == id);
-        match link {
-            Some(l) => l.handle.send_app(msg, self.send_timeout).await,
-            None => Err(SendError::NoLink),
-        }
-    }
-
     /// Queues a control message (peer-list probe or report) to `id` without
     /// waiting: best effort, dropped when the link's queue is full.
     pub async fn try_send(&self, id: NodeId, msg: Message) -> Result<(), SendError> {
