@@ -67,12 +67,16 @@ pub async fn run(
     }
 }
 
-/// Keeps the read-model's copy of `id` current (rtt, last seen) between
-/// events. Only entries the table has are written.
+/// Keeps the read-model's copy of `id` current between events: only the
+/// fields that change without one (last seen, last beacon, RTT), so the hot
+/// path (a pong per link every few hundred ms) allocates nothing. Every event
+/// replaces the whole entry.
 fn sync(table: &PeerTable, state: &NodeState, id: NodeId) {
     if let Some(p) = table.get(&id) {
         if let Some(mut slot) = state.peers.get_mut(&id) {
-            slot.clone_from(p);
+            slot.last_seen = p.last_seen;
+            slot.last_beacon = p.last_beacon;
+            slot.rtt = p.rtt;
         }
     }
 }

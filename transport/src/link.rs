@@ -110,7 +110,8 @@ pub(crate) fn spawn_link(
     let ping_every = shared.cfg.ping_interval;
     tracker.spawn(async move {
         let _teardown = wc.clone().drop_guard(); // writer gone => reader goes too
-        let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+                                                 // First ping at once, so the RTT is known as soon as the link is up.
+        let mut ping = tokio::time::interval(ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
         loop {
