@@ -40,7 +40,7 @@ const LEAVE_FLUSH: Duration = Duration::from_millis(500);
 /// One interface to send beacons on and join the group on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interface {
-    /// Interface name (`lo`, `eth0`), for logs and status.
+    /// Interface name (`lo`, `eth1`), for logs and status.
     pub name: String,
     /// Its IPv4 address.
     pub addr: Ipv4Addr,

@@ -32,6 +32,9 @@ use node::client::Client;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 const BIN: &str = env!("CARGO_BIN_EXE_constellationd");
 
 /// `BENCH_DEBUG=1` keeps every node's debug log in its cluster directory.
@@ -66,19 +69,7 @@ impl Drop for Cluster {
 fn spawn(dir: &Path, group: &str, name: &str) -> (PathBuf, Proc) {
     let sock = dir.join(format!("{name}.sock"));
     let child = Command::new(BIN)
-        .args([
-            "run",
-            "--name",
-            name,
-            "--interface",
-            "lo",
-            "--ttl",
-            "0",
-            "--group",
-            group,
-        ])
-        .args(["--listen", "127.0.0.1:0", "--socket"])
-        .arg(&sock)
+        .args(support::loopback_args(name, group, &sock))
         .env("RUST_LOG", if keep_logs() { "debug" } else { "warn" })
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -83,8 +83,8 @@ mod tests {
     fn default_route_is_read_from_the_route_table() {
         let table = "Iface\tDestination\tGateway\n\
                      eth1\t0011A8C0\t00000000\n\
-                     eth0\t00000000\t0111A8C0\n";
-        assert_eq!(parse_default_route(table), Some("eth0".into()));
+                     ens3\t00000000\t0111A8C0\n";
+        assert_eq!(parse_default_route(table), Some("ens3".into()));
         assert_eq!(parse_default_route("Iface\tDestination\n"), None);
     }
 

@@ -24,22 +24,8 @@ struct TestNode {
 impl TestNode {
     fn start(dir: &TempDir, name: &str, group: &str) -> TestNode {
         let sock = dir.path().join(format!("{name}.sock"));
-        let argv = [
-            "constellationd",
-            "run",
-            "--name",
-            name,
-            "--interface",
-            "lo",
-            "--ttl",
-            "0",
-            "--group",
-            group,
-            "--listen",
-            "127.0.0.1:0",
-            "--socket",
-            sock.to_str().unwrap(),
-        ];
+        let argv = std::iter::once("constellationd".into())
+            .chain(support::loopback_args(name, group, &sock));
         let Command::Run(args) = Cli::try_parse_from(argv).expect("args").cmd else {
             unreachable!()
         };

@@ -265,6 +265,10 @@ pub struct Event {
 /// How often a suspect (or report-kept) peer is asked about.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
+/// How long, and how often, a failed peer is still asked about.
+const REVIVE_WINDOW: Duration = Duration::from_secs(30);
+const REVIVE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// How soon a dial reset during its handshake is retried.
 const RESET_RETRY: Duration = Duration::from_millis(10);
 
@@ -789,25 +793,31 @@ impl PeerTable {
     }
 
     /// Another node reports hearing `id` (at `incarnation`) directly, `age`
-    /// ago. Only fresh reports about a live peer of the same incarnation,
-    /// newer than our own loss of its link, count: a report never resurrects
-    /// a failed peer and never outlives what its sender saw.
+    /// ago. Only fresh reports of the same incarnation count, and only when
+    /// what they saw is newer than our own loss of its link and than our
+    /// verdict: a report never outlives what its sender saw, so an
+    /// out-of-date one never brings a peer back, while a fresh one shows that
+    /// only our path to it is broken. A peer that left stays left.
     pub fn on_vouch(&mut self, now: Instant, id: NodeId, incarnation: Incarnation, age: Duration) {
         let cfg = self.cfg;
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        if !p.is_live() || incarnation != p.incarnation || age >= cfg.suspect_after {
+        if p.state == PeerState::Left || incarnation != p.incarnation || age >= cfg.suspect_after {
             return;
         }
         let heard = now.checked_sub(age).unwrap_or(now);
-        if p.lost_at.is_some_and(|lost| heard <= lost) || p.vouched_at.is_some_and(|v| v >= heard) {
+        let stale = p.lost_at.is_some_and(|lost| heard <= lost)
+            || p.vouched_at.is_some_and(|v| v >= heard)
+            || (p.state == PeerState::Failed && heard <= p.since);
+        if stale {
             return;
         }
         p.vouched_at = Some(heard);
-        if p.state == PeerState::Suspect && p.link != LinkState::Up {
+        if p.state != PeerState::Alive && p.link != LinkState::Up {
             p.state = PeerState::Alive;
             p.since = now;
+            p.next_probe = Some(now + PROBE_EVERY);
             self.emit(id, EventKind::Recovered);
         }
     }
@@ -826,7 +836,11 @@ impl PeerTable {
                         p.state = PeerState::Failed;
                         p.since = now;
                         p.next_dial = None;
+                        // Keep asking a while: if others still hear it, only
+                        // our path was broken (see `on_vouch`).
+                        p.next_probe = Some(now + REVIVE_PROBE_EVERY);
                         failed.push(p.id);
+                        continue;
                     } else if p.state == PeerState::Alive
                         && silence >= cfg.suspect_after
                         && !p.degraded()
@@ -851,6 +865,15 @@ impl PeerTable {
                 PeerState::Failed | PeerState::Left => {
                     if now >= p.since + cfg.tombstone_ttl {
                         reaped.push(p.id);
+                    } else if p.state == PeerState::Failed && now < p.since + REVIVE_WINDOW {
+                        if p.next_probe.is_some_and(|t| t <= now) {
+                            p.next_probe = Some(now + REVIVE_PROBE_EVERY);
+                            if p.link != LinkState::Up {
+                                self.actions.push_back(Action::Probe { id: p.id });
+                            }
+                        }
+                    } else {
+                        p.next_probe = None;
                     }
                 }
             }
@@ -927,7 +950,10 @@ impl PeerTable {
                         None => t,
                     }
                 }
-                PeerState::Failed | PeerState::Left => p.since + cfg.tombstone_ttl,
+                PeerState::Failed | PeerState::Left => {
+                    let reap = p.since + cfg.tombstone_ttl;
+                    p.next_probe.map_or(reap, |t| t.min(reap))
+                }
             })
             .chain(self.superseded.values().map(|s| {
                 // Conflicts clear dead_after past the last word; memory after the TTL.

@@ -58,9 +58,30 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        if std::env::var_os("CONSTELLATION_KEEP_TEST_DIRS").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         // Best effort: a leftover directory in /tmp harms nobody.
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// `run` arguments for a node that stays on this host: interface lo,
+/// multicast TTL 0, a free TCP port on 127.0.0.1, its own group and socket.
+pub fn loopback_args(name: &str, group: &str, socket: &Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> =
+        ["run", "--name", name, "--interface", "lo", "--ttl", "0"]
+            .iter()
+            .map(Into::into)
+            .collect();
+    args.extend(
+        ["--group", group, "--listen", "127.0.0.1:0", "--socket"]
+            .iter()
+            .map(Into::into),
+    );
+    args.push(socket.into());
+    args
 }
 
 /// The binary under test.
@@ -84,19 +105,7 @@ impl Daemon {
         let log = dir.join(format!("{name}.log"));
         let logf = std::fs::File::create(&log).expect("log file");
         let child = Command::new(bin())
-            .args([
-                "run",
-                "--name",
-                name,
-                "--interface",
-                "lo",
-                "--ttl",
-                "0",
-                "--group",
-                group,
-            ])
-            .args(["--listen", "127.0.0.1:0", "--socket"])
-            .arg(&socket)
+            .args(loopback_args(name, group, &socket))
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())

@@ -192,9 +192,30 @@ fn reports_from_others_keep_a_peer_with_a_broken_link_alive() {
     // Reports stop: failed once the last one is beacon_dead_after old.
     t.on_tick(now + cfg.beacon_dead_after);
     assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Failed);
-    // And a late report never brings it back.
-    t.on_vouch(now + cfg.beacon_dead_after, HIGH, 1, Duration::ZERO);
+    // A report of what was seen before the verdict never brings it back...
+    let failed_at = now + cfg.beacon_dead_after;
+    t.on_vouch(
+        failed_at + Duration::from_millis(5),
+        HIGH,
+        1,
+        Duration::from_millis(10),
+    );
     assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Failed);
+    // ...nor one about an earlier life; a fresh one does (only our path is broken).
+    t.on_vouch(
+        failed_at + Duration::from_millis(5),
+        HIGH,
+        0,
+        Duration::ZERO,
+    );
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Failed);
+    t.on_vouch(
+        failed_at + Duration::from_millis(50),
+        HIGH,
+        1,
+        Duration::from_millis(10),
+    );
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Alive);
 }
 
 #[test]
@@ -457,7 +478,13 @@ proptest! {
                 }
                 Input::Goodbye(i) => t.on_goodbye(now, nid(i)),
                 Input::Pong(i) => t.on_pong(now, nid(i), Duration::from_millis(1)),
-                Input::Tick => t.on_tick(now),
+                Input::Tick => {
+                    t.on_tick(now);
+                    // Never a deadline in the past after a tick: the driver would spin.
+                    if let Some(d) = t.next_deadline() {
+                        prop_assert!(d > now, "deadline {:?} not after the tick", d - now);
+                    }
+                }
             }
             while let Some(e) = t.poll_event() {
                 prop_assert!(e.id != NodeId(3), "own id in an event");
@@ -485,10 +512,12 @@ proptest! {
             while let Some(action) = t.poll_action() {
                 let (Action::Dial { id, .. } | Action::Probe { id }) = action;
                 let p = t.get(&id).unwrap();
-                prop_assert!(p.is_live());
                 if matches!(action, Action::Dial { .. }) {
+                    prop_assert!(p.is_live());
                     prop_assert_eq!(p.link, LinkState::Connecting);
                 } else {
+                    // Probes: about live peers without a link, or recently failed ones.
+                    prop_assert!(p.state != PeerState::Left);
                     prop_assert!(p.link != LinkState::Up);
                 }
             }
