@@ -33,7 +33,7 @@ const RECV_BUF: usize = 65_536;
 /// How often group membership is re-asserted on every interface. An
 /// interface that went away and came back (a container network reconnect)
 /// loses its memberships; joining again is harmless when still joined.
-const REJOIN_EVERY: Duration = Duration::from_secs(5);
+const REJOIN_EVERY: Duration = Duration::from_secs(1);
 /// How long shutdown waits for the leave beacons to be written.
 const LEAVE_FLUSH: Duration = Duration::from_millis(500);
 
