@@ -333,10 +333,7 @@ fn read_message(message: Option<String>) -> Result<String, ExitCode> {
 
 /// Runs a client subcommand.
 pub fn main(cmd: Command) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("constellationd: cannot start the runtime: {e}");

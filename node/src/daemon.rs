@@ -157,12 +157,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // One thread: the node is IO-bound, every task is short, and a single
-    // thread avoids cross-thread wake-ups (measurably cheaper when idle).
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match crate::runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("constellationd: cannot start the runtime: {e}");

@@ -364,19 +364,7 @@ fn control_socket_rules_and_usage_errors() {
 
     // A second daemon on the same path is refused, naming the path.
     let out = Command::new(bin())
-        .args([
-            "run",
-            "--interface",
-            "lo",
-            "--ttl",
-            "0",
-            "--group",
-            &group,
-            "--listen",
-            "127.0.0.1:0",
-            "--socket",
-        ])
-        .arg(&d.socket)
+        .args(support::loopback_args("s2", &group, &d.socket))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -386,17 +374,7 @@ fn control_socket_rules_and_usage_errors() {
     // An over-long path fails before binding, naming the limit.
     let long = dir.path().join("x".repeat(120));
     let out = Command::new(bin())
-        .args([
-            "run",
-            "--interface",
-            "lo",
-            "--ttl",
-            "0",
-            "--listen",
-            "127.0.0.1:0",
-            "--socket",
-        ])
-        .arg(&long)
+        .args(support::loopback_args("x", &group, &long))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -130,24 +130,9 @@ fn nodes_of_another_cluster_stay_out_and_are_counted() {
     let a = TestNode::start(&dir, "a", &group);
     let b = TestNode::start(&dir, "b", &group);
     let sock = dir.path().join("x.sock");
-    let argv = [
-        "constellationd",
-        "run",
-        "--name",
-        "x",
-        "--cluster",
-        "other",
-        "--interface",
-        "lo",
-        "--ttl",
-        "0",
-        "--group",
-        &group,
-        "--listen",
-        "127.0.0.1:0",
-        "--socket",
-        sock.to_str().unwrap(),
-    ];
+    let argv = std::iter::once("constellationd".into())
+        .chain(support::loopback_args("x", &group, &sock))
+        .chain(["--cluster".into(), "other".into()]);
     let Command::Run(args) = Cli::try_parse_from(argv).unwrap().cmd else {
         unreachable!()
     };
