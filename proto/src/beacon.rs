@@ -125,6 +125,22 @@ pub enum BeaconError {
     /// hold, or this receiver has no secret at all: a security mismatch.
     #[error("sealed beacon but no matching cluster secret")]
     Sealed,
+    /// An unsealed beacon reached a node that has a cluster secret: a
+    /// security mismatch (a node with a secret never accepts plaintext).
+    #[error("unsealed beacon but this node requires the cluster secret")]
+    Unsealed,
+    /// Sealed, but no installed key opens it: another secret, or tampering.
+    #[error("sealed beacon not authenticated by any installed key")]
+    AuthFailed,
+    /// Authenticated, but not newer than the last beacon from its sender.
+    #[error("replayed beacon")]
+    Replayed,
+    /// Authenticated, but sent outside the replay window of our clock.
+    #[error("stale beacon (sent {skew_ms} ms from this node's clock)")]
+    Stale {
+        /// Send time minus the receiver's clock, in ms.
+        skew_ms: i128,
+    },
     /// Bytes after the body of an unsealed beacon.
     #[error("{0} unexpected bytes after the beacon body")]
     Trailing(usize),
@@ -146,7 +162,10 @@ impl BeaconError {
             BeaconError::TooLarge { .. } => "too_large",
             BeaconError::Malformed(_) => "malformed",
             BeaconError::UnknownKind(_) => "unknown_kind",
-            BeaconError::Sealed => "security_mismatch",
+            BeaconError::Sealed | BeaconError::Unsealed => "security_mismatch",
+            BeaconError::AuthFailed => "auth",
+            BeaconError::Replayed => "replay",
+            BeaconError::Stale { .. } => "stale",
             BeaconError::Trailing(_) => "trailing_bytes",
             BeaconError::Encode(_) => "encode",
             BeaconError::Io(_) => "io",
@@ -326,7 +345,7 @@ impl Encoder<&Beacon> for BeaconCodec {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -435,7 +454,7 @@ mod tests {
         assert!(matches!(b.encode(), Err(BeaconError::TooLarge { .. })));
     }
 
-    fn arb_beacon() -> impl Strategy<Value = Beacon> {
+    pub(crate) fn arb_beacon() -> impl Strategy<Value = Beacon> {
         (
             "[a-z0-9-]{0,40}",
             any::<u128>(),

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 use crate::id::{Incarnation, NodeId, Tags};
+use crate::secure::{FrameCipher, TAG_LEN};
 use crate::wire::addr_str;
 
 /// The frame envelope version this crate speaks. Also the protocol version
@@ -170,6 +171,24 @@ impl Message {
         }
     }
 
+    /// This message as a handshake payload: its kind byte, then its body.
+    pub fn to_payload(&self) -> Result<Vec<u8>, FrameError> {
+        let mut out = vec![self.kind()];
+        out.extend(
+            self.encode_body()
+                .map_err(|e| FrameError::Encode(e.to_string()))?,
+        );
+        Ok(out)
+    }
+
+    /// Reads a handshake payload written by [`Message::to_payload`].
+    pub fn from_payload(payload: &[u8]) -> Result<Self, FrameError> {
+        match payload.split_first() {
+            Some((kind, body)) => Self::decode_body(*kind, body),
+            None => Err(FrameError::Truncated),
+        }
+    }
+
     fn encode_body(&self) -> Result<Vec<u8>, rmp_serde::encode::Error> {
         match self {
             Message::Hello(m) | Message::Welcome(m) => rmp_serde::to_vec_named(m),
@@ -232,6 +251,14 @@ pub enum FrameError {
     /// A tagged frame on a link without a cluster secret.
     #[error("authenticated frame but this link has no cluster secret")]
     Tagged,
+    /// A plaintext frame on a secured link: a node with a secret never
+    /// accepts plaintext.
+    #[error("plaintext frame on a secured link")]
+    Plaintext,
+    /// A tagged frame that the link's key does not open (tampering, or
+    /// frames out of order).
+    #[error("frame not authenticated by the link key")]
+    AuthFailed,
     /// The body does not decode as the kind's msgpack map.
     #[error("malformed frame body: {0}")]
     Malformed(String),
@@ -251,7 +278,8 @@ impl FrameError {
             FrameError::Truncated => "truncated",
             FrameError::UnsupportedVersion(_) => "version",
             FrameError::UnknownKind(_) => "unknown_kind",
-            FrameError::Tagged => "security_mismatch",
+            FrameError::Tagged | FrameError::Plaintext => "security_mismatch",
+            FrameError::AuthFailed => "auth",
             FrameError::Malformed(_) => "malformed",
             FrameError::Encode(_) => "encode",
             FrameError::Io(_) => "io",
@@ -290,11 +318,15 @@ pub fn check_hello(local: &Hello, remote: &Hello) -> Result<(), Reject> {
 }
 
 /// Length-delimited msgpack frames with an explicit maximum, for
-/// `FramedRead`/`FramedWrite` over the halves of a TCP stream.
+/// `FramedRead`/`FramedWrite` over the halves of a TCP stream. On a secured
+/// link each half's codec holds that direction's [`FrameCipher`]: every
+/// frame is then tagged, its body encrypted with the 3-byte header as
+/// associated data, and a plaintext frame is an error.
 #[derive(Debug)]
 pub struct FrameCodec {
     inner: LengthDelimitedCodec,
     max: usize,
+    cipher: Option<FrameCipher>,
 }
 
 impl Default for FrameCodec {
@@ -310,7 +342,19 @@ impl FrameCodec {
             .length_field_length(4)
             .max_frame_length(max)
             .new_codec();
-        FrameCodec { inner, max }
+        FrameCodec {
+            inner,
+            max,
+            cipher: None,
+        }
+    }
+
+    /// A codec for one direction of a secured link.
+    pub fn secured(max: usize, cipher: FrameCipher) -> Self {
+        FrameCodec {
+            cipher: Some(cipher),
+            ..Self::new(max)
+        }
     }
 
     /// The configured maximum.
@@ -337,13 +381,40 @@ impl FrameCodec {
     }
 }
 
+/// Opens one whole frame of a secured link (without the length prefix).
+fn open_frame(cipher: &mut FrameCipher, mut frame: BytesMut) -> Result<Message, FrameError> {
+    if frame.len() < FRAME_HEADER {
+        return Err(FrameError::Truncated);
+    }
+    let header: [u8; FRAME_HEADER] = [frame[0], frame[1], frame[2]];
+    let [version, flags, kind] = header;
+    if version != VERSION {
+        return Err(FrameError::UnsupportedVersion(version));
+    }
+    if flags & FLAG_TAGGED == 0 {
+        return Err(FrameError::Plaintext);
+    }
+    if frame.len() < FRAME_HEADER + TAG_LEN {
+        return Err(FrameError::Truncated);
+    }
+    let tag_at = frame.len() - TAG_LEN;
+    let (body, tag) = frame[FRAME_HEADER..].split_at_mut(tag_at - FRAME_HEADER);
+    if !cipher.open(&header, body, tag) {
+        return Err(FrameError::AuthFailed);
+    }
+    Message::decode_body(kind, body)
+}
+
 impl Decoder for FrameCodec {
     type Item = Message;
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
         match self.inner.decode(src) {
-            Ok(Some(frame)) => Self::decode_frame(&frame).map(Some),
+            Ok(Some(frame)) => match &mut self.cipher {
+                None => Self::decode_frame(&frame).map(Some),
+                Some(cipher) => open_frame(cipher, frame).map(Some),
+            },
             Ok(None) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 Err(FrameError::TooLarge { max: self.max })
@@ -357,30 +428,42 @@ impl Encoder<Message> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let body = item
+        let mut body = item
             .encode_body()
             .map_err(|e| FrameError::Encode(e.to_string()))?;
-        let len = FRAME_HEADER + body.len();
+        let tag_len = if self.cipher.is_some() { TAG_LEN } else { 0 };
+        let len = FRAME_HEADER + body.len() + tag_len;
         if len > self.max {
             return Err(FrameError::TooLarge { max: self.max });
         }
+        let flags = if self.cipher.is_some() {
+            FLAG_TAGGED
+        } else {
+            0
+        };
+        let header = [VERSION, flags, item.kind()];
         dst.reserve(4 + len);
         // Cannot truncate: len <= max, and max is a usize we chose well under 4 GiB.
         dst.put_u32(len as u32);
-        dst.put_u8(VERSION);
-        dst.put_u8(0);
-        dst.put_u8(item.kind());
-        dst.put_slice(&body);
+        dst.put_slice(&header);
+        match &mut self.cipher {
+            None => dst.put_slice(&body),
+            Some(cipher) => {
+                let tag = cipher.seal(&header, &mut body);
+                dst.put_slice(&body);
+                dst.put_slice(&tag);
+            }
+        }
         Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn hello() -> Hello {
+    pub(crate) fn hello() -> Hello {
         let mut tags = Tags::new();
         tags.insert("role".into(), "db".into());
         Hello {
@@ -503,7 +586,7 @@ mod tests {
         }
     }
 
-    fn arb_message() -> impl Strategy<Value = Message> {
+    pub(crate) fn arb_message() -> impl Strategy<Value = Message> {
         let hello = (
             any::<u8>(),
             "\\PC{0,20}",

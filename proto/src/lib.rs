@@ -13,6 +13,8 @@
 //!   msgpack body, optional authentication trailer).
 //! - [`frame`]: the TCP frame envelope, the link message kinds and a
 //!   length-delimited codec with an explicit maximum.
+//! - [`secure`]: the cluster secret: keyring, sealed beacons, Noise link
+//!   handshake and per-frame ciphers.
 //! - [`membership`]: the peer table state machine (`on_*` inputs,
 //!   `poll_event`/`poll_action` outputs, `next_deadline`).
 //!
@@ -24,6 +26,7 @@ pub mod beacon;
 pub mod frame;
 pub mod id;
 pub mod membership;
+pub mod secure;
 pub mod stats;
 mod wire;
 
