@@ -53,7 +53,7 @@ fn keyring_install_use_remove() {
         Err(KeyError::Primary(_))
     ));
     r.remove(&a.to_base64()).unwrap();
-    assert_eq!(r.keys(), &[b.clone()]);
+    assert_eq!(r.keys(), std::slice::from_ref(&b));
     let err = r.remove(&a.to_base64()).unwrap_err();
     assert!(matches!(err, KeyError::NotInstalled(_)));
     assert!(
