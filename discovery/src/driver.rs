@@ -3,11 +3,12 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use proto::beacon::{Beacon, BeaconKind};
+use proto::secure::{open_beacon, seal_beacon, ReplayGuard, SendClock, SharedKeyring};
 use proto::stats::Tally;
 use proto::{Incarnation, NodeId};
 use rand::Rng;
@@ -70,6 +71,9 @@ pub struct Config {
     pub cluster: String,
     /// Flood limits.
     pub limits: Limits,
+    /// The cluster secret: when set, every beacon sent is sealed and only
+    /// sealed, authenticated, fresh beacons are accepted.
+    pub keyring: Option<SharedKeyring>,
 }
 
 /// What this node says about itself in beacons.
@@ -149,6 +153,7 @@ pub struct Bound {
     group: Arc<UdpSocket>,
     ifaces: Vec<(Interface, Arc<UdpSocket>)>,
     stats: Arc<Stats>,
+    send_clock: Mutex<SendClock>,
 }
 
 fn group_socket(group: SocketAddrV4) -> io::Result<Socket> {
@@ -213,8 +218,11 @@ pub fn bind(cfg: Config, local: LocalIdentity) -> Result<Bound, DiscoveryError> 
         group: Arc::new(group),
         ifaces,
         stats: Arc::new(Stats::default()),
+        send_clock: Mutex::new(SendClock::default()),
     };
-    bound.beacons(BeaconKind::Announce)?; // fail now, not in the loop
+    for i in 0..bound.ifaces.len() {
+        bound.datagram(BeaconKind::Announce, i)?; // fail now, not in the loop
+    }
     Ok(bound)
 }
 
@@ -265,24 +273,56 @@ impl Bound {
             .unwrap_or_else(|| SocketAddr::from((iface.addr, self.local.data_port)))
     }
 
-    /// One encoded beacon of `kind` per interface (each advertising that
-    /// interface's address).
-    fn beacons(&self, kind: BeaconKind) -> Result<Vec<Bytes>, proto::BeaconError> {
-        self.ifaces
-            .iter()
-            .map(|(iface, _)| {
-                Beacon {
-                    cluster: self.cfg.cluster.clone(),
-                    id: self.local.id,
-                    incarnation: self.local.incarnation,
-                    name: self.local.name.clone(),
-                    addr: self.advertised_on(iface),
-                    kind,
-                    digest: self.local.digest,
-                }
-                .encode()
-            })
-            .collect()
+    /// The datagram of a beacon of `kind` for interface `i` (advertising
+    /// that interface's address). With a cluster secret it is sealed afresh
+    /// (new nonce, new send time) under the primary key at every call.
+    fn datagram(&self, kind: BeaconKind, i: usize) -> Result<Bytes, proto::BeaconError> {
+        let beacon = Beacon {
+            cluster: self.cfg.cluster.clone(),
+            id: self.local.id,
+            incarnation: self.local.incarnation,
+            name: self.local.name.clone(),
+            addr: self.advertised_on(&self.ifaces[i].0),
+            kind,
+            digest: self.local.digest,
+        };
+        let Some(ring) = &self.cfg.keyring else {
+            return beacon.encode();
+        };
+        let key = ring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .primary()
+            .clone();
+        let sent = self
+            .send_clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stamp(wall_ms());
+        seal_beacon(&key, &beacon, sent, rand::random())
+    }
+
+    /// Queues a beacon of `kind` on interface `i` to `to`; counts a drop
+    /// when the writer's queue is full.
+    fn queue(&self, out_tx: &mpsc::Sender<Outgoing>, kind: BeaconKind, i: usize, to: SocketAddr) {
+        let datagram = match self.datagram(kind, i) {
+            Ok(d) => d,
+            Err(error) => {
+                // Checked in `bind`; only a keyring edit could change it.
+                warn!(%error, "cannot build a beacon");
+                return;
+            }
+        };
+        let reply = kind == BeaconKind::Reply;
+        let out = Outgoing {
+            iface: i,
+            to,
+            datagram,
+            reply,
+        };
+        if out_tx.try_send(out).is_err() {
+            self.stats.drops.record(now_std(), "send_queue_full");
+        }
     }
 
     /// Which interface a reply to `ip` should leave on.
@@ -300,11 +340,6 @@ impl Bound {
     pub async fn run(self, events: mpsc::Sender<DiscoveryEvent>, cancel: CancellationToken) {
         let tasks = TaskTracker::new();
         let stats = self.stats.clone();
-        // Built in `bind` already, so these cannot fail here.
-        let announce = self.beacons(BeaconKind::Announce).unwrap_or_default();
-        let reply = self.beacons(BeaconKind::Reply).unwrap_or_default();
-        let leave = self.beacons(BeaconKind::Leave).unwrap_or_default();
-
         // Writer: the only code that sends.
         let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOUND_QUEUE);
         let socks: Vec<Arc<UdpSocket>> = self.ifaces.iter().map(|(_, s)| s.clone()).collect();
@@ -356,6 +391,7 @@ impl Bound {
 
         let own: Vec<SocketAddr> = self.send_addrs();
         let mut sources = SourceTable::new(self.cfg.limits);
+        let mut replay = ReplayGuard::default();
         let mut next_beacon = Instant::now(); // announce at once
         let mut next_prune = Instant::now() + self.cfg.limits.forget_after;
         let mut next_rejoin = Instant::now() + REJOIN_EVERY;
@@ -372,11 +408,8 @@ impl Bound {
                 biased;
                 () = cancel.cancelled() => break,
                 () = sleep_until(next_beacon) => {
-                    for (i, datagram) in announce.iter().enumerate() {
-                        let out = Outgoing { iface: i, to: self.cfg.group.into(), datagram: datagram.clone(), reply: false };
-                        if out_tx.try_send(out).is_err() {
-                            stats.drops.record(now_std(), "send_queue_full");
-                        }
+                    for i in 0..self.ifaces.len() {
+                        self.queue(&out_tx, BeaconKind::Announce, i, self.cfg.group.into());
                     }
                     let jitter = rand::thread_rng().gen_range(0.9..1.1);
                     next_beacon = Instant::now() + interval.mul_f64(jitter);
@@ -392,17 +425,13 @@ impl Bound {
                 item = in_rx.recv() => {
                     let Some(item) = item else { break };
                     let now = now_std();
-                    let Some(ev) = self.classify(now, &mut sources, &own, item) else { continue };
+                    let Some(ev) = self.classify(now, &mut sources, &mut replay, &own, item) else { continue };
                     let DiscoveryEvent::Beacon { src, ref beacon, verdict, .. } = ev;
                     if beacon.kind == BeaconKind::Announce
                         && verdict == Verdict::New
                         && sources.should_reply(now, src, interval)
                     {
-                        let i = self.iface_for(src.ip());
-                        let out = Outgoing { iface: i, to: src, datagram: reply[i].clone(), reply: true };
-                        if out_tx.try_send(out).is_err() {
-                            stats.drops.record(now, "send_queue_full");
-                        }
+                        self.queue(&out_tx, BeaconKind::Reply, self.iface_for(src.ip()), src);
                     }
                     if events.try_send(ev).is_err() {
                         stats.drops.record(now, "event_queue_full");
@@ -412,16 +441,8 @@ impl Bound {
         }
 
         // Graceful: tell everyone we leave, then let the writer drain.
-        for (i, datagram) in leave.iter().enumerate() {
-            let out = Outgoing {
-                iface: i,
-                to: self.cfg.group.into(),
-                datagram: datagram.clone(),
-                reply: false,
-            };
-            if out_tx.try_send(out).is_err() {
-                stats.drops.record(now_std(), "send_queue_full");
-            }
+        for i in 0..self.ifaces.len() {
+            self.queue(&out_tx, BeaconKind::Leave, i, self.cfg.group.into());
         }
         drop(out_tx);
         tasks.close();
@@ -456,6 +477,7 @@ impl Bound {
         &self,
         now: std::time::Instant,
         sources: &mut SourceTable,
+        replay: &mut ReplayGuard,
         own: &[SocketAddr],
         item: Incoming,
     ) -> Option<DiscoveryEvent> {
@@ -465,12 +487,22 @@ impl Bound {
             stats.drops.record(now, "rate_limited");
             return None;
         }
-        let beacon = match Beacon::decode(&item.data) {
+        let drop = |error: proto::BeaconError| {
+            if stats.drops.record(now, error.reason()) {
+                warn!(%src, %error, "dropping datagram (further drops of this kind are counted, not logged)");
+            }
+        };
+        let opened = match &self.cfg.keyring {
+            None => Beacon::decode(&item.data).map(|b| (b, None)),
+            Some(ring) => {
+                let ring = ring.read().unwrap_or_else(|e| e.into_inner());
+                open_beacon(&ring, &item.data).map(|(b, sent)| (b, Some(sent)))
+            }
+        };
+        let (beacon, sent) = match opened {
             Ok(b) => b,
             Err(error) => {
-                if stats.drops.record(now, error.reason()) {
-                    warn!(%src, %error, "dropping datagram (further drops of this kind are counted, not logged)");
-                }
+                drop(error);
                 return None;
             }
         };
@@ -481,6 +513,12 @@ impl Bound {
                 warn!(%src, id = %beacon.id, "another source claims our own node id");
             }
             return None;
+        }
+        if let Some(sent) = sent {
+            if let Err(error) = replay.check(beacon.id, sent, wall_ms()) {
+                drop(error);
+                return None;
+            }
         }
         if beacon.cluster != self.cfg.cluster {
             if stats.drops.record(now, "cluster") {
@@ -514,6 +552,13 @@ impl Bound {
             verdict,
         })
     }
+}
+
+/// Wall-clock ms since the Unix epoch: the send time of sealed beacons.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The driver's clock, from tokio so that paused-time tests control it.

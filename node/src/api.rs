@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use proto::frame::AppMessage;
 use proto::membership::{LinkState, Peer};
+use proto::secure::{Key, KeyError, Keyring, SharedKeyring};
 use proto::NodeId;
 use serde_json::{json, Value};
 use tokio::net::UnixListener;
@@ -69,6 +70,9 @@ pub fn router(state: Arc<NodeState>, cancel: CancellationToken, max_frame: usize
         .route("/v1/messages", post(post_message))
         .route("/v1/leave", post(post_leave))
         .route("/v1/health", get(get_health))
+        .route("/v1/keys", get(get_keys).post(post_key_install))
+        .route("/v1/keys/use", post(post_key_use))
+        .route("/v1/keys/remove", post(post_key_remove))
         .route("/metrics", get(get_metrics))
         .fallback(|| async {
             error(
@@ -258,6 +262,28 @@ fn warnings(state: &NodeState, uptime: Duration) -> Vec<String> {
         }
     }
     let drops = state.discovery.drops.snapshot();
+    let mismatch = drops.get("security_mismatch").copied().unwrap_or(0)
+        + state
+            .transport
+            .stats()
+            .drops
+            .snapshot()
+            .get("security_mismatch")
+            .copied()
+            .unwrap_or(0);
+    if mismatch > 0 {
+        w.push(if state.keyring.is_some() {
+            format!("security mismatch: {mismatch} plaintext beacons or links refused — a node without the cluster secret is on the group")
+        } else {
+            format!("security mismatch: {mismatch} sealed beacons or links refused — a secured cluster is on the group; this node has no --secret-file")
+        });
+    }
+    let auth = drops.get("auth").copied().unwrap_or(0);
+    if auth > 0 {
+        w.push(format!(
+            "{auth} sealed beacons did not open with any installed key (another secret, or tampering)"
+        ));
+    }
     if !drops.is_empty() {
         let list: Vec<String> = drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
         w.push(format!("datagrams dropped: {}", list.join(", ")));
@@ -296,6 +322,7 @@ fn self_json(state: &NodeState) -> Value {
         "uptime_ms": uptime.as_millis() as u64,
         "tags": state.tags,
         "multicast_loops_back": d.loops_back.load(Ordering::Relaxed),
+        "secured": state.keyring.is_some(),
         "peers": by_state,
         "transitions": state.transitions.snapshot(),
         "links_up": links_up,
@@ -524,6 +551,116 @@ async fn post_message(State(api): State<Api>, body: Result<Bytes, BytesRejection
     (status, Json(json!({ "results": results }))).into_response()
 }
 
+/// The keyring, or the 409 of a node without a secret.
+fn keyring(state: &NodeState) -> Result<&SharedKeyring, (StatusCode, String)> {
+    state.keyring.as_ref().ok_or_else(|| {
+        (
+            StatusCode::CONFLICT,
+            "this node runs without a cluster secret; start it with --secret-file to use keys"
+                .into(),
+        )
+    })
+}
+
+fn keys_json(state: &NodeState, ring: &Keyring) -> Value {
+    json!({
+        "secured": true,
+        "keys": ring.list(),
+        "secret_file": state.secret_file.as_ref().map(|p| p.display().to_string()),
+    })
+}
+
+async fn get_keys(State(api): State<Api>) -> Response {
+    match keyring(&api.state) {
+        Err((status, msg)) => error(status, msg),
+        Ok(ring) => {
+            let ring = ring.read().unwrap_or_else(|e| e.into_inner());
+            Json(keys_json(&api.state, &ring)).into_response()
+        }
+    }
+}
+
+/// The `"key"` string of a keyring request body.
+fn key_field(body: Result<Bytes, BytesRejection>) -> Result<String, (StatusCode, String)> {
+    let body = body.map_err(|rej| (rej.status(), rej.body_text()))?;
+    let req: Value = serde_json::from_slice(&body).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    match req.get("key") {
+        Some(Value::String(k)) => Ok(k.clone()),
+        _ => Err((
+            StatusCode::BAD_REQUEST,
+            "body must be {\"key\": \"<base64 key or fingerprint>\"}".into(),
+        )),
+    }
+}
+
+fn key_error_status(e: &KeyError) -> StatusCode {
+    match e {
+        KeyError::Invalid(_) => StatusCode::BAD_REQUEST,
+        KeyError::NotInstalled(_) => StatusCode::NOT_FOUND,
+        KeyError::Primary(_) | KeyError::Full | KeyError::Empty => StatusCode::CONFLICT,
+    }
+}
+
+/// Applies one keyring edit, persists it to the secret file, and answers
+/// with the new keyring (and a warning when it could not be saved).
+fn edit_keys(
+    state: &NodeState,
+    body: Result<Bytes, BytesRejection>,
+    what: &str,
+    edit: impl FnOnce(&mut Keyring, &str) -> Result<bool, KeyError>,
+) -> Response {
+    let (ring, key) = match keyring(state).and_then(|r| Ok((r, key_field(body)?))) {
+        Ok(x) => x,
+        Err((status, msg)) => return error(status, msg),
+    };
+    // The std lock is held for the edit and the small file write only.
+    let mut ring = ring.write().unwrap_or_else(|e| e.into_inner());
+    let changed = match edit(&mut ring, &key) {
+        Ok(c) => c,
+        Err(e) => return error(key_error_status(&e), e.to_string()),
+    };
+    let mut out = keys_json(state, &ring);
+    out["changed"] = json!(changed);
+    if let (true, Some(path)) = (changed, &state.secret_file) {
+        if let Err(e) = crate::secret::save(path, &ring) {
+            let msg = format!(
+                "keyring changed in memory but not saved to {}: {e}",
+                path.display()
+            );
+            tracing::warn!("{msg}");
+            out["warning"] = json!(msg);
+        }
+    }
+    let keys: Vec<String> = ring.list().iter().map(|k| k.fingerprint.clone()).collect();
+    tracing::info!(action = what, changed, primary = %keys[0], keys = ?keys, "keyring edited");
+    Json(out).into_response()
+}
+
+async fn post_key_install(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {
+    edit_keys(&api.state, body, "install", |ring, key| {
+        ring.install(Key::from_base64(key)?)
+    })
+}
+
+async fn post_key_use(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {
+    edit_keys(&api.state, body, "use", |ring, key| {
+        let before = ring.primary().clone();
+        ring.use_key(key)?;
+        Ok(ring.primary() != &before)
+    })
+}
+
+async fn post_key_remove(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {
+    edit_keys(&api.state, body, "remove", |ring, key| {
+        ring.remove(key).map(|()| true)
+    })
+}
+
 async fn post_leave(State(api): State<Api>) -> Response {
     api.cancel.cancel();
     (StatusCode::ACCEPTED, Json(json!({ "status": "leaving" }))).into_response()
@@ -552,6 +689,10 @@ async fn get_metrics(State(api): State<Api>) -> Response {
         let _ = writeln!(out, "constellation_peers{{state=\"{k}\"}} {v}");
     }
     let _ = writeln!(out, "# HELP constellation_links_up Data links up.\n# TYPE constellation_links_up gauge\nconstellation_links_up {links_up}");
+    let keys = s.keyring.as_ref().map_or(0, |r| {
+        r.read().unwrap_or_else(|e| e.into_inner()).keys().len()
+    });
+    let _ = writeln!(out, "# HELP constellation_keys Installed cluster keys (0: no secret, plaintext).\n# TYPE constellation_keys gauge\nconstellation_keys {keys}");
     let counters: [(&str, &str, u64); 11] = [
         (
             "beacons_sent_total",

@@ -12,7 +12,7 @@ use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::client::{Client, ClientError};
-use crate::config::{Command, SocketArg};
+use crate::config::{Command, KeysAction, SocketArg};
 use crate::socket;
 
 /// Exit code: the daemon answered with an error.
@@ -219,7 +219,7 @@ fn render_status(v: &Value) -> String {
     };
     let mut out = format!(
         "name:        {} (id {}, incarnation {})\n\
-         cluster:     {}\n\
+         cluster:     {} ({})\n\
          addresses:   {}\n\
          listen:      {}\n\
          interfaces:  {}\n\
@@ -234,6 +234,11 @@ fn render_status(v: &Value) -> String {
         s("id"),
         v["incarnation"],
         s("cluster"),
+        if v["secured"].as_bool() == Some(true) {
+            "secured: beacons and links authenticated and encrypted"
+        } else {
+            "no cluster secret: plaintext"
+        },
         list("addresses"),
         s("listen"),
         ifaces,
@@ -345,7 +350,8 @@ pub fn main(cmd: Command) -> ExitCode {
 
 async fn run(cmd: Command) -> ExitCode {
     match cmd {
-        Command::Run(_) => unreachable!("handled by the daemon"),
+        Command::Run(_) | Command::Keygen => unreachable!("handled in main"),
+        Command::Keys { sock, action } => keys(&sock, action).await,
         Command::Peers {
             sock,
             json,
@@ -436,6 +442,71 @@ async fn run(cmd: Command) -> ExitCode {
             }
         }
     }
+}
+
+/// `keys list|install|use|remove`.
+async fn keys(sock: &SocketArg, action: KeysAction) -> ExitCode {
+    let (method, uri, body, json_out) = match &action {
+        KeysAction::List { json } => (Method::GET, "/v1/keys", None, *json),
+        KeysAction::Install { key } => {
+            (Method::POST, "/v1/keys", Some(json!({ "key": key })), false)
+        }
+        KeysAction::Use { key } => (
+            Method::POST,
+            "/v1/keys/use",
+            Some(json!({ "key": key })),
+            false,
+        ),
+        KeysAction::Remove { key } => (
+            Method::POST,
+            "/v1/keys/remove",
+            Some(json!({ "key": key })),
+            false,
+        ),
+    };
+    match client(sock).json(method, uri, body).await {
+        Err(e) => fail(e),
+        Ok((st, v)) if !st.is_success() => api_error(st, &v),
+        Ok((_, v)) if json_out => {
+            print_json(&v);
+            ExitCode::SUCCESS
+        }
+        Ok((_, v)) => {
+            let done = match (&action, v["changed"].as_bool()) {
+                (KeysAction::List { .. }, _) => None,
+                (KeysAction::Install { .. }, Some(false)) => Some("already installed"),
+                (KeysAction::Install { .. }, _) => Some("installed"),
+                (KeysAction::Use { .. }, Some(false)) => Some("already primary"),
+                (KeysAction::Use { .. }, _) => Some("now primary"),
+                (KeysAction::Remove { .. }, _) => Some("removed"),
+            };
+            if let Some(done) = done {
+                println!("{done}");
+            }
+            print!("{}", render_keys(&v));
+            if let Some(w) = v["warning"].as_str() {
+                eprintln!("warning: {w}");
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// The keyring as a table: fingerprint and role.
+pub fn render_keys(v: &Value) -> String {
+    let mut out = String::from("FINGERPRINT       ROLE\n");
+    for k in v["keys"].as_array().into_iter().flatten() {
+        let role = if k["primary"].as_bool() == Some(true) {
+            "primary (seals, accepts)"
+        } else {
+            "accepts"
+        };
+        out.push_str(&format!(
+            "{:<16}  {role}\n",
+            k["fingerprint"].as_str().unwrap_or("?")
+        ));
+    }
+    out
 }
 
 /// `send` and `broadcast`: `to` is a peer, or null for every linked peer.

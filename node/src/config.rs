@@ -107,6 +107,23 @@ pub enum Command {
         #[command(flatten)]
         sock: SocketArg,
     },
+    /// Print a new random cluster key (base64), for a secret file.
+    #[command(
+        after_help = "Example:\n  (umask 077; constellationd keygen > /etc/constellationd.key)\n  constellationd run --secret-file /etc/constellationd.key"
+    )]
+    Keygen,
+    /// The cluster keyring of a running node: list, install, use, remove.
+    #[command(
+        after_help = "Rotation across a cluster, one step at a time on every node:\n  constellationd keys install NEWKEY   # accepted everywhere\n  constellationd keys use NEWKEY       # now sealing everywhere\n  constellationd keys remove OLDKEY    # retired"
+    )]
+    Keys {
+        /// Control socket.
+        #[command(flatten)]
+        sock: SocketArg,
+        /// What to do.
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Exit 0 when the node runs (and has at least --min-peers alive peers).
     #[command(
         after_help = "Example (container health check):\n  constellationd health --min-peers 4"
@@ -121,12 +138,39 @@ pub enum Command {
     },
 }
 
+/// `constellationd keys ...`. Keys are given in base64; `use` and `remove`
+/// also take a fingerprint as `keys list` shows it.
+#[derive(Debug, Subcommand, Clone)]
+pub enum KeysAction {
+    /// List the installed keys by fingerprint (never the keys themselves).
+    List {
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accept KEY from now on (sending still uses the primary key).
+    Install {
+        /// The key, base64.
+        key: String,
+    },
+    /// Seal everything this node sends with KEY (installed first).
+    Use {
+        /// The key (base64) or its fingerprint.
+        key: String,
+    },
+    /// Stop accepting KEY (not the primary one).
+    Remove {
+        /// The key (base64) or its fingerprint.
+        key: String,
+    },
+}
+
 /// `--socket`, shared by every subcommand.
 #[derive(Debug, Args, Clone)]
 pub struct SocketArg {
     /// Control socket path [default: /run/constellationd.sock as root, else
     /// $XDG_RUNTIME_DIR/constellationd.sock, else /tmp/constellationd-UID.sock].
-    #[arg(long, env = "CONSTELLATION_SOCKET", value_name = "PATH")]
+    #[arg(long, env = "CONSTELLATION_SOCKET", value_name = "PATH", global = true)]
     pub socket: Option<PathBuf>,
 }
 
@@ -196,6 +240,12 @@ pub struct RunArgs {
     /// How long failed and left peers stay listed.
     #[arg(long, env = "CONSTELLATION_TOMBSTONE_TTL", default_value = "10m", value_parser = parse_duration)]
     pub tombstone_ttl: Duration,
+
+    /// Cluster keys (one base64 key per line, first primary; must not be
+    /// readable by other users). With it every beacon and link is
+    /// authenticated and encrypted and nodes without the key are refused.
+    #[arg(long, env = "CONSTELLATION_SECRET_FILE", value_name = "PATH")]
+    pub secret_file: Option<PathBuf>,
 
     /// Largest TCP frame accepted or sent, in bytes.
     #[arg(long, env = "CONSTELLATION_MAX_FRAME", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]

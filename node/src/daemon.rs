@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -18,6 +18,7 @@ use dashmap::DashMap;
 use discovery::sources::Limits;
 use proto::frame::VERSION;
 use proto::membership::{Config as TableConfig, PeerTable};
+use proto::secure::{Keyring, SharedKeyring};
 use proto::{tags_digest, Hello, NodeId, Tags};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
@@ -27,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::config::RunArgs;
 use crate::state::{NodeState, EVENT_BUFFER};
-use crate::{api, membership, netif, socket};
+use crate::{api, membership, netif, secret, socket};
 
 /// How long tasks get to finish after shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -39,6 +40,7 @@ struct Plan {
     interfaces: Vec<discovery::Interface>,
     socket: PathBuf,
     tags: Tags,
+    keyring: Option<Keyring>,
 }
 
 fn plan(args: RunArgs) -> Result<Plan, String> {
@@ -90,12 +92,17 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         ));
     }
     let tags: Tags = args.tag.iter().cloned().collect();
+    let keyring = match &args.secret_file {
+        Some(path) => Some(secret::load(path).map_err(|e| format!("--secret-file: {e}"))?),
+        None => None,
+    };
     Ok(Plan {
         args,
         name,
         interfaces,
         socket,
         tags,
+        keyring,
     })
 }
 
@@ -191,7 +198,9 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
         interfaces,
         socket: socket_path,
         tags,
+        keyring,
     } = plan;
+    let keyring: Option<SharedKeyring> = keyring.map(|k| Arc::new(RwLock::new(k)));
     let id = NodeId::random();
     // Wall-clock milliseconds: grows across restarts with no state on disk.
     let incarnation = SystemTime::now()
@@ -217,6 +226,7 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
             stale_after: args.dead_after,
             ..Limits::default()
         },
+        keyring: keyring.clone(),
     };
     let local = discovery::LocalIdentity {
         id,
@@ -243,6 +253,7 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
     };
     let mut tcfg = transport::Config::new(hello);
     tcfg.max_frame = args.max_frame as usize;
+    tcfg.keyring = keyring.clone();
     // Pings often enough that silence means something well within
     // --suspect-after, and links that go quiet are closed before --dead-after.
     tcfg.ping_interval =
@@ -276,6 +287,8 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
         transitions: proto::stats::Tally::default(),
         messages_in: AtomicU64::new(0),
         messages_out: AtomicU64::new(0),
+        keyring,
+        secret_file: args.secret_file.clone(),
     });
 
     let table_cfg = TableConfig {
@@ -306,6 +319,7 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
     info!(
         %name, id = %id, cluster = %args.cluster, incarnation,
         listen = %listen, advertise = ?advertised, socket = %socket_path.display(),
+        secured = state.keyring.is_some(),
         "node started"
     );
 

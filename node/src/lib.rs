@@ -9,6 +9,7 @@
 //! - [`api`]: HTTP/1.1 + JSON on the control socket.
 //! - [`client`], [`cli`]: the CLI.
 //! - [`netif`], [`socket`]: interfaces and the control socket path.
+//! - [`secret`]: the secret file holding the cluster keys.
 
 pub mod api;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod membership;
 pub mod netif;
+pub mod secret;
 pub mod socket;
 pub mod state;
 

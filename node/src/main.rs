@@ -12,6 +12,10 @@ fn main() -> ExitCode {
             node::daemon::init_tracing();
             node::daemon::main(*args)
         }
+        Command::Keygen => {
+            println!("{}", proto::secure::Key::generate().to_base64());
+            ExitCode::SUCCESS
+        }
         other => node::cli::main(other),
     }
 }

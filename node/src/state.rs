@@ -6,6 +6,7 @@
 //! held across an `.await` (clippy enforces it via `clippy.toml`).
 
 use std::net::{SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use dashmap::DashMap;
 use discovery::Interface;
 use proto::membership::Peer;
+use proto::secure::SharedKeyring;
 use proto::{Incarnation, NodeId, Tags};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -62,6 +64,10 @@ pub struct NodeState {
     pub messages_in: AtomicU64,
     /// Application messages sent.
     pub messages_out: AtomicU64,
+    /// The cluster keyring, when the node runs with a secret.
+    pub keyring: Option<SharedKeyring>,
+    /// Where the keyring is persisted (`--secret-file`).
+    pub secret_file: Option<PathBuf>,
 }
 
 /// RFC 3339 timestamp of now, with microseconds.

@@ -123,11 +123,11 @@ pub enum BeaconError {
     UnknownKind(String),
     /// The beacon is sealed with a cluster secret that this receiver does not
     /// hold, or this receiver has no secret at all: a security mismatch.
-    #[error("sealed beacon but no matching cluster secret")]
+    #[error("sealed beacon but this node has no cluster secret (security mismatch)")]
     Sealed,
     /// An unsealed beacon reached a node that has a cluster secret: a
     /// security mismatch (a node with a secret never accepts plaintext).
-    #[error("unsealed beacon but this node requires the cluster secret")]
+    #[error("unsealed beacon but this node requires the cluster secret (security mismatch)")]
     Unsealed,
     /// Sealed, but no installed key opens it: another secret, or tampering.
     #[error("sealed beacon not authenticated by any installed key")]
@@ -165,7 +165,7 @@ impl BeaconError {
             BeaconError::Sealed | BeaconError::Unsealed => "security_mismatch",
             BeaconError::AuthFailed => "auth",
             BeaconError::Replayed => "replay",
-            BeaconError::Stale { .. } => "stale",
+            BeaconError::Stale { .. } => "replay_window",
             BeaconError::Trailing(_) => "trailing_bytes",
             BeaconError::Encode(_) => "encode",
             BeaconError::Io(_) => "io",

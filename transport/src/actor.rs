@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::SinkExt;
 use proto::frame::{AppMessage, Reject};
 use proto::membership::DialFailure;
+use proto::secure::SharedKeyring;
 use proto::stats::Tally;
 use proto::{Hello, Message, NodeId};
 use tokio::net::TcpListener;
@@ -43,6 +44,9 @@ pub struct Config {
     pub send_timeout: Duration,
     /// Most inbound handshakes in progress at once; more are refused.
     pub max_pending_handshakes: usize,
+    /// The cluster secret: when set, every link is a Noise handshake under
+    /// one of these keys and every frame is sealed; plaintext is refused.
+    pub keyring: Option<SharedKeyring>,
 }
 
 impl Config {
@@ -58,6 +62,7 @@ impl Config {
             queue: 1024,
             send_timeout: Duration::from_secs(2),
             max_pending_handshakes: 64,
+            keyring: None,
         }
     }
 }
@@ -319,8 +324,7 @@ async fn accept_loop(
         tracker.spawn(async move {
             let _permit = permit;
             let cfg = &shared.cfg;
-            match handshake::accept(stream, &cfg.local, cfg.max_frame, cfg.handshake_timeout).await
-            {
+            match handshake::accept(stream, cfg).await {
                 Ok((hello, halves)) => {
                     let est = Internal::Established {
                         hello,
@@ -414,14 +418,7 @@ impl Actor {
         let shared = self.shared.clone();
         self.tracker.spawn(async move {
             let cfg = &shared.cfg;
-            let res = handshake::dial(
-                addr,
-                &cfg.local,
-                cfg.max_frame,
-                cfg.connect_timeout,
-                cfg.handshake_timeout,
-            )
-            .await;
+            let res = handshake::dial(addr, cfg).await;
             match res {
                 Ok((hello, halves)) => {
                     let est = Internal::Established {

@@ -144,9 +144,9 @@ fn replay_guard_refuses_repeats_old_and_stale() {
     // Another node has its own sequence.
     g.check(NodeId(43), NOW, NOW + 5).unwrap();
     let err = g.check(NodeId(44), NOW - 31_000, NOW).unwrap_err();
-    assert_eq!(err.reason(), "stale");
+    assert_eq!(err.reason(), "replay_window");
     let err = g.check(NodeId(44), NOW + 31_000, NOW).unwrap_err();
-    assert_eq!(err.reason(), "stale");
+    assert_eq!(err.reason(), "replay_window");
 }
 
 #[test]
