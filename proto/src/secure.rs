@@ -463,6 +463,13 @@ impl FrameCipher {
         }
     }
 
+    /// A cipher under a raw key, counter at zero. Links never use this (their
+    /// keys come from the handshake); it exists for fuzzing and benchmarks.
+    #[doc(hidden)]
+    pub fn from_raw_key(key: [u8; 32]) -> Self {
+        Self::new(&key)
+    }
+
     fn next_nonce(&mut self) -> Nonce {
         let mut n = [0u8; 12];
         n[4..].copy_from_slice(&self.counter.to_le_bytes());
