@@ -31,6 +31,8 @@ pub const VERSION: u8 = 1;
 pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 /// Bytes between the length prefix and the body.
 pub const FRAME_HEADER: usize = 3;
+/// Kind byte of [`Message::App`], the hot path.
+const KIND_APP: u8 = 6;
 /// Flag: a 16-byte authentication tag ends the frame (cluster-secret mode).
 pub const FLAG_TAGGED: u8 = 0x01;
 
@@ -151,7 +153,7 @@ impl Message {
             Message::Ping(_) => 3,
             Message::Pong(_) => 4,
             Message::Peers(_) => 5,
-            Message::App(_) => 6,
+            Message::App(_) => KIND_APP,
             Message::Goodbye(_) => 7,
             Message::Reject(_) => 8,
         }
@@ -190,13 +192,31 @@ impl Message {
     }
 
     fn encode_body(&self) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+        let mut out = Vec::new();
+        self.write_body(&mut out)?;
+        Ok(out)
+    }
+
+    /// Writes the msgpack body (named fields) straight into `w`.
+    fn write_body<W: std::io::Write>(&self, w: &mut W) -> Result<(), rmp_serde::encode::Error> {
+        use rmp_serde::encode::write_named;
         match self {
-            Message::Hello(m) | Message::Welcome(m) => rmp_serde::to_vec_named(m),
-            Message::Ping(m) | Message::Pong(m) => rmp_serde::to_vec_named(m),
-            Message::Peers(m) => rmp_serde::to_vec_named(m),
-            Message::App(m) => rmp_serde::to_vec_named(m),
-            Message::Goodbye(m) => rmp_serde::to_vec_named(m),
-            Message::Reject(m) => rmp_serde::to_vec_named(m),
+            Message::Hello(m) | Message::Welcome(m) => write_named(w, m),
+            Message::Ping(m) | Message::Pong(m) => write_named(w, m),
+            Message::Peers(m) => write_named(w, m),
+            Message::App(m) => {
+                // The hot path, by hand with `rmp`'s primitives: exactly the
+                // map `write_named` produces, without serde's machinery.
+                use rmp::encode::{write_bin, write_map_len, write_str};
+                write_map_len(w, 2)?;
+                write_str(w, "topic")?;
+                write_str(w, &m.topic)?;
+                write_str(w, "payload")?;
+                write_bin(w, &m.payload)?;
+                Ok(())
+            }
+            Message::Goodbye(m) => write_named(w, m),
+            Message::Reject(m) => write_named(w, m),
         }
     }
 
@@ -219,7 +239,7 @@ impl Message {
             3 => Message::Ping(de(body)?),
             4 => Message::Pong(de(body)?),
             5 => Message::Peers(de(body)?),
-            6 => Message::App(de(body)?),
+            KIND_APP => Message::App(de(body)?),
             7 => Message::Goodbye(de(body)?),
             8 => Message::Reject(de(body)?),
             other => return Err(FrameError::UnknownKind(other)),
@@ -318,16 +338,38 @@ pub fn check_hello(local: &Hello, remote: &Hello) -> Result<(), Reject> {
 }
 
 /// Length-delimited msgpack frames with an explicit maximum, for
-/// `FramedRead`/`FramedWrite` over the halves of a TCP stream. On a secured
-/// link each half's codec holds that direction's [`FrameCipher`]: every
-/// frame is then tagged, its body encrypted with the 3-byte header as
-/// associated data, and a plaintext frame is an error.
+/// `FramedRead`/`FramedWrite` over the halves of a TCP stream.
+///
+/// On a secured link each half's codec holds that direction's
+/// [`FrameCipher`] and the stream is a sequence of sealed *records*: one
+/// record carries one or more ordinary frames, encrypted together with the
+/// record's 3-byte header as associated data (as TLS records do). The link
+/// writer hands over a whole batch ([`Encoder<Vec<Message>>`]) so that one
+/// seal covers up to a batch of small messages; a record is closed once its
+/// plaintext reaches [`RECORD_TARGET`] bytes. A plaintext frame on a secured
+/// link is an error.
 #[derive(Debug)]
 pub struct FrameCodec {
     inner: LengthDelimitedCodec,
     max: usize,
-    cipher: Option<FrameCipher>,
+    secure: Option<Box<Sealing>>,
 }
+
+/// The secured half of a [`FrameCodec`].
+#[derive(Debug)]
+struct Sealing {
+    cipher: FrameCipher,
+    /// Splits the stream into records (at most a frame plus a record's worth).
+    records: LengthDelimitedCodec,
+    /// Frames of the last opened record not yet returned.
+    opened: BytesMut,
+}
+
+/// A record is sealed once its plaintext reaches this many bytes; so a
+/// record is at most this plus one frame.
+pub const RECORD_TARGET: usize = 64 << 10;
+/// Kind byte of a sealed record.
+pub const KIND_RECORD: u8 = 0;
 
 impl Default for FrameCodec {
     fn default() -> Self {
@@ -345,16 +387,29 @@ impl FrameCodec {
         FrameCodec {
             inner,
             max,
-            cipher: None,
+            secure: None,
         }
     }
 
     /// A codec for one direction of a secured link.
     pub fn secured(max: usize, cipher: FrameCipher) -> Self {
+        let records = LengthDelimitedCodec::builder()
+            .length_field_length(4)
+            .max_frame_length(Self::max_record(max))
+            .new_codec();
         FrameCodec {
-            cipher: Some(cipher),
+            secure: Some(Box::new(Sealing {
+                cipher,
+                records,
+                opened: BytesMut::new(),
+            })),
             ..Self::new(max)
         }
+    }
+
+    /// Largest record (after its prefix) for frames of at most `max` bytes.
+    fn max_record(max: usize) -> usize {
+        FRAME_HEADER + RECORD_TARGET + 4 + max + TAG_LEN
     }
 
     /// The configured maximum.
@@ -364,45 +419,167 @@ impl FrameCodec {
 
     /// Decodes one complete frame (without the length prefix).
     pub fn decode_frame(frame: &[u8]) -> Result<Message, FrameError> {
-        if frame.len() < FRAME_HEADER {
-            return Err(FrameError::Truncated);
+        check_plain_header(frame)?;
+        Message::decode_body(frame[2], &frame[FRAME_HEADER..])
+    }
+
+    /// Appends one plaintext frame: the body is written in place after a
+    /// length placeholder, then the length is filled in (no copy).
+    fn encode_frame(&self, item: &Message, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let start = dst.len();
+        dst.reserve(4 + FRAME_HEADER + 64);
+        dst.put_u32(0);
+        dst.put_slice(&[VERSION, 0, item.kind()]);
+        let body_at = dst.len();
+        let mut w = dst.writer();
+        if let Err(e) = item.write_body(&mut w) {
+            w.into_inner().truncate(start);
+            return Err(FrameError::Encode(e.to_string()));
         }
-        let mut hdr = &frame[..FRAME_HEADER];
-        let version = hdr.get_u8();
-        let flags = hdr.get_u8();
-        let kind = hdr.get_u8();
-        if version != VERSION {
-            return Err(FrameError::UnsupportedVersion(version));
+        let dst = w.into_inner();
+        let len = dst.len() - body_at + FRAME_HEADER;
+        if len > self.max {
+            dst.truncate(start);
+            return Err(FrameError::TooLarge { max: self.max });
         }
-        if flags & FLAG_TAGGED != 0 {
-            return Err(FrameError::Tagged);
-        }
-        Message::decode_body(kind, &frame[FRAME_HEADER..])
+        // Cannot truncate: len <= max, and max is a usize we chose well under 4 GiB.
+        dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
     }
 }
 
-/// Opens one whole frame of a secured link (without the length prefix).
-fn open_frame(cipher: &mut FrameCipher, mut frame: BytesMut) -> Result<Message, FrameError> {
+/// Where an open record's header and plaintext start in the output buffer.
+struct OpenRecord {
+    start: usize,
+    body_at: usize,
+}
+
+impl Sealing {
+    fn begin(dst: &mut BytesMut) -> OpenRecord {
+        let start = dst.len();
+        dst.put_u32(0);
+        dst.put_slice(&[VERSION, FLAG_TAGGED, KIND_RECORD]);
+        OpenRecord {
+            start,
+            body_at: dst.len(),
+        }
+    }
+
+    fn seal(&mut self, rec: OpenRecord, dst: &mut BytesMut) {
+        let header = [VERSION, FLAG_TAGGED, KIND_RECORD];
+        let tag = self.cipher.seal(&header, &mut dst[rec.body_at..]);
+        dst.put_slice(&tag);
+        let len = dst.len() - rec.start - 4;
+        // Cannot truncate: a record is at most `max_record`, well under 4 GiB.
+        dst[rec.start..rec.start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+    }
+
+    /// Opens one whole record (without its prefix) into `self.opened`.
+    fn open(&mut self, mut record: BytesMut) -> Result<(), FrameError> {
+        if record.len() < FRAME_HEADER + TAG_LEN {
+            return Err(FrameError::Truncated);
+        }
+        let header: [u8; FRAME_HEADER] = [record[0], record[1], record[2]];
+        let [version, flags, kind] = header;
+        if version != VERSION {
+            return Err(FrameError::UnsupportedVersion(version));
+        }
+        if flags & FLAG_TAGGED == 0 {
+            return Err(FrameError::Plaintext);
+        }
+        if kind != KIND_RECORD {
+            return Err(FrameError::UnknownKind(kind));
+        }
+        let tag_at = record.len() - TAG_LEN;
+        let (body, tag) = record[FRAME_HEADER..].split_at_mut(tag_at - FRAME_HEADER);
+        if !self.cipher.open(&header, body, tag) {
+            return Err(FrameError::AuthFailed);
+        }
+        if body.is_empty() {
+            return Err(FrameError::Truncated); // a record holds at least a frame
+        }
+        record.truncate(tag_at);
+        self.opened = record.split_off(FRAME_HEADER);
+        Ok(())
+    }
+}
+
+/// Version and flags of a frame on a link without a secret.
+fn check_plain_header(frame: &[u8]) -> Result<(), FrameError> {
     if frame.len() < FRAME_HEADER {
         return Err(FrameError::Truncated);
     }
-    let header: [u8; FRAME_HEADER] = [frame[0], frame[1], frame[2]];
-    let [version, flags, kind] = header;
+    let mut hdr = &frame[..FRAME_HEADER];
+    let version = hdr.get_u8();
+    let flags = hdr.get_u8();
     if version != VERSION {
         return Err(FrameError::UnsupportedVersion(version));
     }
-    if flags & FLAG_TAGGED == 0 {
-        return Err(FrameError::Plaintext);
+    if flags & FLAG_TAGGED != 0 {
+        return Err(FrameError::Tagged);
     }
-    if frame.len() < FRAME_HEADER + TAG_LEN {
-        return Err(FrameError::Truncated);
+    Ok(())
+}
+
+/// Decodes the body of a whole (opened) frame that we own, so that an
+/// application payload can be sliced out of it instead of copied.
+fn decode_owned(kind: u8, frame: BytesMut) -> Result<Message, FrameError> {
+    if kind == KIND_APP {
+        let frame = frame.freeze();
+        if let Some(m) = app_in_place(&frame) {
+            return Ok(Message::App(m));
+        }
+        return Message::decode_body(kind, &frame[FRAME_HEADER..]);
     }
-    let tag_at = frame.len() - TAG_LEN;
-    let (body, tag) = frame[FRAME_HEADER..].split_at_mut(tag_at - FRAME_HEADER);
-    if !cipher.open(&header, body, tag) {
-        return Err(FrameError::AuthFailed);
+    Message::decode_body(kind, &frame[FRAME_HEADER..])
+}
+
+/// The hot path: an `App` body as this crate writes it (a map holding just
+/// `topic` and `payload`, in any order) is read with `rmp`'s primitives and
+/// its payload sliced out of `frame` without a copy. Anything else (unknown
+/// fields, other encodings, garbage) returns `None` and takes the general
+/// serde path, so the wire contract is exactly the same.
+fn app_in_place(frame: &Bytes) -> Option<AppMessage> {
+    use rmp::decode::{read_bin_len, read_map_len, read_str_len};
+    fn take<'a>(rd: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, tail) = (rd.get(..n)?, rd.get(n..)?);
+        *rd = tail;
+        Some(head)
     }
-    Message::decode_body(kind, body)
+    let body = frame.get(FRAME_HEADER..)?;
+    let mut rd: &[u8] = body;
+    let (mut topic, mut payload) = (None, None);
+    for _ in 0..read_map_len(&mut rd).ok()? {
+        let klen = read_str_len(&mut rd).ok()? as usize;
+        match take(&mut rd, klen)? {
+            b"topic" if topic.is_none() => {
+                let len = read_str_len(&mut rd).ok()? as usize;
+                topic = Some(std::str::from_utf8(take(&mut rd, len)?).ok()?.to_owned());
+            }
+            b"payload" if payload.is_none() => {
+                let len = read_bin_len(&mut rd).ok()? as usize;
+                let at = FRAME_HEADER + body.len() - rd.len();
+                take(&mut rd, len)?;
+                payload = Some(frame.slice(at..at + len));
+            }
+            _ => return None,
+        }
+    }
+    if !rd.is_empty() {
+        return None;
+    }
+    Some(AppMessage {
+        topic: topic?,
+        payload: payload?,
+    })
+}
+
+fn length_error(e: std::io::Error, max: usize) -> FrameError {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        FrameError::TooLarge { max }
+    } else {
+        FrameError::Io(e)
+    }
 }
 
 impl Decoder for FrameCodec {
@@ -410,17 +587,68 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
-        match self.inner.decode(src) {
-            Ok(Some(frame)) => match &mut self.cipher {
-                None => Self::decode_frame(&frame).map(Some),
-                Some(cipher) => open_frame(cipher, frame).map(Some),
-            },
-            Ok(None) => Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                Err(FrameError::TooLarge { max: self.max })
-            }
-            Err(e) => Err(FrameError::Io(e)),
+        let Some(sec) = &mut self.secure else {
+            return match self.inner.decode(src) {
+                Ok(Some(frame)) => {
+                    check_plain_header(&frame)?;
+                    decode_owned(frame[2], frame).map(Some)
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(length_error(e, self.max)),
+            };
+        };
+        if sec.opened.is_empty() {
+            let record = match sec.records.decode(src) {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(length_error(e, Self::max_record(self.max))),
+            };
+            sec.open(record)?;
         }
+        // Frames inside a record are whole: a partial one is an error.
+        match self.inner.decode(&mut sec.opened) {
+            Ok(Some(frame)) => {
+                check_plain_header(&frame)?;
+                decode_owned(frame[2], frame).map(Some)
+            }
+            Ok(None) => Err(FrameError::Truncated),
+            Err(e) => Err(length_error(e, self.max)),
+        }
+    }
+}
+
+/// A batch of messages written together: on a secured link they share
+/// sealed records; on a plain link it is just the frames one after another.
+impl Encoder<Vec<Message>> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, batch: Vec<Message>, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let Some(mut sec) = self.secure.take() else {
+            return batch.iter().try_for_each(|m| self.encode_frame(m, dst));
+        };
+        let start = dst.len();
+        let mut open: Option<OpenRecord> = None;
+        let mut result = Ok(());
+        for m in &batch {
+            let rec = open.get_or_insert_with(|| Sealing::begin(dst));
+            let body_at = rec.body_at;
+            if let Err(e) = self.encode_frame(m, dst) {
+                result = Err(e);
+                break;
+            }
+            if dst.len() - body_at >= RECORD_TARGET {
+                if let Some(rec) = open.take() {
+                    sec.seal(rec, dst);
+                }
+            }
+        }
+        match (&result, open) {
+            (Ok(()), Some(rec)) => sec.seal(rec, dst),
+            (Err(_), _) => dst.truncate(start), // nothing half-sealed goes out
+            _ => {}
+        }
+        self.secure = Some(sec);
+        result
     }
 }
 
@@ -428,33 +656,10 @@ impl Encoder<Message> for FrameCodec {
     type Error = FrameError;
 
     fn encode(&mut self, item: Message, dst: &mut BytesMut) -> Result<(), FrameError> {
-        let mut body = item
-            .encode_body()
-            .map_err(|e| FrameError::Encode(e.to_string()))?;
-        let tag_len = if self.cipher.is_some() { TAG_LEN } else { 0 };
-        let len = FRAME_HEADER + body.len() + tag_len;
-        if len > self.max {
-            return Err(FrameError::TooLarge { max: self.max });
+        match self.secure {
+            None => self.encode_frame(&item, dst),
+            Some(_) => self.encode(vec![item], dst),
         }
-        let flags = if self.cipher.is_some() {
-            FLAG_TAGGED
-        } else {
-            0
-        };
-        let header = [VERSION, flags, item.kind()];
-        dst.reserve(4 + len);
-        // Cannot truncate: len <= max, and max is a usize we chose well under 4 GiB.
-        dst.put_u32(len as u32);
-        dst.put_slice(&header);
-        match &mut self.cipher {
-            None => dst.put_slice(&body),
-            Some(cipher) => {
-                let tag = cipher.seal(&header, &mut body);
-                dst.put_slice(&body);
-                dst.put_slice(&tag);
-            }
-        }
-        Ok(())
     }
 }
 
@@ -568,6 +773,80 @@ pub(crate) mod tests {
         ));
     }
 
+    /// An `App` frame whose body is `body` (any msgpack).
+    fn app_frame(body: &[u8]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.put_u32((FRAME_HEADER + body.len()) as u32);
+        buf.put_slice(&[VERSION, 0, KIND_APP]);
+        buf.put_slice(body);
+        buf
+    }
+
+    #[test]
+    fn app_payload_is_sliced_not_copied() {
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::new();
+        let msg = AppMessage {
+            topic: "t".into(),
+            payload: Bytes::from(vec![7u8; 4096]),
+        };
+        codec.encode(Message::App(msg.clone()), &mut buf).unwrap();
+        let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let Some(Message::App(got)) = codec.decode(&mut buf).unwrap() else {
+            panic!("not an app message")
+        };
+        assert_eq!(got, msg);
+        assert!(
+            range.contains(&(got.payload.as_ptr() as usize)),
+            "payload points into the read buffer"
+        );
+    }
+
+    #[test]
+    fn app_with_unknown_fields_or_other_layouts_still_decodes() {
+        #[derive(Serialize)]
+        struct Future<'a> {
+            payload: &'a serde_bytes_like::Bin,
+            extra: u32,
+            topic: &'a str,
+        }
+        mod serde_bytes_like {
+            /// Serialises as msgpack `bin`.
+            pub struct Bin(pub Vec<u8>);
+            impl serde::Serialize for Bin {
+                fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                    s.serialize_bytes(&self.0)
+                }
+            }
+        }
+        let bin = serde_bytes_like::Bin(b"hi".to_vec());
+        let body = rmp_serde::to_vec_named(&Future {
+            payload: &bin,
+            extra: 9,
+            topic: "x",
+        })
+        .unwrap();
+        let got = FrameCodec::default().decode(&mut app_frame(&body)).unwrap();
+        assert_eq!(
+            got,
+            Some(Message::App(AppMessage {
+                topic: "x".into(),
+                payload: Bytes::from_static(b"hi"),
+            }))
+        );
+        // Trailing bytes after the map, duplicate keys, a missing payload:
+        // refused by the general path, whatever the fast path thought.
+        let mut body2 = body.clone();
+        body2.push(0xc0);
+        assert!(FrameCodec::default()
+            .decode(&mut app_frame(&body2))
+            .is_err());
+        let only_topic = rmp_serde::to_vec_named(&Goodbye { reason: "x".into() }).unwrap();
+        assert!(FrameCodec::default()
+            .decode(&mut app_frame(&only_topic))
+            .is_err());
+    }
+
     #[test]
     fn typed_errors_for_version_kind_and_tag() {
         let mut codec = FrameCodec::default();
@@ -637,6 +916,32 @@ pub(crate) mod tests {
             ("[a-z]{0,8}", "\\PC{0,20}")
                 .prop_map(|(code, detail)| Message::Reject(Reject { code, detail })),
         ]
+    }
+
+    proptest! {
+        #[test]
+        fn app_encoding_by_hand_is_what_serde_writes(topic in "\\PC{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let msg = AppMessage { topic, payload: Bytes::from(payload) };
+            prop_assert_eq!(Message::App(msg.clone()).encode_body().unwrap(), rmp_serde::to_vec_named(&msg).unwrap());
+        }
+
+        #[test]
+        fn app_fast_path_agrees_with_serde(topic in "\\PC{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let msg = AppMessage { topic, payload: Bytes::from(payload) };
+            let body = rmp_serde::to_vec_named(&msg).unwrap();
+            let frame = app_frame(&body).split_off(4).freeze();
+            prop_assert_eq!(app_in_place(&frame), Some(msg.clone()));
+            prop_assert_eq!(Message::decode_body(KIND_APP, &body).unwrap(), Message::App(msg));
+        }
+
+        #[test]
+        fn app_fast_path_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let frame = app_frame(&body).split_off(4).freeze();
+            if let Some(m) = app_in_place(&frame) {
+                // Whatever it accepts, the general decoder accepts identically.
+                prop_assert_eq!(Message::decode_body(KIND_APP, &body).unwrap(), Message::App(m));
+            }
+        }
     }
 
     proptest! {

@@ -48,10 +48,18 @@ impl LinkHandle {
     /// timeout the link is closed (slow-peer policy) and `false` returned.
     pub async fn send_app(&self, msg: AppMessage, wait: Duration) -> Result<(), crate::SendError> {
         let len = msg.payload.len() as u64;
-        match timeout(wait, self.tx.send(Message::App(msg))).await {
+        // Fast path without a timer: there is room in the queue.
+        let msg = match self.tx.try_send(Message::App(msg)) {
+            Ok(()) => {
+                self.count_out(len);
+                return Ok(());
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(crate::SendError::Closed),
+            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+        };
+        match timeout(wait, self.tx.send(msg)).await {
             Ok(Ok(())) => {
-                self.counters.msgs_out.fetch_add(1, Ordering::Relaxed);
-                self.counters.bytes_out.fetch_add(len, Ordering::Relaxed);
+                self.count_out(len);
                 Ok(())
             }
             Ok(Err(_)) => Err(crate::SendError::Closed),
@@ -60,6 +68,11 @@ impl LinkHandle {
                 Err(crate::SendError::Stalled)
             }
         }
+    }
+
+    fn count_out(&self, len: u64) {
+        self.counters.msgs_out.fetch_add(1, Ordering::Relaxed);
+        self.counters.bytes_out.fetch_add(len, Ordering::Relaxed);
     }
 
     /// Queues a goodbye; the writer flushes it and closes the link.
@@ -114,6 +127,7 @@ pub(crate) fn spawn_link(
         let mut ping = tokio::time::interval(ping_every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
         loop {
             let first = tokio::select! {
                 biased;
@@ -128,7 +142,7 @@ pub(crate) fn spawn_link(
             // Batch what is already queued, then flush once. `feed`/`flush`
             // are not cancel-safe: they race only the token that ends us.
             let closing = matches!(first, Message::Goodbye(_) | Message::Reject(_));
-            let mut batch = vec![first];
+            batch.push(first);
             if !closing {
                 while batch.len() < WRITE_BATCH {
                     match rx.try_recv() {
@@ -147,11 +161,12 @@ pub(crate) fn spawn_link(
                 .iter()
                 .any(|m| matches!(m, Message::Goodbye(_) | Message::Reject(_)));
             let n = batch.len() as u64;
+            // One item for the whole batch: on a secured link one seal
+            // covers it (see `FrameCodec`).
+            let items = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
             let write = async {
-                for m in batch {
-                    writer.feed(m).await?;
-                }
-                SinkExt::<Message>::flush(&mut writer).await
+                writer.feed(items).await?;
+                SinkExt::<Vec<Message>>::flush(&mut writer).await
             };
             let res = tokio::select! {
                 biased;
@@ -189,22 +204,36 @@ pub(crate) fn spawn_link(
     let link_timeout = shared.cfg.link_timeout;
     tracker.spawn(async move {
         let _teardown = rc.clone().drop_guard();
+        // One timer for the link's life, not one per frame: each frame only
+        // notes the time; when the timer fires it moves to "last frame +
+        // timeout" unless the link really was silent that long.
+        let silence = tokio::time::sleep(link_timeout);
+        tokio::pin!(silence);
+        let mut last_frame = Instant::now();
         let (graceful, reason) = loop {
             let next = tokio::select! {
                 () = rc.cancelled() => break (false, "closed".to_string()),
-                next = timeout(link_timeout, reader.next()) => next, // cancel-safe
+                () = &mut silence => {
+                    let quiet_until = last_frame + link_timeout;
+                    if Instant::now() >= quiet_until {
+                        break (false, format!("silent for {link_timeout:?}"));
+                    }
+                    silence.as_mut().reset(quiet_until);
+                    continue;
+                }
+                next = reader.next() => next, // cancel-safe
             };
+            last_frame = Instant::now();
             let frame = match next {
-                Err(_) => break (false, format!("silent for {link_timeout:?}")),
-                Ok(None) => break (false, "connection closed".to_string()),
-                Ok(Some(Err(error))) => {
+                None => break (false, "connection closed".to_string()),
+                Some(Err(error)) => {
                     rshared
                         .stats
                         .drops
                         .record(std::time::Instant::now(), error.reason());
                     break (false, format!("bad frame: {error}"));
                 }
-                Ok(Some(Ok(frame))) => frame,
+                Some(Ok(frame)) => frame,
             };
             rshared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
             let event = match frame {

@@ -237,11 +237,10 @@ fn secured_codec_refuses_tampering_plaintext_and_reordering() {
     let k = Key::generate();
     let msg = Message::Hello(hello());
     // Any flipped byte after the length prefix.
-    let (dial, acc) = handshake(&k, &ring(&[&k])).unwrap();
+    let (dial, _) = handshake(&k, &ring(&[&k])).unwrap();
     let mut out = FrameCodec::secured(DEFAULT_MAX_FRAME, dial.send);
     let mut wire = BytesMut::new();
     out.encode(msg.clone(), &mut wire).unwrap();
-    drop(acc);
     for i in 4..wire.len() {
         let (d, a) = handshake(&k, &ring(&[&k])).unwrap();
         let mut out = FrameCodec::secured(DEFAULT_MAX_FRAME, d.send);
@@ -290,8 +289,10 @@ fn secured_frames_keep_the_size_limit() {
         out.encode(msg, &mut w),
         Err(FrameError::TooLarge { .. })
     ));
+    // A record may carry a batch of small frames, but never more than a
+    // record's worth plus one maximal frame.
     let mut w = BytesMut::new();
-    w.put_u32(65);
+    w.put_u32((crate::frame::RECORD_TARGET + 64 + 64) as u32);
     assert!(matches!(
         FrameCodec::secured(64, handshake(&k, &ring(&[&k])).unwrap().1.recv).decode(&mut w),
         Err(FrameError::TooLarge { .. })
@@ -332,4 +333,62 @@ proptest! {
         let _ = codec.decode(&mut w);
         let _ = Responder::read(&ring(&[&k]), &bytes);
     }
+}
+
+#[test]
+fn a_batch_shares_records_and_arrives_whole_and_in_order() {
+    let k = Key::generate();
+    let (d, a) = handshake(&k, &ring(&[&k])).unwrap();
+    let mut out = FrameCodec::secured(DEFAULT_MAX_FRAME, d.send);
+    let mut inn = FrameCodec::secured(DEFAULT_MAX_FRAME, a.recv);
+    let batch: Vec<Message> = (0..200u32)
+        .map(|i| {
+            Message::App(AppMessage {
+                topic: format!("t{i}"),
+                payload: Bytes::from(vec![i as u8; 1000]),
+            })
+        })
+        .collect();
+    let mut w = BytesMut::new();
+    out.encode(batch.clone(), &mut w).unwrap();
+    // 200 KB of frames: more than one record, far fewer than 200.
+    let one = {
+        let (d, _) = handshake(&k, &ring(&[&k])).unwrap();
+        let mut c = FrameCodec::secured(DEFAULT_MAX_FRAME, d.send);
+        let mut v = BytesMut::new();
+        c.encode(batch[0].clone(), &mut v).unwrap();
+        v.len()
+    };
+    assert!(
+        w.len() < one * 200 - 16 * 150,
+        "tags shared: {} vs {}",
+        w.len(),
+        one * 200
+    );
+    for m in &batch {
+        assert_eq!(inn.decode(&mut w).unwrap().as_ref(), Some(m));
+    }
+    assert_eq!(inn.decode(&mut w).unwrap(), None);
+    assert!(w.is_empty());
+    // Then single messages go on from there.
+    out.encode(batch[0].clone(), &mut w).unwrap();
+    assert_eq!(inn.decode(&mut w).unwrap(), Some(batch[0].clone()));
+}
+
+#[test]
+fn an_unencodable_message_spoils_no_sealed_bytes() {
+    let k = Key::generate();
+    let (d, _) = handshake(&k, &ring(&[&k])).unwrap();
+    let mut out = FrameCodec::secured(4096, d.send);
+    let ok = Message::App(AppMessage {
+        topic: "t".into(),
+        payload: Bytes::from_static(b"x"),
+    });
+    let big = Message::App(AppMessage {
+        topic: "t".into(),
+        payload: Bytes::from(vec![0u8; 8192]),
+    });
+    let mut w = BytesMut::new();
+    assert!(out.encode(vec![ok, big], &mut w).is_err());
+    assert!(w.is_empty(), "nothing half-sealed left in the buffer");
 }
