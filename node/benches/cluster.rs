@@ -55,6 +55,8 @@ struct Cluster {
     dir: PathBuf,
     group: String,
     nodes: Vec<(String, PathBuf, Proc)>,
+    /// The secret file every node of this cluster runs with, if any.
+    secret: Option<PathBuf>,
 }
 
 impl Drop for Cluster {
@@ -66,10 +68,14 @@ impl Drop for Cluster {
     }
 }
 
-fn spawn(dir: &Path, group: &str, name: &str) -> (PathBuf, Proc) {
+fn spawn(dir: &Path, group: &str, name: &str, secret: Option<&Path>) -> (PathBuf, Proc) {
     let sock = dir.join(format!("{name}.sock"));
-    let child = Command::new(BIN)
-        .args(support::loopback_args(name, group, &sock))
+    let mut cmd = Command::new(BIN);
+    cmd.args(support::loopback_args(name, group, &sock));
+    if let Some(file) = secret {
+        cmd.arg("--secret-file").arg(file);
+    }
+    let child = cmd
         .env("RUST_LOG", if keep_logs() { "debug" } else { "warn" })
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -97,8 +103,21 @@ async fn linked(sock: &Path) -> usize {
 }
 
 async fn start_cluster(n: usize, tag: &str) -> Cluster {
+    start_cluster_with(n, tag, false).await
+}
+
+/// A cluster of `n` nodes, all with one fresh cluster key when `secured`.
+async fn start_cluster_with(n: usize, tag: &str, secured: bool) -> Cluster {
     let dir = std::env::temp_dir().join(format!("cst-bench-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
+    let secret = secured.then(|| {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("cluster.key");
+        let key = proto::secure::Key::generate().to_base64();
+        std::fs::write(&path, key + "\n").expect("key file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        path
+    });
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -108,11 +127,16 @@ async fn start_cluster(n: usize, tag: &str) -> Cluster {
     let nodes = (1..=n)
         .map(|i| {
             let name = format!("b{i}");
-            let (sock, p) = spawn(&dir, &group, &name);
+            let (sock, p) = spawn(&dir, &group, &name, secret.as_deref());
             (name, sock, p)
         })
         .collect();
-    let c = Cluster { dir, group, nodes };
+    let c = Cluster {
+        dir,
+        group,
+        nodes,
+        secret,
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut all = true;
@@ -264,49 +288,81 @@ fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// One join: from spawning a newcomer until every node of `c` reports its
+/// link to it up (ms); then it leaves again, so runs start alike.
+async fn join_once(c: &Cluster, socks: &[PathBuf], name: &str) -> f64 {
+    let n = socks.len();
+    let (mut rx, tasks) = subscribe(socks).await;
+    let t0 = SystemTime::now();
+    let (sock, mut p) = spawn(&c.dir, &c.group, name, c.secret.as_deref());
+    let last = latest(&mut rx, n, |v| {
+        v["type"] == "link_up" && v["peer"]["name"] == name
+    })
+    .await;
+    let took = ms_since(t0, last);
+    // The newcomer's own table must list all N alive with links up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while linked(&sock).await != n {
+        assert!(
+            Instant::now() < deadline,
+            "newcomer did not list {n} linked peers"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Leave gracefully so the next run starts from the same cluster.
+    let _ = Command::new("kill")
+        .args(["-TERM", &p.0.id().to_string()])
+        .status();
+    let _ = p.0.wait();
+    latest(&mut rx, n, |v| {
+        v["type"] == "peer_left" && v["peer"]["name"] == name
+    })
+    .await;
+    for t in tasks {
+        t.abort();
+    }
+    took
+}
+
+fn sockets(c: &Cluster) -> Vec<PathBuf> {
+    c.nodes.iter().map(|(_, s, _)| s.clone()).collect()
+}
+
 async fn join_bench(n: usize, runs: usize) {
     let c = start_cluster(n, &format!("join{n}")).await;
-    let socks: Vec<PathBuf> = c.nodes.iter().map(|(_, s, _)| s.clone()).collect();
+    let socks = sockets(&c);
     let mut xs = Vec::new();
     let mut base = Vec::new();
     for r in 0..runs {
         base.push(whole_process_ms(Command::new(BIN).arg("--version")));
-        let (mut rx, tasks) = subscribe(&socks).await;
-        let name = format!("new{r}");
-        let t0 = SystemTime::now();
-        let (sock, mut p) = spawn(&c.dir, &c.group, &name);
-        let last = latest(&mut rx, n, |v| {
-            v["type"] == "link_up" && v["peer"]["name"] == name.as_str()
-        })
-        .await;
-        xs.push(ms_since(t0, last));
-        // The newcomer's own table must list all N alive with links up.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while linked(&sock).await != n {
-            assert!(
-                Instant::now() < deadline,
-                "newcomer did not list {n} linked peers"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        // Leave gracefully so the next run starts from the same cluster.
-        let _ = Command::new("kill")
-            .args(["-TERM", &p.0.id().to_string()])
-            .status();
-        let _ = p.0.wait();
-        latest(&mut rx, n, |v| {
-            v["type"] == "peer_left" && v["peer"]["name"] == name.as_str()
-        })
-        .await;
-        for t in tasks {
-            t.abort();
-        }
+        xs.push(join_once(&c, &socks, &format!("new{r}")).await);
     }
     report(
         "join",
         json!({"n": n}),
         xs,
         "process start+exit (constellationd --version)",
+        base,
+    );
+}
+
+/// Join time with a cluster secret against without, runs interleaved on two
+/// clusters of `n` that are up at the same time.
+async fn join_secret_bench(n: usize, runs: usize) {
+    let plain = start_cluster_with(n, &format!("jp{n}"), false).await;
+    let secured = start_cluster_with(n, &format!("js{n}"), true).await;
+    let (ps, ss) = (sockets(&plain), sockets(&secured));
+    let (mut xs, mut base) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        base.push(join_once(&plain, &ps, &format!("p{r}")).await);
+        xs.push(join_once(&secured, &ss, &format!("s{r}")).await);
+    }
+    let delta = stats(xs.clone()).0 - stats(base.clone()).0;
+    report(
+        "join_secret",
+        json!({"n": n, "delta_ms": round(delta)}),
+        xs,
+        "the same join without a secret",
         base,
     );
 }
@@ -377,7 +433,7 @@ async fn lifecycle(n: usize, runs: usize) {
         crash.push(ms_since(t0, last));
 
         let t0 = SystemTime::now();
-        let (sock, p) = spawn(&c.dir, &c.group, &name);
+        let (sock, p) = spawn(&c.dir, &c.group, &name, None);
         let last = latest(&mut rx, n - 1, |v| {
             v["type"] == "peer_restarted" && v["peer"]["name"] == name.as_str()
         })
@@ -399,7 +455,7 @@ async fn lifecycle(n: usize, runs: usize) {
         .await;
         leave.push(ms_since(t0, last));
         let _ = c.nodes[n - 1].2 .0.wait();
-        let (sock, p) = spawn(&c.dir, &c.group, &name);
+        let (sock, p) = spawn(&c.dir, &c.group, &name, None);
         latest(&mut rx, n - 1, |v| {
             v["type"] == "link_up" && v["peer"]["name"] == name.as_str()
         })
@@ -418,18 +474,36 @@ async fn lifecycle(n: usize, runs: usize) {
     report("graceful_leave", json!({"n": n}), leave, floor, base);
 }
 
+/// `--only NAME[,NAME]` runs just those figures (join, join_secret,
+/// lifecycle, peers); `--quick` fewer sizes and runs.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(String::from).collect());
+    let want = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let (sizes, runs): (&[usize], usize) = if quick {
         (&[4, 16], 3)
     } else {
-        (&[4, 16, 32], 5)
+        (&[4, 16, 32, 64], 5)
     };
-    for &n in sizes {
-        join_bench(n, runs).await;
+    if want("join") {
+        for &n in sizes {
+            join_bench(n, runs).await;
+        }
     }
-    lifecycle(16, runs).await;
-    let n = if quick { 16 } else { 32 };
-    peers_and_broadcast(n, if quick { 10 } else { 20 }, runs).await;
+    if want("join_secret") {
+        join_secret_bench(16, runs).await;
+    }
+    if want("lifecycle") {
+        lifecycle(16, runs).await;
+    }
+    if want("peers") {
+        let n = if quick { 16 } else { 32 };
+        peers_and_broadcast(n, if quick { 10 } else { 20 }, runs).await;
+    }
 }
