@@ -35,6 +35,8 @@ use tokio::sync::mpsc;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod serf;
+
 const BIN: &str = env!("CARGO_BIN_EXE_constellationd");
 
 /// `BENCH_DEBUG=1` keeps every node's debug log in its cluster directory.
@@ -69,8 +71,26 @@ impl Drop for Cluster {
 }
 
 fn spawn(dir: &Path, group: &str, name: &str, secret: Option<&Path>) -> (PathBuf, Proc) {
+    spawn_wrapped(dir, group, name, secret, &[])
+}
+
+/// Like [`spawn`], the command prefixed by `wrap` (e.g. `setpriv`).
+fn spawn_wrapped(
+    dir: &Path,
+    group: &str,
+    name: &str,
+    secret: Option<&Path>,
+    wrap: &[&str],
+) -> (PathBuf, Proc) {
     let sock = dir.join(format!("{name}.sock"));
-    let mut cmd = Command::new(BIN);
+    let mut cmd = match wrap.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
     cmd.args(support::loopback_args(name, group, &sock));
     if let Some(file) = secret {
         cmd.arg("--secret-file").arg(file);
@@ -339,11 +359,49 @@ async fn join_bench(n: usize, runs: usize) {
     }
     report(
         "join",
-        json!({"n": n}),
-        xs,
+        json!({"n": n, "system": "constellationd"}),
+        xs.clone(),
         "process start+exit (constellationd --version)",
         base,
     );
+    drop(c);
+    if let Some(bin) = serf::bin() {
+        let mut sc = serf::SerfCluster::start(&bin, n, &format!("join{n}"));
+        let watchers: Vec<usize> = (0..n).collect();
+        let mut joins = Vec::new();
+        for r in 0..runs {
+            let name = format!("new{r}");
+            let t0 = SystemTime::now();
+            let a = sc.spawn(&name);
+            sc.agents.push(a);
+            let at = sc
+                .wait_status(
+                    &watchers,
+                    std::slice::from_ref(&name),
+                    "alive",
+                    Duration::from_secs(60),
+                )
+                .expect("serf join within 60 s");
+            joins.push(ms_since(t0, at));
+            sc.leave(n);
+            sc.wait_status(
+                &watchers,
+                std::slice::from_ref(&name),
+                "left",
+                Duration::from_secs(60),
+            )
+            .expect("serf leave within 60 s");
+            sc.agents.pop();
+        }
+        report_vs_serf("join", json!({"n": n}), joins, xs);
+    }
+}
+
+/// A Serf figure beside constellationd's from the same run.
+fn report_vs_serf(name: &str, extra: Value, serf: Vec<f64>, ours: Vec<f64>) {
+    let mut extra = extra;
+    extra["system"] = json!("serf");
+    report(name, extra, serf, "constellationd (same run)", ours);
 }
 
 /// Join time with a cluster secret against without, runs interleaved on two
@@ -387,11 +445,12 @@ async fn peers_and_broadcast(n: usize, runs: usize, msg_runs: usize) {
     }
     report(
         "peers_query",
-        json!({"n": n}),
-        xs,
+        json!({"n": n, "system": "constellationd"}),
+        xs.clone(),
         "curl --unix-socket /v1/peers",
         base,
     );
+    let peers_ms = xs;
 
     let others: Vec<PathBuf> = c.nodes[1..].iter().map(|(_, s, _)| s.clone()).collect();
     let (mut rx, _tasks) = subscribe(&others).await;
@@ -404,11 +463,42 @@ async fn peers_and_broadcast(n: usize, runs: usize, msg_runs: usize) {
     }
     report(
         "broadcast",
-        json!({"n": n, "recipients": n - 1}),
-        xs,
+        json!({"n": n, "recipients": n - 1, "system": "constellationd"}),
+        xs.clone(),
         "unicast to one peer",
         base,
     );
+    let broadcast_ms = xs;
+    drop(c);
+    if let Some(bin) = serf::bin() {
+        let sc = serf::SerfCluster::start(&bin, n, "q");
+        let members: Vec<f64> = (0..runs)
+            .map(|_| whole_process_ms(&mut sc.members_cmd(0)))
+            .collect();
+        report_vs_serf(
+            "peers_query",
+            json!({"n": n, "command": "serf members"}),
+            members,
+            peers_ms,
+        );
+        let watchers: Vec<usize> = (1..n).collect();
+        let mut xs = Vec::new();
+        for r in 0..msg_runs {
+            let name = format!("all{r}");
+            let t0 = SystemTime::now();
+            sc.event(0, &name);
+            let at = sc
+                .user_event_seen(&watchers, &name, Duration::from_secs(30))
+                .expect("serf user event everywhere within 30 s");
+            xs.push(ms_since(t0, at));
+        }
+        report_vs_serf(
+            "broadcast",
+            json!({"n": n, "recipients": n - 1, "command": "serf event -coalesce=false"}),
+            xs,
+            broadcast_ms,
+        );
+    }
 }
 
 async fn lifecycle(n: usize, runs: usize) {
@@ -463,19 +553,281 @@ async fn lifecycle(n: usize, runs: usize) {
         c.nodes[n - 1] = (name, sock, p);
     }
     let floor = "unicast message latency";
+    let ours = json!({"n": n, "system": "constellationd"});
     report(
         "crash_detection",
-        json!({"n": n}),
-        crash,
+        ours.clone(),
+        crash.clone(),
         floor,
         base.clone(),
     );
-    report("restart", json!({"n": n}), restart, floor, base.clone());
-    report("graceful_leave", json!({"n": n}), leave, floor, base);
+    report("restart", ours.clone(), restart, floor, base.clone());
+    report("graceful_leave", ours, leave.clone(), floor, base);
+    drop(c);
+    if let Some(bin) = serf::bin() {
+        let mut sc = serf::SerfCluster::start(&bin, n - 1, "life");
+        let watchers: Vec<usize> = (0..n - 1).collect();
+        let (mut s_crash, mut s_leave) = (Vec::new(), Vec::new());
+        for r in 0..runs {
+            for (kind, out) in [("crash", &mut s_crash), ("leave", &mut s_leave)] {
+                let name = format!("{kind}{r}");
+                let a = sc.spawn(&name);
+                sc.agents.push(a);
+                let names = std::slice::from_ref(&name);
+                sc.wait_status(&watchers, names, "alive", Duration::from_secs(60))
+                    .expect("serf victim joins");
+                let t0 = SystemTime::now();
+                let status = if kind == "crash" {
+                    let victim = sc.agents.last_mut().expect("victim");
+                    victim.child.kill().expect("kill -9");
+                    let _ = victim.child.wait();
+                    "failed"
+                } else {
+                    sc.leave(n - 1);
+                    "left"
+                };
+                let at = sc
+                    .wait_status(&watchers, names, status, Duration::from_secs(60))
+                    .expect("serf sees the victim go within 60 s");
+                out.push(ms_since(t0, at));
+                sc.agents.pop();
+            }
+        }
+        report_vs_serf("crash_detection", json!({"n": n}), s_crash, crash);
+        report_vs_serf("graceful_leave", json!({"n": n}), s_leave, leave);
+    }
+}
+
+/// Runs a command as the unprivileged user `nobody`.
+const AS_NOBODY: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--",
+];
+
+/// An iptables rule that drops everything user `nobody` sends on lo: a node
+/// run as `nobody` goes silent, with no reset and no FIN, as behind a cut
+/// cable. Removed on drop. Only on lo, only for that user.
+struct MuteNobody;
+
+impl MuteNobody {
+    const RULE: &'static [&'static str] = &[
+        "OUTPUT",
+        "-o",
+        "lo",
+        "-m",
+        "owner",
+        "--uid-owner",
+        "65534",
+        "-m",
+        "comment",
+        "--comment",
+        "constellationd-bench",
+        "-j",
+        "DROP",
+    ];
+
+    fn on() -> Option<MuteNobody> {
+        let ok = Command::new("iptables")
+            .arg("-I")
+            .args(Self::RULE)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(MuteNobody)
+    }
+}
+
+impl Drop for MuteNobody {
+    fn drop(&mut self) {
+        let _ = Command::new("iptables").arg("-D").args(Self::RULE).status();
+    }
+}
+
+/// Silent loss: a node of an N-node cluster stops sending anything (see
+/// [`MuteNobody`]); time until every other node marks it failed. Needs root
+/// and iptables (skipped with a note otherwise).
+async fn silent_loss(n: usize, runs: usize) {
+    if MuteNobody::on().is_none() {
+        println!(
+            "{}",
+            json!({"bench": "silent_loss", "skipped": "needs root and iptables"})
+        );
+        return;
+    }
+    let c = start_cluster(n - 1, "mute").await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&c.dir, std::fs::Permissions::from_mode(0o777));
+    }
+    let socks = sockets(&c);
+    let mut ours = Vec::new();
+    for r in 0..runs {
+        let (mut rx, tasks) = subscribe(&socks).await;
+        let name = format!("mute{r}");
+        let (_, mut p) = spawn_wrapped(&c.dir, &c.group, &name, None, AS_NOBODY);
+        latest(&mut rx, n - 1, |v| {
+            v["type"] == "link_up" && v["peer"]["name"] == name.as_str()
+        })
+        .await;
+        let t0 = SystemTime::now();
+        let mute = MuteNobody::on().expect("iptables rule");
+        let last = latest(&mut rx, n - 1, |v| {
+            v["type"] == "peer_failed" && v["peer"]["name"] == name.as_str()
+        })
+        .await;
+        ours.push(ms_since(t0, last));
+        drop(mute);
+        let _ = p.0.kill();
+        let _ = p.0.wait();
+        for t in tasks {
+            t.abort();
+        }
+    }
+    report(
+        "silent_loss",
+        json!({"n": n, "system": "constellationd"}),
+        ours.clone(),
+        "the configured bound (--dead-after)",
+        vec![1400.0],
+    );
+    drop(c);
+    if let Some(bin) = serf::bin() {
+        let mut sc = serf::SerfCluster::start(&bin, n - 1, "mute");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&sc.dir, std::fs::Permissions::from_mode(0o777));
+        }
+        let watchers: Vec<usize> = (0..n - 1).collect();
+        let mut theirs = Vec::new();
+        for r in 0..runs {
+            let name = format!("mute{r}");
+            let a = sc.spawn_wrapped(&name, AS_NOBODY);
+            sc.agents.push(a);
+            let names = std::slice::from_ref(&name);
+            sc.wait_status(&watchers, names, "alive", Duration::from_secs(60))
+                .expect("serf victim joins");
+            let t0 = SystemTime::now();
+            let mute = MuteNobody::on().expect("iptables rule");
+            let at = sc
+                .wait_status(&watchers, names, "failed", Duration::from_secs(120))
+                .expect("serf marks the silent node failed within 120 s");
+            theirs.push(ms_since(t0, at));
+            drop(mute);
+            sc.agents.pop();
+        }
+        report_vs_serf("silent_loss", json!({"n": n}), theirs, ours);
+    }
+}
+
+/// Sum of user and system CPU ticks of `pid` (from /proc).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12) // utime, stime (fields 14 and 15 of the whole line)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Unique set size: memory only this process holds (private pages).
+fn uss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+fn lo_bytes() -> u64 {
+    ["rx_bytes", "tx_bytes"]
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(format!("/sys/class/net/lo/statistics/{f}"))
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum::<u64>()
+        / 2 // each loopback byte is counted once sent and once received
+}
+
+/// Idle cost of `pids` over `window`.
+struct Idle {
+    /// Median resident set, MiB (shared pages of the binary included).
+    rss: f64,
+    /// Median unique set, MiB (private pages only).
+    uss: f64,
+    /// Mean CPU, % of one core.
+    cpu: f64,
+    /// Loopback bytes per node per second, net of the background rate.
+    net: f64,
+}
+
+fn idle_cost(pids: &[u32], window: Duration, background: f64) -> Idle {
+    let tick = 100.0; // USER_HZ on Linux
+    let c0: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+    let (b0, t0) = (lo_bytes(), Instant::now());
+    std::thread::sleep(window); // a measurement window, not synchronisation
+    let (b1, secs) = (lo_bytes(), t0.elapsed().as_secs_f64());
+    let cpu: f64 = pids
+        .iter()
+        .zip(&c0)
+        .map(|(&p, &c)| (cpu_ticks(p).saturating_sub(c)) as f64 / tick / secs * 100.0)
+        .sum::<f64>()
+        / pids.len() as f64;
+    let rss = stats(pids.iter().map(|&p| rss_kib(p) as f64 / 1024.0).collect()).0;
+    let uss = stats(pids.iter().map(|&p| uss_kib(p) as f64 / 1024.0).collect()).0;
+    let net = ((b1 - b0) as f64 / secs - background).max(0.0) / pids.len() as f64;
+    Idle { rss, uss, cpu, net }
+}
+
+/// Resident memory, idle CPU and idle loopback traffic per node of an idle
+/// N-node cluster, constellationd then Serf. The loopback rate with neither
+/// running is measured first and subtracted (other users of lo).
+async fn resources(n: usize, window: Duration) {
+    let background = {
+        let (b0, t0) = (lo_bytes(), Instant::now());
+        tokio::time::sleep(window / 2).await; // measurement window
+        (lo_bytes() - b0) as f64 / t0.elapsed().as_secs_f64()
+    };
+    let c = start_cluster(n, "res").await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // let start-up settle
+    let pids: Vec<u32> = c.nodes.iter().map(|(_, _, p)| p.0.id()).collect();
+    let ours = tokio::task::block_in_place(|| idle_cost(&pids, window, background));
+    drop(c);
+    let line = |system: &str, i: Idle| {
+        json!({
+            "bench": "idle", "system": system, "n": n, "window_s": window.as_secs(),
+            "rss_mib_median": round(i.rss), "uss_mib_median": round(i.uss),
+            "cpu_pct_mean": round(i.cpu), "net_bytes_per_s": round(i.net),
+            "lo_background_bytes_per_s": round(background),
+        })
+    };
+    println!("{}", line("constellationd", ours));
+    if let Some(bin) = serf::bin() {
+        let sc = tokio::task::block_in_place(|| serf::SerfCluster::start(&bin, n, "res"));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let theirs = tokio::task::block_in_place(|| idle_cost(&sc.pids(), window, background));
+        println!("{}", line("serf", theirs));
+    }
 }
 
 /// `--only NAME[,NAME]` runs just those figures (join, join_secret,
-/// lifecycle, peers); `--quick` fewer sizes and runs.
+/// lifecycle, peers, silent_loss, idle); `--quick` fewer sizes and runs. With `SERF_BIN`
+/// set, each figure Serf shares is measured for Serf too, in the same run.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -491,6 +843,7 @@ async fn main() {
     } else {
         (&[4, 16, 32, 64], 5)
     };
+    // Failure detection is measured at 16 and 32 nodes (16 only when quick).
     if want("join") {
         for &n in sizes {
             join_bench(n, runs).await;
@@ -500,10 +853,19 @@ async fn main() {
         join_secret_bench(16, runs).await;
     }
     if want("lifecycle") {
-        lifecycle(16, runs).await;
+        for &n in sizes.iter().filter(|&&n| n >= 16 && n <= 32) {
+            lifecycle(n, runs).await;
+        }
     }
     if want("peers") {
         let n = if quick { 16 } else { 32 };
         peers_and_broadcast(n, if quick { 10 } else { 20 }, runs).await;
+    }
+    if want("silent_loss") {
+        silent_loss(16, runs).await;
+    }
+    if want("idle") {
+        let (n, secs) = if quick { (16, 5) } else { (32, 20) };
+        resources(n, Duration::from_secs(secs)).await;
     }
 }

@@ -234,7 +234,7 @@ pub struct RunArgs {
 
     /// Silence on every channel after which a peer is failed (a peer whose
     /// link is down but whose beacons arrive gets 3 beacon intervals instead).
-    #[arg(long, env = "CONSTELLATION_DEAD_AFTER", default_value = "1500ms", value_parser = parse_duration)]
+    #[arg(long, env = "CONSTELLATION_DEAD_AFTER", default_value = "1400ms", value_parser = parse_duration)]
     pub dead_after: Duration,
 
     /// How long failed and left peers stay listed.

@@ -83,7 +83,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             suspect_after: Duration::from_millis(600),
-            dead_after: Duration::from_millis(1500),
+            dead_after: Duration::from_millis(1400),
             beacon_dead_after: Duration::from_secs(3),
             dial_fallback: Duration::from_secs(1),
             backoff_min: Duration::from_millis(100),

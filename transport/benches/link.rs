@@ -371,6 +371,37 @@ fn main() {
         }));
     }
 
+    // Link set-up: from the dial until both ends report the link up.
+    let setup = |key: Option<&Key>| -> Vec<f64> {
+        (0..if quick { 30 } else { 100 })
+            .map(|_| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let (mut a, mut b) = (node("a", key).await, node("b", key).await);
+                    let t0 = Instant::now();
+                    assert!(a.transport.dial(b.id, b.addr));
+                    wait_link(&mut a).await;
+                    wait_link(&mut b).await;
+                    let took = t0.elapsed().as_secs_f64() * 1e6;
+                    a.cancel.cancel();
+                    b.cancel.cancel();
+                    took
+                })
+            })
+            .collect()
+    };
+    let (plain_setup, secured_setup) = (setup(None), setup(Some(&key)));
+    emit(json!({
+        "bench": "link_setup_secret", "unit": "us",
+        "p50_us": r3(pct(&secured_setup, 0.5)), "p99_us": r3(pct(&secured_setup, 0.99)),
+        "baseline": "the same link without a secret", "baseline_p50_us": r3(pct(&plain_setup, 0.5)),
+        "baseline_p99_us": r3(pct(&plain_setup, 0.99)),
+        "ratio_to_baseline": r3(pct(&secured_setup, 0.5) / pct(&plain_setup, 0.5)),
+    }));
+
     // Latency.
     let raw = raw_rtt(rtts);
     let plain = transport_rtt(None, rtts);
