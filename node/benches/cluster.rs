@@ -853,7 +853,7 @@ async fn main() {
         join_secret_bench(16, runs).await;
     }
     if want("lifecycle") {
-        for &n in sizes.iter().filter(|&&n| n >= 16 && n <= 32) {
+        for &n in sizes.iter().filter(|&&n| (16..=32).contains(&n)) {
             lifecycle(n, runs).await;
         }
     }
