@@ -254,10 +254,14 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
     let mut tcfg = transport::Config::new(hello);
     tcfg.max_frame = args.max_frame as usize;
     tcfg.keyring = keyring.clone();
+    // Link liveness reaches the peer table in batches this often: small
+    // against --suspect-after, large against the ping rate.
+    tcfg.liveness_report =
+        (args.suspect_after / 12).clamp(Duration::from_millis(10), Duration::from_millis(200));
     // Pings often enough that silence means something well within
     // --suspect-after, and links that go quiet are closed before --dead-after.
     tcfg.ping_interval =
-        (args.suspect_after / 3).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        (args.suspect_after / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
     tcfg.link_timeout = args
         .dead_after
         .mul_f64(2.0 / 3.0)

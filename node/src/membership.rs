@@ -48,6 +48,15 @@ pub async fn run(
             biased;
             () = cancel.cancelled() => break,
             ev = trans_rx.recv() => match ev {
+                Some(TransportEvent::Heard(heard)) => {
+                    for h in heard {
+                        match h.rtt {
+                            Some(rtt) => table.on_pong(h.at, h.id, rtt),
+                            None => table.on_traffic(h.at, h.id),
+                        }
+                        sync(&table, &state, h.id);
+                    }
+                }
                 Some(ev) => {
                     let id = on_transport(&mut table, &state, ev);
                     sync(&table, &state, id);
@@ -113,10 +122,7 @@ fn on_transport(table: &mut PeerTable, state: &NodeState, ev: TransportEvent) ->
             table.on_dial_failed(now, id, why);
             id
         }
-        TransportEvent::Pong { id, rtt } => {
-            table.on_pong(now, id, rtt);
-            id
-        }
+        TransportEvent::Heard(_) => unreachable!("handled in the loop"),
         TransportEvent::Peers { id, list } => {
             table.on_traffic(now, id);
             on_peer_list(table, state, now, id, list);

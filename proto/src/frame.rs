@@ -58,14 +58,20 @@ pub struct Hello {
     pub tags: Tags,
 }
 
-/// Keep-alive probe; the answer echoes it as [`Message::Pong`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Keep-alive probe, sent by the dialer of a link only; the answer echoes
+/// it as [`Message::Pong`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Ping {
     /// Sequence number, per link.
     pub seq: u64,
     /// Sender's clock in microseconds since the link started; only the sender
     /// interprets it (to compute the round-trip time from the echo).
     pub ts_us: u64,
+    /// The round-trip time the sender last measured on this link, in
+    /// microseconds (0: not yet known), so that the side that does not ping
+    /// knows it too.
+    #[serde(default)]
+    pub rtt_us: u64,
 }
 
 /// One entry of a peer-list exchange.
@@ -686,8 +692,16 @@ pub(crate) mod tests {
         vec![
             Message::Hello(hello()),
             Message::Welcome(hello()),
-            Message::Ping(Ping { seq: 1, ts_us: 99 }),
-            Message::Pong(Ping { seq: 1, ts_us: 99 }),
+            Message::Ping(Ping {
+                seq: 1,
+                ts_us: 99,
+                rtt_us: 120,
+            }),
+            Message::Pong(Ping {
+                seq: 1,
+                ts_us: 99,
+                rtt_us: 0,
+            }),
             Message::Peers(PeerList {
                 peers: vec![PeerRecord {
                     id: NodeId(1),
@@ -730,7 +744,14 @@ pub(crate) mod tests {
         let mut codec = FrameCodec::default();
         let mut full = BytesMut::new();
         codec
-            .encode(Message::Ping(Ping { seq: 3, ts_us: 4 }), &mut full)
+            .encode(
+                Message::Ping(Ping {
+                    seq: 3,
+                    ts_us: 4,
+                    rtt_us: 0,
+                }),
+                &mut full,
+            )
             .unwrap();
         let mut part = BytesMut::from(&full[..full.len() - 1]);
         assert_eq!(codec.decode(&mut part).unwrap(), None);
@@ -886,7 +907,8 @@ pub(crate) mod tests {
                     tags,
                 },
             );
-        let ping = (any::<u64>(), any::<u64>()).prop_map(|(seq, ts_us)| Ping { seq, ts_us });
+        let ping = (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(seq, ts_us, rtt_us)| Ping { seq, ts_us, rtt_us });
         let rec = (any::<u128>(), any::<u64>(), "\\PC{0,10}", "[a-z]{0,8}").prop_map(
             |(id, incarnation, name, state)| PeerRecord {
                 id: NodeId(id),

@@ -784,7 +784,9 @@ impl PeerTable {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        p.last_seen = now;
+        // Reports of link traffic may arrive a little after the fact (they
+        // are batched): never move `last_seen` back.
+        p.last_seen = p.last_seen.max(now);
         if p.state == PeerState::Suspect && p.link == LinkState::Up {
             p.state = PeerState::Alive;
             p.since = now;

@@ -44,6 +44,9 @@ pub struct Config {
     pub send_timeout: Duration,
     /// Most inbound handshakes in progress at once; more are refused.
     pub max_pending_handshakes: usize,
+    /// How often links that carried frames are reported as
+    /// [`TransportEvent::Heard`].
+    pub liveness_report: Duration,
     /// The cluster secret: when set, every link is a Noise handshake under
     /// one of these keys and every frame is sealed; plaintext is refused.
     pub keyring: Option<SharedKeyring>,
@@ -62,6 +65,7 @@ impl Config {
             queue: 1024,
             send_timeout: Duration::from_secs(2),
             max_pending_handshakes: 64,
+            liveness_report: Duration::from_millis(50),
             keyring: None,
         }
     }
@@ -118,13 +122,11 @@ pub enum TransportEvent {
         /// For logs.
         detail: String,
     },
-    /// A pong measured the round-trip time.
-    Pong {
-        /// Peer.
-        id: NodeId,
-        /// Round-trip time.
-        rtt: Duration,
-    },
+    /// Links that carried frames since the last report: when each peer was
+    /// last heard on its link, and the link's round-trip time when known.
+    /// Sent at most every [`Config::liveness_report`], so that keep-alive
+    /// traffic costs the node one wake-up per interval, not one per frame.
+    Heard(Vec<Heard>),
     /// A peer-list message (probe or report) arrived.
     Peers {
         /// Sender.
@@ -139,6 +141,17 @@ pub enum TransportEvent {
         /// The message.
         msg: AppMessage,
     },
+}
+
+/// One entry of [`TransportEvent::Heard`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heard {
+    /// Peer.
+    pub id: NodeId,
+    /// When a frame from it last arrived.
+    pub at: std::time::Instant,
+    /// The link's round-trip time, once measured.
+    pub rtt: Option<Duration>,
 }
 
 /// Why an application message was not queued.
@@ -191,6 +204,8 @@ enum Command {
 
 pub(crate) struct Shared {
     pub cfg: Config,
+    /// Origin of the links' `heard_us` counters.
+    pub epoch: std::time::Instant,
     pub stats: Arc<Stats>,
     pub events: mpsc::Sender<TransportEvent>,
     pub internal: mpsc::Sender<Internal>,
@@ -200,6 +215,8 @@ struct Entry {
     info: LinkInfo,
     dialer: NodeId,
     conn: u64,
+    /// `heard_us` as of the last liveness report.
+    reported_us: u64,
 }
 
 /// Cheap cloneable handle to the transport. Dropping every handle does not
@@ -227,6 +244,7 @@ impl Transport {
         let send_timeout = cfg.send_timeout;
         let shared = Arc::new(Shared {
             cfg,
+            epoch: std::time::Instant::now(),
             stats: stats.clone(),
             events,
             internal: internal_tx,
@@ -372,12 +390,15 @@ impl Actor {
         cancel: CancellationToken,
     ) {
         let _stop_node_on_exit = cancel.clone().drop_guard();
+        let mut report = tokio::time::interval(self.shared.cfg.liveness_report);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
                 Some(internal) = internal_rx.recv() => self.on_internal(internal).await,
                 Some(cmd) = cmd_rx.recv() => self.on_command(cmd),
+                _ = report.tick() => self.report_liveness(),
             }
         }
         // Goodbye on every link, concurrently, bounded.
@@ -400,6 +421,39 @@ impl Actor {
         }
         self.links_cancel.cancel();
         info!(links = goodbyes.len(), "transport stopped");
+    }
+
+    /// Reports the links that carried frames since the last report, in one
+    /// event. A full event queue skips a report; the next one carries the
+    /// same (newer) information.
+    fn report_liveness(&mut self) {
+        let epoch = self.shared.epoch;
+        let mut heard = Vec::new();
+        for e in self.links.values_mut() {
+            let c = &e.info.handle.counters;
+            let at_us = c.heard_us.load(Ordering::Relaxed);
+            if at_us == 0 || at_us == e.reported_us {
+                continue;
+            }
+            let rtt_us = c.rtt_us.load(Ordering::Relaxed);
+            heard.push(Heard {
+                id: e.info.id,
+                at: epoch + Duration::from_micros(at_us),
+                rtt: (rtt_us > 0).then(|| Duration::from_micros(rtt_us)),
+            });
+            e.reported_us = at_us;
+        }
+        if !heard.is_empty()
+            && self
+                .shared
+                .events
+                .try_send(TransportEvent::Heard(heard))
+                .is_err()
+        {
+            for e in self.links.values_mut() {
+                e.reported_us = 0; // report again next time
+            }
+        }
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -532,6 +586,7 @@ impl Actor {
                 conn,
                 reader,
                 writer,
+                pings: outbound,
             },
             &self.shared,
             &self.links_cancel,
@@ -548,6 +603,7 @@ impl Actor {
                 },
                 dialer,
                 conn,
+                reported_us: 0,
             },
         );
         if replacing.is_some() {

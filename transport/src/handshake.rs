@@ -237,7 +237,7 @@ async fn dial_secured(
     let (remote, mut halves) = finish_dial(addr, cfg, answer, halves).await?;
     // Key confirmation: the acceptor counts the link as up only after this
     // first sealed frame, which a replay of our first message cannot forge.
-    let confirm = Message::Ping(Ping { seq: 0, ts_us: 0 });
+    let confirm = Message::Ping(Ping::default());
     match timeout(cfg.handshake_timeout, halves.1.send(confirm)).await {
         Ok(Ok(())) => Ok((remote, halves)),
         Ok(Err(e)) => Err(HandshakeError::other(format!(

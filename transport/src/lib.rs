@@ -39,6 +39,6 @@ mod actor;
 mod handshake;
 mod link;
 
-pub use actor::{Config, LinkInfo, SendError, Stats, Transport, TransportEvent};
+pub use actor::{Config, Heard, LinkInfo, SendError, Stats, Transport, TransportEvent};
 pub use link::{LinkCounters, LinkHandle};
 pub use proto::membership::DialFailure;

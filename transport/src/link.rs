@@ -32,6 +32,12 @@ pub struct LinkCounters {
     pub bytes_in: AtomicU64,
     /// Payload bytes sent.
     pub bytes_out: AtomicU64,
+    /// When a frame last arrived, in microseconds since the transport's
+    /// epoch (0: none yet). Read by the actor's liveness report.
+    pub heard_us: AtomicU64,
+    /// Last round-trip time known on this link, in microseconds (0: none):
+    /// measured by the dialer, learnt from its pings by the acceptor.
+    pub rtt_us: AtomicU64,
 }
 
 /// Cheap, cloneable handle to one link's writer.
@@ -97,6 +103,9 @@ pub(crate) struct LinkSpec {
     pub conn: u64,
     pub reader: FramedRead<OwnedReadHalf, FrameCodec>,
     pub writer: FramedWrite<OwnedWriteHalf, FrameCodec>,
+    /// This end dialed, so it pings; the other end only answers (one ping
+    /// stream per link is enough to keep both ends informed).
+    pub pings: bool,
 }
 
 /// Spawns the reader and writer of an established link.
@@ -111,6 +120,7 @@ pub(crate) fn spawn_link(
         conn,
         mut reader,
         mut writer,
+        pings,
     } = spec;
     let (tx, mut rx) = mpsc::channel::<Message>(shared.cfg.queue);
     // A link failing cancels only itself; the transport cancels all links.
@@ -120,6 +130,7 @@ pub(crate) fn spawn_link(
 
     let wc = cancel.clone();
     let wshared = shared.clone();
+    let wcounters = counters.clone();
     let ping_every = shared.cfg.ping_interval;
     tracker.spawn(async move {
         let _teardown = wc.clone().drop_guard(); // writer gone => reader goes too
@@ -133,10 +144,11 @@ pub(crate) fn spawn_link(
                 biased;
                 () = wc.cancelled() => break,
                 msg = rx.recv() => match msg { Some(m) => m, None => break },
-                _ = ping.tick() => {
+                _ = ping.tick(), if pings => {
                     seq += 1;
                     let ts_us = started.elapsed().as_micros() as u64;
-                    Message::Ping(Ping { seq, ts_us })
+                    let rtt_us = wcounters.rtt_us.load(Ordering::Relaxed);
+                    Message::Ping(Ping { seq, ts_us, rtt_us })
                 }
             };
             // Batch what is already queued, then flush once. `feed`/`flush`
@@ -224,6 +236,11 @@ pub(crate) fn spawn_link(
                 next = reader.next() => next, // cancel-safe
             };
             last_frame = Instant::now();
+            let heard = last_frame
+                .into_std()
+                .saturating_duration_since(rshared.epoch)
+                .as_micros() as u64;
+            rcounters.heard_us.store(heard.max(1), Ordering::Relaxed);
             let frame = match next {
                 None => break (false, "connection closed".to_string()),
                 Some(Err(error)) => {
@@ -238,6 +255,9 @@ pub(crate) fn spawn_link(
             rshared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
             let event = match frame {
                 Message::Ping(p) => {
+                    if p.rtt_us > 0 {
+                        rcounters.rtt_us.store(p.rtt_us, Ordering::Relaxed);
+                    }
                     // Full queue: the peer's ping goes unanswered, which is
                     // what an overloaded link should look like.
                     if pong_tx.try_send(Message::Pong(p)).is_err() {
@@ -246,9 +266,12 @@ pub(crate) fn spawn_link(
                     continue;
                 }
                 Message::Pong(p) => {
+                    // Liveness and RTT go through the counters, which the
+                    // actor reports in batches: no event per pong.
                     let now = started.elapsed().as_micros() as u64;
-                    let rtt = Duration::from_micros(now.saturating_sub(p.ts_us));
-                    TransportEvent::Pong { id: peer, rtt }
+                    let rtt = now.saturating_sub(p.ts_us).max(1);
+                    rcounters.rtt_us.store(rtt, Ordering::Relaxed);
+                    continue;
                 }
                 Message::App(msg) => {
                     rcounters.msgs_in.fetch_add(1, Ordering::Relaxed);
