@@ -14,7 +14,7 @@ use proto::secure::SharedKeyring;
 use proto::stats::Tally;
 use proto::{Hello, Message, NodeId};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -206,6 +206,11 @@ pub(crate) struct Shared {
     pub cfg: Config,
     /// Origin of the links' `heard_us` counters.
     pub epoch: std::time::Instant,
+    /// Ping rounds: every dialer writer pings when this ticks. Rounds fall on
+    /// multiples of the ping interval of the wall clock, so across the whole
+    /// cluster pings and pongs travel together and each node wakes a few
+    /// times per round instead of once per link.
+    pub ping_rounds: watch::Receiver<u64>,
     pub stats: Arc<Stats>,
     pub events: mpsc::Sender<TransportEvent>,
     pub internal: mpsc::Sender<Internal>,
@@ -242,9 +247,12 @@ impl Transport {
         let (internal_tx, internal_rx) = mpsc::channel(256);
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let send_timeout = cfg.send_timeout;
+        let (rounds_tx, ping_rounds) = watch::channel(0u64);
+        let ping_interval = cfg.ping_interval;
         let shared = Arc::new(Shared {
             cfg,
             epoch: std::time::Instant::now(),
+            ping_rounds,
             stats: stats.clone(),
             events,
             internal: internal_tx,
@@ -264,6 +272,7 @@ impl Transport {
             links_cancel: CancellationToken::new(),
             tracker: tracker.clone(),
         };
+        tracker.spawn(ping_rounds_task(rounds_tx, ping_interval, cancel.clone()));
         tracker.spawn(actor.run(cmd_rx, internal_rx, cancel));
         Transport {
             cmd: cmd_tx,
@@ -357,6 +366,25 @@ async fn accept_loop(
                 Err(e) => log_handshake_failure(&shared, remote, &e),
             }
         });
+    }
+}
+
+/// Ticks the ping rounds on multiples of `every` of the wall clock until
+/// `cancel` fires (dropping the sender then stops the rounds).
+async fn ping_rounds_task(tx: watch::Sender<u64>, every: Duration, cancel: CancellationToken) {
+    let every_us = every.as_micros().max(1) as u64;
+    let mut round = 0u64;
+    loop {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let wait = Duration::from_micros(every_us - now_us % every_us);
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
+        }
+        round += 1;
+        tx.send_replace(round);
     }
 }
 

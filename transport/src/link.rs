@@ -131,30 +131,47 @@ pub(crate) fn spawn_link(
     let wc = cancel.clone();
     let wshared = shared.clone();
     let wcounters = counters.clone();
-    let ping_every = shared.cfg.ping_interval;
+    let mut rounds = shared.ping_rounds.clone();
     tracker.spawn(async move {
         let _teardown = wc.clone().drop_guard(); // writer gone => reader goes too
-                                                 // First ping at once, so the RTT is known as soon as the link is up.
-        let mut ping = tokio::time::interval(ping_every);
-        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                                                 // First ping at once, so the RTT is known as soon as the link is up;
+                                                 // then one per ping round of the node (see `Shared::ping_rounds`).
+        let (mut ping_now, mut pinging) = (pings, pings);
         let mut seq = 0u64;
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         loop {
-            let first = tokio::select! {
-                biased;
-                () = wc.cancelled() => break,
-                msg = rx.recv() => match msg { Some(m) => m, None => break },
-                _ = ping.tick(), if pings => {
-                    seq += 1;
-                    let ts_us = started.elapsed().as_micros() as u64;
-                    let rtt_us = wcounters.rtt_us.load(Ordering::Relaxed);
-                    Message::Ping(Ping { seq, ts_us, rtt_us })
-                }
-            };
+            let ping_due = ping_now
+                || tokio::select! {
+                    biased;
+                    () = wc.cancelled() => break,
+                    msg = rx.recv() => match msg {
+                        Some(m) => {
+                            batch.push(m);
+                            false
+                        }
+                        None => break,
+                    },
+                    round = rounds.changed(), if pinging => {
+                        // Err: the transport is shutting down; goodbyes follow.
+                        pinging = round.is_ok();
+                        pinging
+                    }
+                };
+            ping_now = false;
+            if ping_due {
+                seq += 1;
+                let ts_us = started.elapsed().as_micros() as u64;
+                let rtt_us = wcounters.rtt_us.load(Ordering::Relaxed);
+                batch.push(Message::Ping(Ping { seq, ts_us, rtt_us }));
+            }
+            if batch.is_empty() {
+                continue;
+            }
             // Batch what is already queued, then flush once. `feed`/`flush`
             // are not cancel-safe: they race only the token that ends us.
-            let closing = matches!(first, Message::Goodbye(_) | Message::Reject(_));
-            batch.push(first);
+            let closing = batch
+                .iter()
+                .any(|m| matches!(m, Message::Goodbye(_) | Message::Reject(_)));
             if !closing {
                 while batch.len() < WRITE_BATCH {
                     match rx.try_recv() {
