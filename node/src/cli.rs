@@ -370,32 +370,13 @@ async fn run(cmd: Command) -> ExitCode {
             } else {
                 format!("/v1/peers?{}", q.join("&"))
             };
-            match client(&sock).json(Method::GET, &uri, None).await {
-                Err(e) => fail(e),
-                Ok((st, v)) if !st.is_success() => api_error(st, &v),
-                Ok((_, v)) if json => {
-                    print_json(&v);
-                    ExitCode::SUCCESS
-                }
-                Ok((_, v)) => {
-                    print!("{}", render_peers(&v, colour()));
-                    ExitCode::SUCCESS
-                }
-            }
+            show(&sock, Method::GET, &uri, None, json, |v| {
+                render_peers(v, colour())
+            })
+            .await
         }
         Command::Status { sock, json } => {
-            match client(&sock).json(Method::GET, "/v1/self", None).await {
-                Err(e) => fail(e),
-                Ok((st, v)) if !st.is_success() => api_error(st, &v),
-                Ok((_, v)) if json => {
-                    print_json(&v);
-                    ExitCode::SUCCESS
-                }
-                Ok((_, v)) => {
-                    print!("{}", render_status(&v));
-                    ExitCode::SUCCESS
-                }
-            }
+            show(&sock, Method::GET, "/v1/self", None, json, render_status).await
         }
         Command::Watch { sock, json } => watch(&client(&sock), json).await,
         Command::Send {
@@ -464,29 +445,42 @@ async fn keys(sock: &SocketArg, action: KeysAction) -> ExitCode {
             false,
         ),
     };
+    show(sock, method, uri, body, json_out, |v| {
+        let done = match (&action, v["changed"].as_bool()) {
+            (KeysAction::List { .. }, _) => "",
+            (KeysAction::Install { .. }, Some(false)) => "already installed\n",
+            (KeysAction::Install { .. }, _) => "installed\n",
+            (KeysAction::Use { .. }, Some(false)) => "already primary\n",
+            (KeysAction::Use { .. }, _) => "now primary\n",
+            (KeysAction::Remove { .. }, _) => "removed\n",
+        };
+        if let Some(w) = v["warning"].as_str() {
+            eprintln!("warning: {w}");
+        }
+        format!("{done}{}", render_keys(v))
+    })
+    .await
+}
+
+/// One request, its answer printed: the API's JSON with `--json`, else what
+/// `render` makes of it for people.
+async fn show(
+    sock: &SocketArg,
+    method: Method,
+    uri: &str,
+    body: Option<Value>,
+    json: bool,
+    render: impl FnOnce(&Value) -> String,
+) -> ExitCode {
     match client(sock).json(method, uri, body).await {
         Err(e) => fail(e),
         Ok((st, v)) if !st.is_success() => api_error(st, &v),
-        Ok((_, v)) if json_out => {
+        Ok((_, v)) if json => {
             print_json(&v);
             ExitCode::SUCCESS
         }
         Ok((_, v)) => {
-            let done = match (&action, v["changed"].as_bool()) {
-                (KeysAction::List { .. }, _) => None,
-                (KeysAction::Install { .. }, Some(false)) => Some("already installed"),
-                (KeysAction::Install { .. }, _) => Some("installed"),
-                (KeysAction::Use { .. }, Some(false)) => Some("already primary"),
-                (KeysAction::Use { .. }, _) => Some("now primary"),
-                (KeysAction::Remove { .. }, _) => Some("removed"),
-            };
-            if let Some(done) = done {
-                println!("{done}");
-            }
-            print!("{}", render_keys(&v));
-            if let Some(w) = v["warning"].as_str() {
-                eprintln!("warning: {w}");
-            }
+            print!("{}", render(&v));
             ExitCode::SUCCESS
         }
     }

@@ -519,6 +519,17 @@ pub struct LinkCiphers {
     pub recv: FrameCipher,
 }
 
+/// The link's ciphers from a finished handshake: Noise's split gives the
+/// initiator-to-responder key first.
+fn split(hs: &mut snow::HandshakeState, initiator: bool) -> LinkCiphers {
+    let (i2r, r2i) = hs.dangerously_get_raw_split();
+    let (send, recv) = if initiator { (i2r, r2i) } else { (r2i, i2r) };
+    LinkCiphers {
+        send: FrameCipher::new(&send),
+        recv: FrameCipher::new(&recv),
+    }
+}
+
 /// The dialer's side of a link handshake, between its two messages.
 pub struct Initiator {
     hs: snow::HandshakeState,
@@ -549,14 +560,7 @@ impl Initiator {
             .read_message(msg, &mut payload)
             .map_err(|_| LinkSecurityError::AuthFailed)?;
         payload.truncate(n);
-        let (i2r, r2i) = self.hs.dangerously_get_raw_split();
-        Ok((
-            payload,
-            LinkCiphers {
-                send: FrameCipher::new(&i2r),
-                recv: FrameCipher::new(&r2i),
-            },
-        ))
+        Ok((payload, split(&mut self.hs, true)))
     }
 }
 
@@ -592,14 +596,7 @@ impl Responder {
         let mut msg = vec![0u8; MAX_NOISE_MSG];
         let n = self.hs.write_message(payload, &mut msg).map_err(noise)?;
         msg.truncate(n);
-        let (i2r, r2i) = self.hs.dangerously_get_raw_split();
-        Ok((
-            msg,
-            LinkCiphers {
-                send: FrameCipher::new(&r2i),
-                recv: FrameCipher::new(&i2r),
-            },
-        ))
+        Ok((msg, split(&mut self.hs, false)))
     }
 }
 
