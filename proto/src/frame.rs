@@ -527,17 +527,19 @@ fn check_plain_header(frame: &[u8]) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// Decodes the body of a whole (opened) frame that we own, so that an
+/// Decodes a whole plaintext frame that we own (header checked), so that an
 /// application payload can be sliced out of it instead of copied.
-fn decode_owned(kind: u8, frame: BytesMut) -> Result<Message, FrameError> {
-    if kind == KIND_APP {
-        let frame = frame.freeze();
-        if let Some(m) = app_in_place(&frame) {
-            return Ok(Message::App(m));
-        }
+fn decode_owned(frame: BytesMut) -> Result<Message, FrameError> {
+    check_plain_header(&frame)?;
+    let kind = frame[2];
+    if kind != KIND_APP {
         return Message::decode_body(kind, &frame[FRAME_HEADER..]);
     }
-    Message::decode_body(kind, &frame[FRAME_HEADER..])
+    let frame = frame.freeze();
+    match app_in_place(&frame) {
+        Some(m) => Ok(Message::App(m)),
+        None => Message::decode_body(kind, &frame[FRAME_HEADER..]),
+    }
 }
 
 /// The hot path: an `App` body as this crate writes it (a map holding just
@@ -595,10 +597,7 @@ impl Decoder for FrameCodec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
         let Some(sec) = &mut self.secure else {
             return match self.inner.decode(src) {
-                Ok(Some(frame)) => {
-                    check_plain_header(&frame)?;
-                    decode_owned(frame[2], frame).map(Some)
-                }
+                Ok(Some(frame)) => decode_owned(frame).map(Some),
                 Ok(None) => Ok(None),
                 Err(e) => Err(length_error(e, self.max)),
             };
@@ -613,10 +612,7 @@ impl Decoder for FrameCodec {
         }
         // Frames inside a record are whole: a partial one is an error.
         match self.inner.decode(&mut sec.opened) {
-            Ok(Some(frame)) => {
-                check_plain_header(&frame)?;
-                decode_owned(frame[2], frame).map(Some)
-            }
+            Ok(Some(frame)) => decode_owned(frame).map(Some),
             Ok(None) => Err(FrameError::Truncated),
             Err(e) => Err(length_error(e, self.max)),
         }

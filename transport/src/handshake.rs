@@ -190,18 +190,15 @@ async fn dial_secured(
         .unwrap_or_else(|e| e.into_inner())
         .primary()
         .clone();
-    let hello = Message::Hello(cfg.local.clone())
+    let hello = Message::Hello(cfg.local.clone());
+    let kind = hello.kind();
+    let hello = hello
         .to_payload()
         .map_err(|e| HandshakeError::other(format!("cannot encode our hello: {e}")))?;
     let (init, first) =
         Initiator::start(&key, &hello).map_err(|e| HandshakeError::other(format!("noise: {e}")))?;
     let exchange = async {
-        write_raw(
-            &mut stream,
-            Message::Hello(cfg.local.clone()).kind(),
-            &first,
-        )
-        .await?;
+        write_raw(&mut stream, kind, &first).await?;
         read_raw(&mut stream).await
     };
     let (flags, _kind, body) = match timeout(cfg.handshake_timeout, exchange).await {
