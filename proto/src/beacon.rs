@@ -144,6 +144,10 @@ pub enum BeaconError {
     /// Bytes after the body of an unsealed beacon.
     #[error("{0} unexpected bytes after the beacon body")]
     Trailing(usize),
+    /// The sender's name or cluster name breaks the charset or length rules
+    /// ([`crate::id::check_name`]).
+    #[error("beacon refused: {0}")]
+    Identity(#[from] crate::id::IdentityError),
     /// Encoding failed (a value msgpack cannot represent).
     #[error("cannot encode beacon: {0}")]
     Encode(String),
@@ -167,6 +171,7 @@ impl BeaconError {
             BeaconError::Replayed => "replay",
             BeaconError::Stale { .. } => "replay_window",
             BeaconError::Trailing(_) => "trailing_bytes",
+            BeaconError::Identity(e) => e.reason(),
             BeaconError::Encode(_) => "encode",
             BeaconError::Io(_) => "io",
         }
@@ -287,6 +292,8 @@ impl Beacon {
         }
         let kind = BeaconKind::parse(&raw.kind)
             .ok_or_else(|| BeaconError::UnknownKind(raw.kind.clone().into_owned()))?;
+        crate::id::check_name(&raw.name)?;
+        crate::id::check_name(&raw.cluster)?;
         Ok(Beacon {
             cluster: raw.cluster.into_owned(),
             id: raw.id,
@@ -454,12 +461,23 @@ pub(crate) mod tests {
         assert!(matches!(b.encode(), Err(BeaconError::TooLarge { .. })));
     }
 
+    #[test]
+    fn names_with_control_characters_are_refused_and_counted() {
+        for bad in ["e3\n", "\u{1b}[2Jboom", "", "a b"] {
+            let mut b = sample(BeaconKind::Announce);
+            b.name = bad.into();
+            let bytes = b.encode().unwrap();
+            let err = Beacon::decode(&bytes).unwrap_err();
+            assert_eq!(err.reason(), "bad_name", "{bad:?}: {err}");
+        }
+    }
+
     pub(crate) fn arb_beacon() -> impl Strategy<Value = Beacon> {
         (
-            "[a-z0-9-]{0,40}",
+            "[a-z0-9-]{1,40}",
             any::<u128>(),
             any::<u64>(),
-            "\\PC{0,60}",
+            "[A-Za-z0-9._-]{1,60}",
             any::<([u8; 4], u16)>(),
             prop_oneof![
                 Just(BeaconKind::Announce),

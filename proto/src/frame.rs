@@ -239,12 +239,26 @@ impl Message {
             }
             Ok(v)
         }
+        fn hello(body: &[u8]) -> Result<Hello, FrameError> {
+            let h: Hello = de(body)?;
+            crate::id::check_name(&h.name)?;
+            crate::id::check_name(&h.cluster)?;
+            crate::id::check_tags(&h.tags)?;
+            Ok(h)
+        }
+        fn peers(body: &[u8]) -> Result<PeerList, FrameError> {
+            let list: PeerList = de(body)?;
+            for r in &list.peers {
+                crate::id::check_name(&r.name)?;
+            }
+            Ok(list)
+        }
         Ok(match kind {
-            1 => Message::Hello(de(body)?),
-            2 => Message::Welcome(de(body)?),
+            1 => Message::Hello(hello(body)?),
+            2 => Message::Welcome(hello(body)?),
             3 => Message::Ping(de(body)?),
             4 => Message::Pong(de(body)?),
-            5 => Message::Peers(de(body)?),
+            5 => Message::Peers(peers(body)?),
             KIND_APP => Message::App(de(body)?),
             7 => Message::Goodbye(de(body)?),
             8 => Message::Reject(de(body)?),
@@ -288,6 +302,10 @@ pub enum FrameError {
     /// The body does not decode as the kind's msgpack map.
     #[error("malformed frame body: {0}")]
     Malformed(String),
+    /// A handshake or peer record whose name, cluster name or tags break the
+    /// charset or length rules ([`crate::id::check_name`]).
+    #[error("frame refused: {0}")]
+    Identity(#[from] crate::id::IdentityError),
     /// Encoding failed.
     #[error("cannot encode frame: {0}")]
     Encode(String),
@@ -307,6 +325,7 @@ impl FrameError {
             FrameError::Tagged | FrameError::Plaintext => "security_mismatch",
             FrameError::AuthFailed => "auth",
             FrameError::Malformed(_) => "malformed",
+            FrameError::Identity(e) => e.reason(),
             FrameError::Encode(_) => "encode",
             FrameError::Io(_) => "io",
         }
@@ -885,12 +904,12 @@ pub(crate) mod tests {
     pub(crate) fn arb_message() -> impl Strategy<Value = Message> {
         let hello = (
             any::<u8>(),
-            "\\PC{0,20}",
+            "[A-Za-z0-9._-]{1,20}",
             any::<u128>(),
             any::<u64>(),
-            "\\PC{0,20}",
+            "[A-Za-z0-9._-]{1,20}",
             any::<([u8; 4], u16)>(),
-            proptest::collection::btree_map("[a-z]{1,8}", "\\PC{0,8}", 0..4),
+            proptest::collection::btree_map("[a-z]{1,8}", "[^\\p{Cc}]{0,8}", 0..4),
         )
             .prop_map(
                 |(protocol, cluster, id, inc, name, (ip, port), tags)| Hello {
@@ -905,7 +924,7 @@ pub(crate) mod tests {
             );
         let ping = (any::<u64>(), any::<u64>(), any::<u64>())
             .prop_map(|(seq, ts_us, rtt_us)| Ping { seq, ts_us, rtt_us });
-        let rec = (any::<u128>(), any::<u64>(), "\\PC{0,10}", "[a-z]{0,8}").prop_map(
+        let rec = (any::<u128>(), any::<u64>(), "[A-Za-z0-9._-]{1,10}", "[a-z]{0,8}").prop_map(
             |(id, incarnation, name, state)| PeerRecord {
                 id: NodeId(id),
                 incarnation,

@@ -138,6 +138,108 @@ pub fn tags_digest(tags: &Tags) -> u64 {
     u64::from_be_bytes(first)
 }
 
+/// Longest node or cluster name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest tag key, in bytes.
+pub const MAX_TAG_KEY_LEN: usize = 64;
+/// Longest tag value, in bytes.
+pub const MAX_TAG_VALUE_LEN: usize = 256;
+/// How far ahead of the receiver's wall clock an incarnation may be. A
+/// node's incarnation is its start time in wall-clock milliseconds, so a
+/// value far in the future is a broken clock or a forgery meant to outrank
+/// every later restart of a real node.
+pub const MAX_INCARNATION_AHEAD_MS: u64 = 60_000;
+
+/// Why a name, tag or incarnation from the wire (or a flag) is refused. The
+/// input carrying it is dropped and counted; no state changes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// Empty or longer than [`MAX_NAME_LEN`].
+    #[error("a name must be 1 to {MAX_NAME_LEN} bytes")]
+    NameLength,
+    /// A character outside `A-Z a-z 0-9 - _ .`.
+    #[error("a name may contain only letters, digits, '-', '_' and '.'")]
+    NameCharset,
+    /// Empty key, key longer than [`MAX_TAG_KEY_LEN`], or value longer than
+    /// [`MAX_TAG_VALUE_LEN`].
+    #[error("a tag key must be 1 to {MAX_TAG_KEY_LEN} bytes and a value at most {MAX_TAG_VALUE_LEN}")]
+    TagLength,
+    /// A key character outside `A-Z a-z 0-9 - _ . / :`.
+    #[error("a tag key may contain only letters, digits, '-', '_', '.', '/' and ':'")]
+    TagKeyCharset,
+    /// A control character (C0, DEL or C1) in a value.
+    #[error("a tag value must not contain control characters")]
+    TagValueControl,
+    /// An incarnation more than [`MAX_INCARNATION_AHEAD_MS`] ahead of the
+    /// receiver's clock, or the largest value (which nothing could outrank).
+    #[error("incarnation {0} is in the future")]
+    IncarnationAhead(Incarnation),
+}
+
+impl IdentityError {
+    /// A short, stable label for drop counters and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IdentityError::NameLength | IdentityError::NameCharset => "bad_name",
+            IdentityError::TagLength
+            | IdentityError::TagKeyCharset
+            | IdentityError::TagValueControl => "bad_tag",
+            IdentityError::IncarnationAhead(_) => "incarnation_ahead",
+        }
+    }
+}
+
+/// Checks a node or cluster name: 1 to 64 bytes of ASCII letters, digits,
+/// `-`, `_` and `.` (what a hostname reduces to). Nothing else can reach a
+/// terminal or a log line raw.
+pub fn check_name(name: &str) -> Result<(), IdentityError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(IdentityError::NameLength);
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(IdentityError::NameCharset);
+    }
+    Ok(())
+}
+
+/// Checks one tag: the key is 1 to 64 bytes of ASCII letters, digits and
+/// `-_./:`; the value at most 256 bytes of UTF-8 without control characters.
+pub fn check_tag(key: &str, value: &str) -> Result<(), IdentityError> {
+    if key.is_empty() || key.len() > MAX_TAG_KEY_LEN || value.len() > MAX_TAG_VALUE_LEN {
+        return Err(IdentityError::TagLength);
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_./:".contains(&b))
+    {
+        return Err(IdentityError::TagKeyCharset);
+    }
+    if value.chars().any(char::is_control) {
+        return Err(IdentityError::TagValueControl);
+    }
+    Ok(())
+}
+
+/// Checks every tag of a set ([`check_tag`]).
+pub fn check_tags(tags: &Tags) -> Result<(), IdentityError> {
+    tags.iter().try_for_each(|(k, v)| check_tag(k, v))
+}
+
+/// Checks that `incarnation` is not from the future: at most
+/// [`MAX_INCARNATION_AHEAD_MS`] past `wall_now_ms` (the receiver's wall
+/// clock, in ms since the Unix epoch), and never `u64::MAX`.
+pub fn check_incarnation(incarnation: Incarnation, wall_now_ms: u64) -> Result<(), IdentityError> {
+    if incarnation == u64::MAX
+        || incarnation > wall_now_ms.saturating_add(MAX_INCARNATION_AHEAD_MS)
+    {
+        return Err(IdentityError::IncarnationAhead(incarnation));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +273,30 @@ mod tests {
         assert_eq!(d1, tags_digest(&t.clone()));
         t.insert("role".into(), "web".into());
         assert_ne!(d1, tags_digest(&t));
+    }
+
+    #[test]
+    fn names_and_tags_have_a_charset_and_a_length() {
+        assert_eq!(check_name("node-1.a_B"), Ok(()));
+        assert_eq!(check_name(""), Err(IdentityError::NameLength));
+        assert_eq!(check_name(&"a".repeat(65)), Err(IdentityError::NameLength));
+        for bad in ["a b", "e3\n", "\u{1b}[2J", "n\u{7f}", "é", "a/b"] {
+            assert_eq!(check_name(bad), Err(IdentityError::NameCharset), "{bad:?}");
+        }
+        assert_eq!(check_tag("app.kubernetes.io/name", "web server ✓"), Ok(()));
+        assert_eq!(check_tag("", "v"), Err(IdentityError::TagLength));
+        assert_eq!(check_tag("k", &"v".repeat(257)), Err(IdentityError::TagLength));
+        assert_eq!(check_tag("k k", "v"), Err(IdentityError::TagKeyCharset));
+        assert_eq!(check_tag("k", "a\u{1b}b"), Err(IdentityError::TagValueControl));
+        assert_eq!(check_tag("k", "a\u{9b}b"), Err(IdentityError::TagValueControl));
+    }
+
+    #[test]
+    fn incarnations_from_the_future_are_refused() {
+        let now = 1_700_000_000_000;
+        assert_eq!(check_incarnation(now + MAX_INCARNATION_AHEAD_MS, now), Ok(()));
+        assert_eq!(check_incarnation(1, now), Ok(()));
+        assert!(check_incarnation(now + MAX_INCARNATION_AHEAD_MS + 1, now).is_err());
+        assert!(check_incarnation(u64::MAX, u64::MAX).is_err());
     }
 }
