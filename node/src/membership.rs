@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use base64::Engine;
 use discovery::DiscoveryEvent;
-use proto::frame::{PeerList, PeerRecord};
-use proto::membership::{Action, DialFailure, EventKind, LinkState, Peer, PeerTable};
+use proto::id::check_incarnation;
+use proto::membership::{Action, DialFailure, EventKind, PeerTable};
 use proto::Message;
 use proto::NodeId;
-use rand::seq::SliceRandom;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
@@ -27,6 +26,13 @@ use crate::state::{peer_json, NodeState};
 
 fn now_std() -> std::time::Instant {
     Instant::now().into_std()
+}
+
+/// Wall-clock milliseconds, to judge incarnations (which are start times).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs until `cancel` fires or both input channels close.
@@ -65,6 +71,12 @@ pub async fn run(
             },
             ev = disc_rx.recv() => match ev {
                 Some(DiscoveryEvent::Beacon { at, beacon, .. }) => {
+                    if let Err(e) = check_incarnation(beacon.incarnation, wall_ms()) {
+                        if state.discovery.drops.record(at, e.reason()) {
+                            warn!(peer = %beacon.name, id = %beacon.id.short(), error = %e, "beacon refused");
+                        }
+                        continue;
+                    }
                     table.on_beacon(at, &beacon);
                     sync(&table, &state, beacon.id);
                 }
@@ -95,7 +107,16 @@ fn on_transport(table: &mut PeerTable, state: &NodeState, ev: TransportEvent) ->
     let now = now_std();
     match ev {
         TransportEvent::LinkUp { hello, .. } => {
-            table.on_link_up(now, &hello);
+            // The link stays open in the transport, but the table never
+            // hears of it: no entry, no event, nothing routed to it.
+            match check_incarnation(hello.incarnation, wall_ms()) {
+                Ok(()) => table.on_link_up(now, &hello),
+                Err(e) => {
+                    if state.transport.stats().drops.record(now, e.reason()) {
+                        warn!(peer = %hello.name, id = %hello.id.short(), error = %e, "link refused");
+                    }
+                }
+            }
             hello.id
         }
         TransportEvent::LinkDown {
@@ -124,8 +145,7 @@ fn on_transport(table: &mut PeerTable, state: &NodeState, ev: TransportEvent) ->
         }
         TransportEvent::Heard(_) => unreachable!("handled in the loop"),
         TransportEvent::Peers { id, list } => {
-            table.on_traffic(now, id);
-            on_peer_list(table, state, now, id, list);
+            table.on_peer_list(now, id, &list);
             id
         }
         TransportEvent::Message { id, msg } => {
@@ -149,81 +169,14 @@ fn on_transport(table: &mut PeerTable, state: &NodeState, ev: TransportEvent) ->
     }
 }
 
-/// How many linked peers are asked about a suspect peer.
-const PROBE_FANOUT: usize = 3;
-
-/// Asks a few linked peers whether they hear `id` directly.
-fn probe(table: &PeerTable, state: &NodeState, id: NodeId) {
-    let Some(p) = table.get(&id) else { return };
-    let mut helpers: Vec<NodeId> = table
-        .peers()
-        .filter(|h| h.id != id && h.link == LinkState::Up)
-        .map(|h| h.id)
-        .collect();
-    helpers.shuffle(&mut rand::thread_rng());
-    helpers.truncate(PROBE_FANOUT);
-    if helpers.is_empty() {
-        return;
-    }
-    let ask = Message::Peers(PeerList {
-        peers: vec![record(p, "probe", None)],
-    });
+/// Sends a peer list (probe or answer) off the membership loop: the
+/// transport answers through its actor. Best effort: a lost probe is asked
+/// again at the next probe round.
+fn send_list(state: &NodeState, to: NodeId, list: proto::frame::PeerList) {
     let transport = state.transport.clone();
-    // Off the membership loop: the transport answers through its actor.
     tokio::spawn(async move {
-        for h in helpers {
-            if let Err(error) = transport.try_send(h, ask.clone()).await {
-                debug!(helper = %h.short(), %error, "probe not sent");
-            }
-        }
-    });
-}
-
-fn record(p: &Peer, state: &str, age: Option<Duration>) -> PeerRecord {
-    PeerRecord {
-        id: p.id,
-        incarnation: p.incarnation,
-        name: p.name.clone(),
-        addr: p.addr,
-        state: state.into(),
-        age_ms: age.map(|a| a.as_millis() as u64),
-    }
-}
-
-/// Answers probes with our *direct* evidence, and feeds reports to the table.
-fn on_peer_list(
-    table: &mut PeerTable,
-    state: &NodeState,
-    now: std::time::Instant,
-    from: NodeId,
-    list: PeerList,
-) {
-    let fresh = table.config().suspect_after;
-    let mut answers = Vec::new();
-    for r in list.peers {
-        match (r.state.as_str(), r.age_ms) {
-            ("probe", _) => {
-                if let Some(p) = table.get(&r.id).filter(|p| p.is_live()) {
-                    let age = now.saturating_duration_since(p.last_seen);
-                    if age < fresh && p.incarnation == r.incarnation {
-                        answers.push(record(p, "alive", Some(age)));
-                    }
-                }
-            }
-            ("alive", Some(age_ms)) => {
-                table.on_vouch(now, r.id, r.incarnation, Duration::from_millis(age_ms))
-            }
-            _ => {} // other reports are not used
-        }
-    }
-    if answers.is_empty() {
-        return;
-    }
-    let transport = state.transport.clone();
-    let reply = Message::Peers(PeerList { peers: answers });
-    tokio::spawn(async move {
-        if let Err(error) = transport.try_send(from, reply).await {
-            debug!(to = %from.short(), %error, "probe answer not sent");
+        if let Err(error) = transport.try_send(to, Message::Peers(list)).await {
+            debug!(to = %to.short(), %error, "peer list not sent");
         }
     });
 }
@@ -267,7 +220,7 @@ fn drain(table: &mut PeerTable, state: &NodeState) {
                     table.on_dial_failed(now, id, DialFailure::Other);
                 }
             }
-            Action::Probe { id } => probe(table, state, id),
+            Action::Send { to, list } => send_list(state, to, list),
         }
     }
 }

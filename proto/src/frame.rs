@@ -924,16 +924,20 @@ pub(crate) mod tests {
             );
         let ping = (any::<u64>(), any::<u64>(), any::<u64>())
             .prop_map(|(seq, ts_us, rtt_us)| Ping { seq, ts_us, rtt_us });
-        let rec = (any::<u128>(), any::<u64>(), "[A-Za-z0-9._-]{1,10}", "[a-z]{0,8}").prop_map(
-            |(id, incarnation, name, state)| PeerRecord {
+        let rec = (
+            any::<u128>(),
+            any::<u64>(),
+            "[A-Za-z0-9._-]{1,10}",
+            "[a-z]{0,8}",
+        )
+            .prop_map(|(id, incarnation, name, state)| PeerRecord {
                 id: NodeId(id),
                 incarnation,
                 name,
                 addr: "[::1]:9".parse().unwrap(),
                 state,
                 age_ms: None,
-            },
-        );
+            });
         prop_oneof![
             hello.clone().prop_map(Message::Hello),
             hello.prop_map(Message::Welcome),

@@ -162,7 +162,9 @@ pub enum IdentityError {
     NameCharset,
     /// Empty key, key longer than [`MAX_TAG_KEY_LEN`], or value longer than
     /// [`MAX_TAG_VALUE_LEN`].
-    #[error("a tag key must be 1 to {MAX_TAG_KEY_LEN} bytes and a value at most {MAX_TAG_VALUE_LEN}")]
+    #[error(
+        "a tag key must be 1 to {MAX_TAG_KEY_LEN} bytes and a value at most {MAX_TAG_VALUE_LEN}"
+    )]
     TagLength,
     /// A key character outside `A-Z a-z 0-9 - _ . / :`.
     #[error("a tag key may contain only letters, digits, '-', '_', '.', '/' and ':'")]
@@ -232,8 +234,7 @@ pub fn check_tags(tags: &Tags) -> Result<(), IdentityError> {
 /// [`MAX_INCARNATION_AHEAD_MS`] past `wall_now_ms` (the receiver's wall
 /// clock, in ms since the Unix epoch), and never `u64::MAX`.
 pub fn check_incarnation(incarnation: Incarnation, wall_now_ms: u64) -> Result<(), IdentityError> {
-    if incarnation == u64::MAX
-        || incarnation > wall_now_ms.saturating_add(MAX_INCARNATION_AHEAD_MS)
+    if incarnation == u64::MAX || incarnation > wall_now_ms.saturating_add(MAX_INCARNATION_AHEAD_MS)
     {
         return Err(IdentityError::IncarnationAhead(incarnation));
     }
@@ -285,16 +286,28 @@ mod tests {
         }
         assert_eq!(check_tag("app.kubernetes.io/name", "web server ✓"), Ok(()));
         assert_eq!(check_tag("", "v"), Err(IdentityError::TagLength));
-        assert_eq!(check_tag("k", &"v".repeat(257)), Err(IdentityError::TagLength));
+        assert_eq!(
+            check_tag("k", &"v".repeat(257)),
+            Err(IdentityError::TagLength)
+        );
         assert_eq!(check_tag("k k", "v"), Err(IdentityError::TagKeyCharset));
-        assert_eq!(check_tag("k", "a\u{1b}b"), Err(IdentityError::TagValueControl));
-        assert_eq!(check_tag("k", "a\u{9b}b"), Err(IdentityError::TagValueControl));
+        assert_eq!(
+            check_tag("k", "a\u{1b}b"),
+            Err(IdentityError::TagValueControl)
+        );
+        assert_eq!(
+            check_tag("k", "a\u{9b}b"),
+            Err(IdentityError::TagValueControl)
+        );
     }
 
     #[test]
     fn incarnations_from_the_future_are_refused() {
         let now = 1_700_000_000_000;
-        assert_eq!(check_incarnation(now + MAX_INCARNATION_AHEAD_MS, now), Ok(()));
+        assert_eq!(
+            check_incarnation(now + MAX_INCARNATION_AHEAD_MS, now),
+            Ok(())
+        );
         assert_eq!(check_incarnation(1, now), Ok(()));
         assert!(check_incarnation(now + MAX_INCARNATION_AHEAD_MS + 1, now).is_err());
         assert!(check_incarnation(u64::MAX, u64::MAX).is_err());

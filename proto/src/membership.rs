@@ -2,11 +2,22 @@
 //!
 //! [`PeerTable`] is a sans-IO state machine in the style of `quinn-proto`:
 //! drivers call the `on_*` inputs with the `now` at which something happened
-//! (a beacon arrived, a link came up or went down, a pong returned), then
-//! drain [`PeerTable::poll_event`] (what changed, for the read-model, logs
-//! and `watch`) and [`PeerTable::poll_action`] (what the transport should do:
-//! dial). [`PeerTable::next_deadline`] says when [`PeerTable::on_tick`] must
-//! be called next. It never reads a clock and never touches a socket.
+//! (a beacon arrived, a link came up or went down, a pong returned, a peer
+//! list arrived), then drain [`PeerTable::poll_event`] (what changed, for the
+//! read-model, logs and `watch`) and [`PeerTable::poll_action`] (what the
+//! transport should do: dial, or send a probe or a report).
+//! [`PeerTable::next_deadline`] says when [`PeerTable::on_tick`] must be
+//! called next. It never reads a clock and never touches a socket.
+//!
+//! ## Confirmed and pending entries
+//! A beacon is a claim, not proof: anyone on the LAN can send one, and a
+//! sealed beacon can be replayed to a node that has not heard its sender
+//! before. So a node first heard by beacon is *pending*: the table dials it,
+//! but emits nothing about it, lets it name nobody and replace nobody, and
+//! drops it silently if it falls silent. It becomes *confirmed* when a link
+//! with it completes its handshake (a fresh, two-way exchange: with a secret,
+//! a Noise handshake that a replay cannot complete). Only confirmed entries
+//! appear in events and so in the read-model, the API and health counts.
 //!
 //! ## Lifecycle (the contract users see)
 //! - `alive`: heard from recently on some channel (beacon, link traffic, pong).
@@ -18,13 +29,22 @@
 //! - `failed`: silent on every channel for `dead_after` (for a degraded peer,
 //!   which only beacons keep alive, `beacon_dead_after`); or its link was
 //!   lost and a redial was *refused* with no beacon since (the process is
-//!   gone: strong evidence, acted on at once).
+//!   gone: strong evidence, acted on at once). Only a link brings a failed
+//!   peer back (a beacon makes the table dial it at once), or another node's
+//!   report of what it heard *on a link* (see [`PeerTable::on_vouch`]).
 //! - `left`: the peer said goodbye (leave beacon or goodbye frame).
 //! - Failed and left entries stay as tombstones for `tombstone_ttl`, then are
-//!   reaped. A higher incarnation replaces an entry at once; a lower one is
-//!   stale and ignored, so old information never resurrects a node. A fresh
-//!   beacon of the *same* incarnation revives a failed entry (the node was
-//!   unreachable, not dead), but never a left one (it said goodbye).
+//!   reaped. A lower incarnation is stale and ignored, so old information
+//!   never resurrects a node.
+//!
+//! ## Our own lateness
+//! If an input arrives well past the deadline this table asked to be woken
+//! at (the process was stopped, the VM paused, the CPU starved), the silence
+//! it measures is ours, not the peers'. The table then holds every
+//! silence-based verdict (suspect, failed, and suspect on a lost link) for
+//! `suspect_after`, so that the links and beacons waiting in socket buffers
+//! can speak first (Lifeguard's "local health awareness", reduced to its
+//! core). Crash evidence (a refused redial) still counts at once.
 //!
 //! ## Links
 //! Exactly one link per pair is the transport's job; this table decides
@@ -35,27 +55,35 @@
 //!
 //! ## Names and restarts
 //! A node's id is random per process start and its incarnation grows with
-//! every start; its *name* is what stays. The table keeps one entry per name:
-//! a new id claiming a known name with a higher incarnation is a restart and
-//! replaces the old entry at once (`Reaped` for the old id, `Restarted` for the
-//! new one); the old id is remembered as *superseded*, so late information
-//! about it is stale. If the superseded id keeps talking, two live processes
-//! claim one name: the entry is flagged as a conflict (with the other
-//! address) until the other one falls silent for `dead_after`. Nothing is
-//! merged and nothing flaps.
+//! every start; its *name* is what stays, and a name is fixed for the life
+//! of an id. When a new id confirms a name that a confirmed entry holds:
+//! - if the holder is no longer heard directly (its link is down and no
+//!   beacon came since it was lost, or it is failed or left), the new id is
+//!   a restart and replaces the entry at once (`Reaped` for the old id,
+//!   `Restarted` for the new one);
+//! - if the holder is still heard directly (its link is up, or its beacons
+//!   arrive), two live processes claim one name: both stay listed, each
+//!   flagged as a conflict with the other's address. Nothing is replaced and
+//!   nothing is merged. When either stops (failed or left), it is removed and
+//!   the survivor, whichever it is, is a normal entry again.
 //!
-//! Invariant: one entry per id and per name; the local node never has an
-//! entry.
+//! A live node is therefore never removed or replaced while it is heard
+//! directly, whatever incarnation another claimant shows.
+//!
+//! Invariant: one entry per id; one confirmed entry per name, or two while
+//! they are in conflict; the local node never has an entry.
 
-use std::collections::{HashMap, VecDeque};
+use std::cell::Cell;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::beacon::{Beacon, BeaconKind};
-use crate::frame::Hello;
+use crate::frame::{Hello, PeerList, PeerRecord};
 use crate::id::{tags_digest, Incarnation, NodeId, Tags};
 
 /// Timing settings of the table.
@@ -161,6 +189,9 @@ pub struct Peer {
     pub last_seen: Instant,
     /// Last beacon.
     pub last_beacon: Option<Instant>,
+    /// Last frame on a link: the evidence this node obtained itself, over a
+    /// handshaken connection (what probe answers rest on).
+    pub last_link: Option<Instant>,
     /// When `state` last changed (or the entry was created).
     pub since: Instant,
     /// Metadata, from the handshake.
@@ -174,18 +205,57 @@ pub struct Peer {
     /// When to ask other nodes about this peer next (while it is degraded
     /// and only their reports keep it alive).
     next_probe: Option<Instant>,
-    /// When to dial next (only while alive and not linked).
+    /// When to dial next.
     next_dial: Option<Instant>,
     /// Consecutive failed dials.
     dial_attempts: u32,
+    /// A link with it has completed a handshake (see "Confirmed and pending
+    /// entries" in the module docs).
+    confirmed: bool,
     /// Another live process claims this peer's name (its address).
     pub conflict: Option<SocketAddr>,
 }
 
 impl Peer {
+    fn new(
+        id: NodeId,
+        name: &str,
+        incarnation: Incarnation,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> Peer {
+        Peer {
+            id,
+            name: name.to_string(),
+            incarnation,
+            addr,
+            state: PeerState::Alive,
+            link: LinkState::Down,
+            rtt: None,
+            last_seen: now,
+            last_beacon: None,
+            last_link: None,
+            since: now,
+            tags: Tags::new(),
+            digest: 0,
+            lost_at: None,
+            vouched_at: None,
+            next_probe: None,
+            next_dial: None,
+            dial_attempts: 0,
+            confirmed: false,
+            conflict: None,
+        }
+    }
+
     /// Alive in the table's eyes (alive or suspect).
     pub fn is_live(&self) -> bool {
         matches!(self.state, PeerState::Alive | PeerState::Suspect)
+    }
+
+    /// A link with it has completed a handshake: it is listed and counted.
+    pub fn confirmed(&self) -> bool {
+        self.confirmed
     }
 
     /// Link down while beacons still arrive, or while other nodes report
@@ -195,12 +265,16 @@ impl Peer {
         if self.link == LinkState::Up || !self.is_live() {
             return false;
         }
-        let since_loss = |t: Option<Instant>| match (self.lost_at, t) {
+        self.since_loss(self.last_beacon) || self.since_loss(self.vouched_at)
+    }
+
+    /// True when `t` happened after the link was lost (or there was no loss).
+    fn since_loss(&self, t: Option<Instant>) -> bool {
+        match (self.lost_at, t) {
             (Some(lost), Some(t)) => t > lost,
             (None, Some(_)) => true,
             (_, None) => false,
-        };
-        since_loss(self.last_beacon) || since_loss(self.vouched_at)
+        }
     }
 
     /// The freshest evidence of life: our own, or another node's report.
@@ -217,7 +291,7 @@ pub enum EventKind {
     Joined,
     /// The peer restarted: a higher incarnation replaced the entry.
     Restarted,
-    /// Name, address or metadata changed.
+    /// Address, metadata or conflict flag changed.
     Updated,
     /// The peer became suspect.
     Suspect,
@@ -231,7 +305,7 @@ pub enum EventKind {
     LinkUp,
     /// The data link went down.
     LinkDown,
-    /// The tombstone was removed from the table.
+    /// The entry was removed from the table.
     Reaped,
 }
 
@@ -265,6 +339,9 @@ pub struct Event {
 /// How often a suspect (or report-kept) peer is asked about.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
+/// How many linked peers are asked about a suspect peer.
+pub const PROBE_FANOUT: usize = 3;
+
 /// How long, and how often, a failed peer is still asked about.
 const REVIVE_WINDOW: Duration = Duration::from_secs(30);
 const REVIVE_PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -272,8 +349,15 @@ const REVIVE_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How soon a dial reset during its handshake is retried.
 const RESET_RETRY: Duration = Duration::from_millis(10);
 
+/// The `state` of a [`PeerRecord`] that asks "do you hear this peer on a
+/// link yourself?".
+pub const RECORD_PROBE: &str = "probe";
+/// The `state` of a [`PeerRecord`] that answers a probe: "I heard it on my
+/// link `age_ms` ago".
+pub const RECORD_ALIVE: &str = "alive";
+
 /// What the driver should do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Open a link to `id` at `addr`; report the outcome with
     /// [`PeerTable::on_link_up`] or [`PeerTable::on_dial_failed`].
@@ -283,11 +367,14 @@ pub enum Action {
         /// Where.
         addr: SocketAddr,
     },
-    /// Ask a few linked peers whether they hear `id` directly; feed their
-    /// answers to [`PeerTable::on_vouch`].
-    Probe {
-        /// The peer in question.
-        id: NodeId,
+    /// Send `list` to the linked peer `to`, best effort (a probe about a
+    /// peer we lost, or our answer to one). Answers come back through
+    /// [`PeerTable::on_peer_list`].
+    Send {
+        /// A linked peer.
+        to: NodeId,
+        /// The records.
+        list: PeerList,
     },
 }
 
@@ -307,49 +394,47 @@ pub enum DialFailure {
     Duplicate,
 }
 
-/// An id replaced by a newer incarnation of the same name.
-#[derive(Debug, Clone)]
-struct Superseded {
-    name: String,
-    addr: SocketAddr,
-    last_heard: Instant,
-}
-
-/// How an input's (id, name, incarnation) relates to the table.
-enum NameCheck {
-    /// The id has an entry.
-    Known,
-    /// Neither id nor name is known.
-    New,
-    /// A restart: the id is new and replaces this older id of the same name.
-    Replaces(NodeId),
-    /// Stale or conflicting: ignore the input.
-    Drop,
-}
-
 /// The sans-IO peer table. See the module docs.
 #[derive(Debug)]
 pub struct PeerTable {
     local: NodeId,
     cfg: Config,
     peers: HashMap<NodeId, Peer>,
+    /// Confirmed name -> the entry that holds it (the first claimant while
+    /// two are in conflict).
     by_name: HashMap<String, NodeId>,
-    superseded: HashMap<NodeId, Superseded>,
+    /// Confirmed entries in a conflict: live claimants of a name that
+    /// another live entry also claims.
+    rivals: HashSet<NodeId>,
+    /// How many entries are pending (not confirmed).
+    pending: usize,
+    /// The deadline last handed to the driver by `next_deadline`, until the
+    /// tick it asked for.
+    armed: Cell<Option<Instant>>,
+    /// While set, silence-based verdicts wait (we were late ourselves).
+    grace_until: Option<Instant>,
+    /// How often our own lateness was noticed.
+    stalls: u64,
     events: VecDeque<Event>,
     actions: VecDeque<Action>,
     rng: StdRng,
 }
 
 impl PeerTable {
-    /// An empty table for the node `local`. `seed` drives redial jitter
-    /// (tests pass a constant; the daemon a random value).
+    /// An empty table for the node `local`. `seed` drives redial jitter and
+    /// the choice of probe helpers (tests pass a constant; the daemon a
+    /// random value).
     pub fn new(local: NodeId, cfg: Config, seed: u64) -> Self {
         PeerTable {
             local,
             cfg,
             peers: HashMap::new(),
             by_name: HashMap::new(),
-            superseded: HashMap::new(),
+            rivals: HashSet::new(),
+            pending: 0,
+            armed: Cell::new(None),
+            grace_until: None,
+            stalls: 0,
             events: VecDeque::new(),
             actions: VecDeque::new(),
             rng: StdRng::seed_from_u64(seed),
@@ -361,17 +446,17 @@ impl PeerTable {
         &self.cfg
     }
 
-    /// One peer.
+    /// One peer (confirmed or pending).
     pub fn get(&self, id: &NodeId) -> Option<&Peer> {
         self.peers.get(id)
     }
 
-    /// All peers, in no particular order.
+    /// All peers, pending ones included, in no particular order.
     pub fn peers(&self) -> impl Iterator<Item = &Peer> {
         self.peers.values()
     }
 
-    /// Number of entries, tombstones included.
+    /// Number of entries, tombstones and pending entries included.
     pub fn len(&self) -> usize {
         self.peers.len()
     }
@@ -379,6 +464,17 @@ impl PeerTable {
     /// True when the table has no entries.
     pub fn is_empty(&self) -> bool {
         self.peers.is_empty()
+    }
+
+    /// Entries heard only by beacon so far (no link has confirmed them).
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// How many times an input arrived so late that the table held its
+    /// silence-based verdicts (see "Our own lateness").
+    pub fn stalls(&self) -> u64 {
+        self.stalls
     }
 
     /// Drains one pending event.
@@ -391,93 +487,121 @@ impl PeerTable {
         self.actions.pop_front()
     }
 
+    /// Queues an event about `id`, if it is confirmed: nothing about a
+    /// pending entry reaches the outside.
     fn emit(&mut self, id: NodeId, kind: EventKind) {
-        self.events.push_back(Event { id, kind });
+        if self.peers.get(&id).is_some_and(|p| p.confirmed) {
+            self.events.push_back(Event { id, kind });
+        }
     }
 
-    /// Relates an input from `id` (claiming `name` at `incarnation`) to the
-    /// entries we have; see "Names and restarts" in the module docs.
-    fn check_name(
-        &mut self,
-        now: Instant,
-        id: NodeId,
-        name: &str,
-        incarnation: Incarnation,
-        addr: SocketAddr,
-    ) -> NameCheck {
-        if let Some(sup) = self.superseded.get_mut(&id) {
-            sup.last_heard = now;
-            sup.addr = addr;
-            let sup = sup.clone();
-            self.flag_conflict(&sup.name, sup.addr);
-            return NameCheck::Drop;
-        }
-        if self.peers.contains_key(&id) {
-            return NameCheck::Known;
-        }
-        let Some(&holder) = self.by_name.get(name) else {
-            return NameCheck::New;
-        };
-        let Some(old) = self.peers.get(&holder) else {
-            return NameCheck::New; // index out of date; cannot happen, but harmless
-        };
-        if incarnation > old.incarnation {
-            return NameCheck::Replaces(holder);
-        }
-        // An older (or equal) life of a name held by a newer id.
-        self.superseded.insert(
-            id,
-            Superseded {
-                name: name.to_string(),
-                addr,
-                last_heard: now,
-            },
-        );
-        self.flag_conflict(name, addr);
-        NameCheck::Drop
-    }
-
-    /// Marks the live holder of `name` as in conflict with `other`.
-    fn flag_conflict(&mut self, name: &str, other: SocketAddr) {
-        let Some(&id) = self.by_name.get(name) else {
+    /// Notices our own lateness: an input past the deadline we asked for.
+    fn note_input(&mut self, now: Instant) {
+        let Some(armed) = self.armed.get() else {
             return;
         };
-        if let Some(p) = self.peers.get_mut(&id) {
-            if p.is_live() && p.conflict.is_none() {
-                p.conflict = Some(other);
-                self.events.push_back(Event {
-                    id,
-                    kind: EventKind::Updated,
-                });
-            }
+        let slack = self.cfg.suspect_after / 2;
+        if now > armed + slack {
+            self.armed.set(None);
+            self.stalls += 1;
+            self.grace_until = Some(now + self.cfg.suspect_after);
         }
     }
 
-    /// Removes `old` in favour of a newer incarnation of the same name.
-    fn replace(&mut self, now: Instant, old: NodeId) {
-        if let Some(p) = self.peers.remove(&old) {
+    /// True while silence-based verdicts are held.
+    fn in_grace(&self, now: Instant) -> bool {
+        self.grace_until.is_some_and(|g| now < g)
+    }
+
+    /// Still heard directly: its link is up, or its beacons arrive and none
+    /// of its links was lost since. A peer heard directly is never replaced.
+    fn heard_directly(&self, p: &Peer, now: Instant) -> bool {
+        if !p.confirmed || !p.is_live() {
+            return false;
+        }
+        p.link == LinkState::Up
+            || p.last_beacon.is_some_and(|b| {
+                p.since_loss(Some(b))
+                    && now.saturating_duration_since(b) < self.cfg.beacon_dead_after
+            })
+    }
+
+    /// Removes `id` from the table. A confirmed entry is reported `Reaped`.
+    /// If it was in a conflict, the other claimants of its name carry on: a
+    /// lone survivor is a normal entry again and holds the name.
+    fn remove(&mut self, id: NodeId) {
+        let Some(p) = self.peers.get(&id) else {
+            return;
+        };
+        if p.confirmed {
+            self.events.push_back(Event {
+                id,
+                kind: EventKind::Reaped,
+            });
+        }
+        let Some(p) = self.peers.remove(&id) else {
+            return;
+        };
+        if !p.confirmed {
+            self.pending -= 1;
+        }
+        if self.by_name.get(&p.name) == Some(&id) {
             self.by_name.remove(&p.name);
-            self.superseded.insert(
-                old,
-                Superseded {
-                    name: p.name,
-                    addr: p.addr,
-                    // Silent since its last sign of life; if it was only
-                    // restarting, it never speaks again.
-                    last_heard: p.last_seen.min(now),
-                },
-            );
-            self.emit(old, EventKind::Reaped);
+        }
+        if !self.rivals.remove(&id) {
+            return;
+        }
+        let mut others: Vec<NodeId> = self
+            .rivals
+            .iter()
+            .filter(|r| self.peers.get(r).is_some_and(|o| o.name == p.name))
+            .copied()
+            .collect();
+        others.sort_unstable();
+        let Some(&first) = others.first() else {
+            return;
+        };
+        self.by_name.entry(p.name.clone()).or_insert(first);
+        if let [survivor] = others[..] {
+            self.rivals.remove(&survivor);
+            if let Some(s) = self.peers.get_mut(&survivor) {
+                s.conflict = None;
+            }
+            self.by_name.insert(p.name, survivor);
+            self.emit(survivor, EventKind::Updated);
+            return;
+        }
+        // Three or more claimants: whoever pointed at the removed one now
+        // points at another.
+        let addrs: Vec<(NodeId, SocketAddr)> = others
+            .iter()
+            .filter_map(|o| self.peers.get(o).map(|p| (*o, p.addr)))
+            .collect();
+        for &(o, _) in &addrs {
+            let other = addrs.iter().find(|(x, _)| *x != o).map(|(_, a)| *a);
+            if let Some(q) = self.peers.get_mut(&o) {
+                if q.conflict == Some(p.addr) {
+                    q.conflict = other;
+                }
+            }
         }
     }
 
-    fn index_name(&mut self, id: NodeId, old_name: Option<&str>, new_name: &str) {
-        if let Some(old) = old_name {
-            if old != new_name && self.by_name.get(old) == Some(&id) {
-                self.by_name.remove(old);
-            }
+    /// Ends conflicts whose one side stopped: it is removed, the other is a
+    /// normal entry again.
+    fn settle(&mut self) {
+        if self.rivals.is_empty() {
+            return;
         }
-        self.by_name.insert(new_name.to_string(), id);
+        let stopped: Vec<NodeId> = self
+            .rivals
+            .iter()
+            .filter(|id| self.peers.get(id).is_none_or(|p| !p.is_live()))
+            .copied()
+            .collect();
+        for id in stopped {
+            self.remove(id);
+        }
     }
 
     /// When the first dial to a newly known peer should happen.
@@ -490,55 +614,24 @@ impl PeerTable {
     }
 
     /// A beacon from another node of our cluster (the driver has already
-    /// checked the cluster and dropped our own looped-back beacons).
+    /// checked the cluster, the sender's address and the incarnation's
+    /// plausibility, and dropped our own looped-back beacons).
     pub fn on_beacon(&mut self, now: Instant, b: &Beacon) {
         if b.id == self.local {
             return;
         }
-        let check = self.check_name(now, b.id, &b.name, b.incarnation, b.addr);
-        let replaced = match check {
-            NameCheck::Drop => return,
-            NameCheck::Replaces(old) if b.kind != BeaconKind::Leave => {
-                self.replace(now, old);
-                true
-            }
-            _ => false,
-        };
+        self.note_input(now);
         let first_dial = self.first_dial_at(b.id, now);
         let Some(p) = self.peers.get_mut(&b.id) else {
             if b.kind == BeaconKind::Leave {
-                return; // never knew it (or a newer life holds its name)
+                return; // never knew it
             }
-            self.peers.insert(
-                b.id,
-                Peer {
-                    id: b.id,
-                    name: b.name.clone(),
-                    incarnation: b.incarnation,
-                    addr: b.addr,
-                    state: PeerState::Alive,
-                    link: LinkState::Down,
-                    rtt: None,
-                    last_seen: now,
-                    last_beacon: Some(now),
-                    since: now,
-                    tags: Tags::new(),
-                    digest: b.digest,
-                    lost_at: None,
-                    vouched_at: None,
-                    next_probe: None,
-                    next_dial: Some(first_dial),
-                    dial_attempts: 0,
-                    conflict: None,
-                },
-            );
-            self.index_name(b.id, None, &b.name);
-            let kind = if replaced {
-                EventKind::Restarted
-            } else {
-                EventKind::Joined
-            };
-            self.emit(b.id, kind);
+            let mut p = Peer::new(b.id, &b.name, b.incarnation, b.addr, now);
+            p.last_beacon = Some(now);
+            p.digest = b.digest;
+            p.next_dial = Some(first_dial);
+            self.peers.insert(b.id, p);
+            self.pending += 1;
             self.schedule(now);
             return;
         };
@@ -549,8 +642,38 @@ impl PeerTable {
         if !restarted && p.state == PeerState::Left {
             return; // it said goodbye; a late beacon does not bring it back
         }
-        p.last_seen = now;
+        if !p.confirmed {
+            // Pending: bookkeeping only, nothing is said about it.
+            if b.kind == BeaconKind::Leave {
+                let id = p.id;
+                self.remove(id);
+                return;
+            }
+            p.name.clone_from(&b.name);
+            p.incarnation = b.incarnation;
+            p.addr = b.addr;
+            p.digest = b.digest;
+            p.last_seen = now;
+            p.last_beacon = Some(now);
+            if p.link == LinkState::Down && p.next_dial.is_none() {
+                p.next_dial = Some(first_dial);
+            }
+            self.schedule(now);
+            return;
+        }
         p.last_beacon = Some(now);
+        if p.state == PeerState::Failed || p.state == PeerState::Left {
+            // A beacon alone never revives a failed peer (nor a left one,
+            // under a new incarnation): it may be replayed or forged. A link
+            // will, if the peer is there: dial it now.
+            if p.link == LinkState::Down {
+                p.next_dial = Some(now);
+                p.dial_attempts = 0;
+            }
+            self.schedule(now);
+            return;
+        }
+        p.last_seen = now;
         let mut kind = None;
         if restarted {
             p.incarnation = b.incarnation;
@@ -561,23 +684,20 @@ impl PeerTable {
             p.state = PeerState::Left;
             p.since = now;
             p.next_dial = None;
-            p.name.clone_from(&b.name);
             let id = p.id;
             self.emit(id, EventKind::Left);
+            self.settle();
             return;
         }
-        let changed = p.name != b.name || p.addr != b.addr || p.digest != b.digest;
-        let old_name = (p.name != b.name).then(|| std::mem::replace(&mut p.name, b.name.clone()));
+        // The name is fixed for an id's life (it came with the handshake);
+        // the address and the metadata digest may change.
+        let changed = p.addr != b.addr || p.digest != b.digest;
         p.addr = b.addr;
         p.digest = b.digest;
         if p.state == PeerState::Suspect {
             p.state = PeerState::Alive;
             p.since = now;
             kind = kind.or(Some(EventKind::Recovered));
-        } else if p.state != PeerState::Alive {
-            p.state = PeerState::Alive;
-            p.since = now;
-            kind = kind.or(Some(EventKind::Joined));
         } else if changed {
             kind = kind.or(Some(EventKind::Updated));
         }
@@ -586,53 +706,66 @@ impl PeerTable {
             p.next_dial = Some(first_dial);
         }
         let id = p.id;
-        if let Some(old) = old_name {
-            self.index_name(id, Some(&old), &b.name);
-        }
         if let Some(kind) = kind {
             self.emit(id, kind);
         }
         self.schedule(now);
     }
 
-    /// A link to `hello.id` completed its handshake (either direction).
+    /// A link to `hello.id` completed its handshake (either direction). The
+    /// driver has checked the incarnation's plausibility.
     pub fn on_link_up(&mut self, now: Instant, hello: &Hello) {
         if hello.id == self.local {
             return;
         }
+        self.note_input(now);
+        let id = hello.id;
         let mut events = Vec::with_capacity(2);
-        match self.check_name(now, hello.id, &hello.name, hello.incarnation, hello.addr) {
-            // A link from a superseded life: the transport closes it when the
-            // process is really gone; the table ignores it.
-            NameCheck::Drop => return,
-            NameCheck::Replaces(old) => {
-                self.replace(now, old);
-                events.push(EventKind::Restarted);
+        let mut rival = None;
+        if !self.peers.get(&id).is_some_and(|p| p.confirmed) {
+            // First link with this id: it is confirmed now. Does its name
+            // belong to a confirmed entry that is gone (a restart), or to one
+            // still heard directly (a conflict)?
+            let mut replaced = false;
+            while let Some(h) = self.by_name.get(&hello.name).copied().filter(|&h| h != id) {
+                let old = &self.peers[&h];
+                if self.heard_directly(old, now) {
+                    rival = Some((h, old.addr));
+                    break;
+                }
+                replaced |= hello.incarnation > old.incarnation;
+                self.remove(h);
             }
-            NameCheck::New => events.push(EventKind::Joined),
-            NameCheck::Known => {}
+            if self.peers.contains_key(&id) {
+                self.pending -= 1;
+            }
+            let p = self
+                .peers
+                .entry(id)
+                .or_insert_with(|| Peer::new(id, &hello.name, hello.incarnation, hello.addr, now));
+            p.confirmed = true;
+            p.name.clone_from(&hello.name);
+            p.incarnation = hello.incarnation;
+            p.state = PeerState::Alive;
+            p.since = now;
+            p.link = LinkState::Down; // LinkUp is reported below
+            events.push(if replaced {
+                EventKind::Restarted
+            } else {
+                EventKind::Joined
+            });
+            match rival {
+                Some((_, addr)) => p.conflict = Some(addr),
+                None => {
+                    self.by_name.insert(hello.name.clone(), id);
+                }
+            }
         }
         let digest = tags_digest(&hello.tags);
-        let p = self.peers.entry(hello.id).or_insert_with(|| Peer {
-            id: hello.id,
-            name: hello.name.clone(),
-            incarnation: hello.incarnation,
-            addr: hello.addr,
-            state: PeerState::Alive,
-            link: LinkState::Down,
-            rtt: None,
-            last_seen: now,
-            last_beacon: None,
-            since: now,
-            tags: hello.tags.clone(),
-            digest,
-            lost_at: None,
-            vouched_at: None,
-            next_probe: None,
-            next_dial: None,
-            dial_attempts: 0,
-            conflict: None,
-        });
+        let p = self
+            .peers
+            .get_mut(&id)
+            .expect("the entry was confirmed above");
         if hello.incarnation > p.incarnation {
             p.incarnation = hello.incarnation;
             events.push(EventKind::Restarted);
@@ -649,17 +782,14 @@ impl PeerTable {
                     EventKind::Joined
                 });
             }
-        } else if events.is_empty()
-            && (p.tags != hello.tags || p.name != hello.name || p.addr != hello.addr)
-        {
+        } else if events.is_empty() && (p.tags != hello.tags || p.addr != hello.addr) {
             events.push(EventKind::Updated);
         }
-        let old_name =
-            (p.name != hello.name).then(|| std::mem::replace(&mut p.name, hello.name.clone()));
         p.addr = hello.addr;
         p.tags.clone_from(&hello.tags);
         p.digest = digest;
         p.last_seen = now;
+        p.last_link = Some(now);
         p.lost_at = None;
         p.next_probe = None;
         p.next_dial = None;
@@ -669,8 +799,15 @@ impl PeerTable {
         if !was_up {
             events.push(EventKind::LinkUp);
         }
-        let id = hello.id;
-        self.index_name(id, old_name.as_deref(), &hello.name);
+        let new_addr = p.addr;
+        if let Some((h, _)) = rival {
+            self.rivals.insert(id);
+            self.rivals.insert(h);
+            if let Some(old) = self.peers.get_mut(&h) {
+                old.conflict = Some(new_addr);
+            }
+            self.emit(h, EventKind::Updated);
+        }
         for kind in events {
             self.emit(id, kind);
         }
@@ -678,7 +815,9 @@ impl PeerTable {
 
     /// The link to `id` closed. `graceful` when a goodbye preceded it.
     pub fn on_link_down(&mut self, now: Instant, id: NodeId, graceful: bool) {
+        self.note_input(now);
         let first_dial = self.first_dial_at(id, now);
+        let grace = self.in_grace(now);
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
@@ -694,7 +833,8 @@ impl PeerTable {
             p.lost_at = Some(now);
             p.next_dial = Some(now);
             p.dial_attempts = 0;
-            if p.state == PeerState::Alive {
+            // While we were late ourselves, a lost link says nothing yet.
+            if p.state == PeerState::Alive && !grace {
                 p.state = PeerState::Suspect;
                 p.since = now;
                 suspect = true;
@@ -714,6 +854,7 @@ impl PeerTable {
 
     /// A dial to `id` ended without a link.
     pub fn on_dial_failed(&mut self, now: Instant, id: NodeId, why: DialFailure) {
+        self.note_input(now);
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
@@ -724,16 +865,14 @@ impl PeerTable {
         if !p.is_live() {
             return;
         }
-        let beacon_since_loss = match (p.lost_at, p.last_beacon) {
-            (Some(lost), Some(beacon)) => beacon > lost,
-            _ => false,
-        };
+        let beacon_since_loss = p.lost_at.is_some() && p.since_loss(p.last_beacon);
         if why == DialFailure::Refused && p.lost_at.is_some() && !beacon_since_loss {
             // The link died and the port now refuses: the process is gone.
             p.state = PeerState::Failed;
             p.since = now;
             p.next_dial = None;
             self.emit(id, EventKind::Failed);
+            self.settle();
             return;
         }
         if why == DialFailure::Duplicate {
@@ -758,9 +897,14 @@ impl PeerTable {
 
     /// The peer said goodbye on its link.
     pub fn on_goodbye(&mut self, now: Instant, id: NodeId) {
+        self.note_input(now);
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
+        if !p.confirmed {
+            self.remove(id);
+            return;
+        }
         if p.state == PeerState::Left {
             return;
         }
@@ -769,6 +913,7 @@ impl PeerTable {
         p.next_dial = None;
         p.lost_at = None;
         self.emit(id, EventKind::Left);
+        self.settle();
     }
 
     /// A pong measured `rtt` on the link to `id`.
@@ -779,14 +924,16 @@ impl PeerTable {
         self.on_traffic(now, id);
     }
 
-    /// Any other frame arrived from `id`.
+    /// Any other frame arrived from `id` on its link.
     pub fn on_traffic(&mut self, now: Instant, id: NodeId) {
+        self.note_input(now);
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
         // Reports of link traffic may arrive a little after the fact (they
         // are batched): never move `last_seen` back.
         p.last_seen = p.last_seen.max(now);
+        p.last_link = Some(p.last_link.map_or(now, |l| l.max(now)));
         if p.state == PeerState::Suspect && p.link == LinkState::Up {
             p.state = PeerState::Alive;
             p.since = now;
@@ -794,18 +941,57 @@ impl PeerTable {
         }
     }
 
-    /// Another node reports hearing `id` (at `incarnation`) directly, `age`
-    /// ago. Only fresh reports of the same incarnation count, and only when
-    /// what they saw is newer than our own loss of its link and than our
-    /// verdict: a report never outlives what its sender saw, so an
-    /// out-of-date one never brings a peer back, while a fresh one shows that
-    /// only our path to it is broken. A peer that left stays left.
+    /// A peer list arrived from the linked peer `from`: probes ("do you hear
+    /// this peer on a link?") are answered with our own *link* evidence only
+    /// (never a beacon, which may be replayed, nor hearsay), and answers are
+    /// fed to [`PeerTable::on_vouch`]. Other records are not used.
+    pub fn on_peer_list(&mut self, now: Instant, from: NodeId, list: &PeerList) {
+        self.on_traffic(now, from);
+        let fresh = self.cfg.suspect_after;
+        let mut answers = Vec::new();
+        for r in &list.peers {
+            match (r.state.as_str(), r.age_ms) {
+                (RECORD_PROBE, _) => {
+                    let Some(p) = self.peers.get(&r.id) else {
+                        continue;
+                    };
+                    let Some(heard) = p.last_link else { continue };
+                    let age = now.saturating_duration_since(heard);
+                    if p.confirmed && p.is_live() && age < fresh && p.incarnation == r.incarnation {
+                        answers.push(record(p, RECORD_ALIVE, Some(age)));
+                    }
+                }
+                (RECORD_ALIVE, Some(age_ms)) => {
+                    self.on_vouch(now, r.id, r.incarnation, Duration::from_millis(age_ms))
+                }
+                _ => {}
+            }
+        }
+        if !answers.is_empty() {
+            self.actions.push_back(Action::Send {
+                to: from,
+                list: PeerList { peers: answers },
+            });
+        }
+    }
+
+    /// Another node reports hearing `id` (at `incarnation`) on its link,
+    /// `age` ago. Only fresh reports of the same incarnation about a
+    /// confirmed entry count, and only when what they saw is newer than our
+    /// own loss of its link and than our verdict: a report never outlives
+    /// what its sender saw, so an out-of-date one never brings a peer back,
+    /// while a fresh one shows that only our path to it is broken. A peer
+    /// that left stays left.
     pub fn on_vouch(&mut self, now: Instant, id: NodeId, incarnation: Incarnation, age: Duration) {
         let cfg = self.cfg;
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        if p.state == PeerState::Left || incarnation != p.incarnation || age >= cfg.suspect_after {
+        if !p.confirmed
+            || p.state == PeerState::Left
+            || incarnation != p.incarnation
+            || age >= cfg.suspect_after
+        {
             return;
         }
         let heard = now.checked_sub(age).unwrap_or(now);
@@ -826,15 +1012,22 @@ impl PeerTable {
 
     /// Advances timers: failures, due dials, probes, reaping.
     pub fn on_tick(&mut self, now: Instant) {
+        self.note_input(now);
+        self.armed.set(None);
+        if self.grace_until.is_some_and(|g| now >= g) {
+            self.grace_until = None;
+        }
+        let judge = !self.in_grace(now);
         let cfg = self.cfg;
         let mut reaped = Vec::new();
         let mut failed = Vec::new();
         let mut suspected = Vec::new();
+        let mut probes = Vec::new();
         for p in self.peers.values_mut() {
             match p.state {
                 PeerState::Alive | PeerState::Suspect => {
                     let silence = now.saturating_duration_since(p.last_evidence());
-                    if silence >= Self::dead_after(&cfg, p) {
+                    if judge && silence >= Self::dead_after(&cfg, p) {
                         p.state = PeerState::Failed;
                         p.since = now;
                         p.next_dial = None;
@@ -843,7 +1036,8 @@ impl PeerTable {
                         p.next_probe = Some(now + REVIVE_PROBE_EVERY);
                         failed.push(p.id);
                         continue;
-                    } else if p.state == PeerState::Alive
+                    } else if judge
+                        && p.state == PeerState::Alive
                         && silence >= cfg.suspect_after
                         && !p.degraded()
                     {
@@ -852,16 +1046,12 @@ impl PeerTable {
                         p.next_probe = Some(now);
                         suspected.push(p.id);
                     }
-                    let beacon_since_loss = match (p.lost_at, p.last_beacon) {
-                        (Some(lost), Some(b)) => b > lost,
-                        (None, Some(_)) => true,
-                        (_, None) => false,
-                    };
-                    if !p.is_live() || p.link == LinkState::Up || beacon_since_loss {
+                    let beacon_since_loss = p.since_loss(p.last_beacon);
+                    if !p.confirmed || p.link == LinkState::Up || beacon_since_loss {
                         p.next_probe = None; // its own beacons speak for it
                     } else if p.next_probe.is_some_and(|t| t <= now) {
                         p.next_probe = Some(now + PROBE_EVERY);
-                        self.actions.push_back(Action::Probe { id: p.id });
+                        probes.push(p.id);
                     }
                 }
                 PeerState::Failed | PeerState::Left => {
@@ -871,7 +1061,7 @@ impl PeerTable {
                         if p.next_probe.is_some_and(|t| t <= now) {
                             p.next_probe = Some(now + REVIVE_PROBE_EVERY);
                             if p.link != LinkState::Up {
-                                self.actions.push_back(Action::Probe { id: p.id });
+                                probes.push(p.id);
                             }
                         }
                     } else {
@@ -884,42 +1074,52 @@ impl PeerTable {
             self.emit(id, EventKind::Suspect);
         }
         for id in failed {
-            self.emit(id, EventKind::Failed);
+            if self.peers.get(&id).is_some_and(|p| p.confirmed) {
+                self.emit(id, EventKind::Failed);
+            } else {
+                self.remove(id); // a pending entry that fell silent: forgotten
+            }
         }
         for id in reaped {
-            if let Some(p) = self.peers.remove(&id) {
-                if self.by_name.get(&p.name) == Some(&id) {
-                    self.by_name.remove(&p.name);
-                }
-            }
-            self.emit(id, EventKind::Reaped);
+            self.remove(id);
         }
-        // A conflict ends when the other claimant has been silent for dead_after.
-        let mut cleared = Vec::new();
-        for p in self.peers.values_mut() {
-            if p.conflict.is_none() {
-                continue;
-            }
-            let other_alive = self.superseded.values().any(|s| {
-                s.name == p.name && now.saturating_duration_since(s.last_heard) < cfg.dead_after
-            });
-            if !other_alive {
-                p.conflict = None;
-                cleared.push(p.id);
-            }
+        self.settle();
+        for id in probes {
+            self.probe(id);
         }
-        for id in cleared {
-            self.emit(id, EventKind::Updated);
-        }
-        self.superseded
-            .retain(|_, s| now.saturating_duration_since(s.last_heard) < cfg.tombstone_ttl);
         self.schedule(now);
     }
 
-    /// Turns due dials into actions.
+    /// Asks a few linked peers whether they hear `id` on their links.
+    fn probe(&mut self, id: NodeId) {
+        let Some(p) = self.peers.get(&id) else {
+            return;
+        };
+        let ask = PeerList {
+            peers: vec![record(p, RECORD_PROBE, None)],
+        };
+        let mut helpers: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|h| h.id != id && h.link == LinkState::Up)
+            .map(|h| h.id)
+            .collect();
+        helpers.sort_unstable(); // the map's order is random; the rng is not
+        helpers.shuffle(&mut self.rng);
+        helpers.truncate(PROBE_FANOUT);
+        for to in helpers {
+            self.actions.push_back(Action::Send {
+                to,
+                list: ask.clone(),
+            });
+        }
+    }
+
+    /// Turns due dials into actions (live peers, and failed or left ones
+    /// that a beacon asked us to try).
     fn schedule(&mut self, now: Instant) {
         for p in self.peers.values_mut() {
-            if !p.is_live() || p.link != LinkState::Down {
+            if p.link != LinkState::Down {
                 continue;
             }
             if p.next_dial.is_some_and(|t| t <= now) {
@@ -936,7 +1136,10 @@ impl PeerTable {
     /// When [`PeerTable::on_tick`] must next be called, if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
         let cfg = &self.cfg;
-        self.peers
+        // Silence verdicts wait out a grace period after our own lateness.
+        let judged = |t: Instant| self.grace_until.map_or(t, |g| t.max(g));
+        let next = self
+            .peers
             .values()
             .map(|p| match p.state {
                 PeerState::Alive | PeerState::Suspect => {
@@ -944,6 +1147,7 @@ impl PeerTable {
                     if p.state == PeerState::Alive && !p.degraded() {
                         t = t.min(p.last_evidence() + cfg.suspect_after);
                     }
+                    let mut t = judged(t);
                     if let Some(probe) = p.next_probe.filter(|_| p.link != LinkState::Up) {
                         t = t.min(probe);
                     }
@@ -954,23 +1158,16 @@ impl PeerTable {
                 }
                 PeerState::Failed | PeerState::Left => {
                     let reap = p.since + cfg.tombstone_ttl;
-                    p.next_probe.map_or(reap, |t| t.min(reap))
+                    let t = p.next_probe.map_or(reap, |t| t.min(reap));
+                    match p.next_dial.filter(|_| p.link == LinkState::Down) {
+                        Some(d) => t.min(d),
+                        None => t,
+                    }
                 }
             })
-            .chain(self.superseded.values().map(|s| {
-                // Conflicts clear dead_after past the last word; memory after the TTL.
-                let clears = s.last_heard + cfg.dead_after;
-                if self
-                    .peers
-                    .values()
-                    .any(|p| p.conflict.is_some() && p.name == s.name)
-                {
-                    clears
-                } else {
-                    s.last_heard + cfg.tombstone_ttl
-                }
-            }))
-            .min()
+            .min();
+        self.armed.set(next);
+        next
     }
 
     /// The silence after which `p` is failed.
@@ -980,6 +1177,18 @@ impl PeerTable {
         } else {
             cfg.dead_after
         }
+    }
+}
+
+/// A record about `p` for a peer list.
+fn record(p: &Peer, state: &str, age: Option<Duration>) -> PeerRecord {
+    PeerRecord {
+        id: p.id,
+        incarnation: p.incarnation,
+        name: p.name.clone(),
+        addr: p.addr,
+        state: state.into(),
+        age_ms: age.map(|a| a.as_millis() as u64),
     }
 }
 

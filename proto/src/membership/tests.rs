@@ -52,7 +52,8 @@ fn lower_id_dials_at_once_higher_waits_for_fallback() {
     let mut t = table();
     t.on_beacon(t0, &beacon(HIGH, 1, BeaconKind::Announce));
     t.on_beacon(t0, &beacon(LOW, 1, BeaconKind::Announce));
-    assert_eq!(events(&mut t), vec![EventKind::Joined, EventKind::Joined]);
+    assert_eq!(events(&mut t), vec![], "beacons alone announce nobody");
+    assert_eq!(t.pending(), 2);
     let a = actions(&mut t);
     assert_eq!(a.len(), 1);
     assert!(matches!(a[0], Action::Dial { id, .. } if id == HIGH));
@@ -62,15 +63,18 @@ fn lower_id_dials_at_once_higher_waits_for_fallback() {
     assert_eq!(t.next_deadline(), Some(fallback));
     t.on_tick(fallback);
     assert!(matches!(actions(&mut t)[..], [Action::Dial { id, .. }] if id == LOW));
+    // The link confirms it: now it joins.
+    t.on_link_up(fallback, &hello(LOW, 1));
+    assert_eq!(events(&mut t), vec![EventKind::Joined, EventKind::LinkUp]);
+    assert_eq!(t.pending(), 1);
 }
 
 #[test]
-fn beacon_only_peer_fails_after_beacon_dead_after() {
+fn a_pending_peer_that_falls_silent_is_forgotten_without_a_word() {
     let t0 = Instant::now();
     let mut t = table();
     let dead = t.config().beacon_dead_after;
     t.on_beacon(t0, &beacon(LOW, 1, BeaconKind::Announce));
-    events(&mut t);
     t.on_tick(t0 + dead - Duration::from_millis(1));
     assert_eq!(
         t.get(&LOW).unwrap().state,
@@ -78,8 +82,9 @@ fn beacon_only_peer_fails_after_beacon_dead_after() {
         "a lost beacon is no failure"
     );
     t.on_tick(t0 + dead);
-    assert_eq!(events(&mut t), vec![EventKind::Failed]);
-    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Failed);
+    assert_eq!(events(&mut t), vec![]);
+    assert!(t.is_empty());
+    assert_eq!(t.pending(), 0);
 }
 
 #[test]
@@ -159,12 +164,18 @@ fn reports_from_others_keep_a_peer_with_a_broken_link_alive() {
     let mut t = table();
     let cfg = *t.config();
     t.on_link_up(t0, &hello(HIGH, 1));
+    t.on_link_up(t0, &hello(LOW, 1)); // a linked helper
     let lost = t0 + Duration::from_millis(100);
     t.on_link_down(lost, HIGH, false);
     events(&mut t);
     actions(&mut t);
     t.on_tick(lost);
-    assert!(actions(&mut t).contains(&Action::Probe { id: HIGH }));
+    let asked = actions(&mut t);
+    assert!(
+        asked.iter().any(|a| matches!(a, Action::Send { to, list }
+            if *to == LOW && list.peers[0].id == HIGH && list.peers[0].state == RECORD_PROBE)),
+        "{asked:?}"
+    );
     // A report older than our loss proves nothing (it may predate a crash).
     t.on_vouch(
         lost + Duration::from_millis(10),
@@ -177,6 +188,7 @@ fn reports_from_others_keep_a_peer_with_a_broken_link_alive() {
     let mut now = lost;
     for _ in 0..40 {
         now += Duration::from_millis(250);
+        t.on_pong(now, LOW, Duration::from_millis(1));
         t.on_vouch(now, HIGH, 1, Duration::from_millis(30));
         t.on_tick(now);
         while let Some(a) = t.poll_action() {
@@ -273,16 +285,27 @@ fn silent_loss_fails_dead_after_the_last_word() {
 fn leave_and_goodbye_make_left_and_stale_beacons_do_not_resurrect() {
     let t0 = Instant::now();
     let mut t = table();
-    t.on_beacon(t0, &beacon(LOW, 5, BeaconKind::Announce));
+    t.on_link_up(t0, &hello(LOW, 5));
     t.on_beacon(t0, &beacon(LOW, 5, BeaconKind::Leave));
-    assert_eq!(events(&mut t), vec![EventKind::Joined, EventKind::Left]);
+    assert_eq!(
+        events(&mut t),
+        vec![EventKind::Joined, EventKind::LinkUp, EventKind::Left]
+    );
+    t.on_link_down(t0, LOW, true);
+    events(&mut t);
     t.on_beacon(t0, &beacon(LOW, 5, BeaconKind::Announce));
     t.on_beacon(t0, &beacon(LOW, 4, BeaconKind::Announce));
     assert_eq!(t.get(&LOW).unwrap().state, PeerState::Left);
     assert!(events(&mut t).is_empty());
-    // A restart (higher incarnation) replaces the tombstone at once.
+    // A higher incarnation is dialed at once, and its link brings it back.
     t.on_beacon(t0, &beacon(LOW, 6, BeaconKind::Announce));
-    assert_eq!(events(&mut t), vec![EventKind::Restarted]);
+    assert!(matches!(actions(&mut t)[..], [Action::Dial { id, .. }] if id == LOW));
+    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Left);
+    t.on_link_up(t0, &hello(LOW, 6));
+    assert_eq!(
+        events(&mut t),
+        vec![EventKind::Restarted, EventKind::LinkUp]
+    );
     let p = t.get(&LOW).unwrap();
     assert_eq!((p.state, p.incarnation), (PeerState::Alive, 6));
     t.on_goodbye(t0, LOW);
@@ -290,25 +313,43 @@ fn leave_and_goodbye_make_left_and_stale_beacons_do_not_resurrect() {
 }
 
 #[test]
-fn failed_peer_heard_again_at_same_incarnation_rejoins() {
+fn a_failed_peer_is_brought_back_by_a_link_not_by_a_beacon() {
     let t0 = Instant::now();
     let mut t = table();
-    t.on_beacon(t0, &beacon(LOW, 1, BeaconKind::Announce));
+    t.on_link_up(t0, &hello(LOW, 1));
+    t.on_link_down(t0, LOW, false);
+    actions(&mut t);
+    t.on_dial_failed(t0, LOW, DialFailure::Other);
     t.on_tick(t0 + Duration::from_secs(10));
+    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Failed);
     events(&mut t);
+    actions(&mut t);
+    // A beacon (perhaps replayed) only makes us dial.
+    let t1 = t0 + Duration::from_secs(11);
+    t.on_beacon(t1, &beacon(LOW, 1, BeaconKind::Announce));
+    assert_eq!(events(&mut t), vec![]);
+    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Failed);
+    assert!(matches!(actions(&mut t)[..], [Action::Dial { id, .. }] if id == LOW));
+    // The dial is refused (the node is dead, the beacon was a replay): still failed.
+    t.on_dial_failed(t1, LOW, DialFailure::Refused);
+    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Failed);
+    // The next beacon dials again; this time the node is there.
     t.on_beacon(
-        t0 + Duration::from_secs(11),
+        t1 + Duration::from_secs(1),
         &beacon(LOW, 1, BeaconKind::Announce),
     );
-    assert_eq!(events(&mut t), vec![EventKind::Joined]);
+    assert_eq!(actions(&mut t).len(), 1);
+    t.on_link_up(t1 + Duration::from_secs(1), &hello(LOW, 1));
+    assert_eq!(events(&mut t), vec![EventKind::Joined, EventKind::LinkUp]);
 }
 
 #[test]
 fn tombstones_are_reaped_after_ttl() {
     let t0 = Instant::now();
     let mut t = table();
-    t.on_beacon(t0, &beacon(LOW, 1, BeaconKind::Announce));
+    t.on_link_up(t0, &hello(LOW, 1));
     t.on_goodbye(t0, LOW);
+    t.on_link_down(t0, LOW, true);
     events(&mut t);
     let ttl = t.config().tombstone_ttl;
     assert_eq!(t.next_deadline(), Some(t0 + ttl));
@@ -367,12 +408,23 @@ fn restart_under_a_new_id_replaces_the_entry_by_name() {
     );
     t.on_link_down(t0, NodeId(10), false);
     events(&mut t);
-    // node3 restarts: new id, higher incarnation.
+    // node3 restarts: new id, higher incarnation. Its beacon alone changes
+    // nothing; its link replaces the entry at once.
     t.on_beacon(
         t0 + Duration::from_millis(50),
         &named(NodeId(11), 2, "node3"),
     );
-    let ev: Vec<_> = std::iter::from_fn(|| t.poll_event()).collect();
+    assert_eq!(events(&mut t), vec![]);
+    t.on_link_up(
+        t0 + Duration::from_millis(51),
+        &Hello {
+            name: "node3".into(),
+            ..hello(NodeId(11), 2)
+        },
+    );
+    let ev: Vec<_> = std::iter::from_fn(|| t.poll_event())
+        .filter(|e| e.kind != EventKind::LinkUp)
+        .collect();
     assert_eq!(
         ev,
         vec![
@@ -387,39 +439,237 @@ fn restart_under_a_new_id_replaces_the_entry_by_name() {
         ]
     );
     assert_eq!(t.len(), 1);
-    // A late beacon of the old life is stale: no new entry, no resurrection.
+    // A late beacon of the old life resurrects nothing: at most a pending
+    // entry, which is never listed and never replaces the new life.
     t.on_beacon(
         t0 + Duration::from_millis(60),
         &named(NodeId(10), 1, "node3"),
     );
-    assert_eq!(t.len(), 1);
+    assert!(events(&mut t).is_empty());
+    assert!(!t.get(&NodeId(10)).unwrap().confirmed());
     assert_eq!(t.get(&NodeId(11)).unwrap().state, PeerState::Alive);
 }
 
+fn named_hello(id: NodeId, inc: u64, name: &str, port: u16) -> Hello {
+    Hello {
+        name: name.into(),
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        ..hello(id, inc)
+    }
+}
+
+/// Confirmed entries named `name`, with their conflict flags.
+fn claimants(t: &PeerTable, name: &str) -> Vec<(NodeId, bool)> {
+    let mut v: Vec<_> = t
+        .peers()
+        .filter(|p| p.confirmed() && p.name == name)
+        .map(|p| (p.id, p.conflict.is_some()))
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
-fn two_live_nodes_with_one_name_are_a_conflict_until_one_stops() {
+fn a_second_live_process_with_one_name_is_a_conflict_and_the_first_survives_it() {
     let t0 = Instant::now();
     let mut t = table();
-    t.on_beacon(t0, &named(NodeId(10), 1, "dup"));
-    t.on_beacon(t0, &named(NodeId(11), 2, "dup"));
+    let (real, other) = (NodeId(10), NodeId(11));
+    t.on_link_up(t0, &named_hello(real, 1, "e3", 7001));
     events(&mut t);
-    // The older one is still alive and beaconing: conflict, not flapping.
-    for i in 1..5 {
-        let now = t0 + Duration::from_millis(900 * i);
-        t.on_beacon(now, &named(NodeId(10), 1, "dup"));
-        t.on_beacon(now, &named(NodeId(11), 2, "dup"));
+    // Another process claims "e3" with a newer incarnation while the real
+    // one is still linked: both are listed, each flagged, nothing replaced.
+    let t1 = t0 + Duration::from_millis(100);
+    t.on_link_up(t1, &named_hello(other, 2, "e3", 7002));
+    assert_eq!(claimants(&t, "e3"), vec![(real, true), (other, true)]);
+    assert_eq!(
+        t.get(&real).unwrap().conflict,
+        Some(SocketAddr::from(([127, 0, 0, 1], 7002)))
+    );
+    let ev: Vec<_> = std::iter::from_fn(|| t.poll_event()).collect();
+    assert!(ev.contains(&Event {
+        id: real,
+        kind: EventKind::Updated
+    }));
+    assert!(!ev
+        .iter()
+        .any(|e| e.id == real && e.kind != EventKind::Updated));
+    // The impostor is killed: its link drops and its port refuses.
+    let t2 = t1 + Duration::from_millis(1500);
+    t.on_pong(t2, real, Duration::from_millis(1));
+    t.on_link_down(t2, other, false);
+    actions(&mut t);
+    t.on_dial_failed(t2, other, DialFailure::Refused);
+    // It is gone; the real one is a normal entry again, never touched.
+    assert!(t.get(&other).is_none());
+    assert_eq!(claimants(&t, "e3"), vec![(real, false)]);
+    let p = t.get(&real).unwrap();
+    assert_eq!((p.state, p.link), (PeerState::Alive, LinkState::Up));
+    let ev: Vec<_> = std::iter::from_fn(|| t.poll_event()).collect();
+    assert!(ev.contains(&Event {
+        id: real,
+        kind: EventKind::Updated
+    }));
+    assert!(ev.contains(&Event {
+        id: other,
+        kind: EventKind::Reaped
+    }));
+    // Long after any tombstone TTL the real one is still there.
+    let mut now = t2;
+    for _ in 0..100 {
+        now += Duration::from_millis(200);
+        t.on_pong(now, real, Duration::from_millis(1));
+        t.on_beacon(now, &named(real, 1, "e3"));
         t.on_tick(now);
     }
-    assert_eq!(t.len(), 1);
-    let p = t.get(&NodeId(11)).unwrap();
-    assert!(p.conflict.is_some(), "conflict flagged");
-    assert_eq!(events(&mut t), vec![EventKind::Updated]);
-    // The older one stops; the conflict clears after dead_after.
-    let last = t0 + Duration::from_millis(3600);
-    let dead = t.config().dead_after;
-    t.on_beacon(last + dead, &named(NodeId(11), 2, "dup"));
-    t.on_tick(last + dead);
-    assert!(t.get(&NodeId(11)).unwrap().conflict.is_none());
+    assert_eq!(t.get(&real).unwrap().state, PeerState::Alive);
+}
+
+#[test]
+fn when_the_first_of_two_claimants_stops_the_second_is_a_normal_entry() {
+    let t0 = Instant::now();
+    let mut t = table();
+    let (first, second) = (NodeId(10), NodeId(11));
+    t.on_link_up(t0, &named_hello(first, 2, "dup", 7001));
+    t.on_link_up(t0, &named_hello(second, 1, "dup", 7002));
+    assert_eq!(claimants(&t, "dup"), vec![(first, true), (second, true)]);
+    t.on_goodbye(t0 + Duration::from_millis(5), first);
+    assert!(t.get(&first).is_none());
+    assert_eq!(claimants(&t, "dup"), vec![(second, false)]);
+    // The survivor now holds the name: a restart of it replaces it.
+    t.on_link_down(t0 + Duration::from_millis(6), second, false);
+    t.on_link_up(
+        t0 + Duration::from_millis(9),
+        &named_hello(NodeId(12), 3, "dup", 7003),
+    );
+    assert_eq!(claimants(&t, "dup"), vec![(NodeId(12), false)]);
+}
+
+#[test]
+fn spoofed_beacons_and_hellos_never_remove_a_live_node() {
+    let t0 = Instant::now();
+    let mut t = table();
+    let victim = NodeId(10);
+    t.on_link_up(t0, &named_hello(victim, 1_000, "e3", 7001));
+    events(&mut t);
+    // One spoofed beacon: new id, the victim's name, a newer (or the
+    // largest) incarnation. Nothing changes, nothing is said.
+    t.on_beacon(t0, &named(NodeId(66), 1_001, "e3"));
+    t.on_beacon(t0, &named(NodeId(67), u64::MAX, "e3"));
+    assert!(events(&mut t).is_empty());
+    assert_eq!(claimants(&t, "e3"), vec![(victim, false)]);
+    // The spoofed entries are dialed, never answer, and are forgotten.
+    let mut now = t0;
+    for _ in 0..40 {
+        now += Duration::from_millis(200);
+        t.on_pong(now, victim, Duration::from_millis(1));
+        t.on_tick(now);
+        while let Some(a) = t.poll_action() {
+            if let Action::Dial { id, .. } = a {
+                t.on_dial_failed(now, id, DialFailure::Refused);
+            }
+        }
+    }
+    assert!(t.get(&NodeId(66)).is_none() && t.get(&NodeId(67)).is_none());
+    assert!(events(&mut t).is_empty());
+    // A hello with the victim's name and a higher incarnation: a conflict at
+    // most, which ends when the forger's link does.
+    t.on_link_up(now, &named_hello(NodeId(68), 2_000, "e3", 7666));
+    assert_eq!(
+        claimants(&t, "e3"),
+        vec![(victim, true), (NodeId(68), true)]
+    );
+    t.on_link_down(now, NodeId(68), false);
+    actions(&mut t);
+    t.on_dial_failed(now, NodeId(68), DialFailure::Refused);
+    assert_eq!(claimants(&t, "e3"), vec![(victim, false)]);
+    assert_eq!(t.get(&victim).unwrap().link, LinkState::Up);
+}
+
+#[test]
+fn a_late_loop_holds_its_verdicts_until_the_links_speak() {
+    let t0 = Instant::now();
+    let mut t = table();
+    let cfg = *t.config();
+    t.on_link_up(t0, &hello(LOW, 1));
+    t.on_link_up(t0, &hello(HIGH, 1));
+    events(&mut t);
+    actions(&mut t);
+    let mut now = t0;
+    for _ in 0..5 {
+        now += Duration::from_millis(150);
+        t.on_pong(now, LOW, Duration::from_millis(1));
+        t.on_pong(now, HIGH, Duration::from_millis(1));
+        let d = t.next_deadline().unwrap();
+        assert!(d > now);
+    }
+    // The process is stopped for 3 s: the tick it asked for comes late.
+    let woke = now + Duration::from_secs(3);
+    t.on_tick(woke);
+    assert_eq!(events(&mut t), vec![], "no verdict on our own silence");
+    assert_eq!(t.stalls(), 1);
+    // Links the others closed meanwhile are redialed, without suspicion.
+    t.on_link_down(woke, HIGH, false);
+    assert_eq!(events(&mut t), vec![EventKind::LinkDown]);
+    // The buffered pings arrive: LOW speaks; HIGH's link is back.
+    let after = woke + Duration::from_millis(20);
+    t.on_pong(after, LOW, Duration::from_millis(1));
+    t.on_link_up(after, &hello(HIGH, 1));
+    assert_eq!(events(&mut t), vec![EventKind::LinkUp]);
+    // Past the grace period, ordinary rules again: LOW goes silent for real.
+    assert!(t.next_deadline().unwrap() > woke);
+    let mut now = after;
+    while now < after + cfg.dead_after + cfg.suspect_after {
+        now += Duration::from_millis(100);
+        t.on_pong(now, HIGH, Duration::from_millis(1));
+        if t.next_deadline().is_some_and(|d| d <= now) {
+            t.on_tick(now);
+        }
+    }
+    assert_eq!(t.get(&LOW).unwrap().state, PeerState::Failed);
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Alive);
+}
+
+#[test]
+fn probes_are_answered_with_link_evidence_only() {
+    let t0 = Instant::now();
+    let mut t = table();
+    let (asker, linked, beaconing) = (NodeId(1), NodeId(2), NodeId(3));
+    for id in [asker, linked, beaconing] {
+        t.on_link_up(t0, &hello(id, 1));
+    }
+    // `beaconing` lost its link long ago; only its beacons (perhaps
+    // replayed) still arrive.
+    t.on_link_down(t0, beaconing, false);
+    let now = t0 + Duration::from_secs(2);
+    t.on_pong(now, asker, Duration::from_millis(1));
+    t.on_pong(now, linked, Duration::from_millis(1));
+    t.on_beacon(now, &beacon(beaconing, 1, BeaconKind::Announce));
+    actions(&mut t);
+    let probe = |id| PeerRecord {
+        id,
+        incarnation: 1,
+        name: format!("n{}", id.0),
+        addr: "127.0.0.1:9".parse().unwrap(),
+        state: RECORD_PROBE.into(),
+        age_ms: None,
+    };
+    t.on_peer_list(
+        now,
+        asker,
+        &PeerList {
+            peers: vec![probe(linked), probe(beaconing), probe(NodeId(77))],
+        },
+    );
+    let sent = actions(&mut t);
+    let [Action::Send { to, list }] = &sent[..] else {
+        panic!("one answer expected: {sent:?}");
+    };
+    assert_eq!(*to, asker);
+    assert_eq!(list.peers.len(), 1, "{list:?}");
+    assert_eq!(
+        (list.peers[0].id, list.peers[0].state.as_str()),
+        (linked, RECORD_ALIVE)
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -510,23 +760,41 @@ proptest! {
                 }
             }
             while let Some(action) = t.poll_action() {
-                let (Action::Dial { id, .. } | Action::Probe { id }) = action;
-                let p = t.get(&id).unwrap();
-                if matches!(action, Action::Dial { .. }) {
-                    prop_assert!(p.is_live());
-                    prop_assert_eq!(p.link, LinkState::Connecting);
-                } else {
-                    // Probes: about live peers without a link, or recently failed ones.
-                    prop_assert!(p.state != PeerState::Left);
-                    prop_assert!(p.link != LinkState::Up);
+                match action {
+                    Action::Dial { id, .. } => {
+                        let p = t.get(&id).unwrap();
+                        prop_assert_eq!(p.link, LinkState::Connecting);
+                    }
+                    Action::Send { to, list } => {
+                        // Probes go to linked peers, about peers without a link.
+                        prop_assert_eq!(t.get(&to).unwrap().link, LinkState::Up);
+                        for r in &list.peers {
+                            let p = t.get(&r.id).unwrap();
+                            prop_assert!(p.state != PeerState::Left);
+                            prop_assert!(p.link != LinkState::Up);
+                        }
+                    }
                 }
             }
-            let mut names = std::collections::HashSet::new();
+            let mut names: HashMap<String, Vec<&Peer>> = HashMap::new();
             for p in t.peers() {
-                prop_assert!(names.insert(p.name.clone()), "two entries named {}", p.name);
+                if !p.confirmed() {
+                    prop_assert!(!known.contains_key(&p.id), "events about a pending entry");
+                    continue;
+                }
+                names.entry(p.name.clone()).or_default().push(p);
                 prop_assert_eq!(known.get(&p.id).copied(), Some(p.link == LinkState::Up));
                 if let Some(d) = t.next_deadline() {
                     prop_assert!(d + Duration::from_secs(3600) > now);
+                }
+            }
+            // One confirmed entry per name, or several live ones all flagged
+            // as a conflict.
+            for (name, holders) in names {
+                if holders.len() > 1 {
+                    for p in holders {
+                        prop_assert!(p.is_live() && p.conflict.is_some(), "{} claimed twice: {:?}", name, p);
+                    }
                 }
             }
         }
