@@ -89,10 +89,15 @@ pub struct PeerRecord {
     /// Peer state as the sender sees it (`alive`, `failed`, `left`, ...), or
     /// `probe` in a request: "have you heard from this peer yourself?".
     pub state: String,
-    /// How long ago the sender last heard from the peer *directly* (its own
-    /// link or beacons, never hearsay), in milliseconds.
+    /// How long ago the sender last heard from the peer *directly* on its
+    /// own link (never a beacon, never hearsay), in milliseconds: present in
+    /// answers to probes only. A record without it is membership knowledge
+    /// (push-pull when a link comes up, and each change afterwards).
     #[serde(default)]
     pub age_ms: Option<u64>,
+    /// The peer's tags as the sender knows them (omitted when empty).
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
+    pub tags: Tags,
 }
 
 /// The sender's view of the cluster.
@@ -250,6 +255,7 @@ impl Message {
             let list: PeerList = de(body)?;
             for r in &list.peers {
                 crate::id::check_name(&r.name)?;
+                crate::id::check_tags(&r.tags)?;
             }
             Ok(list)
         }
@@ -725,6 +731,7 @@ pub(crate) mod tests {
                     addr: "127.0.0.1:1".parse().unwrap(),
                     state: "alive".into(),
                     age_ms: Some(12),
+                    tags: Tags::new(),
                 }],
             }),
             Message::App(AppMessage {
@@ -937,6 +944,10 @@ pub(crate) mod tests {
                 addr: "[::1]:9".parse().unwrap(),
                 state,
                 age_ms: None,
+                tags: [("role".to_string(), "db".to_string())]
+                    .into_iter()
+                    .take((incarnation % 2) as usize)
+                    .collect(),
             });
         prop_oneof![
             hello.clone().prop_map(Message::Hello),

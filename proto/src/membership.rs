@@ -346,6 +346,10 @@ pub const PROBE_FANOUT: usize = 3;
 const REVIVE_WINDOW: Duration = Duration::from_secs(30);
 const REVIVE_PROBE_EVERY: Duration = Duration::from_secs(1);
 
+/// Most pending entries at once; beacons and reports of new ids beyond it
+/// are refused (and counted) until some are confirmed or forgotten.
+pub const MAX_PENDING: usize = 4096;
+
 /// How soon a dial reset during its handshake is retried.
 const RESET_RETRY: Duration = Duration::from_millis(10);
 
@@ -415,6 +419,8 @@ pub struct PeerTable {
     grace_until: Option<Instant>,
     /// How often our own lateness was noticed.
     stalls: u64,
+    /// New ids refused because [`MAX_PENDING`] entries were pending.
+    refused_pending: u64,
     events: VecDeque<Event>,
     actions: VecDeque<Action>,
     rng: StdRng,
@@ -435,6 +441,7 @@ impl PeerTable {
             armed: Cell::new(None),
             grace_until: None,
             stalls: 0,
+            refused_pending: 0,
             events: VecDeque::new(),
             actions: VecDeque::new(),
             rng: StdRng::seed_from_u64(seed),
@@ -475,6 +482,21 @@ impl PeerTable {
     /// silence-based verdicts (see "Our own lateness").
     pub fn stalls(&self) -> u64 {
         self.stalls
+    }
+
+    /// New ids (from beacons or reports) refused because [`MAX_PENDING`]
+    /// entries were already pending.
+    pub fn refused_pending(&self) -> u64 {
+        self.refused_pending
+    }
+
+    /// Room for one more pending entry? Counts a refusal when there is none.
+    fn admit_pending(&mut self) -> bool {
+        if self.pending >= MAX_PENDING {
+            self.refused_pending += 1;
+            return false;
+        }
+        true
     }
 
     /// Drains one pending event.
@@ -623,8 +645,8 @@ impl PeerTable {
         self.note_input(now);
         let first_dial = self.first_dial_at(b.id, now);
         let Some(p) = self.peers.get_mut(&b.id) else {
-            if b.kind == BeaconKind::Leave {
-                return; // never knew it
+            if b.kind == BeaconKind::Leave || !self.admit_pending() {
+                return; // never knew it, or no room
             }
             let mut p = Peer::new(b.id, &b.name, b.incarnation, b.addr, now);
             p.last_beacon = Some(now);
@@ -808,9 +830,83 @@ impl PeerTable {
             }
             self.emit(h, EventKind::Updated);
         }
+        let news = events
+            .iter()
+            .any(|k| matches!(k, EventKind::Joined | EventKind::Restarted));
         for kind in events {
             self.emit(id, kind);
         }
+        self.share(id, news);
+    }
+
+    /// Membership over links: the peer `id` whose link just came up gets our
+    /// whole view (the records of every confirmed live entry), and when it is
+    /// news (joined, restarted) every other linked peer gets its record:
+    /// each change crosses each link once. A node that knows only one other
+    /// (a seed) thereby learns of all, and all learn of it.
+    fn share(&mut self, id: NodeId, news: bool) {
+        let view: Vec<PeerRecord> = self
+            .peers
+            .values()
+            .filter(|p| p.confirmed && p.is_live() && p.id != id)
+            .map(member_record)
+            .collect();
+        if !view.is_empty() {
+            self.actions.push_back(Action::Send {
+                to: id,
+                list: PeerList { peers: view },
+            });
+        }
+        if !news {
+            return;
+        }
+        let Some(change) = self.peers.get(&id).map(member_record) else {
+            return;
+        };
+        let mut linked: Vec<NodeId> = self
+            .peers
+            .values()
+            .filter(|p| p.id != id && p.link == LinkState::Up)
+            .map(|p| p.id)
+            .collect();
+        linked.sort_unstable();
+        for to in linked {
+            self.actions.push_back(Action::Send {
+                to,
+                list: PeerList {
+                    peers: vec![change.clone()],
+                },
+            });
+        }
+    }
+
+    /// A linked peer told us of a member: a new id becomes a pending entry
+    /// (dialed like one heard by beacon, confirmed only by its own link); a
+    /// higher incarnation of a known one is dialed at once. Old information
+    /// changes nothing: a lower or equal incarnation of a known id, or a
+    /// report about a failed or left one, is ignored, so hearsay never
+    /// resurrects a tombstone. The driver has applied the address rule.
+    fn learn(&mut self, now: Instant, r: &PeerRecord) {
+        if r.id == self.local {
+            return;
+        }
+        let first_dial = self.first_dial_at(r.id, now);
+        if let Some(p) = self.peers.get_mut(&r.id) {
+            if r.incarnation > p.incarnation && p.link == LinkState::Down {
+                p.next_dial = Some(now);
+                p.dial_attempts = 0;
+            }
+            return;
+        }
+        if !self.admit_pending() {
+            return;
+        }
+        let mut p = Peer::new(r.id, &r.name, r.incarnation, r.addr, now);
+        p.tags.clone_from(&r.tags);
+        p.digest = tags_digest(&r.tags);
+        p.next_dial = Some(first_dial);
+        self.peers.insert(r.id, p);
+        self.pending += 1;
     }
 
     /// The link to `id` closed. `graceful` when a goodbye preceded it.
@@ -943,8 +1039,12 @@ impl PeerTable {
 
     /// A peer list arrived from the linked peer `from`: probes ("do you hear
     /// this peer on a link?") are answered with our own *link* evidence only
-    /// (never a beacon, which may be replayed, nor hearsay), and answers are
-    /// fed to [`PeerTable::on_vouch`]. Other records are not used.
+    /// (never a beacon, which may be replayed, nor hearsay); answers are fed
+    /// to [`PeerTable::on_vouch`]; membership records (no `age_ms`) of live
+    /// members teach us of new ones (a new id becomes a pending entry; old
+    /// information changes nothing).
+    /// Reports of failed or left members are not acted on: each node judges
+    /// its own links.
     pub fn on_peer_list(&mut self, now: Instant, from: NodeId, list: &PeerList) {
         self.on_traffic(now, from);
         let fresh = self.cfg.suspect_after;
@@ -964,9 +1064,11 @@ impl PeerTable {
                 (RECORD_ALIVE, Some(age_ms)) => {
                     self.on_vouch(now, r.id, r.incarnation, Duration::from_millis(age_ms))
                 }
+                ("alive" | "suspect", None) => self.learn(now, r),
                 _ => {}
             }
         }
+        self.schedule(now);
         if !answers.is_empty() {
             self.actions.push_back(Action::Send {
                 to: from,
@@ -1180,6 +1282,14 @@ impl PeerTable {
     }
 }
 
+/// What we know of `p`, as membership knowledge for another node.
+fn member_record(p: &Peer) -> PeerRecord {
+    PeerRecord {
+        tags: p.tags.clone(),
+        ..record(p, p.state.as_str(), None)
+    }
+}
+
 /// A record about `p` for a peer list.
 fn record(p: &Peer, state: &str, age: Option<Duration>) -> PeerRecord {
     PeerRecord {
@@ -1189,6 +1299,7 @@ fn record(p: &Peer, state: &str, age: Option<Duration>) -> PeerRecord {
         addr: p.addr,
         state: state.into(),
         age_ms: age.map(|a| a.as_millis() as u64),
+        tags: Tags::new(),
     }
 }
 

@@ -652,6 +652,7 @@ fn probes_are_answered_with_link_evidence_only() {
         addr: "127.0.0.1:9".parse().unwrap(),
         state: RECORD_PROBE.into(),
         age_ms: None,
+        tags: Tags::new(),
     };
     t.on_peer_list(
         now,
@@ -672,6 +673,130 @@ fn probes_are_answered_with_link_evidence_only() {
     );
 }
 
+fn member(id: NodeId, inc: u64, state: &str) -> PeerRecord {
+    PeerRecord {
+        id,
+        incarnation: inc,
+        name: format!("n{}", id.0),
+        addr: SocketAddr::from(([127, 0, 0, 1], 7000 + (id.0 % 1000) as u16)),
+        state: state.into(),
+        age_ms: None,
+        tags: Tags::new(),
+    }
+}
+
+fn sends(actions: &[Action]) -> Vec<(NodeId, Vec<NodeId>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { to, list } => Some((*to, list.peers.iter().map(|r| r.id).collect())),
+            Action::Dial { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_node_that_knows_only_a_seed_learns_every_member_over_the_link() {
+    let t0 = Instant::now();
+    let mut t = table(); // LOCAL = 500
+    let seed = NodeId(700);
+    t.on_link_up(t0, &hello(seed, 1));
+    assert_eq!(events(&mut t), vec![EventKind::Joined, EventKind::LinkUp]);
+    actions(&mut t);
+    // The seed's view: two members we have never heard of.
+    let (a, b) = (NodeId(100), NodeId(900));
+    t.on_peer_list(
+        t0,
+        seed,
+        &PeerList {
+            peers: vec![
+                member(a, 1, "alive"),
+                member(b, 1, "alive"),
+                member(LOCAL, 1, "alive"),
+            ],
+        },
+    );
+    assert!(events(&mut t).is_empty(), "hearsay announces nobody");
+    assert_eq!(t.pending(), 2);
+    // We dial the higher id at once; the lower one dials us (it learns of us
+    // from the seed) or we dial it after the fallback.
+    let dials: Vec<NodeId> = actions(&mut t)
+        .iter()
+        .filter_map(|x| match x {
+            Action::Dial { id, .. } => Some(*id),
+            Action::Send { .. } => None,
+        })
+        .collect();
+    assert_eq!(dials, vec![b]);
+    t.on_link_up(t0, &hello(b, 1));
+    t.on_link_up(t0, &hello(a, 1));
+    let ev = events(&mut t);
+    assert_eq!(ev.iter().filter(|k| **k == EventKind::Joined).count(), 2);
+    assert_eq!(t.pending(), 0);
+}
+
+#[test]
+fn a_new_link_gets_our_view_and_every_other_link_gets_the_news_once() {
+    let t0 = Instant::now();
+    let mut t = table();
+    let (a, b, n) = (NodeId(100), NodeId(200), NodeId(300));
+    t.on_link_up(t0, &hello(a, 1));
+    t.on_link_up(t0, &hello(b, 1));
+    actions(&mut t);
+    t.on_link_up(t0, &hello(n, 1));
+    let mut s = sends(&actions(&mut t));
+    for (_, ids) in &mut s {
+        ids.sort();
+    }
+    s.sort();
+    assert_eq!(s, vec![(a, vec![n]), (b, vec![n]), (n, vec![a, b])]);
+    // A relink is no news: only the push-pull to that peer.
+    t.on_link_down(t0, n, true);
+    t.on_link_up(t0, &hello(n, 1));
+    let s = sends(&actions(&mut t));
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].0, n);
+}
+
+#[test]
+fn hearsay_never_resurrects_a_tombstone() {
+    let t0 = Instant::now();
+    let mut t = table();
+    let (seed, gone) = (NodeId(700), NodeId(100));
+    t.on_link_up(t0, &hello(seed, 1));
+    t.on_link_up(t0, &hello(gone, 3));
+    t.on_link_down(t0, gone, false);
+    actions(&mut t);
+    t.on_dial_failed(t0, gone, DialFailure::Refused);
+    assert_eq!(t.get(&gone).unwrap().state, PeerState::Failed);
+    events(&mut t);
+    for inc in [2, 3] {
+        t.on_peer_list(
+            t0,
+            seed,
+            &PeerList {
+                peers: vec![member(gone, inc, "alive")],
+            },
+        );
+    }
+    assert!(events(&mut t).is_empty());
+    assert!(!actions(&mut t)
+        .iter()
+        .any(|x| matches!(x, Action::Dial { .. })));
+    // A newer life of the same id is worth a dial (its link decides).
+    t.on_peer_list(
+        t0,
+        seed,
+        &PeerList {
+            peers: vec![member(gone, 4, "alive")],
+        },
+    );
+    assert!(actions(&mut t)
+        .iter()
+        .any(|x| matches!(x, Action::Dial { id, .. } if *id == gone)));
+    assert_eq!(t.get(&gone).unwrap().state, PeerState::Failed);
+}
+
 #[derive(Debug, Clone)]
 enum Input {
     Beacon(u8, u64, u8),
@@ -680,6 +805,7 @@ enum Input {
     DialFailed(u8, u8),
     Goodbye(u8),
     Pong(u8),
+    Report(u8, u8, u64, u8),
     Tick,
 }
 
@@ -691,7 +817,9 @@ fn arb_input() -> impl Strategy<Value = (u64, Input)> {
         (id.clone(), any::<bool>()).prop_map(|(i, g)| Input::LinkDown(i, g)),
         (id.clone(), 0u8..4).prop_map(|(i, w)| Input::DialFailed(i, w)),
         id.clone().prop_map(Input::Goodbye),
-        id.prop_map(Input::Pong),
+        id.clone().prop_map(Input::Pong),
+        (id.clone(), id.clone(), 1u64..4, 0u8..4)
+            .prop_map(|(f, i, n, s)| Input::Report(f, i, n, s)),
         Just(Input::Tick),
     ];
     (0u64..2_000, input)
@@ -728,6 +856,11 @@ proptest! {
                 }
                 Input::Goodbye(i) => t.on_goodbye(now, nid(i)),
                 Input::Pong(i) => t.on_pong(now, nid(i), Duration::from_millis(1)),
+                Input::Report(from, i, n, st) => {
+                    let state = ["alive", "suspect", "failed", "left"][st as usize];
+                    let r = PeerRecord { name: format!("n{}", i % 3), ..member(nid(i), n, state) };
+                    t.on_peer_list(now, nid(from), &PeerList { peers: vec![r] });
+                }
                 Input::Tick => {
                     t.on_tick(now);
                     // Never a deadline in the past after a tick: the driver would spin.
@@ -770,8 +903,13 @@ proptest! {
                         prop_assert_eq!(t.get(&to).unwrap().link, LinkState::Up);
                         for r in &list.peers {
                             let p = t.get(&r.id).unwrap();
-                            prop_assert!(p.state != PeerState::Left);
-                            prop_assert!(p.link != LinkState::Up);
+                            prop_assert!(p.confirmed(), "records only about confirmed entries");
+                            if r.state == RECORD_PROBE {
+                                prop_assert!(p.state != PeerState::Left);
+                                prop_assert!(p.link != LinkState::Up);
+                            } else {
+                                prop_assert!(r.id != to, "a peer is not told about itself");
+                            }
                         }
                     }
                 }
