@@ -19,8 +19,10 @@ pub mod daemon;
 pub mod membership;
 pub mod netif;
 pub mod secret;
+pub mod seeds;
 pub mod socket;
 pub mod state;
+pub mod statefile;
 
 /// The runtime of every process (daemon and CLI alike): one thread. The
 /// node is IO-bound and every task is short; a single thread avoids

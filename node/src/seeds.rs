@@ -1,0 +1,389 @@
+//! Seeds: addresses to dial when multicast cannot find the cluster.
+//!
+//! A seed is `HOST[:PORT]` (`[v6addr]:port` for IPv6). The host is resolved
+//! again on **every** attempt and **every** address it returns is dialed, so
+//! a DNS name that lists all members (a Kubernetes headless Service, a
+//! compose service name) works, and so does a seed that comes up late or
+//! moves. Attempts never stop: after a failure the next one waits with
+//! capped exponential backoff and jitter; once every address of a seed is
+//! linked, it is looked at again only every [`Config::recheck`] (new
+//! addresses behind the name, or a lost link).
+//!
+//! [`Seeds`] is the sans-IO schedule (time is a parameter); the daemon's
+//! seed task resolves and dials and feeds the outcomes back. The first
+//! successful join and each class of failure are reported once per seed
+//! (the return values of the `on_*` inputs), not once per attempt.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+/// A seed as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedSpec {
+    /// Host name or IP address (without brackets).
+    pub host: String,
+    /// Port; the node's own link port when not given.
+    pub port: Option<u16>,
+}
+
+impl SeedSpec {
+    /// Parses `HOST`, `HOST:PORT`, `IPV4[:PORT]`, `IPV6` or `[IPV6]:PORT`.
+    pub fn parse(s: &str) -> Result<SeedSpec, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("a seed is HOST[:PORT]".into());
+        }
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(SeedSpec {
+                host: sa.ip().to_string(),
+                port: Some(sa.port()),
+            });
+        }
+        if let Ok(ip) = s
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            return Ok(SeedSpec {
+                host: ip.to_string(),
+                port: None,
+            });
+        }
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => {
+                let port = p
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| format!("{s:?}: the port must be 1-65535"))?;
+                (h, Some(port))
+            }
+            None => (s, None),
+        };
+        let valid = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !valid {
+            return Err(format!("{s:?}: not a host name or IP address"));
+        }
+        Ok(SeedSpec {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// `host:port` for the resolver (brackets around an IPv6 address).
+    pub fn target(&self, default_port: u16) -> String {
+        let port = self.port.unwrap_or(default_port);
+        match self.host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+            _ => format!("{}:{port}", self.host),
+        }
+    }
+}
+
+impl std::fmt::Display for SeedSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            Some(p) => f.write_str(&SeedSpec::target(self, p)),
+            None => f.write_str(&self.host),
+        }
+    }
+}
+
+/// Backoff settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Delay after the first failure.
+    pub backoff_min: Duration,
+    /// Largest delay between failed attempts.
+    pub backoff_max: Duration,
+    /// How often a seed whose addresses are all linked is looked at again.
+    pub recheck: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backoff_min: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            recheck: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How one attempt at one seed ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome", content = "detail")]
+pub enum Outcome {
+    /// Not tried yet.
+    Pending,
+    /// Every address it resolved to is linked.
+    Linked,
+    /// The name did not resolve (or resolved to nothing).
+    Unresolved(String),
+    /// Some address could not be linked (refused, unreachable, handshake).
+    DialFailed(String),
+}
+
+impl Outcome {
+    fn class(&self) -> &'static str {
+        match self {
+            Outcome::Pending => "pending",
+            Outcome::Linked => "linked",
+            Outcome::Unresolved(_) => "unresolved",
+            Outcome::DialFailed(_) => "dial_failed",
+        }
+    }
+}
+
+/// What `status` shows of one seed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SeedStatus {
+    /// As given.
+    pub seed: String,
+    /// What it resolved to last time.
+    pub resolved: Vec<String>,
+    /// How the last attempt ended.
+    #[serde(flatten)]
+    pub last: Outcome,
+    /// Attempts so far.
+    pub attempts: u64,
+}
+
+#[derive(Debug)]
+struct Seed {
+    spec: SeedSpec,
+    resolved: Vec<SocketAddr>,
+    last: Outcome,
+    attempts: u64,
+    failures: u32,
+    next: Instant,
+    in_flight: bool,
+    reported: Vec<&'static str>,
+}
+
+/// The seed schedule (sans-IO).
+#[derive(Debug)]
+pub struct Seeds {
+    cfg: Config,
+    seeds: Vec<Seed>,
+    rng: StdRng,
+}
+
+impl Seeds {
+    /// All seeds due at `now`.
+    pub fn new(specs: Vec<SeedSpec>, cfg: Config, now: Instant, seed: u64) -> Seeds {
+        let seeds = specs
+            .into_iter()
+            .map(|spec| Seed {
+                spec,
+                resolved: Vec::new(),
+                last: Outcome::Pending,
+                attempts: 0,
+                failures: 0,
+                next: now,
+                in_flight: false,
+                reported: Vec::new(),
+            })
+            .collect();
+        Seeds {
+            cfg,
+            seeds,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// True when there are no seeds at all.
+    pub fn is_empty(&self) -> bool {
+        self.seeds.is_empty()
+    }
+
+    /// Adds seeds (remembered peers) unless already present.
+    pub fn add(&mut self, specs: impl IntoIterator<Item = SeedSpec>, now: Instant) {
+        for spec in specs {
+            if self.seeds.iter().any(|s| s.spec == spec) {
+                continue;
+            }
+            self.seeds.push(Seed {
+                spec,
+                resolved: Vec::new(),
+                last: Outcome::Pending,
+                attempts: 0,
+                failures: 0,
+                next: now,
+                in_flight: false,
+                reported: Vec::new(),
+            });
+        }
+    }
+
+    /// When the next attempt is due (none while every due one is in flight).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.seeds
+            .iter()
+            .filter(|s| !s.in_flight)
+            .map(|s| s.next)
+            .min()
+    }
+
+    /// Seeds due at `now`, marked in flight: resolve each (`spec`), dial
+    /// the addresses, then call [`Seeds::on_attempt`] with what happened.
+    pub fn poll_due(&mut self, now: Instant) -> Vec<(usize, SeedSpec)> {
+        let mut due = Vec::new();
+        for (i, s) in self.seeds.iter_mut().enumerate() {
+            if !s.in_flight && s.next <= now {
+                s.in_flight = true;
+                s.attempts += 1;
+                due.push((i, s.spec.clone()));
+            }
+        }
+        due
+    }
+
+    /// One attempt at seed `i` ended: it resolved to `resolved` (or not),
+    /// and `outcome` says whether every address is linked. Returns a line
+    /// worth logging when this class of outcome is new for this seed.
+    pub fn on_attempt(
+        &mut self,
+        now: Instant,
+        i: usize,
+        resolved: Vec<SocketAddr>,
+        outcome: Outcome,
+    ) -> Option<String> {
+        let cfg = self.cfg;
+        let jitter = self.rng.gen_range(0.8..1.2);
+        let s = self.seeds.get_mut(i)?;
+        s.in_flight = false;
+        if !resolved.is_empty() {
+            s.resolved = resolved;
+        }
+        let delay = if outcome == Outcome::Linked {
+            s.failures = 0;
+            cfg.recheck
+        } else {
+            s.failures = s.failures.saturating_add(1);
+            cfg.backoff_min
+                .saturating_mul(1u32 << (s.failures - 1).min(16))
+                .min(cfg.backoff_max)
+        };
+        s.next = now + delay.mul_f64(jitter);
+        let class = outcome.class();
+        s.last = outcome;
+        if s.reported.contains(&class) {
+            return None;
+        }
+        s.reported.push(class);
+        Some(match &s.last {
+            Outcome::Linked => format!("joined through seed {}", s.spec),
+            Outcome::Unresolved(e) => format!("seed {} does not resolve: {e} (retrying)", s.spec),
+            Outcome::DialFailed(e) => format!("seed {} not reachable: {e} (retrying)", s.spec),
+            Outcome::Pending => return None,
+        })
+    }
+
+    /// Every link is gone: try every seed again now.
+    pub fn on_isolated(&mut self, now: Instant) {
+        for s in &mut self.seeds {
+            if !s.in_flight {
+                s.next = s.next.min(now);
+            }
+        }
+    }
+
+    /// What `status` shows.
+    pub fn status(&self) -> Vec<SeedStatus> {
+        self.seeds
+            .iter()
+            .map(|s| SeedStatus {
+                seed: s.spec.to_string(),
+                resolved: s.resolved.iter().map(|a| a.to_string()).collect(),
+                last: s.last.clone(),
+                attempts: s.attempts,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_parse_as_host_port_ipv4_and_ipv6() {
+        let p = |s| SeedSpec::parse(s);
+        assert_eq!(
+            p("node1").unwrap(),
+            SeedSpec {
+                host: "node1".into(),
+                port: None
+            }
+        );
+        assert_eq!(
+            p("seed.svc.cluster.local:6777").unwrap(),
+            SeedSpec {
+                host: "seed.svc.cluster.local".into(),
+                port: Some(6777)
+            }
+        );
+        assert_eq!(
+            p("127.0.0.1:9").unwrap(),
+            SeedSpec {
+                host: "127.0.0.1".into(),
+                port: Some(9)
+            }
+        );
+        assert_eq!(p("[::1]:9").unwrap().target(1), "[::1]:9");
+        assert_eq!(p("::1").unwrap().target(6777), "[::1]:6777");
+        assert_eq!(p("fe80::1").unwrap().port, None);
+        for bad in ["", "a:0", "a:x", "bad host", "a..b", ":9", "a:70000"] {
+            assert!(p(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn failures_back_off_with_a_cap_and_success_is_rechecked_slowly() {
+        let t0 = Instant::now();
+        let cfg = Config::default();
+        let mut s = Seeds::new(vec![SeedSpec::parse("a").unwrap()], cfg, t0, 1);
+        let mut now = t0;
+        let mut gaps = Vec::new();
+        let mut logged = 0;
+        for _ in 0..12 {
+            let due = s.poll_due(now);
+            assert_eq!(due.len(), 1);
+            assert_eq!(s.next_deadline(), None, "in flight");
+            logged += s
+                .on_attempt(now, 0, vec![], Outcome::Unresolved("no such host".into()))
+                .is_some() as u32;
+            let next = s.next_deadline().unwrap();
+            gaps.push(next - now);
+            now = next;
+        }
+        assert_eq!(logged, 1, "one log line per class of failure");
+        assert!(gaps[1] > gaps[0]);
+        assert!(gaps.iter().all(|g| *g <= cfg.backoff_max.mul_f64(1.2)));
+        assert!(gaps[11] >= cfg.backoff_max.mul_f64(0.8));
+        // It comes up: linked, logged once, then rechecked slowly.
+        s.poll_due(now);
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let line = s.on_attempt(now, 0, vec![addr], Outcome::Linked);
+        assert!(line.unwrap().contains("joined"));
+        assert!(s.next_deadline().unwrap() - now >= cfg.recheck.mul_f64(0.8));
+        let st = s.status();
+        assert_eq!(st[0].resolved, vec!["127.0.0.1:9".to_string()]);
+        assert_eq!(st[0].last, Outcome::Linked);
+        assert_eq!(st[0].attempts, 13);
+        // Isolated again: every seed at once.
+        s.on_isolated(now + Duration::from_secs(1));
+        assert_eq!(s.next_deadline(), Some(now + Duration::from_secs(1)));
+    }
+}
