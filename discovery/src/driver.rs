@@ -264,9 +264,9 @@ impl Bound {
         self.ifaces.iter().map(|(i, _)| i.clone()).collect()
     }
 
-    /// The address rule applied to every beacon: the interfaces in use and
-    /// the allow-list. The daemon applies the same rule to addresses it
-    /// learns elsewhere (TCP hellos).
+    /// The address rule applied to every beacon (the interfaces in use and
+    /// the allow-list), for the daemon to apply to addresses it learns
+    /// elsewhere, such as TCP hellos.
     pub fn addr_rule(&self) -> AddrRule {
         self.rule.clone()
     }
