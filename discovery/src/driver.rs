@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use proto::addr_rule::{self, AddrRule, Cidr};
 use proto::beacon::{Beacon, BeaconKind};
 use proto::secure::{open_beacon, seal_beacon, ReplayGuard, SendClock, SharedKeyring};
 use proto::stats::Tally;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::budget::Budget;
 use crate::sources::{Limits, SourceTable, Verdict};
 
 /// Raw datagrams waiting for the main loop. A flood beyond this is dropped
@@ -69,8 +71,12 @@ pub struct Config {
     pub interval: Duration,
     /// Cluster name; other clusters' beacons are dropped and counted.
     pub cluster: String,
-    /// Flood limits.
+    /// Flood limits and the node-wide reply and new-peer budgets.
     pub limits: Limits,
+    /// Networks whose advertised addresses are accepted besides the
+    /// source address and our interfaces' subnets (see
+    /// [`proto::addr_rule`]): for peers that `--advertise` across NAT.
+    pub allow_advertise: Vec<Cidr>,
     /// The cluster secret: when set, every beacon sent is sealed and only
     /// sealed, authenticated, fresh beacons are accepted.
     pub keyring: Option<SharedKeyring>,
@@ -122,7 +128,12 @@ pub struct Stats {
     pub send_errors: AtomicU64,
     /// Whether one of our own multicast beacons came back to us.
     pub loops_back: AtomicBool,
-    /// Dropped datagrams by reason.
+    /// Dropped datagrams by reason: the decoder's reasons, `cluster`,
+    /// `conflict`, `stale`, `rate_limited` and `queue_full` (inbound);
+    /// `address` (the advertised address fails the address rule);
+    /// `new_peer_budget` (a new or restarted identity refused by the
+    /// node-wide budget, admitted from a later beacon); `reply_budget` and
+    /// `send_queue_full` (replies and beacons not sent).
     pub drops: Tally,
 }
 
@@ -152,6 +163,7 @@ pub struct Bound {
     local: LocalIdentity,
     group: Arc<UdpSocket>,
     ifaces: Vec<(Interface, Arc<UdpSocket>)>,
+    rule: AddrRule,
     stats: Arc<Stats>,
     send_clock: Mutex<SendClock>,
 }
@@ -212,11 +224,17 @@ pub fn bind(cfg: Config, local: LocalIdentity) -> Result<Bound, DiscoveryError> 
             group: cfg.group,
             source,
         })?;
+    // The interfaces actually in use decide which addresses are ours to dial.
+    let rule = AddrRule::new(
+        ifaces.iter().map(|(i, _)| (i.addr, i.netmask)),
+        cfg.allow_advertise.iter().copied(),
+    );
     let bound = Bound {
         cfg,
         local,
         group: Arc::new(group),
         ifaces,
+        rule,
         stats: Arc::new(Stats::default()),
         send_clock: Mutex::new(SendClock::default()),
     };
@@ -244,6 +262,13 @@ impl Bound {
     /// The interfaces in use.
     pub fn interfaces(&self) -> Vec<Interface> {
         self.ifaces.iter().map(|(i, _)| i.clone()).collect()
+    }
+
+    /// The address rule applied to every beacon (the interfaces in use and
+    /// the allow-list), for the daemon to apply to addresses it learns
+    /// elsewhere, such as TCP hellos.
+    pub fn addr_rule(&self) -> AddrRule {
+        self.rule.clone()
     }
 
     /// The counters.
@@ -391,6 +416,11 @@ impl Bound {
 
         let own: Vec<SocketAddr> = self.send_addrs();
         let mut sources = SourceTable::new(self.cfg.limits);
+        let mut budget = Budget::new(
+            self.cfg.limits.replies,
+            self.cfg.limits.new_peers,
+            now_std(),
+        );
         let mut replay = ReplayGuard::default();
         let mut next_beacon = Instant::now(); // announce at once
         let mut next_prune = Instant::now() + self.cfg.limits.forget_after;
@@ -425,13 +455,17 @@ impl Bound {
                 item = in_rx.recv() => {
                     let Some(item) = item else { break };
                     let now = now_std();
-                    let Some(ev) = self.classify(now, &mut sources, &mut replay, &own, item) else { continue };
+                    let Some(ev) = self.classify(now, &mut sources, &mut budget, &mut replay, &own, item) else { continue };
                     let DiscoveryEvent::Beacon { src, ref beacon, verdict, .. } = ev;
                     if beacon.kind == BeaconKind::Announce
                         && verdict == Verdict::New
                         && sources.should_reply(now, src, interval)
                     {
-                        self.queue(&out_tx, BeaconKind::Reply, self.iface_for(src.ip()), src);
+                        if budget.replies.try_take(now) {
+                            self.queue(&out_tx, BeaconKind::Reply, self.iface_for(src.ip()), src);
+                        } else if stats.drops.record(now, "reply_budget") {
+                            warn!(%src, "reply budget spent: not answering every newcomer (further refusals are counted, not logged)");
+                        }
                     }
                     if events.try_send(ev).is_err() {
                         stats.drops.record(now, "event_queue_full");
@@ -477,6 +511,7 @@ impl Bound {
         &self,
         now: std::time::Instant,
         sources: &mut SourceTable,
+        budget: &mut Budget,
         replay: &mut ReplayGuard,
         own: &[SocketAddr],
         item: Incoming,
@@ -526,7 +561,26 @@ impl Bound {
             }
             return None;
         }
-        let verdict = sources.on_beacon(now, src, beacon.id, beacon.incarnation);
+        if let Err(why) = self.rule.check(beacon.addr, src.ip()) {
+            if stats.drops.record(now, addr_rule::DROP_REASON) {
+                warn!(%src, addr = %beacon.addr, id = %beacon.id, %why,
+                    "refusing a beacon whose address this node must not dial (further refusals are counted, not logged)");
+            }
+            return None;
+        }
+        let verdict = sources.judge(now, src, beacon.id, beacon.incarnation);
+        // What makes the peer table create or replace an entry, and dial,
+        // draws on the node-wide budget. Leaves never do. Nothing is
+        // recorded for a refused beacon: the sender's next one asks again.
+        let admits = matches!(verdict, Verdict::New | Verdict::Restarted { .. });
+        if admits && beacon.kind != BeaconKind::Leave && !budget.new_peers.try_take(now) {
+            if stats.drops.record(now, "new_peer_budget") {
+                warn!(%src, id = %beacon.id,
+                    "new-peer budget spent: refusing new identities for now (further refusals are counted, not logged)");
+            }
+            return None;
+        }
+        let verdict = sources.commit(now, src, beacon.id, beacon.incarnation, verdict);
         match verdict {
             Verdict::Conflict { holder } => {
                 if stats.drops.record(now, "conflict") {

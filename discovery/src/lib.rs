@@ -2,8 +2,9 @@
 //!
 //! This crate is the UDP *driver*. It owns the sockets and the beacon timer;
 //! the decisions about datagrams live in the sans-IO [`sources`] module
-//! (demultiplexing by source address, flood limiting, identity conflicts)
-//! and, further up, in `proto::membership` (the peer table), which this crate
+//! (demultiplexing by source address, flood limiting, identity conflicts),
+//! the node-wide [`budget`] of replies and new peers, `proto::addr_rule`
+//! (which advertised addresses may be dialled) and, further up, in `proto::membership` (the peer table), which this crate
 //! feeds through a channel of [`DiscoveryEvent`]s.
 //!
 //! ## Sockets (see DESIGN.md, traps 1 and 2)
@@ -24,10 +25,12 @@
 //! and a full queue drops (and counts) rather than blocks.
 //!
 //! It does *not* decide who is alive (that is the peer table's job), and it
-//! never trusts a beacon beyond "someone says this id lives at this address".
+//! never trusts a beacon beyond "someone says this id lives at this address",
+//! and then only for an address the node may dial.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod budget;
 mod driver;
 pub mod sources;
 

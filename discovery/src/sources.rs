@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use proto::{Incarnation, NodeId};
 
+use crate::budget::{Rate, TokenBucket};
+
 /// Flood-limiting and bookkeeping settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
@@ -38,6 +40,11 @@ pub struct Limits {
     pub stale_after: Duration,
     /// Most sources tracked at once; unknown sources beyond it are refused.
     pub max_sources: usize,
+    /// Node-wide budget of unicast replies to announces (see
+    /// [`crate::budget`]).
+    pub replies: Rate,
+    /// Node-wide budget of new (or restarted) identities admitted.
+    pub new_peers: Rate,
 }
 
 impl Default for Limits {
@@ -48,6 +55,22 @@ impl Default for Limits {
             forget_after: Duration::from_secs(60),
             stale_after: Duration::from_secs(3),
             max_sources: 4096,
+            // Replies only save a newcomer one beacon interval; one newcomer
+            // costs each node one reply. 64 at once covers 64 nodes starting
+            // together; beyond that the periodic announce does the job.
+            replies: Rate {
+                per_sec: 20.0,
+                burst: 64.0,
+            },
+            // Every node of a cluster of up to 128 (the largest we run on
+            // one host) is admitted at once, even when all start together;
+            // a larger crowd joins at 32 identities a second (300 nodes:
+            // about 5 s), since a refused identity asks again with its next
+            // beacon. A flood gets at most 128 + 32/s ghost entries and dials.
+            new_peers: Rate {
+                per_sec: 32.0,
+                burst: 128.0,
+            },
         }
     }
 }
@@ -90,9 +113,25 @@ impl Verdict {
 struct Source {
     speaks_for: Option<(NodeId, Incarnation)>,
     last_seen: Instant,
-    tokens: f64,
-    refilled: Instant,
+    bucket: TokenBucket,
     last_reply: Option<Instant>,
+}
+
+impl Source {
+    fn new(limits: &Limits, now: Instant) -> Self {
+        Source {
+            speaks_for: None,
+            last_seen: now,
+            bucket: TokenBucket::new(
+                Rate {
+                    per_sec: limits.rate,
+                    burst: limits.burst,
+                },
+                now,
+            ),
+            last_reply: None,
+        }
+    }
 }
 
 /// Per-source state. See the module docs.
@@ -133,30 +172,14 @@ impl SourceTable {
             if self.by_src.len() >= self.limits.max_sources {
                 return false;
             }
-            self.by_src.insert(
-                src,
-                Source {
-                    speaks_for: None,
-                    last_seen: now,
-                    tokens: self.limits.burst,
-                    refilled: now,
-                    last_reply: None,
-                },
-            );
+            self.by_src.insert(src, Source::new(&self.limits, now));
         }
         let s = self.by_src.get_mut(&src).expect("inserted above");
-        let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
-        s.tokens = (s.tokens + elapsed * self.limits.rate).min(self.limits.burst);
-        s.refilled = now;
-        if s.tokens >= 1.0 {
-            s.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        s.bucket.try_take(now)
     }
 
-    /// Classifies a (decoded, same-cluster, not our own) beacon from `src`.
+    /// Classifies a (decoded, same-cluster, not our own) beacon from `src`
+    /// and records it; see [`SourceTable::judge`].
     pub fn on_beacon(
         &mut self,
         now: Instant,
@@ -164,9 +187,26 @@ impl SourceTable {
         id: NodeId,
         incarnation: Incarnation,
     ) -> Verdict {
+        let verdict = self.judge(now, src, id, incarnation);
+        self.commit(now, src, id, incarnation, verdict)
+    }
+
+    /// Classifies a beacon without recording anything, so that a caller may
+    /// still refuse it (a budget) and have its next beacon judged afresh.
+    /// `New` here means an identity with no source at all; [`commit`]
+    /// also calls a known identity's first beacon from a new source `New`.
+    ///
+    /// [`commit`]: SourceTable::commit
+    pub fn judge(
+        &self,
+        now: Instant,
+        src: SocketAddr,
+        id: NodeId,
+        incarnation: Incarnation,
+    ) -> Verdict {
         let stale_after = self.limits.stale_after;
         let previous = self.by_src.get(&src).and_then(|s| s.speaks_for);
-        let verdict = match self.holder.get(&id).copied() {
+        match self.holder.get(&id).copied() {
             Some(holder) if holder != src => {
                 let held = self.by_src.get(&holder).and_then(|s| {
                     s.speaks_for
@@ -193,17 +233,27 @@ impl SourceTable {
                 _ => Verdict::Known,
             },
             None => Verdict::New,
-        };
+        }
+    }
+
+    /// Records a beacon that [`SourceTable::judge`] classified as `verdict`
+    /// (same arguments, nothing in between); returns the final verdict.
+    pub fn commit(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        id: NodeId,
+        incarnation: Incarnation,
+        verdict: Verdict,
+    ) -> Verdict {
         if !verdict.accept() {
             return verdict;
         }
-        let s = self.by_src.entry(src).or_insert_with(|| Source {
-            speaks_for: None,
-            last_seen: now,
-            tokens: self.limits.burst,
-            refilled: now,
-            last_reply: None,
-        });
+        let limits = self.limits;
+        let s = self
+            .by_src
+            .entry(src)
+            .or_insert_with(|| Source::new(&limits, now));
         // A source that spoke for another identity: its port was reused by a
         // new process; the old identity loses this source.
         if let Some((old, _)) = s.speaks_for.filter(|(old, _)| *old != id) {
@@ -277,6 +327,27 @@ mod tests {
         assert!(s.admit(t0, addr(1, 1000)));
         assert_eq!(s.on_beacon(t0, addr(1, 1000), NodeId(1), 1), Verdict::New);
         assert_eq!(s.on_beacon(t0, addr(1, 1000), NodeId(1), 1), Verdict::Known);
+    }
+
+    #[test]
+    fn judging_records_nothing_until_committed() {
+        let t0 = Instant::now();
+        let mut s = SourceTable::new(Limits::default());
+        s.admit(t0, addr(1, 1000));
+        assert_eq!(s.judge(t0, addr(1, 1000), NodeId(1), 1), Verdict::New);
+        assert_eq!(s.judge(t0, addr(1, 1000), NodeId(1), 1), Verdict::New);
+        let v = s.judge(t0, addr(1, 1000), NodeId(1), 1);
+        assert_eq!(s.commit(t0, addr(1, 1000), NodeId(1), 1, v), Verdict::New);
+        assert_eq!(s.judge(t0, addr(1, 1000), NodeId(1), 1), Verdict::Known);
+        // A restart judged but refused leaves the old life in place.
+        let v = s.judge(t0, addr(1, 2000), NodeId(1), 2);
+        assert_eq!(
+            v,
+            Verdict::Restarted {
+                from: Some(addr(1, 1000))
+            }
+        );
+        assert_eq!(s.judge(t0, addr(1, 1000), NodeId(1), 1), Verdict::Known);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use proto::addr_rule::Cidr;
 
 /// A peer-to-peer cluster node: finds its peers by UDP multicast, links to
 /// each over TCP, and answers questions about the cluster on a Unix socket.
@@ -212,6 +213,13 @@ pub struct RunArgs {
     #[arg(long, env = "CONSTELLATION_ADVERTISE", value_parser = parse_advertise, value_name = "ADDR[:PORT]")]
     pub advertise: Option<(IpAddr, Option<u16>)>,
 
+    /// Also dial peers that advertise an address in CIDR (e.g. the public
+    /// side of a NAT their `--advertise` names); repeatable. Without it a
+    /// peer's advertised address must be its source address or in the
+    /// subnet of one of our interfaces.
+    #[arg(long, env = "CONSTELLATION_ALLOW_ADVERTISE", value_delimiter = ',', value_parser = parse_cidr, value_name = "CIDR")]
+    pub allow_advertise: Vec<Cidr>,
+
     /// Metadata KEY=VALUE; repeatable.
     #[arg(long, env = "CONSTELLATION_TAG", value_delimiter = ',', value_parser = parse_tag, value_name = "KEY=VALUE")]
     pub tag: Vec<(String, String)>,
@@ -298,6 +306,16 @@ fn check_advertise(ip: IpAddr) -> Result<IpAddr, String> {
     Ok(ip)
 }
 
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    let c: Cidr = s
+        .parse()
+        .map_err(|e: proto::addr_rule::CidrError| e.to_string())?;
+    if c.network().is_multicast() {
+        return Err(format!("{c} is multicast: peers can never be dialed there"));
+    }
+    Ok(c)
+}
+
 /// `KEY=VALUE`, both non-empty keys.
 pub fn parse_tag(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
@@ -341,6 +359,16 @@ mod tests {
         assert_eq!(parse_advertise("192.0.2.1").unwrap().1, None);
         assert_eq!(parse_advertise("192.0.2.1:99").unwrap().1, Some(99));
         assert!(parse_advertise("0.0.0.0").is_err());
+        assert_eq!(
+            parse_cidr("203.0.113.9/24").unwrap().to_string(),
+            "203.0.113.0/24"
+        );
+        assert_eq!(parse_cidr("192.0.2.1").unwrap().prefix(), 32);
+        assert!(parse_cidr("2001:db8::/32").is_ok());
+        assert_eq!(parse_cidr("0.0.0.0/0").unwrap().prefix(), 0);
+        assert!(parse_cidr("224.0.0.0/4").is_err());
+        assert!(parse_cidr("10.0.0.0/40").is_err());
+        assert!(parse_cidr("nat-gw").is_err());
         assert_eq!(parse_tag("a=b=c").unwrap(), ("a".into(), "b=c".into()));
         assert!(parse_tag("novalue").is_err());
         assert_eq!(parse_mode("0660"), Ok(0o660));

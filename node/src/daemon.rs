@@ -227,6 +227,7 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
             ..Limits::default()
         },
         keyring: keyring.clone(),
+        allow_advertise: args.allow_advertise.clone(),
     };
     let local = discovery::LocalIdentity {
         id,

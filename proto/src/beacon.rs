@@ -11,6 +11,13 @@
 //! trailer is empty unless `flags` has [`FLAG_SEALED`], reserved for the
 //! cluster-secret mode (nonce and authentication tag).
 //!
+//! Flags are the opposite of body fields: a flag changes how the rest of the
+//! datagram is read, so a receiver that does not know a flag cannot read the
+//! beacon. Every bit outside [`KNOWN_FLAGS`] must be zero; a beacon with a
+//! reserved bit set is refused ([`BeaconError::ReservedFlags`], counted as
+//! `reserved_flags`), never read as if the bit were clear. Anything an old
+//! receiver may safely ignore belongs in the body instead.
+//!
 //! A beacon is a *hint*: it says "a node with this id says it is reachable at
 //! this address". Nothing here trusts it further than that; identity is proven
 //! on the TCP link.
@@ -40,6 +47,9 @@ pub const MAX_BEACON: usize = 1200;
 pub const HEADER_LEN: usize = 8;
 /// Flag: the body is sealed with the cluster secret and a trailer follows.
 pub const FLAG_SEALED: u8 = 0x01;
+/// Every flag this build understands; the other bits are reserved and must
+/// be zero.
+pub const KNOWN_FLAGS: u8 = FLAG_SEALED;
 
 /// What a beacon is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -109,6 +119,10 @@ pub enum BeaconError {
     /// A beacon version this build does not speak.
     #[error("unsupported beacon version {0}")]
     UnsupportedVersion(u8),
+    /// A flag bit outside [`KNOWN_FLAGS`] is set: the sender means something
+    /// this build cannot read, so the datagram is refused, not guessed at.
+    #[error("reserved beacon flag bits set (flags {0:#04x})")]
+    ReservedFlags(u8),
     /// Over [`MAX_BEACON`] bytes (decoding), or would be (encoding).
     #[error("beacon of {len} bytes exceeds the {MAX_BEACON}-byte limit")]
     TooLarge {
@@ -163,6 +177,7 @@ impl BeaconError {
             BeaconError::Truncated { .. } => "truncated",
             BeaconError::BadMagic => "bad_magic",
             BeaconError::UnsupportedVersion(_) => "version",
+            BeaconError::ReservedFlags(_) => "reserved_flags",
             BeaconError::TooLarge { .. } => "too_large",
             BeaconError::Malformed(_) => "malformed",
             BeaconError::UnknownKind(_) => "unknown_kind",
@@ -198,7 +213,7 @@ struct Body<'a> {
 /// The parsed fixed envelope of a beacon, body not yet decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Envelope<'a> {
-    /// Envelope flags ([`FLAG_SEALED`]).
+    /// Envelope flags ([`FLAG_SEALED`]; never a reserved bit).
     pub flags: u8,
     /// The body bytes (msgpack, or ciphertext when sealed).
     pub body: &'a [u8],
@@ -207,7 +222,7 @@ pub struct Envelope<'a> {
 }
 
 impl<'a> Envelope<'a> {
-    /// Checks size, magic, version and lengths of one whole datagram.
+    /// Checks size, magic, version, flags and lengths of one whole datagram.
     pub fn parse(datagram: &'a [u8]) -> Result<Self, BeaconError> {
         let len = datagram.len();
         if len > MAX_BEACON {
@@ -231,6 +246,9 @@ impl<'a> Envelope<'a> {
             return Err(BeaconError::UnsupportedVersion(version));
         }
         let flags = hdr.get_u8();
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(BeaconError::ReservedFlags(flags));
+        }
         let body_len = hdr.get_u16() as usize;
         let rest = &datagram[HEADER_LEN..];
         if rest.len() < body_len {
@@ -409,6 +427,13 @@ pub(crate) mod tests {
         let mut v = good.to_vec();
         v[5] = FLAG_SEALED;
         assert!(matches!(Beacon::decode(&v), Err(BeaconError::Sealed)));
+        for bit in 1..8 {
+            let mut v = good.to_vec();
+            v[5] = 1 << bit;
+            let err = Beacon::decode(&v).unwrap_err();
+            assert!(matches!(err, BeaconError::ReservedFlags(f) if f == 1 << bit));
+            assert_eq!(err.reason(), "reserved_flags");
+        }
         let mut v = good.to_vec();
         v.push(0);
         assert!(matches!(Beacon::decode(&v), Err(BeaconError::Trailing(1))));
@@ -512,6 +537,22 @@ pub(crate) mod tests {
             let mut buf = BytesMut::from(&data[..]);
             let _outcome = BeaconCodec.decode(&mut buf); // any outcome but a panic is fine
             prop_assert!(buf.is_empty());
+        }
+
+        /// Any reserved bit, with or without SEALED, refuses the datagram
+        /// before anything else of it is read.
+        #[test]
+        fn prop_reserved_flags_are_refused(b in arb_beacon(), flags in any::<u8>()) {
+            let mut v = b.encode().unwrap().to_vec();
+            v[5] = flags;
+            let got = Beacon::decode(&v);
+            if flags & !KNOWN_FLAGS != 0 {
+                prop_assert!(matches!(got, Err(BeaconError::ReservedFlags(f)) if f == flags));
+            } else if flags & FLAG_SEALED != 0 {
+                prop_assert!(matches!(got, Err(BeaconError::Sealed)));
+            } else {
+                prop_assert_eq!(got.unwrap(), b);
+            }
         }
 
         #[test]

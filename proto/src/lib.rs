@@ -11,6 +11,7 @@
 //! - [`id`]: [`NodeId`] (128-bit, random per node) and incarnations.
 //! - [`beacon`]: the UDP beacon datagram and its codec (magic, version, flags,
 //!   msgpack body, optional authentication trailer).
+//! - [`addr_rule`]: which advertised data addresses a node may dial.
 //! - [`frame`]: the TCP frame envelope, the link message kinds and a
 //!   length-delimited codec with an explicit maximum.
 //! - [`secure`]: the cluster secret: keyring, sealed beacons, Noise link
@@ -22,6 +23,7 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod addr_rule;
 pub mod beacon;
 pub mod frame;
 pub mod id;
