@@ -340,6 +340,10 @@ fn self_json(state: &NodeState) -> Value {
             "links_refused": t.drops.snapshot(),
             "messages_in": state.messages_in.load(Ordering::Relaxed),
             "messages_out": state.messages_out.load(Ordering::Relaxed),
+            "peers_pending": state.table.pending.load(Ordering::Relaxed),
+            "peers_admitted": state.table.admitted.load(Ordering::Relaxed),
+            "pending_refused": state.table.refused.load(Ordering::Relaxed),
+            "stalls": state.table.stalls.load(Ordering::Relaxed),
         },
         "warnings": warnings(state, uptime),
     })
@@ -693,7 +697,9 @@ async fn get_metrics(State(api): State<Api>) -> Response {
         r.read().unwrap_or_else(|e| e.into_inner()).keys().len()
     });
     let _ = writeln!(out, "# HELP constellation_keys Installed cluster keys (0: no secret, plaintext).\n# TYPE constellation_keys gauge\nconstellation_keys {keys}");
-    let counters: [(&str, &str, u64); 11] = [
+    let pending = s.table.pending.load(Ordering::Relaxed);
+    let _ = writeln!(out, "# HELP constellation_peers_pending Peers heard by beacon or report, not yet confirmed by a link.\n# TYPE constellation_peers_pending gauge\nconstellation_peers_pending {pending}");
+    let counters: [(&str, &str, u64); 14] = [
         (
             "beacons_sent_total",
             "Multicast beacons sent.",
@@ -743,6 +749,21 @@ async fn get_metrics(State(api): State<Api>) -> Response {
             "messages_out_total",
             "Application messages sent.",
             s.messages_out.load(Ordering::Relaxed),
+        ),
+        (
+            "peers_admitted_total",
+            "Pending entries created (new ids heard by beacon or report).",
+            s.table.admitted.load(Ordering::Relaxed),
+        ),
+        (
+            "pending_refused_total",
+            "New ids refused because too many entries were pending.",
+            s.table.refused.load(Ordering::Relaxed),
+        ),
+        (
+            "stalls_total",
+            "Times the node noticed its own lateness and held its verdicts.",
+            s.table.stalls.load(Ordering::Relaxed),
         ),
         (
             "uptime_seconds_total",

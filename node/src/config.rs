@@ -261,15 +261,7 @@ pub struct RunArgs {
 }
 
 fn parse_name(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 64 {
-        return Err("must be 1 to 64 characters".into());
-    }
-    if !s
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err("may contain only letters, digits, '-', '_' and '.'".into());
-    }
+    proto::id::check_name(s).map_err(|e| e.to_string())?;
     Ok(s.to_string())
 }
 
@@ -316,14 +308,12 @@ fn parse_cidr(s: &str) -> Result<Cidr, String> {
     Ok(c)
 }
 
-/// `KEY=VALUE`, both non-empty keys.
+/// `KEY=VALUE`: the key and value rules of the wire (see PROTOCOL.md).
 pub fn parse_tag(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| "expected KEY=VALUE".to_string())?;
-    if k.is_empty() || k.len() > 64 || v.len() > 256 {
-        return Err("the key must be 1-64 bytes and the value at most 256".into());
-    }
+    proto::id::check_tag(k, v).map_err(|e| e.to_string())?;
     Ok((k.to_string(), v.to_string()))
 }
 

@@ -290,6 +290,7 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
         discovery: bound.stats(),
         transport,
         transitions: proto::stats::Tally::default(),
+        table: Default::default(),
         messages_in: AtomicU64::new(0),
         messages_out: AtomicU64::new(0),
         keyring,
@@ -310,6 +311,7 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
         state.clone(),
         disc_rx,
         trans_rx,
+        bound.addr_rule(),
         cancel.clone(),
     ));
     let dc = cancel.clone();

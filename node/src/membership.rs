@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use discovery::DiscoveryEvent;
+use proto::addr_rule::AddrRule;
 use proto::id::check_incarnation;
 use proto::membership::{Action, DialFailure, EventKind, PeerTable};
 use proto::Message;
@@ -41,6 +42,7 @@ pub async fn run(
     state: Arc<NodeState>,
     mut disc_rx: mpsc::Receiver<DiscoveryEvent>,
     mut trans_rx: mpsc::Receiver<TransportEvent>,
+    rule: AddrRule,
     cancel: CancellationToken,
 ) {
     let _stop_node_on_exit = cancel.clone().drop_guard();
@@ -64,7 +66,7 @@ pub async fn run(
                     }
                 }
                 Some(ev) => {
-                    let id = on_transport(&mut table, &state, ev);
+                    let id = on_transport(&mut table, &state, &rule, ev);
                     sync(&table, &state, id);
                 }
                 None => break,
@@ -103,10 +105,27 @@ fn sync(table: &PeerTable, state: &NodeState, id: NodeId) {
 }
 
 /// Applies one transport event; returns the peer it concerned.
-fn on_transport(table: &mut PeerTable, state: &NodeState, ev: TransportEvent) -> NodeId {
+fn on_transport(
+    table: &mut PeerTable,
+    state: &NodeState,
+    rule: &AddrRule,
+    ev: TransportEvent,
+) -> NodeId {
     let now = now_std();
     match ev {
-        TransportEvent::LinkUp { hello, .. } => {
+        TransportEvent::LinkUp {
+            mut hello, remote, ..
+        } => {
+            // The address the peer advertises is what we redial: the same
+            // rule as for beacons, with the connection's source as the
+            // datagram's. A refused one is replaced by the source's IP.
+            if let Err(e) = rule.check(hello.addr, remote.ip()) {
+                let fixed = std::net::SocketAddr::new(remote.ip(), hello.addr.port());
+                if state.transport.stats().drops.record(now, "address") {
+                    warn!(peer = %hello.name, advertised = %hello.addr, using = %fixed, error = %e, "advertised address refused");
+                }
+                hello.addr = fixed;
+            }
             // The link stays open in the transport, but the table never
             // hears of it: no entry, no event, nothing routed to it.
             match check_incarnation(hello.incarnation, wall_ms()) {
@@ -144,7 +163,21 @@ fn on_transport(table: &mut PeerTable, state: &NodeState, ev: TransportEvent) ->
             id
         }
         TransportEvent::Heard(_) => unreachable!("handled in the loop"),
-        TransportEvent::Peers { id, list } => {
+        TransportEvent::Peers { id, mut list } => {
+            // Membership records name addresses to dial: the address rule
+            // applies (the reporter's own address standing for the source).
+            if let Some(from) = table.get(&id).map(|p| p.addr.ip()) {
+                let wall = wall_ms();
+                list.peers.retain(|r| {
+                    let bad = r.age_ms.is_none()
+                        && (rule.check(r.addr, from).is_err()
+                            || check_incarnation(r.incarnation, wall).is_err());
+                    if bad && state.transport.stats().drops.record(now, "report") {
+                        warn!(from = %id.short(), peer = %r.name, addr = %r.addr, "membership record refused (address or incarnation)");
+                    }
+                    !bad
+                });
+            }
             table.on_peer_list(now, id, &list);
             id
         }
@@ -184,6 +217,11 @@ fn send_list(state: &NodeState, to: NodeId, list: proto::frame::PeerList) {
 /// Mirrors table events into the read-model, logs and the bus; starts dials.
 fn drain(table: &mut PeerTable, state: &NodeState) {
     let now = now_std();
+    let c = &state.table;
+    c.pending.store(table.pending() as u64, Ordering::Relaxed);
+    c.admitted.store(table.admitted(), Ordering::Relaxed);
+    c.refused.store(table.refused_pending(), Ordering::Relaxed);
+    c.stalls.store(table.stalls(), Ordering::Relaxed);
     while let Some(ev) = table.poll_event() {
         let peer = match ev.kind {
             EventKind::Reaped => state.peers.remove(&ev.id).map(|(_, p)| p),

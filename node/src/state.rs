@@ -23,6 +23,20 @@ use transport::Transport;
 /// Events buffered per `watch` client before it is told it lost some.
 pub const EVENT_BUFFER: usize = 4096;
 
+/// The peer table's own counters, mirrored by the membership task after
+/// every input (the table itself is owned by that task alone).
+#[derive(Debug, Default)]
+pub struct TableCounters {
+    /// Entries heard by beacon or report, not yet confirmed by a link.
+    pub pending: AtomicU64,
+    /// Pending entries ever created.
+    pub admitted: AtomicU64,
+    /// New ids refused because too many entries were pending.
+    pub refused: AtomicU64,
+    /// Times the node noticed its own lateness and held its verdicts.
+    pub stalls: AtomicU64,
+}
+
 /// Everything the control API needs.
 #[derive(Debug)]
 pub struct NodeState {
@@ -60,6 +74,8 @@ pub struct NodeState {
     pub transport: Transport,
     /// Peer state changes by event kind (`peer_failed`, ...).
     pub transitions: proto::stats::Tally,
+    /// The peer table's own counters.
+    pub table: TableCounters,
     /// Application messages received.
     pub messages_in: AtomicU64,
     /// Application messages sent.

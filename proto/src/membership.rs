@@ -421,6 +421,8 @@ pub struct PeerTable {
     stalls: u64,
     /// New ids refused because [`MAX_PENDING`] entries were pending.
     refused_pending: u64,
+    /// Pending entries ever created.
+    admitted: u64,
     events: VecDeque<Event>,
     actions: VecDeque<Action>,
     rng: StdRng,
@@ -442,6 +444,7 @@ impl PeerTable {
             grace_until: None,
             stalls: 0,
             refused_pending: 0,
+            admitted: 0,
             events: VecDeque::new(),
             actions: VecDeque::new(),
             rng: StdRng::seed_from_u64(seed),
@@ -490,12 +493,19 @@ impl PeerTable {
         self.refused_pending
     }
 
-    /// Room for one more pending entry? Counts a refusal when there is none.
+    /// Pending entries ever created (new ids heard by beacon or report).
+    pub fn admitted(&self) -> u64 {
+        self.admitted
+    }
+
+    /// Room for one more pending entry? Counts a refusal when there is none,
+    /// an admission when there is.
     fn admit_pending(&mut self) -> bool {
         if self.pending >= MAX_PENDING {
             self.refused_pending += 1;
             return false;
         }
+        self.admitted += 1;
         true
     }
 
