@@ -261,6 +261,18 @@ fn warnings(state: &NodeState, uptime: Duration) -> Vec<String> {
             ));
         }
     }
+    let unlinked = state
+        .table
+        .unlinked
+        .lock()
+        .map(|n| n.clone())
+        .unwrap_or_default();
+    if !unlinked.is_empty() {
+        w.push(format!(
+            "heard but never linked (not listed until a link confirms them): {} — is TCP to their data port blocked?",
+            unlinked.join(", ")
+        ));
+    }
     let drops = state.discovery.drops.snapshot();
     let mismatch = drops.get("security_mismatch").copied().unwrap_or(0)
         + state

@@ -222,6 +222,13 @@ fn drain(table: &mut PeerTable, state: &NodeState) {
     c.admitted.store(table.admitted(), Ordering::Relaxed);
     c.refused.store(table.refused_pending(), Ordering::Relaxed);
     c.stalls.store(table.stalls(), Ordering::Relaxed);
+    if let Ok(mut names) = c.unlinked.try_lock() {
+        // Only the API reads it, briefly; a busy lock is retried next time.
+        if names.as_slice() != table.unlinked() {
+            names.clear();
+            names.extend_from_slice(table.unlinked());
+        }
+    }
     while let Some(ev) = table.poll_event() {
         let peer = match ev.kind {
             EventKind::Reaped => state.peers.remove(&ev.id).map(|(_, p)| p),

@@ -35,6 +35,8 @@ pub struct TableCounters {
     pub refused: AtomicU64,
     /// Times the node noticed its own lateness and held its verdicts.
     pub stalls: AtomicU64,
+    /// Peers heard for a while but never linked (names, a few).
+    pub unlinked: std::sync::Mutex<Vec<String>>,
 }
 
 /// Everything the control API needs.

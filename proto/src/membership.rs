@@ -350,6 +350,11 @@ const REVIVE_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// are refused (and counted) until some are confirmed or forgotten.
 pub const MAX_PENDING: usize = 4096;
 
+/// A pending entry heard this long without a link is worth a warning.
+pub const UNLINKED_AFTER: Duration = Duration::from_secs(5);
+/// Most names [`PeerTable::unlinked`] lists.
+pub const UNLINKED_SHOWN: usize = 8;
+
 /// How soon a dial reset during its handshake is retried.
 const RESET_RETRY: Duration = Duration::from_millis(10);
 
@@ -423,6 +428,9 @@ pub struct PeerTable {
     refused_pending: u64,
     /// Pending entries ever created.
     admitted: u64,
+    /// Names of pending entries that have been heard for a while but never
+    /// linked (refreshed by every tick).
+    unlinked: Vec<String>,
     events: VecDeque<Event>,
     actions: VecDeque<Action>,
     rng: StdRng,
@@ -445,6 +453,7 @@ impl PeerTable {
             stalls: 0,
             refused_pending: 0,
             admitted: 0,
+            unlinked: Vec::new(),
             events: VecDeque::new(),
             actions: VecDeque::new(),
             rng: StdRng::seed_from_u64(seed),
@@ -491,6 +500,13 @@ impl PeerTable {
     /// entries were already pending.
     pub fn refused_pending(&self) -> u64 {
         self.refused_pending
+    }
+
+    /// Names of (at most [`UNLINKED_SHOWN`]) pending entries heard for
+    /// longer than [`UNLINKED_AFTER`] that no link has confirmed: usually a
+    /// firewall on the data port. As of the last tick, sorted.
+    pub fn unlinked(&self) -> &[String] {
+        &self.unlinked
     }
 
     /// Pending entries ever created (new ids heard by beacon or report).
@@ -1135,7 +1151,11 @@ impl PeerTable {
         let mut failed = Vec::new();
         let mut suspected = Vec::new();
         let mut probes = Vec::new();
+        let mut unlinked = Vec::new();
         for p in self.peers.values_mut() {
+            if !p.confirmed && now.saturating_duration_since(p.since) >= UNLINKED_AFTER {
+                unlinked.push(p.name.clone());
+            }
             match p.state {
                 PeerState::Alive | PeerState::Suspect => {
                     let silence = now.saturating_duration_since(p.last_evidence());
@@ -1182,6 +1202,10 @@ impl PeerTable {
                 }
             }
         }
+        unlinked.sort_unstable();
+        unlinked.dedup();
+        unlinked.truncate(UNLINKED_SHOWN);
+        self.unlinked = unlinked;
         for id in suspected {
             self.emit(id, EventKind::Suspect);
         }
