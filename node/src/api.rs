@@ -2,42 +2,70 @@
 //!
 //! `curl --unix-socket PATH http://localhost/v1/peers` works with nothing of
 //! ours installed; the CLI is a client of exactly this API. Every error is a
-//! JSON object `{"error": "..."}` with a fitting status. A client that
-//! connects and sends no request head within [`HEADER_TIMEOUT`] is dropped.
+//! JSON object `{"error": "..."}` with a fitting status, and quotes at most
+//! [`QUOTE_MAX`] bytes of anything the client sent.
+//!
+//! Limits, so that a careless or hostile local client cannot pin the node:
+//! - a client that connects and sends no request head within
+//!   [`HEADER_TIMEOUT`] is dropped, and a whole request (head and body, from
+//!   its first byte) must arrive within [`REQUEST_TIMEOUT`], else `408` and
+//!   the connection is closed;
+//! - at most [`connection_bound`] connections are served at once (event
+//!   streams included); past it a new connection gets `503` at once and is
+//!   closed, it does not wait;
+//! - accept errors (out of file descriptors) back off from 100 ms to 1 s and
+//!   are logged at most every [`ACCEPT_LOG_EVERY`];
+//! - each `/v1/events` subscriber has its own byte-bounded backlog
+//!   (see [`crate::state::EventBus`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use proto::frame::AppMessage;
 use proto::membership::{LinkState, Peer};
 use proto::secure::{Key, KeyError, Keyring, SharedKeyring};
 use proto::NodeId;
 use serde_json::{json, Value};
-use tokio::net::UnixListener;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, warn};
 use transport::{LinkCounters, SendError};
 
-use crate::state::{now_rfc3339, peer_json, FindError, NodeState};
+use crate::state::{now_rfc3339, peer_json, FindError, Item, NodeState};
 
-/// A client must send its request head within this time.
+/// A client must send its request head within this time (hyper's timer,
+/// which also closes idle keep-alive connections).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole request, head and body, must arrive within this time of its
+/// first byte. (A response, such as an event stream, may last longer.)
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most control connections served at once (see [`connection_bound`]).
+pub const MAX_CONNECTIONS: usize = 256;
+/// Longest prefix of a client-supplied value quoted in an error message.
+pub const QUOTE_MAX: usize = 64;
+/// Accept errors are logged at most this often (with a count of the rest).
+pub const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Largest request body (a message payload, base64 and JSON escaping included).
 pub const MAX_BODY: usize = 8 << 20;
 /// Room a frame needs besides the payload (topic and envelope).
@@ -86,12 +114,218 @@ pub fn router(state: Arc<NodeState>, cancel: CancellationToken, max_frame: usize
                 "method not allowed on this endpoint",
             )
         })
+        .layer(axum::middleware::from_fn(whole_request))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
 }
 
+/// `s` quoted for an error message: at most [`QUOTE_MAX`] bytes of it (cut on
+/// a character boundary), escaped, with its full length when cut.
+pub fn quote(s: &str) -> String {
+    if s.len() <= QUOTE_MAX {
+        return format!("{s:?}");
+    }
+    let mut end = QUOTE_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &s[..end], s.len())
+}
+
+/// When the request being read on one connection began (its first byte).
+/// Written by [`ClockedIo`] on reads, consumed by [`whole_request`].
+#[derive(Debug, Default)]
+struct RequestClock {
+    started: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl RequestClock {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<tokio::time::Instant>> {
+        // The data is one `Option<Instant>`: always consistent.
+        self.started.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes arrived: the first ones since the last request start one.
+    fn heard(&self) {
+        self.lock().get_or_insert_with(tokio::time::Instant::now);
+    }
+
+    /// The deadline of the request now being read.
+    fn deadline(&self) -> tokio::time::Instant {
+        self.lock().unwrap_or_else(tokio::time::Instant::now) + REQUEST_TIMEOUT
+    }
+
+    /// The request is fully read: the next byte starts the next one.
+    fn done(&self) {
+        *self.lock() = None;
+    }
+}
+
+/// The control connection's stream, noting when each request's first byte
+/// arrives (hyper's own timer covers the head only).
+struct ClockedIo {
+    inner: UnixStream,
+    clock: Arc<RequestClock>,
+}
+
+impl AsyncRead for ClockedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.clock.heard();
+        }
+        res
+    }
+}
+
+impl AsyncWrite for ClockedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads the whole body before any handler runs, within the request's
+/// deadline ([`REQUEST_TIMEOUT`] from its first byte) and [`MAX_BODY`].
+async fn whole_request(req: Request, next: Next) -> Response {
+    let clock = req.extensions().get::<Arc<RequestClock>>().cloned();
+    let deadline = clock.as_ref().map_or_else(
+        || tokio::time::Instant::now() + REQUEST_TIMEOUT,
+        |c| c.deadline(),
+    );
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout_at(deadline, Limited::new(body, MAX_BODY).collect()).await;
+    let body = match read {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over {MAX_BODY} bytes"),
+            )
+        }
+        Ok(Err(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        }
+        Err(_elapsed) => {
+            let mut resp = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request did not arrive within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+            );
+            // The rest of the body will never be read: close.
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return resp;
+        }
+    };
+    if let Some(c) = clock {
+        c.done();
+    }
+    next.run(Request::from_parts(parts, Body::from(body))).await
+}
+
+/// How many control connections are served at once: [`MAX_CONNECTIONS`],
+/// or a quarter of the open-file limit when that is lower (at least 8), so
+/// that local clients cannot take the descriptors links need.
+pub fn connection_bound() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        });
+    match soft {
+        Some(n) => (n / 4).clamp(8, MAX_CONNECTIONS),
+        None => MAX_CONNECTIONS,
+    }
+}
+
+/// What a connection past the bound is told before it is closed.
+fn refusal(bound: usize) -> Vec<u8> {
+    let body = json!({
+        "error": format!("too many control connections (at most {bound}); try again later")
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Back-off and log rate for accept errors (sans-IO: takes `now`).
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    delay: Option<Duration>,
+    last_log: Option<Instant>,
+    unlogged: u64,
+}
+
+/// First and longest pause after an accept error.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(1));
+
+impl AcceptBackoff {
+    /// An accept failed at `now`: how long to pause, and whether to log it
+    /// (with how many failures were not logged since the last line).
+    fn failed(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        let delay = self
+            .delay
+            .map_or(ACCEPT_BACKOFF.0, |d| (d * 2).min(ACCEPT_BACKOFF.1));
+        self.delay = Some(delay);
+        let log = self
+            .last_log
+            .is_none_or(|t| now.saturating_duration_since(t) >= ACCEPT_LOG_EVERY);
+        if log {
+            self.last_log = Some(now);
+            let skipped = self.unlogged;
+            self.unlogged = 0;
+            (delay, Some(skipped))
+        } else {
+            self.unlogged += 1;
+            (delay, None)
+        }
+    }
+
+    /// An accept succeeded: the next error starts from the shortest pause.
+    fn succeeded(&mut self) {
+        self.delay = None;
+    }
+}
+
 /// Serves `router` on `listener` until `cancel` fires; in-flight requests get
-/// a moment to finish.
+/// a moment to finish. At most [`connection_bound`] connections at once.
 pub async fn serve(
     listener: UnixListener,
     router: Router,
@@ -99,27 +333,73 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let _stop_node_on_exit = cancel.clone().drop_guard();
+    let bound = connection_bound();
+    let slots = Arc::new(Semaphore::new(bound));
+    let refused = refusal(bound);
+    let mut backoff = AcceptBackoff::default();
+    // Only its log budget is used: refusing costs nothing, so no pause.
+    let mut refusals = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted {
-            Ok((stream, _)) => stream,
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            // The client gave up before we took it: nothing to wait for.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
             Err(error) => {
-                debug!(%error, "control socket accept failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
+                // Typically EMFILE: the connection stays in the backlog, so
+                // retrying at once would spin.
+                let (pause, log) = backoff.failed(tokio::time::Instant::now().into_std());
+                if let Some(unlogged) = log {
+                    warn!(%error, pause_ms = pause.as_millis() as u64, unlogged, "control socket accept failed; backing off");
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(pause) => continue,
+                }
             }
         };
-        let service = TowerToHyperService::new(router.clone());
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            // Told at once, not queued: a fresh socket's buffer takes these
+            // few bytes without blocking; if not, closing says enough.
+            if let Err(error) = stream.try_write(&refused) {
+                debug!(%error, "refusal not written");
+            }
+            if let (_, Some(unlogged)) = refusals.failed(tokio::time::Instant::now().into_std()) {
+                warn!(bound, unlogged, "control connection refused: too many open");
+            }
+            continue;
+        };
+        let clock = Arc::new(RequestClock::default());
+        let io = ClockedIo {
+            inner: stream,
+            clock: clock.clone(),
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(clock.clone());
+            let mut router = router.clone();
+            async move {
+                std::future::poll_fn(|cx| {
+                    tower::Service::<Request<hyper::body::Incoming>>::poll_ready(&mut router, cx)
+                })
+                .await?;
+                tower::Service::call(&mut router, req).await
+            }
+        });
         let cancel = cancel.clone();
         tracker.spawn(async move {
+            let _slot = permit;
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             let res = tokio::select! {
                 res = conn.as_mut() => res,
@@ -184,7 +464,7 @@ async fn get_peers(
                 _ => {
                     return error(
                         StatusCode::BAD_REQUEST,
-                        format!("unknown state {v:?} (alive, suspect, failed, left)"),
+                        format!("unknown state {} (alive, suspect, failed, left)", quote(&v)),
                     )
                 }
             },
@@ -195,7 +475,7 @@ async fn get_peers(
             other => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("unknown parameter {other:?}"),
+                    format!("unknown parameter {}", quote(other)),
                 )
             }
         }
@@ -228,8 +508,10 @@ async fn get_peer(State(api): State<Api>, Path(key): Path<String>) -> Response {
             let counters = link_counters(&api.state).await;
             Json(full_peer_json(&p, Instant::now(), &counters)).into_response()
         }
-        Err(FindError::Unknown) => error(StatusCode::NOT_FOUND, format!("no peer {key:?}")),
-        Err(e @ FindError::Ambiguous) => error(StatusCode::CONFLICT, format!("{key:?}: {e}")),
+        Err(FindError::Unknown) => error(StatusCode::NOT_FOUND, format!("no peer {}", quote(&key))),
+        Err(e @ FindError::Ambiguous) => {
+            error(StatusCode::CONFLICT, format!("{}: {e}", quote(&key)))
+        }
     }
 }
 
@@ -356,6 +638,8 @@ fn self_json(state: &NodeState) -> Value {
             "peers_admitted": state.table.admitted.load(Ordering::Relaxed),
             "pending_refused": state.table.refused.load(Ordering::Relaxed),
             "stalls": state.table.stalls.load(Ordering::Relaxed),
+            "event_subscribers": state.events.subscribers(),
+            "events_dropped": state.events.dropped(),
         },
         "warnings": warnings(state, uptime),
     })
@@ -398,25 +682,26 @@ async fn get_health(
 }
 
 async fn get_events(State(api): State<Api>) -> Response {
-    let rx = api.state.events.subscribe();
+    // Dropping the stream (client gone, node stopping) drops the
+    // subscription, and with it the backlog.
+    let sub = api.state.events.subscribe();
     let first = json!({ "type": "subscribed", "at": now_rfc3339() }).to_string() + "\n";
     let cancel = api.cancel.clone();
     let stream = futures::stream::unfold(
-        (rx, cancel, Some(first)),
-        |(mut rx, cancel, first)| async move {
+        (sub, cancel, Some(first)),
+        |(sub, cancel, first)| async move {
             if let Some(first) = first {
-                return Some((Ok::<_, Infallible>(Bytes::from(first)), (rx, cancel, None)));
+                return Some((Ok::<_, Infallible>(Bytes::from(first)), (sub, cancel, None)));
             }
             let line = tokio::select! {
                 () = cancel.cancelled() => return None,
-                got = rx.recv() => match got {
-                    Ok(line) => format!("{line}\n"),
+                item = sub.next() => match item {
+                    Item::Line(line) => line,
                     // This reader fell behind: say how much it missed, go on.
-                    Err(RecvError::Lagged(n)) => json!({ "type": "dropped", "at": now_rfc3339(), "count": n }).to_string() + "\n",
-                    Err(RecvError::Closed) => return None,
+                    Item::Dropped(n) => Bytes::from(json!({ "type": "dropped", "at": now_rfc3339(), "count": n }).to_string() + "\n"),
                 },
             };
-            Some((Ok(Bytes::from(line)), (rx, cancel, None)))
+            Some((Ok(line), (sub, cancel, None)))
         },
     );
     Response::builder()
@@ -507,9 +792,9 @@ async fn post_message(State(api): State<Api>, body: Result<Bytes, BytesRejection
             let peer = match state.find_peer(key) {
                 Ok(p) => p,
                 Err(FindError::Unknown) => {
-                    return error(StatusCode::NOT_FOUND, format!("no peer {key:?}"))
+                    return error(StatusCode::NOT_FOUND, format!("no peer {}", quote(key)))
                 }
-                Err(e) => return error(StatusCode::CONFLICT, format!("{key:?}: {e}")),
+                Err(e) => return error(StatusCode::CONFLICT, format!("{}: {e}", quote(key))),
             };
             match links.into_iter().find(|l| l.id == peer.id) {
                 Some(l) => vec![(l, peer.name)],
@@ -816,4 +1101,56 @@ async fn get_metrics(State(api): State<Api>) -> Response {
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_are_short_and_cut_on_a_character_boundary() {
+        assert_eq!(quote("node2"), "\"node2\"");
+        let long = "é".repeat(100);
+        let q = quote(&long);
+        assert!(q.len() < QUOTE_MAX + 40, "{q}");
+        assert!(q.ends_with("... (200 bytes)"), "{q}");
+        assert_eq!(quote("a\u{1b}b"), "\"a\\u{1b}b\"");
+    }
+
+    #[test]
+    fn accept_errors_back_off_doubling_to_a_cap_and_log_rarely() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = AcceptBackoff::default();
+        assert_eq!(b.failed(t0), (ms(100), Some(0)), "the first is logged");
+        assert_eq!(b.failed(t0 + ms(100)), (ms(200), None));
+        assert_eq!(b.failed(t0 + ms(300)), (ms(400), None));
+        assert_eq!(b.failed(t0 + ms(700)), (ms(800), None));
+        assert_eq!(b.failed(t0 + ms(1500)), (ms(1000), None), "capped");
+        assert_eq!(b.failed(t0 + ms(2500)).0, ms(1000));
+        let at = t0 + ACCEPT_LOG_EVERY;
+        assert_eq!(
+            b.failed(at),
+            (ms(1000), Some(5)),
+            "logged again, with the count"
+        );
+        b.succeeded();
+        assert_eq!(
+            b.failed(at + ms(10)),
+            (ms(100), None),
+            "fresh pause, same log budget"
+        );
+    }
+
+    #[test]
+    fn the_connection_bound_follows_the_descriptor_limit() {
+        let bound = connection_bound();
+        assert!((8..=MAX_CONNECTIONS).contains(&bound), "{bound}");
+        let refusal = String::from_utf8(refusal(bound)).unwrap();
+        let (head, body) = refusal.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 503 "));
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert!(v["error"].as_str().unwrap().contains("too many"));
+    }
 }

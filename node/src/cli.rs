@@ -3,7 +3,15 @@
 //!
 //! Exit codes: 0 success, 1 the daemon answered with an error, 2 usage,
 //! 3 no daemon at the socket.
+//!
+//! Whatever the daemon says is untrusted text by the time it reaches a
+//! terminal (peer names and tags come from the network): every string it
+//! sends goes through [`escape`] before it is printed, so control
+//! characters (C0, DEL, C1: ESC, `\n`, ...) show as `\x1b`, `\n` and so on
+//! and can neither break a table nor rewrite the screen. `--json` output
+//! stays JSON, with the same characters as `\u` escapes ([`json_safe`]).
 
+use std::borrow::Cow;
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
 
@@ -26,8 +34,67 @@ fn client(sock: &SocketArg) -> Client {
     Client::new(&socket::resolve(sock.socket.as_deref()))
 }
 
+/// `s` with every control character (C0, DEL, C1) and the backslash
+/// escaped: `\n`, `\r`, `\t`, `\\`, else `\xNN`. Printable text,
+/// including non-ASCII, is unchanged.
+pub fn escape(s: &str) -> Cow<'_, str> {
+    let needs = |c: char| c == '\\' || c.is_control();
+    if !s.chars().any(needs) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            // `char::is_control` is exactly C0, DEL and C1.
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Serialised JSON made safe for a terminal: serde already escapes C0; this
+/// escapes DEL and C1 too (as `\u007f`...), which keeps the JSON equal.
+pub fn json_safe(json: &str) -> Cow<'_, str> {
+    let raw = |c: char| ('\u{7f}'..='\u{9f}').contains(&c);
+    if !json.chars().any(raw) {
+        return Cow::Borrowed(json);
+    }
+    let mut out = String::with_capacity(json.len() + 8);
+    for c in json.chars() {
+        if raw(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// The string field `k` of `v`, escaped ("" if absent).
+fn text(v: &Value, k: &str) -> String {
+    escape(v.get(k).and_then(Value::as_str).unwrap_or("")).into_owned()
+}
+
+/// Any value for people: a string escaped, anything else as JSON, escaped.
+fn shown(v: &Value) -> String {
+    match v {
+        Value::String(s) => escape(s).into_owned(),
+        other => escape(&other.to_string()).into_owned(),
+    }
+}
+
+/// Like [`text`], with `default` when absent.
+fn text_or(v: &Value, k: &str, default: &str) -> String {
+    escape(v.get(k).and_then(Value::as_str).unwrap_or(default)).into_owned()
+}
+
 fn fail(e: ClientError) -> ExitCode {
-    eprintln!("constellationd: {e}");
+    eprintln!("constellationd: {}", escape(&e.to_string()));
     match e {
         ClientError::NoDaemon { .. } => ExitCode::from(EXIT_NO_DAEMON),
         ClientError::Http { .. } => ExitCode::from(EXIT_API),
@@ -39,12 +106,13 @@ fn api_error(status: StatusCode, v: &Value) -> ExitCode {
         .get("error")
         .and_then(Value::as_str)
         .unwrap_or("request failed");
-    eprintln!("constellationd: {msg} ({status})");
+    eprintln!("constellationd: {} ({status})", escape(msg));
     ExitCode::from(EXIT_API)
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let pretty = serde_json::to_string_pretty(v).unwrap_or_default();
+    println!("{}", json_safe(&pretty));
 }
 
 /// Whether to colour output: a terminal, and `NO_COLOR` unset.
@@ -75,8 +143,10 @@ pub fn human_ms(ms: u64) -> String {
     }
 }
 
-fn short(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
+/// The first 8 characters of an id, escaped.
+fn short(id: &str) -> String {
+    let cut = id.char_indices().nth(8).map_or(id, |(i, _)| &id[..i]);
+    escape(cut).into_owned()
 }
 
 /// Renders the peers table (sorted by name by the API).
@@ -99,7 +169,7 @@ pub fn render_peers(v: &Value, colour: bool) -> String {
     let rows: Vec<[String; 8]> = peers
         .iter()
         .map(|p| {
-            let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            let s = |k: &str| text(p, k);
             let state = if p.get("conflict").is_some_and(|c| !c.is_null()) {
                 format!("{} (conflict)", s("state"))
             } else if p.get("degraded") == Some(&Value::Bool(true)) {
@@ -122,14 +192,14 @@ pub fn render_peers(v: &Value, colour: bool) -> String {
                 .and_then(Value::as_object)
                 .map(|t| {
                     t.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .map(|(k, v)| format!("{}={}", escape(k), escape(v.as_str().unwrap_or(""))))
                         .collect::<Vec<_>>()
                         .join(",")
                 })
                 .unwrap_or_default();
             [
                 s("name"),
-                short(&s("id")).to_string(),
+                short(p.get("id").and_then(Value::as_str).unwrap_or("")),
                 state,
                 s("addr"),
                 s("link"),
@@ -174,7 +244,7 @@ pub fn render_peers(v: &Value, colour: bool) -> String {
 }
 
 fn render_status(v: &Value) -> String {
-    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let s = |k: &str| text(v, k);
     let c = &v["counters"];
     let n = |k: &str| c.get(k).and_then(Value::as_u64).unwrap_or(0);
     let list = |k: &str| {
@@ -183,6 +253,7 @@ fn render_status(v: &Value) -> String {
             .map(|a| {
                 a.iter()
                     .filter_map(Value::as_str)
+                    .map(escape)
                     .collect::<Vec<_>>()
                     .join(", ")
             })
@@ -192,13 +263,7 @@ fn render_status(v: &Value) -> String {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|i| {
-                    format!(
-                        "{} ({})",
-                        i["name"].as_str().unwrap_or(""),
-                        i["addr"].as_str().unwrap_or("")
-                    )
-                })
+                .map(|i| format!("{} ({})", text(i, "name"), text(i, "addr")))
                 .collect::<Vec<_>>()
                 .join(", ")
         })
@@ -210,7 +275,7 @@ fn render_status(v: &Value) -> String {
             .and_then(Value::as_object)
             .map(|m| {
                 m.iter()
-                    .map(|(k, v)| format!("{k}={v}"))
+                    .map(|(k, v)| format!("{}={}", escape(k), shown(v)))
                     .collect::<Vec<_>>()
                     .join(", ")
             })
@@ -232,7 +297,7 @@ fn render_status(v: &Value) -> String {
          frames:      in {}, out {}; messages in {}, out {}\n",
         s("name"),
         s("id"),
-        v["incarnation"],
+        shown(&v["incarnation"]),
         s("cluster"),
         if v["secured"].as_bool() == Some(true) {
             "secured: beacons and links authenticated and encrypted"
@@ -243,7 +308,7 @@ fn render_status(v: &Value) -> String {
         s("listen"),
         ifaces,
         s("group"),
-        v["ttl"],
+        shown(&v["ttl"]),
         if v["multicast_loops_back"].as_bool() == Some(true) {
             "yes"
         } else {
@@ -254,7 +319,7 @@ fn render_status(v: &Value) -> String {
         pc("suspect"),
         pc("failed"),
         pc("left"),
-        v["links_up"],
+        shown(&v["links_up"]),
         n("beacons_sent"),
         n("beacons_received"),
         n("replies_sent"),
@@ -277,7 +342,7 @@ fn render_status(v: &Value) -> String {
     } else {
         out.push_str("warnings:\n");
         for w in warnings {
-            out.push_str(&format!("  - {w}\n"));
+            out.push_str(&format!("  - {}\n", escape(w)));
         }
     }
     out
@@ -285,38 +350,36 @@ fn render_status(v: &Value) -> String {
 
 /// One event line for people.
 pub fn render_event(v: &Value) -> String {
-    let kind = v["type"].as_str().unwrap_or("?");
+    let kind = text_or(v, "type", "?");
     let at = v["at"].as_str().unwrap_or("");
-    let time = at.get(11..23).unwrap_or(at);
-    match kind {
+    let time = escape(at.get(11..23).unwrap_or(at));
+    match kind.as_str() {
         "message" => format!(
             "{time}  message from {} [{}]: {}",
             v["from_name"]
                 .as_str()
-                .unwrap_or_else(|| v["from"].as_str().unwrap_or("?")),
-            v["topic"].as_str().unwrap_or(""),
+                .map(|n| escape(n).into_owned())
+                .unwrap_or_else(|| text_or(v, "from", "?")),
+            text(v, "topic"),
             v["payload"]
                 .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| format!(
-                    "(binary, base64 {})",
-                    v["payload_b64"].as_str().unwrap_or("")
-                ))
+                .map(|p| escape(p).into_owned())
+                .unwrap_or_else(|| format!("(binary, base64 {})", text(v, "payload_b64")))
         ),
         "dropped" => format!(
             "{time}  ... {} events dropped (reader too slow)",
-            v["count"]
+            shown(&v["count"])
         ),
         "subscribed" => format!("{time}  watching events (Ctrl-C to stop)"),
         _ => {
             let p = &v["peer"];
             format!(
                 "{time}  {kind:<15} {} ({}) {} state={} link={}",
-                p["name"].as_str().unwrap_or("?"),
+                text_or(p, "name", "?"),
                 short(p["id"].as_str().unwrap_or("")),
-                p["addr"].as_str().unwrap_or(""),
-                p["state"].as_str().unwrap_or(""),
-                p["link"].as_str().unwrap_or("")
+                text(p, "addr"),
+                text(p, "state"),
+                text(p, "link")
             )
         }
     }
@@ -409,9 +472,9 @@ async fn run(cmd: Command) -> ExitCode {
                 Ok((st, v)) if st == StatusCode::OK || st == StatusCode::SERVICE_UNAVAILABLE => {
                     println!(
                         "{}: {} of {} alive peers",
-                        v["status"].as_str().unwrap_or("?"),
-                        v["alive_peers"],
-                        v["min_peers"]
+                        text_or(&v, "status", "?"),
+                        shown(&v["alive_peers"]),
+                        shown(&v["min_peers"])
                     );
                     if st == StatusCode::OK {
                         ExitCode::SUCCESS
@@ -455,7 +518,7 @@ async fn keys(sock: &SocketArg, action: KeysAction) -> ExitCode {
             (KeysAction::Remove { .. }, _) => "removed\n",
         };
         if let Some(w) = v["warning"].as_str() {
-            eprintln!("warning: {w}");
+            eprintln!("warning: {}", escape(w));
         }
         format!("{done}{}", render_keys(v))
     })
@@ -495,10 +558,27 @@ pub fn render_keys(v: &Value) -> String {
         } else {
             "accepts"
         };
-        out.push_str(&format!(
-            "{:<16}  {role}\n",
-            k["fingerprint"].as_str().unwrap_or("?")
-        ));
+        out.push_str(&format!("{:<16}  {role}\n", text_or(k, "fingerprint", "?")));
+    }
+    out
+}
+
+/// The outcome of `send` or `broadcast`, one line per recipient.
+pub fn render_results(v: &Value) -> String {
+    let results = v["results"].as_array().cloned().unwrap_or_default();
+    if results.is_empty() {
+        return "no linked peers; nothing sent\n".into();
+    }
+    let mut out = String::new();
+    for r in &results {
+        let (name, id) = (
+            text_or(r, "name", "?"),
+            short(r["id"].as_str().unwrap_or("")),
+        );
+        out.push_str(&match r["status"].as_str() {
+            Some("sent") => format!("sent to {name} ({id})\n"),
+            _ => format!("FAILED {name} ({id}): {}\n", text(r, "error")),
+        });
     }
     out
 }
@@ -526,25 +606,7 @@ async fn send(
             if json {
                 print_json(&v);
             } else {
-                let results = v["results"].as_array().cloned().unwrap_or_default();
-                if results.is_empty() {
-                    println!("no linked peers; nothing sent");
-                }
-                for r in &results {
-                    match r["status"].as_str() {
-                        Some("sent") => println!(
-                            "sent to {} ({})",
-                            r["name"].as_str().unwrap_or("?"),
-                            short(r["id"].as_str().unwrap_or(""))
-                        ),
-                        _ => println!(
-                            "FAILED {} ({}): {}",
-                            r["name"].as_str().unwrap_or("?"),
-                            short(r["id"].as_str().unwrap_or("")),
-                            r["error"].as_str().unwrap_or("")
-                        ),
-                    }
-                }
+                print!("{}", render_results(&v));
             }
             if st.is_success() {
                 ExitCode::SUCCESS
@@ -589,15 +651,13 @@ async fn watch(client: &Client, json: bool) -> ExitCode {
         pending.extend_from_slice(&data);
         while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]).to_string();
+            let line_text = String::from_utf8_lossy(&line[..line.len() - 1]).to_string();
             let mut out = stdout.lock();
-            let res = if json {
-                writeln!(out, "{text}")
-            } else {
-                match serde_json::from_str::<Value>(&text) {
-                    Ok(v) => writeln!(out, "{}", render_event(&v)),
-                    Err(_) => writeln!(out, "{text}"),
-                }
+            let res = match serde_json::from_str::<Value>(&line_text) {
+                // The daemon's line as is (C1 and DEL escaped), or rendered.
+                Ok(_) if json => writeln!(out, "{}", json_safe(&line_text)),
+                Ok(v) => writeln!(out, "{}", render_event(&v)),
+                Err(_) => writeln!(out, "{}", escape(&line_text)),
             };
             if res.and_then(|()| out.flush()).is_err() {
                 return ExitCode::SUCCESS; // stdout closed (e.g. piped into head)
@@ -650,6 +710,70 @@ mod tests {
         assert!(lines[2].contains("4.0s") && lines[2].contains(" - "));
         assert!(!out.contains('\x1b'));
         assert_eq!(lines[1].find("01234567"), lines[2].find("fedcba98"));
+    }
+
+    const EVIL: &str = "evil\x1b[2J\nname\u{9b}31m\x7f\\";
+    const SHOWN: &str = "evil\\x1b[2J\\nname\\x9b31m\\x7f\\\\";
+
+    /// No control character at all, except the newlines between lines.
+    fn clean(out: &str) -> bool {
+        !out.chars().any(|c| c != '\n' && c.is_control())
+    }
+
+    #[test]
+    fn escape_shows_control_characters_and_keeps_the_rest() {
+        assert_eq!(escape(EVIL), SHOWN);
+        assert_eq!(escape("tab\there\r"), "tab\\there\\r");
+        assert_eq!(escape("\0\u{1}\u{85}"), "\\x00\\x01\\x85");
+        assert!(matches!(escape("plain é ☃"), Cow::Borrowed("plain é ☃")));
+    }
+
+    #[test]
+    fn json_output_escapes_del_and_c1_and_stays_the_same_json() {
+        let v = json!({ "name": EVIL });
+        let text = serde_json::to_string(&v).unwrap();
+        let safe = json_safe(&text);
+        assert!(clean(&safe), "{safe}");
+        assert_eq!(serde_json::from_str::<Value>(&safe).unwrap(), v);
+    }
+
+    #[test]
+    fn every_human_rendering_escapes_what_the_daemon_sent() {
+        let peer = json!({"id": format!("0123{EVIL}"), "name": EVIL, "state": EVIL, "addr": EVIL,
+            "link": EVIL, "rtt_ms": null, "last_seen_ms": 1, "tags": {EVIL: EVIL}});
+        let peers = render_peers(&json!({ "peers": [peer.clone()] }), false);
+        assert_eq!(peers.lines().count(), 2, "{peers}");
+        assert!(clean(&peers) && peers.contains(SHOWN), "{peers}");
+
+        let status = render_status(&json!({
+            "name": EVIL, "id": EVIL, "cluster": EVIL, "addresses": [EVIL], "listen": EVIL,
+            "interfaces": [{"name": EVIL, "addr": EVIL}], "group": EVIL, "ttl": EVIL,
+            "incarnation": EVIL, "links_up": EVIL,
+            "counters": {"beacons_dropped": {EVIL: 1}, "links_refused": {EVIL: EVIL}},
+            "warnings": [EVIL],
+        }));
+        assert!(clean(&status) && status.contains(SHOWN), "{status}");
+
+        for ev in [
+            json!({"type": "peer_joined", "at": EVIL, "peer": peer}),
+            json!({"type": EVIL, "at": "2024-01-01T00:00:00.000000Z", "peer": peer}),
+            json!({"type": "message", "at": EVIL, "from_name": EVIL, "topic": EVIL, "payload": EVIL}),
+            json!({"type": "message", "from": EVIL, "payload": null, "payload_b64": EVIL}),
+            json!({"type": "dropped", "count": EVIL}),
+        ] {
+            let line = render_event(&ev);
+            assert!(clean(&line) && line.contains(SHOWN), "{line}");
+        }
+
+        let keys = render_keys(&json!({"keys": [{"fingerprint": EVIL, "primary": true}]}));
+        assert!(clean(&keys) && keys.contains(SHOWN), "{keys}");
+
+        let sent = render_results(&json!({"results": [
+            {"id": EVIL, "name": EVIL, "status": "sent"},
+            {"id": EVIL, "name": EVIL, "status": "failed", "error": EVIL},
+        ]}));
+        assert_eq!(sent.lines().count(), 2, "{sent}");
+        assert!(clean(&sent) && sent.contains(SHOWN), "{sent}");
     }
 
     #[test]

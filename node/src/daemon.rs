@@ -4,7 +4,8 @@
 //! a bad value); then the TCP listener, the multicast sockets and the control
 //! socket are bound (exit 1 with one clear line if any fails); only then are
 //! the sibling tasks spawned. One root token stops everything: SIGTERM,
-//! SIGINT, `POST /v1/leave`, or any essential task ending.
+//! SIGINT, SIGQUIT, `POST /v1/leave`, or any essential task ending; SIGHUP
+//! is logged and ignored.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -21,13 +22,13 @@ use proto::membership::{Config as TableConfig, PeerTable};
 use proto::secure::{Keyring, SharedKeyring};
 use proto::{tags_digest, Hello, NodeId, Tags};
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::RunArgs;
-use crate::state::{NodeState, EVENT_BUFFER};
+use crate::state::{EventBus, NodeState};
 use crate::{api, membership, netif, secret, socket};
 
 /// How long tasks get to finish after shutdown starts.
@@ -172,10 +173,11 @@ pub fn main(args: RunArgs) -> ExitCode {
         }
     };
     let main = async {
+        let stop_signal = shutdown_signal();
         let node = run(plan).await?;
         let cancel = node.cancel.clone();
         tokio::select! {
-            () = shutdown_signal() => {}
+            () = stop_signal => {}
             () = cancel.cancelled() => info!("shutdown requested"),
         }
         cancel.cancel();
@@ -271,7 +273,6 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
     let (disc_tx, disc_rx) = mpsc::channel(1024);
     let transport = transport::Transport::start(listener, tcfg, trans_tx, cancel.clone(), &tracker);
 
-    let (events, _) = broadcast::channel(EVENT_BUFFER);
     let state = Arc::new(NodeState {
         id,
         name: name.clone(),
@@ -286,7 +287,7 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
         ttl: args.ttl,
         beacon_interval: args.beacon_interval,
         peers: DashMap::new(),
-        events,
+        events: EventBus::default(),
         discovery: bound.stats(),
         transport,
         transitions: proto::stats::Tally::default(),
@@ -338,24 +339,52 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
     })
 }
 
-/// SIGTERM (`docker stop`) or SIGINT (Ctrl-C). As PID 1 in a container there
-/// is no default handler, so both are handled explicitly.
-async fn shutdown_signal() {
+/// Installs the signal handlers now and returns the future that resolves
+/// when the node should stop. Installed before anything binds, so no
+/// signal finds the default action (which for SIGHUP and SIGQUIT is to die
+/// without a goodbye).
+///
+/// - SIGTERM (`docker stop`, systemd), SIGINT (Ctrl-C) and SIGQUIT: a
+///   graceful stop. As PID 1 in a container there is no default handler,
+///   so each is handled explicitly.
+/// - SIGHUP (a closed terminal, or `systemctl reload`): logged and ignored
+///   until reloading exists.
+/// - SIGPIPE is ignored by the Rust runtime; writes report `EPIPE` instead.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (term, int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
-            warn!(error = %e, "cannot install signal handlers; stop with POST /v1/leave");
-            return std::future::pending().await;
+    let handlers = (|| {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::quit())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })();
+    async move {
+        let (mut term, mut int, mut quit, mut hup) = match handlers {
+            Ok(h) => h,
+            Err(error) => {
+                warn!(%error, "cannot install signal handlers; stop with POST /v1/leave");
+                return std::future::pending().await;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    info!("SIGTERM received");
+                    return;
+                }
+                _ = int.recv() => {
+                    info!("SIGINT received");
+                    return;
+                }
+                _ = quit.recv() => {
+                    info!("SIGQUIT received");
+                    return;
+                }
+                _ = hup.recv() => info!("SIGHUP received; reload is not supported yet, ignoring"),
+            }
         }
-    };
-    let (mut term, mut int) = (term, int);
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
     }
 }
 

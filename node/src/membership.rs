@@ -185,18 +185,18 @@ fn on_transport(
             table.on_traffic(now, id);
             state.messages_in.fetch_add(1, Ordering::Relaxed);
             let from_name = table.get(&id).map(|p| p.name.clone());
-            let b64 = base64::engine::general_purpose::STANDARD.encode(&msg.payload);
-            let text = std::str::from_utf8(&msg.payload).ok();
-            state.publish(
-                "message",
+            // Built only when someone subscribes to /v1/events.
+            state.publish("message", || {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(&msg.payload);
+                let text = std::str::from_utf8(&msg.payload).ok();
                 json!({
                     "from": id.to_string(),
                     "from_name": from_name,
                     "topic": msg.topic,
                     "payload": text,
                     "payload_b64": b64,
-                }),
-            );
+                })
+            });
             id
         }
     }
@@ -256,7 +256,7 @@ fn drain(table: &mut PeerTable, state: &NodeState) {
             }
             EventKind::Updated | EventKind::LinkDown | EventKind::Reaped => {}
         }
-        state.publish(ev.kind.as_str(), json!({ "peer": peer_json(&p, now) }));
+        state.publish(ev.kind.as_str(), || json!({ "peer": peer_json(&p, now) }));
     }
     while let Some(action) = table.poll_action() {
         match action {

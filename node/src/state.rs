@@ -4,24 +4,39 @@
 //! `DashMap` read-model of the sans-IO `proto::membership::PeerTable` it
 //! owns); the control API only reads it, cloning values out. No guard is ever
 //! held across an `.await` (clippy enforces it via `clippy.toml`).
+//!
+//! The event bus ([`EventBus`]) gives every `/v1/events` subscriber its own
+//! backlog, bounded in bytes ([`EVENT_BACKLOG_BYTES`]) and in events
+//! ([`EVENT_BACKLOG_EVENTS`]). Publishing never waits: an event that does not
+//! fit a subscriber's backlog is counted for that subscriber, which later
+//! reads one `dropped` line in its place. A subscriber's backlog is freed when
+//! its stream is dropped. With no subscriber, publishing costs one atomic load
+//! (the event is not even built).
 
+use std::collections::VecDeque;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use discovery::Interface;
 use proto::membership::Peer;
 use proto::secure::SharedKeyring;
 use proto::{Incarnation, NodeId, Tags};
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
+use tokio::sync::Notify;
 use transport::Transport;
 
-/// Events buffered per `watch` client before it is told it lost some.
-pub const EVENT_BUFFER: usize = 4096;
+/// Bytes of event lines buffered per `/v1/events` subscriber before further
+/// events are dropped for it (it is told how many). An event larger than this
+/// is still queued when the backlog is empty, so one subscriber holds at most
+/// `max(EVENT_BACKLOG_BYTES, largest event)`.
+pub const EVENT_BACKLOG_BYTES: usize = 8 << 20;
+/// Events buffered per subscriber, whatever their size.
+pub const EVENT_BACKLOG_EVENTS: usize = 4096;
 
 /// The peer table's own counters, mirrored by the membership task after
 /// every input (the table itself is owned by that task alone).
@@ -68,8 +83,8 @@ pub struct NodeState {
     pub beacon_interval: Duration,
     /// Peer read-model (single writer: the membership task).
     pub peers: DashMap<NodeId, Peer>,
-    /// Event bus: one JSON line per event.
-    pub events: broadcast::Sender<Arc<str>>,
+    /// Event bus: one JSON line per event, a bounded backlog per subscriber.
+    pub events: EventBus,
     /// Discovery counters.
     pub discovery: Arc<discovery::Stats>,
     /// Transport handle (and its counters).
@@ -112,16 +127,26 @@ pub fn peer_json(p: &Peer, now: Instant) -> Value {
 }
 
 impl NodeState {
-    /// Publishes one event (a JSON object with `type` and `at` added).
-    /// Nobody listening is fine.
-    pub fn publish(&self, kind: &str, mut body: Value) {
+    /// Publishes one event: `body()` (a JSON object) with `type` and `at`
+    /// added. `body` is only called when someone subscribes, so callers can
+    /// leave costly fields (a message's base64 payload) to it. Never blocks.
+    pub fn publish(&self, kind: &str, body: impl FnOnce() -> Value) {
+        if !self.events.has_subscribers() {
+            return;
+        }
+        // Every backlog full (one stuck reader and nobody else): count the
+        // drop without building an event nobody can take.
+        if self.events.drop_if_all_full() {
+            return;
+        }
+        let mut body = body();
         if let Value::Object(map) = &mut body {
             map.insert("type".into(), kind.into());
             map.insert("at".into(), now_rfc3339().into());
         }
-        let line: Arc<str> = Arc::from(body.to_string());
-        // Err only means no subscriber right now.
-        let _no_subscribers = self.events.send(line);
+        let mut line = body.to_string().into_bytes();
+        line.push(b'\n');
+        self.events.publish(Bytes::from(line));
     }
 
     /// Finds a peer by exact id, unique id prefix (8+ hex digits) or name.
@@ -164,4 +189,295 @@ pub enum FindError {
     /// Several peers match.
     #[error("several peers match; use more of the id")]
     Ambiguous,
+}
+
+/// The event bus: a registry of subscribers, each with its own bounded
+/// backlog. Cheap to publish to (one short lock per subscriber), free when
+/// nobody subscribes.
+#[derive(Debug, Default)]
+pub struct EventBus {
+    inner: Arc<BusInner>,
+}
+
+#[derive(Debug, Default)]
+struct BusInner {
+    /// Subscribers; std `Mutex`: held to publish, subscribe or leave, never
+    /// across an `.await`. Lock order: this, then a subscriber's backlog.
+    subscribers: Mutex<Vec<Arc<Subscriber>>>,
+    /// `subscribers.len()`, readable without the lock.
+    count: AtomicUsize,
+    /// Events dropped for slow subscribers, over the node's life.
+    dropped: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    backlog: Mutex<Backlog>,
+    /// Wakes the subscriber's stream (a stored permit: no lost wake-ups).
+    ready: Notify,
+}
+
+/// One subscriber's queue. Its size is bounded by [`EVENT_BACKLOG_BYTES`] and
+/// [`EVENT_BACKLOG_EVENTS`]; a `Dropped` marker is never pushed next to
+/// another, so markers are at most one more than lines.
+#[derive(Debug, Default)]
+struct Backlog {
+    items: VecDeque<Item>,
+    bytes: usize,
+    lines: usize,
+}
+
+/// What a subscriber reads next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// One event, as its JSON line (newline included); shared, not copied,
+    /// between subscribers.
+    Line(Bytes),
+    /// This many events did not fit the backlog here.
+    Dropped(u64),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data
+    // (every critical section is a push, a pop or a retain).
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Backlog {
+    /// Queues `line`, or records it as dropped when the budget is spent.
+    /// Returns whether it was queued.
+    fn push(&mut self, line: &Bytes) -> bool {
+        let fits = self.lines == 0
+            || (self.lines < EVENT_BACKLOG_EVENTS
+                && self.bytes + line.len() <= EVENT_BACKLOG_BYTES);
+        if fits {
+            self.bytes += line.len();
+            self.lines += 1;
+            self.items.push_back(Item::Line(line.clone()));
+        } else {
+            self.record_drop();
+        }
+        fits
+    }
+
+    /// Whether an event of a few bytes would still be queued.
+    fn has_room(&self) -> bool {
+        self.lines == 0 || (self.lines < EVENT_BACKLOG_EVENTS && self.bytes < EVENT_BACKLOG_BYTES)
+    }
+
+    fn record_drop(&mut self) {
+        if let Some(Item::Dropped(n)) = self.items.back_mut() {
+            *n += 1;
+        } else {
+            self.items.push_back(Item::Dropped(1));
+        }
+    }
+
+    fn pop(&mut self) -> Option<Item> {
+        let item = self.items.pop_front()?;
+        if let Item::Line(l) = &item {
+            self.bytes -= l.len();
+            self.lines -= 1;
+        }
+        Some(item)
+    }
+}
+
+impl EventBus {
+    /// Whether anyone subscribes right now.
+    pub fn has_subscribers(&self) -> bool {
+        self.inner.count.load(Ordering::Relaxed) > 0
+    }
+
+    /// Current subscribers.
+    pub fn subscribers(&self) -> usize {
+        self.inner.count.load(Ordering::Relaxed)
+    }
+
+    /// Events dropped for slow subscribers since start.
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+
+    /// If no subscriber has room for even a small event, counts one dropped
+    /// event for each and returns true; else changes nothing.
+    pub fn drop_if_all_full(&self) -> bool {
+        let subs = lock(&self.inner.subscribers);
+        if subs.is_empty() || subs.iter().any(|s| lock(&s.backlog).has_room()) {
+            return false;
+        }
+        // A reader that makes room just now loses this one event: it is
+        // counted and reported like any other drop.
+        for s in subs.iter() {
+            lock(&s.backlog).record_drop();
+        }
+        self.inner
+            .dropped
+            .fetch_add(subs.len() as u64, Ordering::Relaxed);
+        true
+    }
+
+    /// Queues `line` for every subscriber that has room. O(subscribers),
+    /// never waits for a reader.
+    pub fn publish(&self, line: Bytes) {
+        let subs = lock(&self.inner.subscribers);
+        let mut dropped = 0;
+        for s in subs.iter() {
+            if !lock(&s.backlog).push(&line) {
+                dropped += 1;
+            }
+            s.ready.notify_one();
+        }
+        if dropped > 0 {
+            self.inner.dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    /// A new subscriber; it sees every event published from now on (or a
+    /// count of those that did not fit). Dropping it frees its backlog.
+    pub fn subscribe(&self) -> Subscription {
+        let sub = Arc::new(Subscriber {
+            backlog: Mutex::new(Backlog::default()),
+            ready: Notify::new(),
+        });
+        let mut subs = lock(&self.inner.subscribers);
+        subs.push(sub.clone());
+        self.inner.count.store(subs.len(), Ordering::Relaxed);
+        Subscription {
+            bus: self.inner.clone(),
+            sub,
+        }
+    }
+}
+
+/// One subscriber's end of the bus.
+#[derive(Debug)]
+pub struct Subscription {
+    bus: Arc<BusInner>,
+    sub: Arc<Subscriber>,
+}
+
+impl Subscription {
+    /// The next item, without waiting.
+    pub fn try_next(&self) -> Option<Item> {
+        lock(&self.sub.backlog).pop()
+    }
+
+    /// The next item, waiting for one. Cancel-safe: an item is only taken
+    /// out of the backlog when it is returned.
+    pub async fn next(&self) -> Item {
+        loop {
+            if let Some(item) = self.try_next() {
+                return item;
+            }
+            // A publish between `try_next` and here leaves a permit, so
+            // this returns at once.
+            self.sub.ready.notified().await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut subs = lock(&self.bus.subscribers);
+        subs.retain(|s| !Arc::ptr_eq(s, &self.sub));
+        self.bus.count.store(subs.len(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
+    #[test]
+    fn a_full_backlog_drops_and_says_how_many_in_place() {
+        let bus = EventBus::default();
+        let sub = bus.subscribe();
+        let big = EVENT_BACKLOG_BYTES / 4;
+        for _ in 0..6 {
+            bus.publish(line(big));
+        }
+        assert_eq!(bus.dropped(), 2);
+        for _ in 0..4 {
+            assert!(matches!(sub.try_next(), Some(Item::Line(l)) if l.len() == big));
+        }
+        assert_eq!(sub.try_next(), Some(Item::Dropped(2)));
+        assert_eq!(sub.try_next(), None);
+        // Room again: the stream goes on.
+        bus.publish(line(1));
+        assert!(matches!(sub.try_next(), Some(Item::Line(l)) if l.len() == 1));
+    }
+
+    #[test]
+    fn the_count_bound_holds_for_tiny_events() {
+        let bus = EventBus::default();
+        let sub = bus.subscribe();
+        for _ in 0..EVENT_BACKLOG_EVENTS + 10 {
+            bus.publish(line(1));
+        }
+        let mut lines = 0;
+        while let Some(Item::Line(_)) = sub.try_next() {
+            lines += 1;
+        }
+        assert_eq!(lines, EVENT_BACKLOG_EVENTS);
+        assert_eq!(bus.dropped(), 10);
+    }
+
+    #[test]
+    fn with_every_backlog_full_nothing_is_built() {
+        let bus = EventBus::default();
+        assert!(!bus.drop_if_all_full(), "no subscriber: nothing to count");
+        let sub = bus.subscribe();
+        assert!(!bus.drop_if_all_full());
+        bus.publish(line(EVENT_BACKLOG_BYTES));
+        assert!(bus.drop_if_all_full());
+        assert!(bus.drop_if_all_full());
+        assert_eq!(bus.dropped(), 2);
+        assert!(matches!(sub.try_next(), Some(Item::Line(_))));
+        assert_eq!(sub.try_next(), Some(Item::Dropped(2)));
+        assert!(!bus.drop_if_all_full(), "room again");
+    }
+
+    #[test]
+    fn an_event_over_the_budget_passes_an_empty_backlog_only() {
+        let bus = EventBus::default();
+        let sub = bus.subscribe();
+        bus.publish(line(EVENT_BACKLOG_BYTES + 1));
+        bus.publish(line(1));
+        assert!(matches!(sub.try_next(), Some(Item::Line(_))));
+        assert_eq!(sub.try_next(), Some(Item::Dropped(1)));
+    }
+
+    #[test]
+    fn each_subscriber_has_its_own_budget_and_leaving_frees_it() {
+        let bus = EventBus::default();
+        let slow = bus.subscribe();
+        let fast = bus.subscribe();
+        assert_eq!(bus.subscribers(), 2);
+        for _ in 0..8 {
+            bus.publish(line(EVENT_BACKLOG_BYTES / 4));
+            assert!(matches!(fast.try_next(), Some(Item::Line(_))));
+        }
+        assert_eq!(fast.try_next(), None);
+        assert_eq!(bus.dropped(), 4, "only the slow one lost events");
+        let weak = Arc::downgrade(&slow.sub);
+        drop(slow);
+        assert_eq!(bus.subscribers(), 1);
+        assert!(weak.upgrade().is_none(), "the slow backlog is freed");
+    }
+
+    #[tokio::test]
+    async fn next_wakes_on_publish() {
+        let bus = Arc::new(EventBus::default());
+        let sub = bus.subscribe();
+        let b = bus.clone();
+        let t = tokio::spawn(async move { sub.next().await });
+        tokio::task::yield_now().await;
+        b.publish(line(3));
+        assert!(matches!(t.await.unwrap(), Item::Line(l) if l.len() == 3));
+    }
 }

@@ -222,3 +222,134 @@ pub fn curl(socket: &Path, args: &[&str]) -> (u16, String) {
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
+
+/// Resident memory of process `pid` in KiB (`VmRSS` in `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) of process `pid`, in clock ticks (`/proc/PID/stat`).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`, which may hold spaces: state is field 3,
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// One HTTP/1.1 request on the control socket with a plain std client
+/// (`Connection: close`); returns (status code, body). Status 0 when the
+/// daemon closed the connection without an answer.
+pub fn http(socket: &Path, method: &str, uri: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return (0, String::new());
+    };
+    // Generous: the daemon under test may be busy, never silent this long.
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let head = format!(
+        "{method} {uri} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    if s.write_all(head.as_bytes())
+        .and_then(|()| s.write_all(body))
+        .is_err()
+    {
+        return (0, String::new());
+    }
+    let mut out = Vec::new();
+    let _eof_or_reset = s.read_to_end(&mut out); // what arrived is what counts
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `GET /v1/self`, parsed (`Null` if the daemon does not answer).
+pub fn self_info(socket: &Path) -> serde_json::Value {
+    let (_, body) = http(socket, "GET", "/v1/self", b"");
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
+/// A raw `/v1/events` subscription: the caller decides when (and whether)
+/// to read, which the CLI's `watch` cannot do.
+pub struct EventStream {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    pending: Vec<u8>,
+}
+
+impl EventStream {
+    /// Connects and reads the response head (so the subscription exists
+    /// when this returns); `Err` with the status line if it was refused.
+    pub fn open(socket: &Path) -> Result<EventStream, String> {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut reader = std::io::BufReader::new(s);
+        let mut status = String::new();
+        reader.read_line(&mut status).map_err(|e| e.to_string())?;
+        if !status.starts_with("HTTP/1.1 200") {
+            return Err(status);
+        }
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).map_err(|e| e.to_string())? == 0 {
+                return Err("closed in the head".into());
+            }
+            if h == "\r\n" {
+                break;
+            }
+        }
+        Ok(EventStream {
+            reader,
+            pending: Vec::new(),
+        })
+    }
+
+    /// The next event line (chunked encoding undone), parsed; `None` at the
+    /// end of the stream or after the read timeout.
+    pub fn next(&mut self) -> Option<serde_json::Value> {
+        use std::io::{BufRead, Read};
+        loop {
+            if let Some(pos) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=pos).collect();
+                return serde_json::from_slice(&line).ok();
+            }
+            let mut size = String::new();
+            if self.reader.read_line(&mut size).ok()? == 0 {
+                return None;
+            }
+            let n = usize::from_str_radix(size.trim(), 16).ok()?;
+            if n == 0 {
+                return None;
+            }
+            let mut chunk = vec![0; n + 2];
+            self.reader.read_exact(&mut chunk).ok()?;
+            self.pending.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The underlying socket.
+    pub fn socket(&self) -> &std::os::unix::net::UnixStream {
+        self.reader.get_ref()
+    }
+}
