@@ -333,11 +333,13 @@ fn rotating_the_key_across_five_nodes_keeps_everyone_alive() {
                 n.name,
                 String::from_utf8_lossy(&out.stderr)
             );
-            // Between nodes, the cluster is mixed: it must stay whole.
-            assert!(
-                nodes.iter().all(|m| m.linked() == 4),
-                "mesh broken after {args:?} on {}",
-                n.name
+            // Between nodes, the cluster is mixed: it must stay whole (on a
+            // busy machine a link may take a moment to show up; no peer may
+            // ever be failed or left, checked at the end).
+            wait_until(
+                Duration::from_secs(10),
+                &format!("mesh whole after {args:?} on {}", n.name),
+                || nodes.iter().all(|m| m.linked() == 4),
             );
         }
     };
