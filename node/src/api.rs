@@ -666,7 +666,7 @@ async fn get_health(
             (other, _) => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("unknown parameter {other:?}"),
+                    format!("unknown parameter {}", quote(other)),
                 )
             }
         }
