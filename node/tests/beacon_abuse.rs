@@ -301,6 +301,10 @@ fn a_flood_of_new_identities_stays_within_the_admission_and_reply_budgets() {
         metrics.contains("constellation_beacons_dropped_total{reason=\"new_peer_budget\"}"),
         "{metrics}"
     );
+    // Nor counted by health: ghosts never linked, nobody vouched for them.
+    let (code, body) = support::curl(&a.socket, &["http://localhost/v1/health?min_peers=1"]);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"alive_peers\":0"), "{body}");
     // The node is still itself: it answers and lists no entry for itself.
     assert_eq!(v["name"], "a");
 }
