@@ -477,7 +477,8 @@ impl<S: Send + Sync, T: DeserializeOwned + RequestShape> FromRequest<S> for Json
 }
 
 fn parse_body<T: DeserializeOwned + RequestShape>(body: &[u8]) -> Result<T, ApiError> {
-    let not_json = |e: serde_json::Error| ApiError::bad_request(format!("body is not valid JSON: {e}"));
+    let not_json =
+        |e: serde_json::Error| ApiError::bad_request(format!("body is not valid JSON: {e}"));
     // serde would read a struct from an array too: only objects are bodies.
     if body.trim_ascii_start().first() != Some(&b'{') {
         serde_json::from_slice::<IgnoredAny>(body).map_err(not_json)?;
@@ -812,7 +813,9 @@ async fn post_message(
     State(api): State<Api>,
     JsonBody(req): JsonBody<SendRequest>,
 ) -> Result<(StatusCode, Json<SendResults>), ApiError> {
-    let topic = req.topic().map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let topic = req
+        .topic()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let payload = req
         .payload()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -961,7 +964,8 @@ fn edit_keys(
     let JsonBody(KeyRequest { key }) = body?;
     // The std lock is held for the edit and the small file write only.
     let mut ring = ring.write().unwrap_or_else(|e| e.into_inner());
-    let changed = edit(&mut ring, &key).map_err(|e| ApiError(key_error_status(&e), e.to_string()))?;
+    let changed =
+        edit(&mut ring, &key).map_err(|e| ApiError(key_error_status(&e), e.to_string()))?;
     let mut out = keys_info(state, &ring);
     out.changed = Some(changed);
     if let (true, Some(path)) = (changed, &state.secret_file) {

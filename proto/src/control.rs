@@ -296,6 +296,16 @@ pub enum HealthStatus {
     Waiting,
 }
 
+impl HealthStatus {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthStatus::Ok => "ok",
+            HealthStatus::Waiting => "waiting",
+        }
+    }
+}
+
 /// `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
@@ -579,7 +589,10 @@ mod tests {
         let b: SendRequest = serde_json::from_str(r#"{"to":null,"payload_b64":"AAE="}"#).unwrap();
         assert_eq!((b.to.as_deref(), b.payload().unwrap()), (None, vec![0, 1]));
         let missing = serde_json::from_str::<SendRequest>(r#"{"payload":"x"}"#).unwrap_err();
-        assert!(missing.to_string().contains("missing field `to`"), "{missing}");
+        assert!(
+            missing.to_string().contains("missing field `to`"),
+            "{missing}"
+        );
         let out = serde_json::to_string(&SendRequest::text(None, "t".into(), "hi".into())).unwrap();
         assert_eq!(out, r#"{"to":null,"topic":"t","payload":"hi"}"#);
         let both = SendRequest {
@@ -638,11 +651,17 @@ mod tests {
         let m = line(
             r#"{"type":"message","at":"t","from":"f","from_name":null,"topic":"","payload":null,"payload_b64":"AA=="}"#,
         );
-        assert!(matches!(m.body, EventBody::Message(MessageEvent { payload: None, .. })));
+        assert!(matches!(
+            m.body,
+            EventBody::Message(MessageEvent { payload: None, .. })
+        ));
         let d = line(r#"{"type":"dropped","at":"t","count":3}"#);
         assert_eq!(d.body, EventBody::Dropped(DroppedEvent { count: 3 }));
         let s = line(r#"{"type":"subscribed","at":"t"}"#);
-        assert_eq!((s.kind.as_str(), s.body), (EVENT_SUBSCRIBED, EventBody::Other {}));
+        assert_eq!(
+            (s.kind.as_str(), s.body),
+            (EVENT_SUBSCRIBED, EventBody::Other {})
+        );
         let future = line(r#"{"type":"peer_renamed","at":"t","old":"x"}"#);
         assert_eq!(future.body, EventBody::Other {});
     }

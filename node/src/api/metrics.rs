@@ -17,9 +17,12 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{prometheus_text, DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeMetric, MetricEncoder,
+};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use proto::control::PEER_STATES;
 use proto::membership::LinkState;
@@ -72,15 +75,16 @@ impl Snapshot {
         let keys = s.keyring.as_ref().map_or(0, |r| {
             r.read().unwrap_or_else(|e| e.into_inner()).keys().len() as u64
         });
-        let (payload_bytes_in, payload_bytes_out) = super::link_counters(s)
-            .await
-            .values()
-            .fold((0, 0), |(i, o), c| {
-                (
-                    i + c.bytes_in.load(Ordering::Relaxed),
-                    o + c.bytes_out.load(Ordering::Relaxed),
-                )
-            });
+        let (payload_bytes_in, payload_bytes_out) =
+            super::link_counters(s)
+                .await
+                .values()
+                .fold((0, 0), |(i, o), c| {
+                    (
+                        i + c.bytes_in.load(Ordering::Relaxed),
+                        o + c.bytes_out.load(Ordering::Relaxed),
+                    )
+                });
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         Snapshot {
             peers,
@@ -122,98 +126,155 @@ pub fn encode(snapshot: Snapshot) -> String {
     out
 }
 
-/// One family without labels.
-fn single(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    metric: impl EncodeMetric,
-) -> std::fmt::Result {
-    metric.encode(enc.encode_descriptor(name, help, unit, metric.metric_type())?)
+/// One metric family as the collector describes it.
+#[derive(Debug)]
+struct Family {
+    metric_type: MetricType,
+    name: &'static str,
+    help: &'static str,
+    unit: Option<Unit>,
+    samples: Samples,
 }
 
-/// One family with one label, a sample per key of `values`.
-fn by_label<M: EncodeMetric>(
-    enc: &mut DescriptorEncoder,
-    (name, help): (&str, &str),
-    label: &str,
-    values: impl IntoIterator<Item = (&'static str, M)>,
-    metric_type: prometheus_client::metrics::MetricType,
-) -> std::fmt::Result {
-    let mut family = enc.encode_descriptor(name, help, None, metric_type)?;
-    for (key, metric) in values {
-        metric.encode(family.encode_family(&[(label, key)])?)?;
+/// The samples of a [`Family`].
+#[derive(Debug)]
+enum Samples {
+    /// One, without labels.
+    One(u64),
+    /// One per label value: the label's name, then each value and its sample.
+    By(&'static str, Vec<(&'static str, u64)>),
+}
+
+impl Family {
+    fn gauge(name: &'static str, help: &'static str) -> Self {
+        Family {
+            metric_type: MetricType::Gauge,
+            name,
+            help,
+            unit: None,
+            // No samples until `value` or `by` says (HELP and TYPE only).
+            samples: Samples::By("", Vec::new()),
+        }
     }
-    Ok(())
+
+    fn counter(name: &'static str, help: &'static str) -> Self {
+        Family {
+            metric_type: MetricType::Counter,
+            ..Family::gauge(name, help)
+        }
+    }
+
+    fn unit(self, unit: Unit) -> Self {
+        Family {
+            unit: Some(unit),
+            ..self
+        }
+    }
+
+    /// The family's one sample.
+    fn value(self, v: u64) -> Self {
+        Family {
+            samples: Samples::One(v),
+            ..self
+        }
+    }
+
+    /// One sample per key of `values`, labelled `label="key"`.
+    fn by(self, label: &'static str, values: &BTreeMap<&'static str, u64>) -> Self {
+        Family {
+            samples: Samples::By(label, values.iter().map(|(k, v)| (*k, *v)).collect()),
+            ..self
+        }
+    }
+
+    fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let mut family =
+            enc.encode_descriptor(self.name, self.help, self.unit.as_ref(), self.metric_type)?;
+        match &self.samples {
+            Samples::One(v) => self.sample(*v, family),
+            Samples::By(label, values) => values
+                .iter()
+                .try_for_each(|&(key, v)| self.sample(v, family.encode_family(&[(*label, key)])?)),
+        }
+    }
+
+    fn sample(&self, v: u64, enc: MetricEncoder) -> std::fmt::Result {
+        match self.metric_type {
+            MetricType::Counter => ConstCounter::new(v).encode(enc),
+            _ => ConstGauge::new(v).encode(enc),
+        }
+    }
+}
+
+impl Snapshot {
+    /// The families, in the order they are shown; each one's name and help.
+    fn families(&self) -> Vec<Family> {
+        let payload = BTreeMap::from([
+            ("in", self.payload_bytes_in),
+            ("out", self.payload_bytes_out),
+        ]);
+        vec![
+            Family::gauge("peers", "Peers by state.").by("state", &self.peers),
+            Family::gauge("links_up", "Data links up.").value(self.links_up),
+            Family::gauge("keys", "Installed cluster keys (0: no secret, plaintext).")
+                .value(self.keys),
+            Family::gauge(
+                "peers_pending",
+                "Peers heard by beacon or report, not yet confirmed by a link.",
+            )
+            .value(self.peers_pending),
+            Family::counter("beacons_sent", "Multicast beacons sent.").value(self.beacons_sent),
+            Family::counter("beacon_replies_sent", "Unicast replies sent.")
+                .value(self.beacon_replies_sent),
+            Family::counter("beacons_received", "Valid beacons received.")
+                .value(self.beacons_received),
+            Family::counter("frames_in", "Frames read on links.").value(self.frames_in),
+            Family::counter("frames_out", "Frames written on links.").value(self.frames_out),
+            Family::counter("links_established", "Links established.")
+                .value(self.links_established),
+            Family::counter("dials", "Dials started (connects and reconnects).").value(self.dials),
+            Family::counter("dial_failures", "Dials that failed.").value(self.dial_failures),
+            Family::counter("messages_in", "Application messages received.")
+                .value(self.messages_in),
+            Family::counter("messages_out", "Application messages sent.").value(self.messages_out),
+            Family::counter(
+                "peers_admitted",
+                "Pending entries created (new ids heard by beacon or report).",
+            )
+            .value(self.peers_admitted),
+            Family::counter(
+                "pending_refused",
+                "New ids refused because too many entries were pending.",
+            )
+            .value(self.pending_refused),
+            Family::counter(
+                "stalls",
+                "Times the node noticed its own lateness and held its verdicts.",
+            )
+            .value(self.stalls),
+            Family::counter("uptime", "Seconds since start.")
+                .unit(Unit::Seconds)
+                .value(self.uptime_seconds),
+            Family::gauge(
+                "payload_bytes",
+                "Application payload bytes on current links.",
+            )
+            .by("direction", &payload),
+            Family::counter("transitions", "Peer state changes, by event.")
+                .by("event", &self.transitions),
+            Family::counter("beacons_dropped", "Datagrams dropped, by reason.")
+                .by("reason", &self.beacons_dropped),
+            Family::counter("links_refused", "Connections or frames refused, by reason.")
+                .by("reason", &self.links_refused),
+        ]
+    }
 }
 
 impl Collector for Snapshot {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        use prometheus_client::metrics::MetricType::{Counter, Gauge};
-        let gauges = |m: &BTreeMap<&'static str, u64>| {
-            m.iter()
-                .map(|(k, v)| (*k, ConstGauge::new(*v)))
-                .collect::<Vec<_>>()
-        };
-        let counters = |m: &BTreeMap<&'static str, u64>| {
-            m.iter()
-                .map(|(k, v)| (*k, ConstCounter::new(*v)))
-                .collect::<Vec<_>>()
-        };
-        let e = &mut enc;
-        by_label(e, ("peers", "Peers by state."), "state", gauges(&self.peers), Gauge)?;
-        single(e, "links_up", "Data links up.", None, ConstGauge::new(self.links_up))?;
-        let keys = "Installed cluster keys (0: no secret, plaintext).";
-        single(e, "keys", keys, None, ConstGauge::new(self.keys))?;
-        let pending = "Peers heard by beacon or report, not yet confirmed by a link.";
-        single(e, "peers_pending", pending, None, ConstGauge::new(self.peers_pending))?;
-        let counter_families: [(&str, &str, u64); 13] = [
-            ("beacons_sent", "Multicast beacons sent.", self.beacons_sent),
-            ("beacon_replies_sent", "Unicast replies sent.", self.beacon_replies_sent),
-            ("beacons_received", "Valid beacons received.", self.beacons_received),
-            ("frames_in", "Frames read on links.", self.frames_in),
-            ("frames_out", "Frames written on links.", self.frames_out),
-            ("links_established", "Links established.", self.links_established),
-            ("dials", "Dials started (connects and reconnects).", self.dials),
-            ("dial_failures", "Dials that failed.", self.dial_failures),
-            ("messages_in", "Application messages received.", self.messages_in),
-            ("messages_out", "Application messages sent.", self.messages_out),
-            (
-                "peers_admitted",
-                "Pending entries created (new ids heard by beacon or report).",
-                self.peers_admitted,
-            ),
-            (
-                "pending_refused",
-                "New ids refused because too many entries were pending.",
-                self.pending_refused,
-            ),
-            (
-                "stalls",
-                "Times the node noticed its own lateness and held its verdicts.",
-                self.stalls,
-            ),
-        ];
-        for (name, help, v) in counter_families {
-            single(e, name, help, None, ConstCounter::new(v))?;
-        }
-        let uptime = ConstCounter::new(self.uptime_seconds);
-        single(e, "uptime", "Seconds since start.", Some(&Unit::Seconds), uptime)?;
-        let payload = [
-            ("in", ConstGauge::new(self.payload_bytes_in)),
-            ("out", ConstGauge::new(self.payload_bytes_out)),
-        ];
-        let help = "Application payload bytes on current links.";
-        by_label(e, ("payload_bytes", help), "direction", payload, Gauge)?;
-        let help = "Peer state changes, by event.";
-        by_label(e, ("transitions", help), "event", counters(&self.transitions), Counter)?;
-        let help = "Datagrams dropped, by reason.";
-        let dropped = counters(&self.beacons_dropped);
-        by_label(e, ("beacons_dropped", help), "reason", dropped, Counter)?;
-        let help = "Connections or frames refused, by reason.";
-        let refused = counters(&self.links_refused);
-        by_label(e, ("links_refused", help), "reason", refused, Counter)
+        self.families()
+            .iter()
+            .try_for_each(|family| family.encode(&mut enc))
     }
 }
 
