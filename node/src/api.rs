@@ -501,8 +501,15 @@ fn parse_body<T: DeserializeOwned + RequestShape>(body: &[u8]) -> Result<T, ApiE
             } else {
                 format!("\"{path}\": ")
             };
+            // serde may quote a value the client sent ("invalid type:
+            // string ..."): keep it as short as other quotes.
+            let what = inner.to_string();
+            let what = match what.char_indices().nth(2 * QUOTE_MAX) {
+                Some((cut, _)) => format!("{}...", &what[..cut]),
+                None => what,
+            };
             return Err(ApiError::bad_request(format!(
-                "{at}{inner}; the body is {}",
+                "{at}{what}; the body is {}",
                 T::SHAPE
             )));
         }
@@ -1057,6 +1064,34 @@ mod tests {
             (ms(100), None),
             "fresh pause, same log budget"
         );
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Numbered {
+        #[allow(dead_code)] // read by serde only
+        n: u64,
+    }
+
+    impl RequestShape for Numbered {
+        const SHAPE: &'static str = r#"{"n": 1}"#;
+    }
+
+    #[test]
+    fn request_bodies_are_objects_and_refusals_name_the_field_briefly() {
+        let refusal = |body: &str| parse_body::<Numbered>(body.as_bytes()).unwrap_err();
+        assert!(parse_body::<Numbered>(br#" {"n": 1, "extra": [true]}"#).is_ok());
+        let ApiError(status, msg) = refusal("[1]");
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(msg.starts_with("body must be a JSON object"), "{msg}");
+        assert!(refusal("[1").1.starts_with("body is not valid JSON"));
+        assert!(refusal(r#"{"n": 1} {}"#)
+            .1
+            .starts_with("body is not valid JSON"));
+        assert!(refusal("{}").1.starts_with("missing field `n`"));
+        let long = format!(r#"{{"n": "{}"}}"#, "x".repeat(10_000));
+        let ApiError(_, msg) = refusal(&long);
+        assert!(msg.starts_with("\"n\": invalid type: string"), "{msg}");
+        assert!(msg.len() < 4 * QUOTE_MAX, "{} bytes", msg.len());
     }
 
     #[test]
