@@ -269,7 +269,7 @@ fn parse_exposition(text: &str) -> Result<BTreeMap<String, Family>, String> {
             if parts.next().is_some_and(|t| t.parse::<i64>().is_err()) || parts.next().is_some() {
                 return Err(at("junk after the value".into()));
             }
-            if f.kind == "counter" && !(value >= 0.0) {
+            if f.kind == "counter" && (value.is_nan() || value < 0.0) {
                 return Err(at("a counter below zero".into()));
             }
             if f.samples.insert(ls, value).is_some() {
