@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http_body_util::BodyExt;
 use hyper::Method;
 use node::client::Client;
+use proto::control::PeerList;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -110,13 +111,10 @@ fn spawn_wrapped(
 }
 
 async fn linked(sock: &Path) -> usize {
-    match Client::new(sock)
-        .json(Method::GET, "/v1/peers?state=alive", None)
-        .await
-    {
-        Ok((_, v)) => v["peers"]
-            .as_array()
-            .map(|a| a.iter().filter(|p| p["link"] == "up").count())
+    match Client::new(sock).get("/v1/peers?state=alive").await {
+        Ok(a) => a
+            .parse::<PeerList>()
+            .map(|l| l.peers.iter().filter(|p| p.peer.link == "up").count())
             .unwrap_or(0),
         Err(_) => 0,
     }
@@ -193,7 +191,7 @@ async fn subscribe(
         let (tx, ready_tx, sock) = (tx.clone(), ready_tx.clone(), sock.clone());
         tasks.push(tokio::spawn(async move {
             let resp = Client::new(&sock)
-                .request(Method::GET, "/v1/events", None)
+                .request(Method::GET, "/v1/events", Default::default())
                 .await
                 .expect("events");
             let mut body = resp.into_body();
@@ -262,11 +260,11 @@ async fn message_ms(
 ) -> f64 {
     let t0 = SystemTime::now();
     let body = json!({"to": to, "topic": topic, "payload": "x"});
-    let (status, answer) = client
-        .json(Method::POST, "/v1/messages", Some(body))
+    let answer = client
+        .post("/v1/messages", Some(&body))
         .await
         .expect("send");
-    assert!(status.is_success(), "{answer}");
+    assert!(answer.status.is_success(), "{}", answer.error_message());
     let last = latest(rx, recipients, |v| {
         v["type"] == "message" && v["topic"] == topic
     })

@@ -1,9 +1,13 @@
 //! The control API: HTTP/1.1 + JSON on a Unix socket.
 //!
 //! `curl --unix-socket PATH http://localhost/v1/peers` works with nothing of
-//! ours installed; the CLI is a client of exactly this API. Every error is a
-//! JSON object `{"error": "..."}` with a fitting status, and quotes at most
-//! [`QUOTE_MAX`] bytes of anything the client sent.
+//! ours installed; the CLI is a client of exactly this API. Every body, sent
+//! or received, is a type of [`proto::control`] (the CLI reads the same
+//! types), so the wire's field names live in one place. Request bodies are
+//! read by the [`JsonBody`] extractor whatever their content type. Every
+//! error is a JSON object `{"error": "..."}` ([`ErrorBody`]) with a fitting
+//! status, and quotes at most [`QUOTE_MAX`] bytes of anything the client
+//! sent. `/metrics` is in the Prometheus text format (see [`metrics`]).
 //!
 //! Limits, so that a careless or hostile local client cannot pin the node:
 //! - a client that connects and sends no request head within
@@ -20,39 +24,46 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use proto::control::{
+    self, DroppedEvent, ErrorBody, EventBody, Health, HealthQuery, HealthStatus, InterfaceInfo,
+    KeyEntry, KeyRequest, Keys, Leaving, LinkTraffic, NodeCounters, NodeInfo, PeerEntry, PeerList,
+    PeersQuery, QueryError, SendRequest, SendResult, SendResults, SendStatus,
+};
 use proto::frame::AppMessage;
 use proto::membership::{LinkState, Peer};
 use proto::secure::{Key, KeyError, Keyring, SharedKeyring};
 use proto::NodeId;
-use serde_json::{json, Value};
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::Serialize;
+use serde_json::error::Category;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
-use transport::{LinkCounters, SendError};
+use transport::LinkCounters;
 
 use crate::state::{now_rfc3339, peer_json, FindError, Item, NodeState};
+
+mod metrics;
 
 /// A client must send its request head within this time (hyper's timer,
 /// which also closes idle keep-alive connections).
@@ -80,7 +91,7 @@ struct Api {
 
 /// A JSON error response.
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": msg.into() }))).into_response()
+    (status, Json(ErrorBody { error: msg.into() })).into_response()
 }
 
 /// Builds the router (public for in-process tests).
@@ -274,10 +285,11 @@ pub fn connection_bound() -> usize {
 
 /// What a connection past the bound is told before it is closed.
 fn refusal(bound: usize) -> Vec<u8> {
-    let body = json!({
-        "error": format!("too many control connections (at most {bound}); try again later")
-    })
-    .to_string();
+    let body = ErrorBody {
+        error: format!("too many control connections (at most {bound}); try again later"),
+    };
+    // A struct of one string always serialises.
+    let body = serde_json::to_string(&body).unwrap_or_default();
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
@@ -418,14 +430,135 @@ pub async fn serve(
     }
 }
 
-fn counters_json(c: Option<&LinkCounters>) -> Value {
-    let get = |f: fn(&LinkCounters) -> u64| c.map(f).unwrap_or(0);
-    json!({
-        "messages_in": get(|c| c.msgs_in.load(Ordering::Relaxed)),
-        "messages_out": get(|c| c.msgs_out.load(Ordering::Relaxed)),
-        "bytes_in": get(|c| c.bytes_in.load(Ordering::Relaxed)),
-        "bytes_out": get(|c| c.bytes_out.load(Ordering::Relaxed)),
+/// An error answer: a status and `{"error": "..."}`.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn bad_request(msg: impl Into<String>) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, msg.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.0, self.1)
+    }
+}
+
+/// What a request body should look like, for error messages.
+trait RequestShape {
+    const SHAPE: &'static str;
+}
+
+impl RequestShape for control::SendRequest {
+    const SHAPE: &'static str = r#"{"to": "<peer name or id>" (or null to broadcast), "topic": "<topic>", "payload": "<text>" (or "payload_b64": "<base64>")}"#;
+}
+
+impl RequestShape for control::KeyRequest {
+    const SHAPE: &'static str = r#"{"key": "<base64 key or fingerprint>"}"#;
+}
+
+/// A JSON request body of type `T`. Read whatever the content type says
+/// (`curl -d` says form-urlencoded); refusals are [`ApiError`]s: `400`
+/// naming the field at fault, or the status of a body that could not be read.
+#[derive(Debug)]
+struct JsonBody<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + RequestShape> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(|rej| ApiError(rej.status(), rej.body_text()))?;
+        parse_body(&body).map(JsonBody)
+    }
+}
+
+fn parse_body<T: DeserializeOwned + RequestShape>(body: &[u8]) -> Result<T, ApiError> {
+    let not_json =
+        |e: serde_json::Error| ApiError::bad_request(format!("body is not valid JSON: {e}"));
+    // serde would read a struct from an array too: only objects are bodies.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        serde_json::from_slice::<IgnoredAny>(body).map_err(not_json)?;
+        return Err(ApiError::bad_request(format!(
+            "body must be a JSON object: {}",
+            T::SHAPE
+        )));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Ok(v) => v,
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if inner.classify() != Category::Data {
+                return Err(not_json(inner));
+            }
+            let at = if path == "." {
+                String::new()
+            } else {
+                format!("\"{path}\": ")
+            };
+            // serde may quote a value the client sent ("invalid type:
+            // string ..."): keep it as short as other quotes.
+            let what = inner.to_string();
+            let what = match what.char_indices().nth(2 * QUOTE_MAX) {
+                Some((cut, _)) => format!("{}...", &what[..cut]),
+                None => what,
+            };
+            return Err(ApiError::bad_request(format!(
+                "{at}{what}; the body is {}",
+                T::SHAPE
+            )));
+        }
+    };
+    de.end().map_err(not_json)?;
+    Ok(value)
+}
+
+/// The decoded query pairs, or the `400` of a malformed query string.
+fn query_pairs(
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Vec<(String, String)>, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|_| ApiError::bad_request("malformed query string"))
+}
+
+fn query_error(e: QueryError) -> ApiError {
+    ApiError::bad_request(match &e {
+        QueryError::UnknownParameter(p) => format!("unknown parameter {}", quote(p)),
+        QueryError::UnknownState(s) => {
+            format!("unknown state {} (alive, suspect, failed, left)", quote(s))
+        }
+        QueryError::BadTag(_) | QueryError::NotANumber(_) => e.to_string(),
     })
+}
+
+/// The peer `key` names, or its `404` / `409`.
+fn find(state: &NodeState, key: &str) -> Result<Peer, ApiError> {
+    state.find_peer(key).map_err(|e| match e {
+        FindError::Unknown => ApiError(StatusCode::NOT_FOUND, format!("no peer {}", quote(key))),
+        FindError::Ambiguous => ApiError(StatusCode::CONFLICT, format!("{}: {e}", quote(key))),
+    })
+}
+
+/// Label -> count, as the API spells maps.
+fn counts<K: ToString, V: TryInto<u64>>(m: impl IntoIterator<Item = (K, V)>) -> control::Counts {
+    m.into_iter()
+        .map(|(k, v)| (k.to_string(), v.try_into().unwrap_or(u64::MAX)))
+        .collect()
+}
+
+fn traffic(c: Option<&LinkCounters>) -> LinkTraffic {
+    let get = |f: fn(&LinkCounters) -> &AtomicU64| c.map_or(0, |c| f(c).load(Ordering::Relaxed));
+    LinkTraffic {
+        messages_in: get(|c| &c.msgs_in),
+        messages_out: get(|c| &c.msgs_out),
+        bytes_in: get(|c| &c.bytes_in),
+        bytes_out: get(|c| &c.bytes_out),
+    }
 }
 
 async fn link_counters(state: &NodeState) -> HashMap<NodeId, Arc<LinkCounters>> {
@@ -438,81 +571,44 @@ async fn link_counters(state: &NodeState) -> HashMap<NodeId, Arc<LinkCounters>> 
         .collect()
 }
 
-fn full_peer_json(p: &Peer, now: Instant, counters: &HashMap<NodeId, Arc<LinkCounters>>) -> Value {
-    let mut v = peer_json(p, now);
-    if let (Value::Object(m), Value::Object(c)) =
-        (&mut v, counters_json(counters.get(&p.id).map(|c| &**c)))
-    {
-        m.extend(c);
+fn peer_entry(p: &Peer, now: Instant, counters: &HashMap<NodeId, Arc<LinkCounters>>) -> PeerEntry {
+    PeerEntry {
+        peer: peer_json(p, now),
+        traffic: traffic(counters.get(&p.id).map(|c| &**c)),
     }
-    v
 }
 
 async fn get_peers(
     State(api): State<Api>,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Response {
-    let Ok(Query(q)) = q else {
-        return error(StatusCode::BAD_REQUEST, "malformed query string");
-    };
-    let mut state_filter = None;
-    let mut tags = Vec::new();
-    for (k, v) in q {
-        match k.as_str() {
-            "state" => match v.as_str() {
-                "alive" | "suspect" | "failed" | "left" => state_filter = Some(v),
-                _ => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        format!("unknown state {} (alive, suspect, failed, left)", quote(&v)),
-                    )
-                }
-            },
-            "tag" => match v.split_once(':') {
-                Some((k, v)) => tags.push((k.to_string(), v.to_string())),
-                None => return error(StatusCode::BAD_REQUEST, "tag filters are key:value"),
-            },
-            other => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown parameter {}", quote(other)),
-                )
-            }
-        }
-    }
+) -> Result<Json<PeerList>, ApiError> {
+    let q = PeersQuery::from_pairs(query_pairs(q)?).map_err(query_error)?;
     let counters = link_counters(&api.state).await;
     let now = Instant::now();
     let mut peers: Vec<Peer> = api
         .state
         .peers
         .iter()
-        .filter(|p| {
-            state_filter
-                .as_deref()
-                .is_none_or(|s| p.state.as_str() == s)
-        })
-        .filter(|p| tags.iter().all(|(k, v)| p.tags.get(k) == Some(v)))
+        .filter(|p| q.state.as_deref().is_none_or(|s| p.state.as_str() == s))
+        .filter(|p| q.tags.iter().all(|(k, v)| p.tags.get(k) == Some(v)))
         .map(|r| r.clone())
         .collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-    let list: Vec<Value> = peers
+    let peers = peers
         .iter()
-        .map(|p| full_peer_json(p, now, &counters))
+        .map(|p| peer_entry(p, now, &counters))
         .collect();
-    Json(json!({ "peers": list })).into_response()
+    Ok(Json(PeerList { peers }))
 }
 
-async fn get_peer(State(api): State<Api>, Path(key): Path<String>) -> Response {
-    match api.state.find_peer(&key) {
-        Ok(p) => {
-            let counters = link_counters(&api.state).await;
-            Json(full_peer_json(&p, Instant::now(), &counters)).into_response()
-        }
-        Err(FindError::Unknown) => error(StatusCode::NOT_FOUND, format!("no peer {}", quote(&key))),
-        Err(e @ FindError::Ambiguous) => {
-            error(StatusCode::CONFLICT, format!("{}: {e}", quote(&key)))
-        }
-    }
+async fn get_peer(
+    State(api): State<Api>,
+    key: Result<Path<String>, PathRejection>,
+) -> Result<Json<PeerEntry>, ApiError> {
+    let Path(key) = key.map_err(|rej| ApiError(rej.status(), rej.body_text()))?;
+    let p = find(&api.state, &key)?;
+    let counters = link_counters(&api.state).await;
+    Ok(Json(peer_entry(&p, Instant::now(), &counters)))
 }
 
 /// Plain-language warnings for `status`.
@@ -593,112 +689,121 @@ fn warnings(state: &NodeState, uptime: Duration) -> Vec<String> {
     w
 }
 
-fn self_json(state: &NodeState) -> Value {
+fn self_info(state: &NodeState) -> NodeInfo {
     let uptime = state.started.elapsed();
     let d = &state.discovery;
     let t = state.transport.stats();
-    let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut by_state: BTreeMap<&str, u64> = BTreeMap::new();
     let mut links_up = 0;
     for p in state.peers.iter() {
         *by_state.entry(p.state.as_str()).or_default() += 1;
-        links_up += usize::from(p.link == LinkState::Up);
+        links_up += u64::from(p.link == LinkState::Up);
     }
-    json!({
-        "id": state.id.to_string(),
-        "name": state.name,
-        "cluster": state.cluster,
-        "incarnation": state.incarnation,
-        "addresses": state.advertised.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-        "listen": state.listen.to_string(),
-        "interfaces": state.interfaces.iter().map(|i| json!({"name": i.name, "addr": i.addr.to_string()})).collect::<Vec<_>>(),
-        "group": state.group.to_string(),
-        "ttl": state.ttl,
-        "uptime_ms": uptime.as_millis() as u64,
-        "tags": state.tags,
-        "multicast_loops_back": d.loops_back.load(Ordering::Relaxed),
-        "secured": state.keyring.is_some(),
-        "peers": by_state,
-        "transitions": state.transitions.snapshot(),
-        "links_up": links_up,
-        "counters": {
-            "beacons_sent": d.beacons_sent.load(Ordering::Relaxed),
-            "beacons_received": d.beacons_received.load(Ordering::Relaxed),
-            "replies_sent": d.replies_sent.load(Ordering::Relaxed),
-            "beacon_send_errors": d.send_errors.load(Ordering::Relaxed),
-            "beacons_dropped": d.drops.snapshot(),
-            "frames_in": t.frames_in.load(Ordering::Relaxed),
-            "frames_out": t.frames_out.load(Ordering::Relaxed),
-            "links_established": t.links_established.load(Ordering::Relaxed),
-            "dials": t.dials.load(Ordering::Relaxed),
-            "dial_failures": t.dial_failures.load(Ordering::Relaxed),
-            "links_refused": t.drops.snapshot(),
-            "messages_in": state.messages_in.load(Ordering::Relaxed),
-            "messages_out": state.messages_out.load(Ordering::Relaxed),
-            "peers_pending": state.table.pending.load(Ordering::Relaxed),
-            "peers_admitted": state.table.admitted.load(Ordering::Relaxed),
-            "pending_refused": state.table.refused.load(Ordering::Relaxed),
-            "stalls": state.table.stalls.load(Ordering::Relaxed),
-            "event_subscribers": state.events.subscribers(),
-            "events_dropped": state.events.dropped(),
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    NodeInfo {
+        id: state.id.to_string(),
+        name: state.name.clone(),
+        cluster: state.cluster.clone(),
+        incarnation: state.incarnation,
+        addresses: state.advertised.iter().map(|a| a.to_string()).collect(),
+        listen: state.listen.to_string(),
+        interfaces: state
+            .interfaces
+            .iter()
+            .map(|i| InterfaceInfo {
+                name: i.name.clone(),
+                addr: i.addr.to_string(),
+            })
+            .collect(),
+        group: state.group.to_string(),
+        ttl: state.ttl,
+        uptime_ms: uptime.as_millis() as u64,
+        tags: state.tags.clone(),
+        multicast_loops_back: d.loops_back.load(Ordering::Relaxed),
+        secured: state.keyring.is_some(),
+        peers: counts(by_state),
+        transitions: counts(state.transitions.snapshot()),
+        links_up,
+        counters: NodeCounters {
+            beacons_sent: n(&d.beacons_sent),
+            beacons_received: n(&d.beacons_received),
+            replies_sent: n(&d.replies_sent),
+            beacon_send_errors: n(&d.send_errors),
+            beacons_dropped: counts(d.drops.snapshot()),
+            frames_in: n(&t.frames_in),
+            frames_out: n(&t.frames_out),
+            links_established: n(&t.links_established),
+            dials: n(&t.dials),
+            dial_failures: n(&t.dial_failures),
+            links_refused: counts(t.drops.snapshot()),
+            messages_in: n(&state.messages_in),
+            messages_out: n(&state.messages_out),
+            peers_pending: n(&state.table.pending),
+            peers_admitted: n(&state.table.admitted),
+            pending_refused: n(&state.table.refused),
+            stalls: n(&state.table.stalls),
+            event_subscribers: state.events.subscribers() as u64,
+            events_dropped: state.events.dropped(),
         },
-        "warnings": warnings(state, uptime),
-    })
+        warnings: warnings(state, uptime),
+    }
 }
 
-async fn get_self(State(api): State<Api>) -> Response {
-    Json(self_json(&api.state)).into_response()
+async fn get_self(State(api): State<Api>) -> Json<NodeInfo> {
+    Json(self_info(&api.state))
 }
 
 async fn get_health(
     State(api): State<Api>,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Response {
-    let Ok(Query(q)) = q else {
-        return error(StatusCode::BAD_REQUEST, "malformed query string");
-    };
-    let mut min_peers = 0usize;
-    for (k, v) in q {
-        match (k.as_str(), v.parse::<usize>()) {
-            ("min_peers", Ok(n)) => min_peers = n,
-            ("min_peers", Err(_)) => {
-                return error(StatusCode::BAD_REQUEST, "min_peers is a whole number")
-            }
-            (other, _) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown parameter {}", quote(other)),
-                )
-            }
-        }
-    }
-    let alive = api.state.peers.iter().filter(|p| p.is_live()).count();
-    let body = json!({ "status": if alive >= min_peers { "ok" } else { "waiting" }, "alive_peers": alive, "min_peers": min_peers });
-    let status = if alive >= min_peers {
-        StatusCode::OK
+) -> Result<(StatusCode, Json<Health>), ApiError> {
+    let HealthQuery { min_peers } =
+        HealthQuery::from_pairs(query_pairs(q)?).map_err(query_error)?;
+    let alive_peers = api.state.peers.iter().filter(|p| p.is_live()).count();
+    let (status, code) = if alive_peers >= min_peers {
+        (HealthStatus::Ok, StatusCode::OK)
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        (HealthStatus::Waiting, StatusCode::SERVICE_UNAVAILABLE)
     };
-    (status, Json(body)).into_response()
+    let body = Health {
+        status,
+        alive_peers,
+        min_peers,
+    };
+    Ok((code, Json(body)))
+}
+
+/// One line of the event stream built here (not by the membership task).
+fn stream_line<B: Serialize>(kind: &str, body: B) -> Bytes {
+    let event = control::Event {
+        kind: kind.into(),
+        at: now_rfc3339(),
+        body,
+    };
+    // A struct of strings and numbers always serialises.
+    let mut line = serde_json::to_vec(&event).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
 }
 
 async fn get_events(State(api): State<Api>) -> Response {
     // Dropping the stream (client gone, node stopping) drops the
     // subscription, and with it the backlog.
     let sub = api.state.events.subscribe();
-    let first = json!({ "type": "subscribed", "at": now_rfc3339() }).to_string() + "\n";
+    let first = stream_line(control::EVENT_SUBSCRIBED, EventBody::Other {});
     let cancel = api.cancel.clone();
     let stream = futures::stream::unfold(
         (sub, cancel, Some(first)),
         |(sub, cancel, first)| async move {
             if let Some(first) = first {
-                return Some((Ok::<_, Infallible>(Bytes::from(first)), (sub, cancel, None)));
+                return Some((Ok::<_, Infallible>(first), (sub, cancel, None)));
             }
             let line = tokio::select! {
                 () = cancel.cancelled() => return None,
                 item = sub.next() => match item {
                     Item::Line(line) => line,
                     // This reader fell behind: say how much it missed, go on.
-                    Item::Dropped(n) => Bytes::from(json!({ "type": "dropped", "at": now_rfc3339(), "count": n }).to_string() + "\n"),
+                    Item::Dropped(count) => stream_line(control::EVENT_DROPPED, DroppedEvent { count }),
                 },
             };
             Some((Ok(line), (sub, cancel, None)))
@@ -711,95 +816,40 @@ async fn get_events(State(api): State<Api>) -> Response {
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "cannot build stream"))
 }
 
-fn send_error_status(e: SendError) -> (StatusCode, String) {
-    (StatusCode::CONFLICT, e.to_string())
-}
-
-async fn post_message(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {
-    let body = match body {
-        Ok(b) => b,
-        Err(rej) => return error(rej.status(), rej.body_text()),
-    };
-    let req: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("body is not valid JSON: {e}"),
-            )
-        }
-    };
-    let Some(obj) = req.as_object() else {
-        return error(StatusCode::BAD_REQUEST, "body must be a JSON object");
-    };
-    let to = match obj.get("to") {
-        None => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "missing \"to\": a peer name or id, or null to broadcast",
-            )
-        }
-        Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return error(StatusCode::BAD_REQUEST, "\"to\" must be a string or null"),
-    };
-    let topic = match obj.get("topic") {
-        None | Some(Value::Null) => String::new(),
-        Some(Value::String(s)) if s.len() <= 1024 => s.clone(),
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "\"topic\" must be a string of at most 1024 bytes",
-            )
-        }
-    };
-    let payload: Bytes = match (obj.get("payload"), obj.get("payload_b64")) {
-        (Some(Value::String(s)), None) => Bytes::from(s.clone().into_bytes()),
-        (None, Some(Value::String(b))) => match base64::engine::general_purpose::STANDARD.decode(b)
-        {
-            Ok(v) => Bytes::from(v),
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("payload_b64 is not base64: {e}"),
-                )
-            }
-        },
-        (None, None) => Bytes::new(),
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "give either \"payload\" (a string) or \"payload_b64\", not both",
-            )
-        }
-    };
+async fn post_message(
+    State(api): State<Api>,
+    JsonBody(req): JsonBody<SendRequest>,
+) -> Result<(StatusCode, Json<SendResults>), ApiError> {
+    let topic = req
+        .topic()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let payload = req
+        .payload()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if payload.len() > api.max_payload {
-        return error(
+        return Err(ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "payload of {} bytes exceeds the limit of {} bytes",
                 payload.len(),
                 api.max_payload
             ),
-        );
+        ));
     }
     let state = &api.state;
-    let msg = AppMessage { topic, payload };
+    let msg = AppMessage {
+        topic: topic.to_string(),
+        payload: Bytes::from(payload),
+    };
     let wait = state.transport.send_timeout();
     let links = state.transport.links().await;
-    let targets: Vec<_> = match &to {
+    let targets: Vec<_> = match &req.to {
         Some(key) => {
-            let peer = match state.find_peer(key) {
-                Ok(p) => p,
-                Err(FindError::Unknown) => {
-                    return error(StatusCode::NOT_FOUND, format!("no peer {}", quote(key)))
-                }
-                Err(e) => return error(StatusCode::CONFLICT, format!("{}: {e}", quote(key))),
-            };
+            let peer = find(state, key)?;
             match links.into_iter().find(|l| l.id == peer.id) {
                 Some(l) => vec![(l, peer.name)],
                 None => {
-                    return error(
+                    return Err(ApiError(
                         StatusCode::CONFLICT,
                         format!(
                             "no link to {} (state {}, link {})",
@@ -807,7 +857,7 @@ async fn post_message(State(api): State<Api>, body: Result<Bytes, BytesRejection
                             peer.state.as_str(),
                             peer.link.as_str()
                         ),
-                    )
+                    ))
                 }
             }
         }
@@ -831,31 +881,42 @@ async fn post_message(State(api): State<Api>, body: Result<Bytes, BytesRejection
         }
     });
     let outcomes = futures::future::join_all(sends).await;
-    let mut failed = None;
-    let results: Vec<Value> = outcomes
+    let mut failed = false;
+    let results = outcomes
         .into_iter()
-        .map(|(id, name, res)| match res {
-            Ok(()) => {
-                state.messages_out.fetch_add(1, Ordering::Relaxed);
-                json!({ "id": id.to_string(), "name": name, "status": "sent" })
-            }
-            Err(e) => {
-                failed = Some(send_error_status(e));
-                json!({ "id": id.to_string(), "name": name, "status": "failed", "error": e.to_string() })
+        .map(|(id, name, res)| {
+            let (status, error) = match res {
+                Ok(()) => {
+                    state.messages_out.fetch_add(1, Ordering::Relaxed);
+                    (SendStatus::Sent, None)
+                }
+                Err(e) => {
+                    failed = true;
+                    (SendStatus::Failed, Some(e.to_string()))
+                }
+            };
+            SendResult {
+                id: id.to_string(),
+                name,
+                status,
+                error,
             }
         })
         .collect();
-    let status = match (&to, failed) {
-        (Some(_), Some((status, _))) => status,
-        _ => StatusCode::OK,
+    // A send to one named peer fails as a whole (the link closed or stayed
+    // full); a broadcast reports each recipient and succeeds.
+    let status = if req.to.is_some() && failed {
+        StatusCode::CONFLICT
+    } else {
+        StatusCode::OK
     };
-    (status, Json(json!({ "results": results }))).into_response()
+    Ok((status, Json(SendResults { results })))
 }
 
 /// The keyring, or the 409 of a node without a secret.
-fn keyring(state: &NodeState) -> Result<&SharedKeyring, (StatusCode, String)> {
+fn keyring(state: &NodeState) -> Result<&SharedKeyring, ApiError> {
     state.keyring.as_ref().ok_or_else(|| {
-        (
+        ApiError(
             StatusCode::CONFLICT,
             "this node runs without a cluster secret; start it with --secret-file to use keys"
                 .into(),
@@ -863,40 +924,27 @@ fn keyring(state: &NodeState) -> Result<&SharedKeyring, (StatusCode, String)> {
     })
 }
 
-fn keys_json(state: &NodeState, ring: &Keyring) -> Value {
-    json!({
-        "secured": true,
-        "keys": ring.list(),
-        "secret_file": state.secret_file.as_ref().map(|p| p.display().to_string()),
-    })
-}
-
-async fn get_keys(State(api): State<Api>) -> Response {
-    match keyring(&api.state) {
-        Err((status, msg)) => error(status, msg),
-        Ok(ring) => {
-            let ring = ring.read().unwrap_or_else(|e| e.into_inner());
-            Json(keys_json(&api.state, &ring)).into_response()
-        }
+fn keys_info(state: &NodeState, ring: &Keyring) -> Keys {
+    Keys {
+        secured: true,
+        keys: ring
+            .list()
+            .into_iter()
+            .map(|k| KeyEntry {
+                fingerprint: k.fingerprint,
+                primary: k.primary,
+            })
+            .collect(),
+        secret_file: state.secret_file.as_ref().map(|p| p.display().to_string()),
+        changed: None,
+        warning: None,
     }
 }
 
-/// The `"key"` string of a keyring request body.
-fn key_field(body: Result<Bytes, BytesRejection>) -> Result<String, (StatusCode, String)> {
-    let body = body.map_err(|rej| (rej.status(), rej.body_text()))?;
-    let req: Value = serde_json::from_slice(&body).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            format!("body is not valid JSON: {e}"),
-        )
-    })?;
-    match req.get("key") {
-        Some(Value::String(k)) => Ok(k.clone()),
-        _ => Err((
-            StatusCode::BAD_REQUEST,
-            "body must be {\"key\": \"<base64 key or fingerprint>\"}".into(),
-        )),
-    }
+async fn get_keys(State(api): State<Api>) -> Result<Json<Keys>, ApiError> {
+    let ring = keyring(&api.state)?;
+    let ring = ring.read().unwrap_or_else(|e| e.into_inner());
+    Ok(Json(keys_info(&api.state, &ring)))
 }
 
 fn key_error_status(e: &KeyError) -> StatusCode {
@@ -907,26 +955,26 @@ fn key_error_status(e: &KeyError) -> StatusCode {
     }
 }
 
+/// A keyring edit's body, read after the keyring check (a node without a
+/// secret answers 409 whatever the body).
+type KeyBody = Result<JsonBody<KeyRequest>, ApiError>;
+
 /// Applies one keyring edit, persists it to the secret file, and answers
 /// with the new keyring (and a warning when it could not be saved).
 fn edit_keys(
     state: &NodeState,
-    body: Result<Bytes, BytesRejection>,
+    body: KeyBody,
     what: &str,
     edit: impl FnOnce(&mut Keyring, &str) -> Result<bool, KeyError>,
-) -> Response {
-    let (ring, key) = match keyring(state).and_then(|r| Ok((r, key_field(body)?))) {
-        Ok(x) => x,
-        Err((status, msg)) => return error(status, msg),
-    };
+) -> Result<Json<Keys>, ApiError> {
+    let ring = keyring(state)?;
+    let JsonBody(KeyRequest { key }) = body?;
     // The std lock is held for the edit and the small file write only.
     let mut ring = ring.write().unwrap_or_else(|e| e.into_inner());
-    let changed = match edit(&mut ring, &key) {
-        Ok(c) => c,
-        Err(e) => return error(key_error_status(&e), e.to_string()),
-    };
-    let mut out = keys_json(state, &ring);
-    out["changed"] = json!(changed);
+    let changed =
+        edit(&mut ring, &key).map_err(|e| ApiError(key_error_status(&e), e.to_string()))?;
+    let mut out = keys_info(state, &ring);
+    out.changed = Some(changed);
     if let (true, Some(path)) = (changed, &state.secret_file) {
         if let Err(e) = crate::secret::save(path, &ring) {
             let msg = format!(
@@ -934,21 +982,21 @@ fn edit_keys(
                 path.display()
             );
             tracing::warn!("{msg}");
-            out["warning"] = json!(msg);
+            out.warning = Some(msg);
         }
     }
     let keys: Vec<String> = ring.list().iter().map(|k| k.fingerprint.clone()).collect();
     tracing::info!(action = what, changed, primary = %keys[0], keys = ?keys, "keyring edited");
-    Json(out).into_response()
+    Ok(Json(out))
 }
 
-async fn post_key_install(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn post_key_install(State(api): State<Api>, body: KeyBody) -> Result<Json<Keys>, ApiError> {
     edit_keys(&api.state, body, "install", |ring, key| {
         ring.install(Key::from_base64(key)?)
     })
 }
 
-async fn post_key_use(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn post_key_use(State(api): State<Api>, body: KeyBody) -> Result<Json<Keys>, ApiError> {
     edit_keys(&api.state, body, "use", |ring, key| {
         let before = ring.primary().clone();
         ring.use_key(key)?;
@@ -956,151 +1004,27 @@ async fn post_key_use(State(api): State<Api>, body: Result<Bytes, BytesRejection
     })
 }
 
-async fn post_key_remove(State(api): State<Api>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn post_key_remove(State(api): State<Api>, body: KeyBody) -> Result<Json<Keys>, ApiError> {
     edit_keys(&api.state, body, "remove", |ring, key| {
         ring.remove(key).map(|()| true)
     })
 }
 
-async fn post_leave(State(api): State<Api>) -> Response {
+async fn post_leave(State(api): State<Api>) -> (StatusCode, Json<Leaving>) {
     api.cancel.cancel();
-    (StatusCode::ACCEPTED, Json(json!({ "status": "leaving" }))).into_response()
+    let body = Leaving {
+        status: "leaving".into(),
+    };
+    (StatusCode::ACCEPTED, Json(body))
 }
 
 async fn get_metrics(State(api): State<Api>) -> Response {
-    let s = &api.state;
-    let d = &s.discovery;
-    let t = s.transport.stats();
-    let mut out = String::new();
-    let mut by_state: BTreeMap<&str, usize> =
-        [("alive", 0), ("suspect", 0), ("failed", 0), ("left", 0)]
-            .into_iter()
-            .collect();
-    let mut links_up = 0;
-    for p in s.peers.iter() {
-        *by_state.entry(p.state.as_str()).or_default() += 1;
-        links_up += usize::from(p.link == LinkState::Up);
-    }
-    // Writing to a String cannot fail.
-    let _ = writeln!(
-        out,
-        "# HELP constellation_peers Peers by state.\n# TYPE constellation_peers gauge"
-    );
-    for (k, v) in &by_state {
-        let _ = writeln!(out, "constellation_peers{{state=\"{k}\"}} {v}");
-    }
-    let _ = writeln!(out, "# HELP constellation_links_up Data links up.\n# TYPE constellation_links_up gauge\nconstellation_links_up {links_up}");
-    let keys = s.keyring.as_ref().map_or(0, |r| {
-        r.read().unwrap_or_else(|e| e.into_inner()).keys().len()
-    });
-    let _ = writeln!(out, "# HELP constellation_keys Installed cluster keys (0: no secret, plaintext).\n# TYPE constellation_keys gauge\nconstellation_keys {keys}");
-    let pending = s.table.pending.load(Ordering::Relaxed);
-    let _ = writeln!(out, "# HELP constellation_peers_pending Peers heard by beacon or report, not yet confirmed by a link.\n# TYPE constellation_peers_pending gauge\nconstellation_peers_pending {pending}");
-    let counters: [(&str, &str, u64); 14] = [
-        (
-            "beacons_sent_total",
-            "Multicast beacons sent.",
-            d.beacons_sent.load(Ordering::Relaxed),
-        ),
-        (
-            "beacon_replies_sent_total",
-            "Unicast replies sent.",
-            d.replies_sent.load(Ordering::Relaxed),
-        ),
-        (
-            "beacons_received_total",
-            "Valid beacons received.",
-            d.beacons_received.load(Ordering::Relaxed),
-        ),
-        (
-            "frames_in_total",
-            "Frames read on links.",
-            t.frames_in.load(Ordering::Relaxed),
-        ),
-        (
-            "frames_out_total",
-            "Frames written on links.",
-            t.frames_out.load(Ordering::Relaxed),
-        ),
-        (
-            "links_established_total",
-            "Links established.",
-            t.links_established.load(Ordering::Relaxed),
-        ),
-        (
-            "dials_total",
-            "Dials started (connects and reconnects).",
-            t.dials.load(Ordering::Relaxed),
-        ),
-        (
-            "dial_failures_total",
-            "Dials that failed.",
-            t.dial_failures.load(Ordering::Relaxed),
-        ),
-        (
-            "messages_in_total",
-            "Application messages received.",
-            s.messages_in.load(Ordering::Relaxed),
-        ),
-        (
-            "messages_out_total",
-            "Application messages sent.",
-            s.messages_out.load(Ordering::Relaxed),
-        ),
-        (
-            "peers_admitted_total",
-            "Pending entries created (new ids heard by beacon or report).",
-            s.table.admitted.load(Ordering::Relaxed),
-        ),
-        (
-            "pending_refused_total",
-            "New ids refused because too many entries were pending.",
-            s.table.refused.load(Ordering::Relaxed),
-        ),
-        (
-            "stalls_total",
-            "Times the node noticed its own lateness and held its verdicts.",
-            s.table.stalls.load(Ordering::Relaxed),
-        ),
-        (
-            "uptime_seconds_total",
-            "Seconds since start.",
-            s.started.elapsed().as_secs(),
-        ),
-    ];
-    for (name, help, v) in counters {
-        let _ = writeln!(out, "# HELP constellation_{name} {help}\n# TYPE constellation_{name} counter\nconstellation_{name} {v}");
-    }
-    let counters = link_counters(s).await;
-    let (bytes_in, bytes_out) = counters.values().fold((0, 0), |(i, o), c| {
-        (
-            i + c.bytes_in.load(Ordering::Relaxed),
-            o + c.bytes_out.load(Ordering::Relaxed),
-        )
-    });
-    let _ = writeln!(out, "# HELP constellation_payload_bytes Application payload bytes on current links.\n# TYPE constellation_payload_bytes gauge\nconstellation_payload_bytes{{direction=\"in\"}} {bytes_in}\nconstellation_payload_bytes{{direction=\"out\"}} {bytes_out}");
-    let _ = writeln!(out, "# HELP constellation_transitions_total Peer state changes, by event.\n# TYPE constellation_transitions_total counter");
-    for (kind, v) in s.transitions.snapshot() {
-        let _ = writeln!(
-            out,
-            "constellation_transitions_total{{event=\"{kind}\"}} {v}"
-        );
-    }
-    let _ = writeln!(out, "# HELP constellation_beacons_dropped_total Datagrams dropped, by reason.\n# TYPE constellation_beacons_dropped_total counter");
-    for (reason, v) in d.drops.snapshot() {
-        let _ = writeln!(
-            out,
-            "constellation_beacons_dropped_total{{reason=\"{reason}\"}} {v}"
-        );
-    }
-    let _ = writeln!(out, "# HELP constellation_links_refused_total Connections or frames refused, by reason.\n# TYPE constellation_links_refused_total counter");
-    for (reason, v) in t.drops.snapshot() {
-        let _ = writeln!(
-            out,
-            "constellation_links_refused_total{{reason=\"{reason}\"}} {v}"
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let snapshot = metrics::Snapshot::take(&api.state).await;
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics::encode(snapshot),
+    )
+        .into_response()
 }
 
 #[cfg(test)]
@@ -1142,6 +1066,34 @@ mod tests {
         );
     }
 
+    #[derive(Debug, serde::Deserialize)]
+    struct Numbered {
+        #[allow(dead_code)] // read by serde only
+        n: u64,
+    }
+
+    impl RequestShape for Numbered {
+        const SHAPE: &'static str = r#"{"n": 1}"#;
+    }
+
+    #[test]
+    fn request_bodies_are_objects_and_refusals_name_the_field_briefly() {
+        let refusal = |body: &str| parse_body::<Numbered>(body.as_bytes()).unwrap_err();
+        assert!(parse_body::<Numbered>(br#" {"n": 1, "extra": [true]}"#).is_ok());
+        let ApiError(status, msg) = refusal("[1]");
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(msg.starts_with("body must be a JSON object"), "{msg}");
+        assert!(refusal("[1").1.starts_with("body is not valid JSON"));
+        assert!(refusal(r#"{"n": 1} {}"#)
+            .1
+            .starts_with("body is not valid JSON"));
+        assert!(refusal("{}").1.starts_with("missing field `n`"));
+        let long = format!(r#"{{"n": "{}"}}"#, "x".repeat(10_000));
+        let ApiError(_, msg) = refusal(&long);
+        assert!(msg.starts_with("\"n\": invalid type: string"), "{msg}");
+        assert!(msg.len() < 4 * QUOTE_MAX, "{} bytes", msg.len());
+    }
+
     #[test]
     fn the_connection_bound_follows_the_descriptor_limit() {
         let bound = connection_bound();
@@ -1150,7 +1102,7 @@ mod tests {
         let (head, body) = refusal.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 503 "));
         assert!(head.contains(&format!("content-length: {}", body.len())));
-        let v: Value = serde_json::from_str(body).unwrap();
-        assert!(v["error"].as_str().unwrap().contains("too many"));
+        let v: ErrorBody = serde_json::from_str(body).unwrap();
+        assert!(v.error.contains("too many"));
     }
 }

@@ -1,5 +1,7 @@
-//! The CLI subcommands: thin clients of the control API that render its JSON
-//! for people (or print it as is with `--json`).
+//! The CLI subcommands: thin clients of the control API that render its
+//! answers for people (or print its JSON as is with `--json`). Answers are
+//! read as the [`proto::control`] types the daemon writes, so the two cannot
+//! disagree on a field name.
 //!
 //! Exit codes: 0 success, 1 the daemon answered with an error, 2 usage,
 //! 3 no daemon at the socket.
@@ -17,9 +19,13 @@ use std::process::ExitCode;
 
 use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
-use serde_json::{json, Value};
+use proto::control::{
+    Event, EventBody, Health, HealthQuery, KeyRequest, Keys, NodeInfo, PeerList, PeersQuery,
+    SendRequest, SendResults, SendStatus,
+};
+use serde::de::{DeserializeOwned, IgnoredAny};
 
-use crate::client::{Client, ClientError};
+use crate::client::{Answer, Client, ClientError};
 use crate::config::{Command, KeysAction, SocketArg};
 use crate::socket;
 
@@ -75,24 +81,6 @@ pub fn json_safe(json: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// The string field `k` of `v`, escaped ("" if absent).
-fn text(v: &Value, k: &str) -> String {
-    escape(v.get(k).and_then(Value::as_str).unwrap_or("")).into_owned()
-}
-
-/// Any value for people: a string escaped, anything else as JSON, escaped.
-fn shown(v: &Value) -> String {
-    match v {
-        Value::String(s) => escape(s).into_owned(),
-        other => escape(&other.to_string()).into_owned(),
-    }
-}
-
-/// Like [`text`], with `default` when absent.
-fn text_or(v: &Value, k: &str, default: &str) -> String {
-    escape(v.get(k).and_then(Value::as_str).unwrap_or(default)).into_owned()
-}
-
 fn fail(e: ClientError) -> ExitCode {
     eprintln!("constellationd: {}", escape(&e.to_string()));
     match e {
@@ -101,18 +89,28 @@ fn fail(e: ClientError) -> ExitCode {
     }
 }
 
-fn api_error(status: StatusCode, v: &Value) -> ExitCode {
-    let msg = v
-        .get("error")
-        .and_then(Value::as_str)
-        .unwrap_or("request failed");
-    eprintln!("constellationd: {} ({status})", escape(msg));
+/// An error answer: its message on stderr, exit 1.
+fn api_error(answer: &Answer) -> ExitCode {
+    let msg = answer.error_message();
+    eprintln!("constellationd: {} ({})", escape(&msg), answer.status);
     ExitCode::from(EXIT_API)
 }
 
-fn print_json(v: &Value) {
-    let pretty = serde_json::to_string_pretty(v).unwrap_or_default();
-    println!("{}", json_safe(&pretty));
+/// `--json`: the daemon's answer as it sent it, pretty-printed.
+fn print_json(answer: &Answer) -> ExitCode {
+    match answer.json() {
+        Ok(v) => {
+            let pretty = serde_json::to_string_pretty(&v).unwrap_or_default();
+            println!("{}", json_safe(&pretty));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `s`, escaped, as an owned string.
+fn esc(s: &str) -> String {
+    escape(s).into_owned()
 }
 
 /// Whether to colour output: a terminal, and `NO_COLOR` unset.
@@ -150,12 +148,7 @@ fn short(id: &str) -> String {
 }
 
 /// Renders the peers table (sorted by name by the API).
-pub fn render_peers(v: &Value, colour: bool) -> String {
-    let peers = v
-        .get("peers")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+pub fn render_peers(list: &PeerList, colour: bool) -> String {
     let header = [
         "NAME",
         "ID",
@@ -166,45 +159,36 @@ pub fn render_peers(v: &Value, colour: bool) -> String {
         "LAST-SEEN",
         "TAGS",
     ];
-    let rows: Vec<[String; 8]> = peers
+    let rows: Vec<[String; 8]> = list
+        .peers
         .iter()
-        .map(|p| {
-            let s = |k: &str| text(p, k);
-            let state = if p.get("conflict").is_some_and(|c| !c.is_null()) {
-                format!("{} (conflict)", s("state"))
-            } else if p.get("degraded") == Some(&Value::Bool(true)) {
-                format!("{} (degraded)", s("state"))
+        .map(|e| {
+            let p = &e.peer;
+            let state = if p.conflict.is_some() {
+                format!("{} (conflict)", esc(&p.state))
+            } else if p.degraded {
+                format!("{} (degraded)", esc(&p.state))
             } else {
-                s("state")
+                esc(&p.state)
             };
             let rtt = p
-                .get("rtt_ms")
-                .and_then(Value::as_f64)
+                .rtt_ms
                 .map(|r| format!("{r:.2}ms"))
                 .unwrap_or_else(|| "-".into());
-            let seen = p
-                .get("last_seen_ms")
-                .and_then(Value::as_u64)
-                .map(human_ms)
-                .unwrap_or_default();
             let tags = p
-                .get("tags")
-                .and_then(Value::as_object)
-                .map(|t| {
-                    t.iter()
-                        .map(|(k, v)| format!("{}={}", escape(k), escape(v.as_str().unwrap_or(""))))
-                        .collect::<Vec<_>>()
-                        .join(",")
-                })
-                .unwrap_or_default();
+                .tags
+                .iter()
+                .map(|(k, v)| format!("{}={}", escape(k), escape(v)))
+                .collect::<Vec<_>>()
+                .join(",");
             [
-                s("name"),
-                short(p.get("id").and_then(Value::as_str).unwrap_or("")),
+                esc(&p.name),
+                short(&p.id),
                 state,
-                s("addr"),
-                s("link"),
+                esc(&p.addr),
+                esc(&p.link),
                 rtt,
-                seen,
+                human_ms(p.last_seen_ms),
                 tags,
             ]
         })
@@ -237,51 +221,33 @@ pub fn render_peers(v: &Value, colour: bool) -> String {
     for r in rows {
         out.push_str(&line(r, colour));
     }
-    if peers.is_empty() {
+    if list.peers.is_empty() {
         out.push_str("(no peers yet)\n");
     }
     out
 }
 
-fn render_status(v: &Value) -> String {
-    let s = |k: &str| text(v, k);
-    let c = &v["counters"];
-    let n = |k: &str| c.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let list = |k: &str| {
-        v.get(k)
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(escape)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default()
-    };
-    let ifaces = v["interfaces"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|i| format!("{} ({})", text(i, "name"), text(i, "addr")))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default();
-    let peers = &v["peers"];
-    let pc = |k: &str| peers.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let drops = |k: &str| {
-        c.get(k)
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| format!("{}={}", escape(k), shown(v)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "none".into())
-    };
+/// `k=v, ...` of a count map, escaped (`none` when empty).
+fn counts(m: &proto::control::Counts) -> String {
+    if m.is_empty() {
+        return "none".into();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{}={v}", escape(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn render_status(v: &NodeInfo) -> String {
+    let c = &v.counters;
+    let list = |a: &[String]| a.iter().map(|s| escape(s)).collect::<Vec<_>>().join(", ");
+    let ifaces = v
+        .interfaces
+        .iter()
+        .map(|i| format!("{} ({})", escape(&i.name), escape(&i.addr)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let pc = |k: &str| v.peers.get(k).copied().unwrap_or(0);
     let mut out = format!(
         "name:        {} (id {}, incarnation {})\n\
          cluster:     {} ({})\n\
@@ -295,53 +261,45 @@ fn render_status(v: &Value) -> String {
          beacons:     sent {}, received {}, replies sent {}; dropped: {}\n\
          links:       established {}, dials {}, failed dials {}; refused: {}\n\
          frames:      in {}, out {}; messages in {}, out {}\n",
-        s("name"),
-        s("id"),
-        shown(&v["incarnation"]),
-        s("cluster"),
-        if v["secured"].as_bool() == Some(true) {
+        esc(&v.name),
+        esc(&v.id),
+        v.incarnation,
+        esc(&v.cluster),
+        if v.secured {
             "secured: beacons and links authenticated and encrypted"
         } else {
             "no cluster secret: plaintext"
         },
-        list("addresses"),
-        s("listen"),
+        list(&v.addresses),
+        esc(&v.listen),
         ifaces,
-        s("group"),
-        shown(&v["ttl"]),
-        if v["multicast_loops_back"].as_bool() == Some(true) {
-            "yes"
-        } else {
-            "no"
-        },
-        human_ms(v["uptime_ms"].as_u64().unwrap_or(0)),
+        esc(&v.group),
+        v.ttl,
+        if v.multicast_loops_back { "yes" } else { "no" },
+        human_ms(v.uptime_ms),
         pc("alive"),
         pc("suspect"),
         pc("failed"),
         pc("left"),
-        shown(&v["links_up"]),
-        n("beacons_sent"),
-        n("beacons_received"),
-        n("replies_sent"),
-        drops("beacons_dropped"),
-        n("links_established"),
-        n("dials"),
-        n("dial_failures"),
-        drops("links_refused"),
-        n("frames_in"),
-        n("frames_out"),
-        n("messages_in"),
-        n("messages_out"),
+        v.links_up,
+        c.beacons_sent,
+        c.beacons_received,
+        c.replies_sent,
+        counts(&c.beacons_dropped),
+        c.links_established,
+        c.dials,
+        c.dial_failures,
+        counts(&c.links_refused),
+        c.frames_in,
+        c.frames_out,
+        c.messages_in,
+        c.messages_out,
     );
-    let warnings: Vec<&str> = v["warnings"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    if warnings.is_empty() {
+    if v.warnings.is_empty() {
         out.push_str("warnings:    none\n");
     } else {
         out.push_str("warnings:\n");
-        for w in warnings {
+        for w in &v.warnings {
             out.push_str(&format!("  - {}\n", escape(w)));
         }
     }
@@ -349,39 +307,35 @@ fn render_status(v: &Value) -> String {
 }
 
 /// One event line for people.
-pub fn render_event(v: &Value) -> String {
-    let kind = text_or(v, "type", "?");
-    let at = v["at"].as_str().unwrap_or("");
+pub fn render_event(ev: &Event) -> String {
+    let kind = escape(&ev.kind);
+    let at = ev.at.as_str();
     let time = escape(at.get(11..23).unwrap_or(at));
-    match kind.as_str() {
-        "message" => format!(
+    match &ev.body {
+        EventBody::Message(m) => format!(
             "{time}  message from {} [{}]: {}",
-            v["from_name"]
-                .as_str()
-                .map(|n| escape(n).into_owned())
-                .unwrap_or_else(|| text_or(v, "from", "?")),
-            text(v, "topic"),
-            v["payload"]
-                .as_str()
-                .map(|p| escape(p).into_owned())
-                .unwrap_or_else(|| format!("(binary, base64 {})", text(v, "payload_b64")))
+            esc(m.from_name.as_deref().unwrap_or(&m.from)),
+            escape(&m.topic),
+            m.payload
+                .as_deref()
+                .map(esc)
+                .unwrap_or_else(|| format!("(binary, base64 {})", escape(&m.payload_b64)))
         ),
-        "dropped" => format!(
-            "{time}  ... {} events dropped (reader too slow)",
-            shown(&v["count"])
-        ),
-        "subscribed" => format!("{time}  watching events (Ctrl-C to stop)"),
-        _ => {
-            let p = &v["peer"];
-            format!(
-                "{time}  {kind:<15} {} ({}) {} state={} link={}",
-                text_or(p, "name", "?"),
-                short(p["id"].as_str().unwrap_or("")),
-                text(p, "addr"),
-                text(p, "state"),
-                text(p, "link")
-            )
+        EventBody::Dropped(d) => {
+            format!("{time}  ... {} events dropped (reader too slow)", d.count)
         }
+        EventBody::Peer { peer: p } => format!(
+            "{time}  {kind:<15} {} ({}) {} state={} link={}",
+            escape(&p.name),
+            short(&p.id),
+            escape(&p.addr),
+            escape(&p.state),
+            escape(&p.link)
+        ),
+        EventBody::Other {} if ev.kind == proto::control::EVENT_SUBSCRIBED => {
+            format!("{time}  watching events (Ctrl-C to stop)")
+        }
+        EventBody::Other {} => format!("{time}  {kind}"),
     }
 }
 
@@ -421,25 +375,12 @@ async fn run(cmd: Command) -> ExitCode {
             state,
             tag,
         } => {
-            let mut q: Vec<String> = Vec::new();
-            if let Some(s) = state {
-                q.push(format!("state={}", urlencode(&s)));
-            }
-            for (k, v) in tag {
-                q.push(format!("tag={}", urlencode(&format!("{k}:{v}"))));
-            }
-            let uri = if q.is_empty() {
-                "/v1/peers".to_string()
-            } else {
-                format!("/v1/peers?{}", q.join("&"))
-            };
-            show(&sock, Method::GET, &uri, None, json, |v| {
-                render_peers(v, colour())
-            })
-            .await
+            let uri = PeersQuery { state, tags: tag }.uri();
+            let answer = client(&sock).get(&uri).await;
+            show(answer, json, |v| render_peers(v, colour()))
         }
         Command::Status { sock, json } => {
-            show(&sock, Method::GET, "/v1/self", None, json, render_status).await
+            show(client(&sock).get("/v1/self").await, json, render_status)
         }
         Command::Watch { sock, json } => watch(&client(&sock), json).await,
         Command::Send {
@@ -448,41 +389,46 @@ async fn run(cmd: Command) -> ExitCode {
             topic,
             message,
             json,
-        } => send(&sock, Value::from(node), topic, message, json).await,
+        } => send(&sock, Some(node), topic, message, json).await,
         Command::Broadcast {
             sock,
             topic,
             message,
             json,
-        } => send(&sock, Value::Null, topic, message, json).await,
-        Command::Leave { sock } => {
-            match client(&sock).json(Method::POST, "/v1/leave", None).await {
-                Err(e) => fail(e),
-                Ok((st, v)) if !st.is_success() => api_error(st, &v),
-                Ok(_) => {
-                    println!("leaving the cluster");
-                    ExitCode::SUCCESS
-                }
+        } => send(&sock, None, topic, message, json).await,
+        Command::Leave { sock } => match client(&sock).post::<()>("/v1/leave", None).await {
+            Err(e) => fail(e),
+            Ok(a) if !a.status.is_success() => api_error(&a),
+            Ok(_) => {
+                println!("leaving the cluster");
+                ExitCode::SUCCESS
             }
-        }
+        },
         Command::Health { sock, min_peers } => {
-            let uri = format!("/v1/health?min_peers={min_peers}");
-            match client(&sock).json(Method::GET, &uri, None).await {
+            let uri = HealthQuery { min_peers }.uri();
+            match client(&sock).get(&uri).await {
                 Err(e) => fail(e),
-                Ok((st, v)) if st == StatusCode::OK || st == StatusCode::SERVICE_UNAVAILABLE => {
+                Ok(a)
+                    if a.status == StatusCode::OK
+                        || a.status == StatusCode::SERVICE_UNAVAILABLE =>
+                {
+                    let h: Health = match a.parse() {
+                        Ok(h) => h,
+                        Err(e) => return fail(e),
+                    };
                     println!(
                         "{}: {} of {} alive peers",
-                        text_or(&v, "status", "?"),
-                        shown(&v["alive_peers"]),
-                        shown(&v["min_peers"])
+                        h.status.as_str(),
+                        h.alive_peers,
+                        h.min_peers
                     );
-                    if st == StatusCode::OK {
+                    if a.status == StatusCode::OK {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::from(EXIT_API)
                     }
                 }
-                Ok((st, v)) => api_error(st, &v),
+                Ok(a) => api_error(&a),
             }
         }
     }
@@ -490,26 +436,16 @@ async fn run(cmd: Command) -> ExitCode {
 
 /// `keys list|install|use|remove`.
 async fn keys(sock: &SocketArg, action: KeysAction) -> ExitCode {
-    let (method, uri, body, json_out) = match &action {
-        KeysAction::List { json } => (Method::GET, "/v1/keys", None, *json),
-        KeysAction::Install { key } => {
-            (Method::POST, "/v1/keys", Some(json!({ "key": key })), false)
-        }
-        KeysAction::Use { key } => (
-            Method::POST,
-            "/v1/keys/use",
-            Some(json!({ "key": key })),
-            false,
-        ),
-        KeysAction::Remove { key } => (
-            Method::POST,
-            "/v1/keys/remove",
-            Some(json!({ "key": key })),
-            false,
-        ),
+    let c = client(sock);
+    let edit = |key: &String| KeyRequest { key: key.clone() };
+    let (answer, json_out) = match &action {
+        KeysAction::List { json } => (c.get("/v1/keys").await, *json),
+        KeysAction::Install { key } => (c.post("/v1/keys", Some(&edit(key))).await, false),
+        KeysAction::Use { key } => (c.post("/v1/keys/use", Some(&edit(key))).await, false),
+        KeysAction::Remove { key } => (c.post("/v1/keys/remove", Some(&edit(key))).await, false),
     };
-    show(sock, method, uri, body, json_out, |v| {
-        let done = match (&action, v["changed"].as_bool()) {
+    show(answer, json_out, |v: &Keys| {
+        let done = match (&action, v.changed) {
             (KeysAction::List { .. }, _) => "",
             (KeysAction::Install { .. }, Some(false)) => "already installed\n",
             (KeysAction::Install { .. }, _) => "installed\n",
@@ -517,76 +453,71 @@ async fn keys(sock: &SocketArg, action: KeysAction) -> ExitCode {
             (KeysAction::Use { .. }, _) => "now primary\n",
             (KeysAction::Remove { .. }, _) => "removed\n",
         };
-        if let Some(w) = v["warning"].as_str() {
+        if let Some(w) = &v.warning {
             eprintln!("warning: {}", escape(w));
         }
         format!("{done}{}", render_keys(v))
     })
-    .await
 }
 
-/// One request, its answer printed: the API's JSON with `--json`, else what
-/// `render` makes of it for people.
-async fn show(
-    sock: &SocketArg,
-    method: Method,
-    uri: &str,
-    body: Option<Value>,
+/// One answer printed: the API's JSON with `--json`, else what `render`
+/// makes of it (read as `T`) for people.
+fn show<T: DeserializeOwned>(
+    answer: Result<Answer, ClientError>,
     json: bool,
-    render: impl FnOnce(&Value) -> String,
+    render: impl FnOnce(&T) -> String,
 ) -> ExitCode {
-    match client(sock).json(method, uri, body).await {
+    match answer {
         Err(e) => fail(e),
-        Ok((st, v)) if !st.is_success() => api_error(st, &v),
-        Ok((_, v)) if json => {
-            print_json(&v);
-            ExitCode::SUCCESS
-        }
-        Ok((_, v)) => {
-            print!("{}", render(&v));
-            ExitCode::SUCCESS
-        }
+        Ok(a) if !a.status.is_success() => api_error(&a),
+        Ok(a) if json => print_json(&a),
+        Ok(a) => match a.parse::<T>() {
+            Ok(v) => {
+                print!("{}", render(&v));
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
     }
 }
 
 /// The keyring as a table: fingerprint and role.
-pub fn render_keys(v: &Value) -> String {
+pub fn render_keys(v: &Keys) -> String {
     let mut out = String::from("FINGERPRINT       ROLE\n");
-    for k in v["keys"].as_array().into_iter().flatten() {
-        let role = if k["primary"].as_bool() == Some(true) {
+    for k in &v.keys {
+        let role = if k.primary {
             "primary (seals, accepts)"
         } else {
             "accepts"
         };
-        out.push_str(&format!("{:<16}  {role}\n", text_or(k, "fingerprint", "?")));
+        out.push_str(&format!("{:<16}  {role}\n", escape(&k.fingerprint)));
     }
     out
 }
 
 /// The outcome of `send` or `broadcast`, one line per recipient.
-pub fn render_results(v: &Value) -> String {
-    let results = v["results"].as_array().cloned().unwrap_or_default();
-    if results.is_empty() {
+pub fn render_results(v: &SendResults) -> String {
+    if v.results.is_empty() {
         return "no linked peers; nothing sent\n".into();
     }
     let mut out = String::new();
-    for r in &results {
-        let (name, id) = (
-            text_or(r, "name", "?"),
-            short(r["id"].as_str().unwrap_or("")),
-        );
-        out.push_str(&match r["status"].as_str() {
-            Some("sent") => format!("sent to {name} ({id})\n"),
-            _ => format!("FAILED {name} ({id}): {}\n", text(r, "error")),
+    for r in &v.results {
+        let (name, id) = (escape(&r.name), short(&r.id));
+        out.push_str(&match r.status {
+            SendStatus::Sent => format!("sent to {name} ({id})\n"),
+            SendStatus::Failed => format!(
+                "FAILED {name} ({id}): {}\n",
+                escape(r.error.as_deref().unwrap_or(""))
+            ),
         });
     }
     out
 }
 
-/// `send` and `broadcast`: `to` is a peer, or null for every linked peer.
+/// `send` and `broadcast`: `to` is a peer, or `None` for every linked peer.
 async fn send(
     sock: &SocketArg,
-    to: Value,
+    to: Option<String>,
     topic: String,
     message: Option<String>,
     json: bool,
@@ -595,30 +526,32 @@ async fn send(
         Ok(p) => p,
         Err(code) => return code,
     };
-    let body = json!({ "to": to, "topic": topic, "payload": payload });
-    match client(sock)
-        .json(Method::POST, "/v1/messages", Some(body))
-        .await
-    {
-        Err(e) => fail(e),
-        Ok((st, v)) if v.get("error").is_some() => api_error(st, &v),
-        Ok((st, v)) => {
-            if json {
-                print_json(&v);
-            } else {
-                print!("{}", render_results(&v));
-            }
-            if st.is_success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_API)
-            }
-        }
+    let body = SendRequest::text(to, topic, payload);
+    let answer = match client(sock).post("/v1/messages", Some(&body)).await {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    // A failed send to one peer is a 409 that still lists the outcome.
+    let Ok(results) = answer.parse::<SendResults>() else {
+        return api_error(&answer);
+    };
+    if json {
+        print_json(&answer);
+    } else {
+        print!("{}", render_results(&results));
+    }
+    if answer.status.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_API)
     }
 }
 
 async fn watch(client: &Client, json: bool) -> ExitCode {
-    let resp = match client.request(Method::GET, "/v1/events", None).await {
+    let resp = match client
+        .request(Method::GET, "/v1/events", Default::default())
+        .await
+    {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
@@ -653,11 +586,17 @@ async fn watch(client: &Client, json: bool) -> ExitCode {
             let line: Vec<u8> = pending.drain(..=pos).collect();
             let line_text = String::from_utf8_lossy(&line[..line.len() - 1]).to_string();
             let mut out = stdout.lock();
-            let res = match serde_json::from_str::<Value>(&line_text) {
-                // The daemon's line as is (C1 and DEL escaped), or rendered.
-                Ok(_) if json => writeln!(out, "{}", json_safe(&line_text)),
-                Ok(v) => writeln!(out, "{}", render_event(&v)),
-                Err(_) => writeln!(out, "{}", escape(&line_text)),
+            let res = if json {
+                // The daemon's line as is (C1 and DEL escaped).
+                match serde_json::from_str::<IgnoredAny>(&line_text) {
+                    Ok(_) => writeln!(out, "{}", json_safe(&line_text)),
+                    Err(_) => writeln!(out, "{}", escape(&line_text)),
+                }
+            } else {
+                match serde_json::from_str::<Event>(&line_text) {
+                    Ok(ev) => writeln!(out, "{}", render_event(&ev)),
+                    Err(_) => writeln!(out, "{}", escape(&line_text)),
+                }
             };
             if res.and_then(|()| out.flush()).is_err() {
                 return ExitCode::SUCCESS; // stdout closed (e.g. piped into head)
@@ -666,21 +605,15 @@ async fn watch(client: &Client, json: bool) -> ExitCode {
     }
 }
 
-/// Percent-encodes a query value.
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::control::{
+        DroppedEvent, InterfaceInfo, KeyEntry, LinkTraffic, MessageEvent, NodeCounters, PeerEntry,
+        PeerInfo, SendResult,
+    };
+    use proto::Tags;
+    use serde_json::{json, Value};
 
     #[test]
     fn durations_are_human() {
@@ -690,13 +623,25 @@ mod tests {
         assert_eq!(human_ms(7_500_000), "2h5m");
     }
 
+    /// Reads what the daemon would send as the type the CLI reads.
+    fn read<T: DeserializeOwned>(v: Value) -> T {
+        serde_json::from_value(v).expect("the daemon's shape")
+    }
+
     #[test]
     fn peers_table_is_aligned_and_plain_without_colour() {
+        let peer =
+            |id: &str, name: &str, state: &str, link: &str, rtt: Value, seen: u64, tags: Value| {
+                json!({"id": id, "name": name, "state": state, "addr": "127.0.0.1:1", "link": link,
+                "rtt_ms": rtt, "last_seen_ms": seen, "incarnation": 1, "tags": tags,
+                "conflict": null, "degraded": false, "since_ms": 1, "messages_in": 0,
+                "messages_out": 0, "bytes_in": 0, "bytes_out": 0})
+            };
         let v = json!({"peers": [
-            {"id": "0123456789abcdef0123456789abcdef", "name": "a", "state": "alive", "addr": "127.0.0.1:1", "link": "up", "rtt_ms": 0.25, "last_seen_ms": 20, "tags": {"role": "db"}},
-            {"id": "fedcba9876543210fedcba9876543210", "name": "longer-name", "state": "failed", "addr": "127.0.0.1:22", "link": "down", "rtt_ms": null, "last_seen_ms": 4000, "tags": {}}
+            peer("0123456789abcdef0123456789abcdef", "a", "alive", "up", json!(0.25), 20, json!({"role": "db"})),
+            peer("fedcba9876543210fedcba9876543210", "longer-name", "failed", "down", Value::Null, 4000, json!({})),
         ]});
-        let out = render_peers(&v, false);
+        let out = render_peers(&read(v), false);
         let lines: Vec<&str> = out.lines().collect();
         assert!(
             lines[0].starts_with("NAME         ID        STATE"),
@@ -737,47 +682,161 @@ mod tests {
         assert_eq!(serde_json::from_str::<Value>(&safe).unwrap(), v);
     }
 
+    fn evil_peer() -> PeerInfo {
+        let e = || EVIL.to_string();
+        PeerInfo {
+            id: format!("0123{EVIL}"),
+            name: e(),
+            state: e(),
+            addr: e(),
+            link: e(),
+            rtt_ms: None,
+            last_seen_ms: 1,
+            incarnation: 1,
+            tags: Tags::from([(e(), e())]),
+            conflict: None,
+            degraded: false,
+            since_ms: 1,
+        }
+    }
+
+    /// Every string the daemon sends may carry control characters (numbers
+    /// cannot, now that they are read as numbers).
     #[test]
     fn every_human_rendering_escapes_what_the_daemon_sent() {
-        let peer = json!({"id": format!("0123{EVIL}"), "name": EVIL, "state": EVIL, "addr": EVIL,
-            "link": EVIL, "rtt_ms": null, "last_seen_ms": 1, "tags": {EVIL: EVIL}});
-        let peers = render_peers(&json!({ "peers": [peer.clone()] }), false);
+        let e = || EVIL.to_string();
+        let list = PeerList {
+            peers: vec![PeerEntry {
+                peer: evil_peer(),
+                traffic: LinkTraffic::default(),
+            }],
+        };
+        let peers = render_peers(&list, false);
         assert_eq!(peers.lines().count(), 2, "{peers}");
         assert!(clean(&peers) && peers.contains(SHOWN), "{peers}");
 
-        let status = render_status(&json!({
-            "name": EVIL, "id": EVIL, "cluster": EVIL, "addresses": [EVIL], "listen": EVIL,
-            "interfaces": [{"name": EVIL, "addr": EVIL}], "group": EVIL, "ttl": EVIL,
-            "incarnation": EVIL, "links_up": EVIL,
-            "counters": {"beacons_dropped": {EVIL: 1}, "links_refused": {EVIL: EVIL}},
-            "warnings": [EVIL],
-        }));
+        let status = render_status(&NodeInfo {
+            id: e(),
+            name: e(),
+            cluster: e(),
+            incarnation: 1,
+            addresses: vec![e()],
+            listen: e(),
+            interfaces: vec![InterfaceInfo {
+                name: e(),
+                addr: e(),
+            }],
+            group: e(),
+            ttl: 0,
+            uptime_ms: 0,
+            tags: Tags::new(),
+            multicast_loops_back: true,
+            secured: false,
+            peers: [(e(), 1)].into(),
+            transitions: [(e(), 1)].into(),
+            links_up: 0,
+            counters: NodeCounters {
+                beacons_sent: 0,
+                beacons_received: 0,
+                replies_sent: 0,
+                beacon_send_errors: 0,
+                beacons_dropped: [(e(), 1)].into(),
+                frames_in: 0,
+                frames_out: 0,
+                links_established: 0,
+                dials: 0,
+                dial_failures: 0,
+                links_refused: [(e(), 2)].into(),
+                messages_in: 0,
+                messages_out: 0,
+                peers_pending: 0,
+                peers_admitted: 0,
+                pending_refused: 0,
+                stalls: 0,
+                event_subscribers: 0,
+                events_dropped: 0,
+            },
+            warnings: vec![e()],
+        });
         assert!(clean(&status) && status.contains(SHOWN), "{status}");
 
+        let event = |kind: &str, at: &str, body: EventBody| Event {
+            kind: kind.into(),
+            at: at.into(),
+            body,
+        };
+        let message = |from_name: Option<String>, payload: Option<String>| {
+            EventBody::Message(MessageEvent {
+                from: e(),
+                from_name,
+                topic: e(),
+                payload,
+                payload_b64: e(),
+            })
+        };
+        let peer = || EventBody::Peer { peer: evil_peer() };
         for ev in [
-            json!({"type": "peer_joined", "at": EVIL, "peer": peer}),
-            json!({"type": EVIL, "at": "2024-01-01T00:00:00.000000Z", "peer": peer}),
-            json!({"type": "message", "at": EVIL, "from_name": EVIL, "topic": EVIL, "payload": EVIL}),
-            json!({"type": "message", "from": EVIL, "payload": null, "payload_b64": EVIL}),
-            json!({"type": "dropped", "count": EVIL}),
+            event("peer_joined", EVIL, peer()),
+            event(EVIL, "2024-01-01T00:00:00.000000Z", peer()),
+            event("message", EVIL, message(Some(e()), Some(e()))),
+            event("message", "", message(None, None)),
+            event(
+                "dropped",
+                EVIL,
+                EventBody::Dropped(DroppedEvent { count: 1 }),
+            ),
+            event(EVIL, "", EventBody::Other {}),
         ] {
             let line = render_event(&ev);
             assert!(clean(&line) && line.contains(SHOWN), "{line}");
         }
 
-        let keys = render_keys(&json!({"keys": [{"fingerprint": EVIL, "primary": true}]}));
+        let keys = render_keys(&Keys {
+            secured: true,
+            keys: vec![KeyEntry {
+                fingerprint: e(),
+                primary: true,
+            }],
+            secret_file: None,
+            changed: None,
+            warning: None,
+        });
         assert!(clean(&keys) && keys.contains(SHOWN), "{keys}");
 
-        let sent = render_results(&json!({"results": [
-            {"id": EVIL, "name": EVIL, "status": "sent"},
-            {"id": EVIL, "name": EVIL, "status": "failed", "error": EVIL},
-        ]}));
+        let result = |status, error| SendResult {
+            id: e(),
+            name: e(),
+            status,
+            error,
+        };
+        let sent = render_results(&SendResults {
+            results: vec![
+                result(SendStatus::Sent, None),
+                result(SendStatus::Failed, Some(e())),
+            ],
+        });
         assert_eq!(sent.lines().count(), 2, "{sent}");
         assert!(clean(&sent) && sent.contains(SHOWN), "{sent}");
     }
 
     #[test]
-    fn query_values_are_encoded() {
-        assert_eq!(urlencode("role:db x"), "role%3Adb%20x");
+    fn events_render_by_shape() {
+        let line = |s: &str| render_event(&serde_json::from_str::<Event>(s).unwrap());
+        let at = "2024-01-01T10:20:30.123456Z";
+        assert_eq!(
+            line(&format!(r#"{{"type":"subscribed","at":"{at}"}}"#)),
+            "10:20:30.123  watching events (Ctrl-C to stop)"
+        );
+        assert_eq!(
+            line(&format!(r#"{{"type":"dropped","at":"{at}","count":7}}"#)),
+            "10:20:30.123  ... 7 events dropped (reader too slow)"
+        );
+        let msg = format!(
+            r#"{{"type":"message","at":"{at}","from":"f","from_name":null,"topic":"t","payload":null,"payload_b64":"AAE="}}"#
+        );
+        assert_eq!(
+            line(&msg),
+            "10:20:30.123  message from f [t]: (binary, base64 AAE=)"
+        );
     }
 }

@@ -23,11 +23,13 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use dashmap::DashMap;
 use discovery::Interface;
+use proto::control;
 use proto::membership::Peer;
 use proto::secure::SharedKeyring;
 use proto::{Incarnation, NodeId, Tags};
-use serde_json::{json, Value};
+use serde::Serialize;
 use tokio::sync::Notify;
+use tracing::warn;
 use transport::Transport;
 
 /// Bytes of event lines buffered per `/v1/events` subscriber before further
@@ -108,29 +110,34 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()
 }
 
-/// How a peer looks in the API (link counters are added by the caller).
-pub fn peer_json(p: &Peer, now: Instant) -> Value {
-    json!({
-        "id": p.id.to_string(),
-        "name": p.name,
-        "state": p.state.as_str(),
-        "addr": p.addr.to_string(),
-        "link": p.link.as_str(),
-        "rtt_ms": p.rtt.map(|d| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
-        "last_seen_ms": now.saturating_duration_since(p.last_seen).as_millis() as u64,
-        "incarnation": p.incarnation,
-        "tags": p.tags,
-        "conflict": p.conflict.map(|a| a.to_string()),
-        "degraded": p.degraded(),
-        "since_ms": now.saturating_duration_since(p.since).as_millis() as u64,
-    })
+/// How a peer looks in the API and on the event stream (the link's traffic
+/// is added by the caller, in a [`control::PeerEntry`]).
+pub fn peer_json(p: &Peer, now: Instant) -> control::PeerInfo {
+    control::PeerInfo {
+        id: p.id.to_string(),
+        name: p.name.clone(),
+        state: p.state.as_str().into(),
+        addr: p.addr.to_string(),
+        link: p.link.as_str().into(),
+        // Milliseconds, rounded to the microsecond.
+        rtt_ms: p
+            .rtt
+            .map(|d| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0),
+        last_seen_ms: now.saturating_duration_since(p.last_seen).as_millis() as u64,
+        incarnation: p.incarnation,
+        tags: p.tags.clone(),
+        conflict: p.conflict.map(|a| a.to_string()),
+        degraded: p.degraded(),
+        since_ms: now.saturating_duration_since(p.since).as_millis() as u64,
+    }
 }
 
 impl NodeState {
-    /// Publishes one event: `body()` (a JSON object) with `type` and `at`
-    /// added. `body` is only called when someone subscribes, so callers can
-    /// leave costly fields (a message's base64 payload) to it. Never blocks.
-    pub fn publish(&self, kind: &str, body: impl FnOnce() -> Value) {
+    /// Publishes one event: `type` and `at`, then the fields of `body()`
+    /// (a struct or a JSON object). `body` is only called when someone
+    /// subscribes, so callers can leave costly fields (a message's base64
+    /// payload) to it. Never blocks.
+    pub fn publish<B: Serialize>(&self, kind: &str, body: impl FnOnce() -> B) {
         if !self.events.has_subscribers() {
             return;
         }
@@ -139,14 +146,19 @@ impl NodeState {
         if self.events.drop_if_all_full() {
             return;
         }
-        let mut body = body();
-        if let Value::Object(map) = &mut body {
-            map.insert("type".into(), kind.into());
-            map.insert("at".into(), now_rfc3339().into());
+        let event = control::Event {
+            kind: kind.into(),
+            at: now_rfc3339(),
+            body: body(),
+        };
+        match serde_json::to_vec(&event) {
+            Ok(mut line) => {
+                line.push(b'\n');
+                self.events.publish(Bytes::from(line));
+            }
+            // Only a body that is not map-like (a bug of the caller) fails.
+            Err(error) => warn!(kind, %error, "event not published: its body is not an object"),
         }
-        let mut line = body.to_string().into_bytes();
-        line.push(b'\n');
-        self.events.publish(Bytes::from(line));
     }
 
     /// Finds a peer by exact id, unique id prefix (8+ hex digits) or name.

@@ -12,6 +12,8 @@
 //! - [`beacon`]: the UDP beacon datagram and its codec (magic, version, flags,
 //!   msgpack body, optional authentication trailer).
 //! - [`addr_rule`]: which advertised data addresses a node may dial.
+//! - [`control`]: the bodies of the daemon's local control API (HTTP/JSON),
+//!   shared by its server and its CLI.
 //! - [`frame`]: the TCP frame envelope, the link message kinds and a
 //!   length-delimited codec with an explicit maximum.
 //! - [`secure`]: the cluster secret: keyring, sealed beacons, Noise link
@@ -25,6 +27,7 @@
 
 pub mod addr_rule;
 pub mod beacon;
+pub mod control;
 pub mod frame;
 pub mod id;
 pub mod membership;

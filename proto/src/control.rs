@@ -1,0 +1,683 @@
+//! The control API's bodies: what the daemon's HTTP/JSON API on its Unix
+//! socket answers and accepts, shared by the server (`node::api`) and its
+//! clients (the CLI), so that a field renamed on one side fails to compile on
+//! the other.
+//!
+//! Plain serde types and the rules both sides must agree on (query
+//! parameters, the payload of a message); no IO, no clock. The struct field
+//! names *are* the wire (documented in the README's "Control API" section):
+//! renaming one is an API change, whatever the Rust code says. Ids and
+//! addresses travel in their text forms, instants as RFC 3339 strings,
+//! durations as whole milliseconds.
+//!
+//! Deliberately lenient when reading: unknown fields are ignored, so a client
+//! reads the answers of a daemon that has since grown fields. Maps keyed by a
+//! reason or a state ([`NodeCounters::beacons_dropped`], [`NodeInfo::peers`],
+//! [`NodeInfo::transitions`]) hold only the keys seen so far; a missing key
+//! means zero.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::{Incarnation, Tags};
+
+/// Counts by a short stable label (a drop reason, a state, an event kind).
+pub type Counts = BTreeMap<String, u64>;
+
+/// Every error answer, with a 4xx or 5xx status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, for people; quotes at most a short prefix of any
+    /// value the client sent.
+    pub error: String,
+}
+
+/// `GET /v1/self`: this node, its counters and plain-language warnings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id (32 hex digits).
+    pub id: String,
+    /// Node name.
+    pub name: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// Incarnation (higher after every restart).
+    pub incarnation: Incarnation,
+    /// Data address advertised on each interface.
+    pub addresses: Vec<String>,
+    /// TCP listen address.
+    pub listen: String,
+    /// Interfaces discovery runs on.
+    pub interfaces: Vec<InterfaceInfo>,
+    /// Multicast group and port.
+    pub group: String,
+    /// Multicast TTL.
+    pub ttl: u32,
+    /// Time since start.
+    pub uptime_ms: u64,
+    /// This node's tags.
+    pub tags: Tags,
+    /// Whether this node hears its own multicast beacons.
+    pub multicast_loops_back: bool,
+    /// Whether the node runs with a cluster secret.
+    pub secured: bool,
+    /// Listed peers by state (`alive`, `suspect`, ...).
+    pub peers: Counts,
+    /// Peer state changes by event kind (`peer_failed`, ...).
+    pub transitions: Counts,
+    /// Data links up.
+    pub links_up: u64,
+    /// Counters since start.
+    pub counters: NodeCounters,
+    /// Plain-language warnings (empty when all is well).
+    pub warnings: Vec<String>,
+}
+
+/// One interface in [`NodeInfo::interfaces`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceInfo {
+    /// Interface name (`lo`, `eth0`).
+    pub name: String,
+    /// Its IPv4 address.
+    pub addr: String,
+}
+
+/// [`NodeInfo::counters`]: totals since start (gauges where said).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCounters {
+    /// Multicast beacons sent.
+    pub beacons_sent: u64,
+    /// Valid beacons received.
+    pub beacons_received: u64,
+    /// Unicast beacon replies sent.
+    pub replies_sent: u64,
+    /// Beacons that could not be sent.
+    pub beacon_send_errors: u64,
+    /// Datagrams dropped, by reason.
+    pub beacons_dropped: Counts,
+    /// Frames read on links.
+    pub frames_in: u64,
+    /// Frames written on links.
+    pub frames_out: u64,
+    /// Links established.
+    pub links_established: u64,
+    /// Dials started.
+    pub dials: u64,
+    /// Dials that failed.
+    pub dial_failures: u64,
+    /// Connections or frames refused, by reason.
+    pub links_refused: Counts,
+    /// Application messages received.
+    pub messages_in: u64,
+    /// Application messages sent.
+    pub messages_out: u64,
+    /// Gauge: peers heard, not yet confirmed by a link.
+    pub peers_pending: u64,
+    /// Pending entries ever created.
+    pub peers_admitted: u64,
+    /// New ids refused because too many were pending.
+    pub pending_refused: u64,
+    /// Times the node noticed its own lateness and held its verdicts.
+    pub stalls: u64,
+    /// Gauge: current `/v1/events` subscribers.
+    pub event_subscribers: u64,
+    /// Events dropped for slow subscribers.
+    pub events_dropped: u64,
+}
+
+/// A peer as events show it (`peer` in a peer event); [`PeerEntry`] adds
+/// the link's traffic for `/v1/peers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Peer id (32 hex digits).
+    pub id: String,
+    /// Peer name.
+    pub name: String,
+    /// `alive`, `suspect`, `failed` or `left` (see [`PEER_STATES`]).
+    pub state: String,
+    /// Its data address.
+    pub addr: String,
+    /// `up`, `connecting` or `down`.
+    pub link: String,
+    /// Round-trip time of the link, in ms with µs precision; `None` (null)
+    /// until measured.
+    pub rtt_ms: Option<f64>,
+    /// Time since last heard from.
+    pub last_seen_ms: u64,
+    /// Its incarnation.
+    pub incarnation: Incarnation,
+    /// Its tags.
+    pub tags: Tags,
+    /// The other address when two live nodes claim this name, else null.
+    pub conflict: Option<String>,
+    /// One path to it is bad (link down, beacons arriving), the node is not.
+    pub degraded: bool,
+    /// Time in the current state.
+    pub since_ms: u64,
+}
+
+/// Application traffic on the current link to a peer (zero without one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkTraffic {
+    /// Messages received.
+    pub messages_in: u64,
+    /// Messages sent.
+    pub messages_out: u64,
+    /// Payload bytes received.
+    pub bytes_in: u64,
+    /// Payload bytes sent.
+    pub bytes_out: u64,
+}
+
+/// `GET /v1/peers/{key}`, and each item of [`PeerList`]: one flat object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerEntry {
+    /// The peer.
+    #[serde(flatten)]
+    pub peer: PeerInfo,
+    /// Its link's traffic.
+    #[serde(flatten)]
+    pub traffic: LinkTraffic,
+}
+
+/// `GET /v1/peers`: sorted by name, then id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerList {
+    /// The peers.
+    pub peers: Vec<PeerEntry>,
+}
+
+/// The peer states, as [`PeerInfo::state`] and the `state` filter spell them.
+pub const PEER_STATES: [&str; 4] = ["alive", "suspect", "failed", "left"];
+
+/// Why a query string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// A parameter this endpoint does not take.
+    #[error("unknown parameter {0:?}")]
+    UnknownParameter(String),
+    /// `state=` with a value not in [`PEER_STATES`].
+    #[error("unknown state {0:?} (alive, suspect, failed, left)")]
+    UnknownState(String),
+    /// `tag=` without a `:`.
+    #[error("tag filters are key:value")]
+    BadTag(String),
+    /// A parameter that must be a whole number.
+    #[error("{0} is a whole number")]
+    NotANumber(&'static str),
+}
+
+/// The query of `GET /v1/peers`: `state=S` (at most one: the last wins)
+/// and any number of `tag=KEY:VALUE`; a peer must match all of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeersQuery {
+    /// Only peers in this state.
+    pub state: Option<String>,
+    /// Only peers with every one of these tags.
+    pub tags: Vec<(String, String)>,
+}
+
+impl PeersQuery {
+    /// Reads decoded query pairs.
+    pub fn from_pairs(
+        pairs: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, QueryError> {
+        let mut q = PeersQuery::default();
+        for (k, v) in pairs {
+            match k.as_str() {
+                "state" if PEER_STATES.contains(&v.as_str()) => q.state = Some(v),
+                "state" => return Err(QueryError::UnknownState(v)),
+                "tag" => match v.split_once(':') {
+                    Some((k, v)) => q.tags.push((k.to_string(), v.to_string())),
+                    None => return Err(QueryError::BadTag(v)),
+                },
+                _ => return Err(QueryError::UnknownParameter(k)),
+            }
+        }
+        Ok(q)
+    }
+
+    /// The path and query to ask for: `/v1/peers`, `/v1/peers?state=alive&tag=role%3Adb`.
+    pub fn uri(&self) -> String {
+        let mut q: Vec<String> = Vec::new();
+        if let Some(s) = &self.state {
+            q.push(format!("state={}", urlencode(s)));
+        }
+        for (k, v) in &self.tags {
+            q.push(format!("tag={}", urlencode(&format!("{k}:{v}"))));
+        }
+        if q.is_empty() {
+            "/v1/peers".into()
+        } else {
+            format!("/v1/peers?{}", q.join("&"))
+        }
+    }
+}
+
+/// The query of `GET /v1/health`: `min_peers=N` (default 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HealthQuery {
+    /// Alive peers needed for `ok`.
+    pub min_peers: usize,
+}
+
+impl HealthQuery {
+    /// Reads decoded query pairs.
+    pub fn from_pairs(
+        pairs: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, QueryError> {
+        let mut q = HealthQuery::default();
+        for (k, v) in pairs {
+            match k.as_str() {
+                "min_peers" => {
+                    q.min_peers = v.parse().map_err(|_| QueryError::NotANumber("min_peers"))?
+                }
+                _ => return Err(QueryError::UnknownParameter(k)),
+            }
+        }
+        Ok(q)
+    }
+
+    /// The path and query to ask for.
+    pub fn uri(&self) -> String {
+        format!("/v1/health?min_peers={}", self.min_peers)
+    }
+}
+
+/// [`Health::status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    /// Enough alive peers (status 200).
+    Ok,
+    /// Not yet (status 503).
+    Waiting,
+}
+
+impl HealthStatus {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthStatus::Ok => "ok",
+            HealthStatus::Waiting => "waiting",
+        }
+    }
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// `ok` or `waiting`.
+    pub status: HealthStatus,
+    /// Peers alive now.
+    pub alive_peers: usize,
+    /// What was asked for.
+    pub min_peers: usize,
+}
+
+/// Longest topic of a message, in bytes.
+pub const MAX_TOPIC: usize = 1024;
+
+/// `POST /v1/messages`. `to` is required, and `null` (`None`) means every
+/// linked peer; the payload is `payload` (UTF-8) or `payload_b64`, not both
+/// (neither: empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// A peer's name, id or id prefix (8+ hex digits), or `None` to
+    /// broadcast. Always on the wire, as `null` for a broadcast.
+    #[serde(deserialize_with = "required_nullable")]
+    pub to: Option<String>,
+    /// Topic, at most [`MAX_TOPIC`] bytes (absent or null: empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// The payload as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// The payload in base64 (standard alphabet, padded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_b64: Option<String>,
+}
+
+/// Without `#[serde(default)]`, a missing `to` is an error rather than `None`.
+fn required_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
+}
+
+/// Why a [`SendRequest`] is refused before anything is sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendRequestError {
+    /// The topic is over [`MAX_TOPIC`].
+    #[error("\"topic\" must be a string of at most 1024 bytes")]
+    TopicTooLong,
+    /// Both payload fields are set.
+    #[error("give either \"payload\" (a string) or \"payload_b64\", not both")]
+    BothPayloads,
+    /// `payload_b64` does not decode.
+    #[error("payload_b64 is not base64: {0}")]
+    NotBase64(String),
+}
+
+impl SendRequest {
+    /// A request with a text payload; `to: None` broadcasts.
+    pub fn text(to: Option<String>, topic: String, payload: String) -> Self {
+        SendRequest {
+            to,
+            topic: Some(topic),
+            payload: Some(payload),
+            payload_b64: None,
+        }
+    }
+
+    /// The topic (empty when absent), checked against [`MAX_TOPIC`].
+    pub fn topic(&self) -> Result<&str, SendRequestError> {
+        let topic = self.topic.as_deref().unwrap_or("");
+        if topic.len() > MAX_TOPIC {
+            return Err(SendRequestError::TopicTooLong);
+        }
+        Ok(topic)
+    }
+
+    /// The payload's bytes.
+    pub fn payload(&self) -> Result<Vec<u8>, SendRequestError> {
+        match (&self.payload, &self.payload_b64) {
+            (Some(_), Some(_)) => Err(SendRequestError::BothPayloads),
+            (Some(text), None) => Ok(text.clone().into_bytes()),
+            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| SendRequestError::NotBase64(e.to_string())),
+            (None, None) => Ok(Vec::new()),
+        }
+    }
+}
+
+/// [`SendResult::status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendStatus {
+    /// Queued on the link.
+    Sent,
+    /// Not sent; see [`SendResult::error`].
+    Failed,
+}
+
+/// One recipient's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendResult {
+    /// Peer id.
+    pub id: String,
+    /// Peer name.
+    pub name: String,
+    /// `sent` or `failed`.
+    pub status: SendStatus,
+    /// Why it failed (only when it did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The answer of `POST /v1/messages` (200; 409 when the one recipient
+/// named failed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendResults {
+    /// One entry per recipient (none: no linked peer).
+    pub results: Vec<SendResult>,
+}
+
+/// `POST /v1/keys`, `/v1/keys/use`, `/v1/keys/remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRequest {
+    /// A key in base64 (install), or a key or its fingerprint (use, remove).
+    pub key: String,
+}
+
+/// One key of [`Keys::keys`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    /// The key's fingerprint (never the key).
+    pub fingerprint: String,
+    /// Whether this key seals what the node sends.
+    pub primary: bool,
+}
+
+/// `GET /v1/keys`, and the answer of every keyring edit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keys {
+    /// Always true (a node without a secret answers 409).
+    pub secured: bool,
+    /// Installed keys, primary first.
+    pub keys: Vec<KeyEntry>,
+    /// Where the keyring is saved.
+    pub secret_file: Option<String>,
+    /// Edits only: whether the edit changed anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<bool>,
+    /// Edits only: the keyring changed in memory but could not be saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// `POST /v1/leave` (status 202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leaving {
+    /// Always `leaving`.
+    pub status: String,
+}
+
+/// [`Event::kind`] of the first line of every stream.
+pub const EVENT_SUBSCRIBED: &str = "subscribed";
+/// [`Event::kind`] of the line that stands for events a slow reader missed.
+pub const EVENT_DROPPED: &str = "dropped";
+/// [`Event::kind`] of an application message.
+pub const EVENT_MESSAGE: &str = "message";
+
+/// One line of `GET /v1/events` (NDJSON): `type`, `at`, then the body's
+/// fields. The server builds lines with any map-like body; clients read
+/// [`EventBody`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event<B = EventBody> {
+    /// `subscribed`, `dropped`, `message`, or a peer event kind
+    /// (`peer_joined`, `link_up`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When it happened (RFC 3339, µs).
+    pub at: String,
+    /// The rest of the line.
+    #[serde(flatten)]
+    pub body: B,
+}
+
+/// What follows `type` and `at`, by shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EventBody {
+    /// Every peer event.
+    Peer {
+        /// The peer, after the change.
+        peer: PeerInfo,
+    },
+    /// `message`.
+    Message(MessageEvent),
+    /// `dropped`.
+    Dropped(DroppedEvent),
+    /// `subscribed`, or a kind this client does not know.
+    Other {},
+}
+
+/// An application message received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageEvent {
+    /// Sender id.
+    pub from: String,
+    /// Sender name, when it is listed.
+    pub from_name: Option<String>,
+    /// Topic.
+    pub topic: String,
+    /// The payload when it is UTF-8, else null.
+    pub payload: Option<String>,
+    /// The payload in base64, always.
+    pub payload_b64: String,
+}
+
+/// Events a slow reader missed, in their place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroppedEvent {
+    /// How many.
+    pub count: u64,
+}
+
+/// Percent-encodes a query value (RFC 3986 unreserved characters stay).
+pub fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::membership::{LinkState, PeerState};
+
+    #[test]
+    fn the_state_names_are_the_peer_tables() {
+        let names = [
+            PeerState::Alive,
+            PeerState::Suspect,
+            PeerState::Failed,
+            PeerState::Left,
+        ]
+        .map(PeerState::as_str);
+        assert_eq!(names, PEER_STATES);
+        // Links are shown by the same names the table uses.
+        assert_eq!(LinkState::Connecting.as_str(), "connecting");
+    }
+
+    #[test]
+    fn peer_queries_round_trip_and_refuse_what_they_do_not_know() {
+        let q = PeersQuery {
+            state: Some("alive".into()),
+            tags: vec![("role".into(), "db x".into())],
+        };
+        assert_eq!(q.uri(), "/v1/peers?state=alive&tag=role%3Adb%20x");
+        let pairs = [("state", "alive"), ("tag", "role:db x")].map(|(k, v)| (k.into(), v.into()));
+        assert_eq!(PeersQuery::from_pairs(pairs), Ok(q));
+        assert_eq!(PeersQuery::default().uri(), "/v1/peers");
+        let one = |k: &str, v: &str| PeersQuery::from_pairs([(k.to_string(), v.to_string())]);
+        assert_eq!(
+            one("state", "sleepy"),
+            Err(QueryError::UnknownState("sleepy".into()))
+        );
+        assert_eq!(one("tag", "x"), Err(QueryError::BadTag("x".into())));
+        assert_eq!(
+            one("foo", "1"),
+            Err(QueryError::UnknownParameter("foo".into()))
+        );
+        let h = HealthQuery::from_pairs([("min_peers".to_string(), "x".to_string())]);
+        assert_eq!(h, Err(QueryError::NotANumber("min_peers")));
+        assert_eq!(HealthQuery { min_peers: 4 }.uri(), "/v1/health?min_peers=4");
+    }
+
+    #[test]
+    fn a_send_request_needs_to_even_when_broadcasting() {
+        let b: SendRequest = serde_json::from_str(r#"{"to":null,"payload_b64":"AAE="}"#).unwrap();
+        assert_eq!((b.to.as_deref(), b.payload().unwrap()), (None, vec![0, 1]));
+        let missing = serde_json::from_str::<SendRequest>(r#"{"payload":"x"}"#).unwrap_err();
+        assert!(
+            missing.to_string().contains("missing field `to`"),
+            "{missing}"
+        );
+        let out = serde_json::to_string(&SendRequest::text(None, "t".into(), "hi".into())).unwrap();
+        assert_eq!(out, r#"{"to":null,"topic":"t","payload":"hi"}"#);
+        let both = SendRequest {
+            payload_b64: Some("AA==".into()),
+            ..SendRequest::text(None, String::new(), "x".into())
+        };
+        assert_eq!(both.payload(), Err(SendRequestError::BothPayloads));
+        let long = SendRequest::text(None, "t".repeat(MAX_TOPIC + 1), String::new());
+        assert_eq!(long.topic(), Err(SendRequestError::TopicTooLong));
+    }
+
+    fn peer() -> PeerInfo {
+        PeerInfo {
+            id: "0123456789abcdef0123456789abcdef".into(),
+            name: "n2".into(),
+            state: "alive".into(),
+            addr: "127.0.0.1:1".into(),
+            link: "up".into(),
+            rtt_ms: Some(0.25),
+            last_seen_ms: 3,
+            incarnation: 7,
+            tags: Tags::new(),
+            conflict: None,
+            degraded: false,
+            since_ms: 9,
+        }
+    }
+
+    #[test]
+    fn a_peer_entry_is_one_flat_object() {
+        let e = PeerEntry {
+            peer: peer(),
+            traffic: LinkTraffic {
+                bytes_out: 5,
+                ..LinkTraffic::default()
+            },
+        };
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["name"], "n2");
+        assert_eq!(v["bytes_out"], 5);
+        assert!(v["conflict"].is_null() && v["rtt_ms"] == 0.25);
+        assert_eq!(serde_json::from_value::<PeerEntry>(v).unwrap(), e);
+    }
+
+    #[test]
+    fn event_lines_are_read_by_shape() {
+        let line = |s: &str| serde_json::from_str::<Event>(s).unwrap();
+        let peer_line = serde_json::to_string(&Event {
+            kind: "peer_joined".into(),
+            at: "t".into(),
+            body: EventBody::Peer { peer: peer() },
+        })
+        .unwrap();
+        assert!(peer_line.starts_with(r#"{"type":"peer_joined","at":"t","peer":{"#));
+        assert!(matches!(line(&peer_line).body, EventBody::Peer { .. }));
+        let m = line(
+            r#"{"type":"message","at":"t","from":"f","from_name":null,"topic":"","payload":null,"payload_b64":"AA=="}"#,
+        );
+        assert!(matches!(
+            m.body,
+            EventBody::Message(MessageEvent { payload: None, .. })
+        ));
+        let d = line(r#"{"type":"dropped","at":"t","count":3}"#);
+        assert_eq!(d.body, EventBody::Dropped(DroppedEvent { count: 3 }));
+        let s = line(r#"{"type":"subscribed","at":"t"}"#);
+        assert_eq!(
+            (s.kind.as_str(), s.body),
+            (EVENT_SUBSCRIBED, EventBody::Other {})
+        );
+        let future = line(r#"{"type":"peer_renamed","at":"t","old":"x"}"#);
+        assert_eq!(future.body, EventBody::Other {});
+    }
+
+    #[test]
+    fn edit_only_fields_are_absent_from_a_listing() {
+        let keys = Keys {
+            secured: true,
+            keys: vec![],
+            secret_file: None,
+            changed: None,
+            warning: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&keys).unwrap(),
+            r#"{"secured":true,"keys":[],"secret_file":null}"#
+        );
+    }
+}
