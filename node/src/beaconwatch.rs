@@ -143,7 +143,10 @@ mod tests {
             }]
         );
         for secs in [6, 9, 30, 60] {
-            assert!(w.on_sample(at(secs), s(5, 3 + secs, 5)).is_empty(), "{secs}");
+            assert!(
+                w.on_sample(at(secs), s(5, 3 + secs, 5)).is_empty(),
+                "{secs}"
+            );
         }
         assert_eq!(
             w.on_sample(at(63), s(5, 66, 5)),
@@ -163,14 +166,23 @@ mod tests {
         assert!(w.on_sample(at(0), s(3, 0, 3)).is_empty());
         assert_eq!(
             w.on_sample(at(3), s(6, 0, 3)),
-            vec![Finding::NotLoopingBack { sent: 3, ever: true }]
+            vec![Finding::NotLoopingBack {
+                sent: 3,
+                ever: true
+            }]
         );
         assert!(w.on_sample(at(6), s(9, 0, 3)).is_empty(), "rate-limited");
         assert_eq!(
             w.on_sample(at(66), s(30, 0, 3)),
-            vec![Finding::NotLoopingBack { sent: 21, ever: true }]
+            vec![Finding::NotLoopingBack {
+                sent: 21,
+                ever: true
+            }]
         );
-        assert_eq!(w.on_sample(at(69), s(33, 0, 6)), vec![Finding::LoopingBackAgain]);
+        assert_eq!(
+            w.on_sample(at(69), s(33, 0, 6)),
+            vec![Finding::LoopingBackAgain]
+        );
         assert!(w.on_sample(at(72), s(36, 0, 9)).is_empty());
     }
 
@@ -179,10 +191,15 @@ mod tests {
         let t0 = Instant::now();
         let mut w = BeaconWatch::default();
         assert!(w.on_sample(t0, s(1, 0, 0)).is_empty());
-        assert!(w.on_sample(t0 + Duration::from_secs(1), s(2, 0, 0)).is_empty());
+        assert!(w
+            .on_sample(t0 + Duration::from_secs(1), s(2, 0, 0))
+            .is_empty());
         assert_eq!(
             w.on_sample(t0 + Duration::from_secs(4), s(5, 0, 0)),
-            vec![Finding::NotLoopingBack { sent: 3, ever: false }]
+            vec![Finding::NotLoopingBack {
+                sent: 3,
+                ever: false
+            }]
         );
     }
 }

@@ -291,16 +291,23 @@ mod tests {
             line,
             "10:11:12.345  WARN  evil\\x1b[2J\\nline n=3 peer=n\\n2"
         );
-        assert!(render_log_line(&json!({"type": "dropped", "count": 7})).contains("7 log lines dropped"));
+        assert!(render_log_line(&json!({"type": "dropped", "count": 7}))
+            .contains("7 log lines dropped"));
     }
 
     #[test]
     fn every_subcommand_has_a_man_page() {
         for sub in Cli::command().get_subcommands() {
             let mut out = Vec::new();
-            let page = sub.clone().name(format!("constellationd-{}", sub.get_name()));
+            let page = sub
+                .clone()
+                .name(format!("constellationd-{}", sub.get_name()));
             clap_mangen::Man::new(page).render(&mut out).unwrap();
-            assert!(String::from_utf8_lossy(&out).contains(".TH"), "{}", sub.get_name());
+            assert!(
+                String::from_utf8_lossy(&out).contains(".TH"),
+                "{}",
+                sub.get_name()
+            );
         }
     }
 }

@@ -190,11 +190,23 @@ pub struct RunArgs {
 
     /// Log level; RUST_LOG, when set, wins at start and adds per-module
     /// filters (`transport=trace`).
-    #[arg(long, env = "CONSTELLATION_LOG_LEVEL", value_enum, default_value = "info", value_name = "LEVEL")]
+    #[arg(
+        long,
+        env = "CONSTELLATION_LOG_LEVEL",
+        value_enum,
+        default_value = "info",
+        value_name = "LEVEL"
+    )]
     pub log_level: crate::logging::LogLevel,
 
     /// Log line format on standard error.
-    #[arg(long, env = "CONSTELLATION_LOG_FORMAT", value_enum, default_value = "text", value_name = "FORMAT")]
+    #[arg(
+        long,
+        env = "CONSTELLATION_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
     pub log_format: crate::logging::LogFormat,
 
     /// This node's name [default: the hostname].

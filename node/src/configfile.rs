@@ -118,7 +118,10 @@ where
         let values = toml_values(key, value, multi, takes_value).map_err(bad)?;
         // The flag's own checks, on the file's values alone.
         let argv: Vec<OsString> = if takes_value {
-            values.iter().map(|v| format!("--{key}={v}").into()).collect()
+            values
+                .iter()
+                .map(|v| format!("--{key}={v}").into())
+                .collect()
         } else if values.first().is_some_and(|v| v == "true") {
             vec![format!("--{key}").into()]
         } else {
@@ -299,7 +302,15 @@ mod tests {
             &d,
             "ttl = 0\nbeacon-interval = \"2s\"\ninterface = [\"lo\"]\ntag = { role = \"db\" }\nname = \"from-file\"\nsocket-mode = \"0660\"\n",
         );
-        let l = load(["constellationd", "run", "--config", p.to_str().unwrap(), "--name", "flag"]).unwrap();
+        let l = load([
+            "constellationd",
+            "run",
+            "--config",
+            p.to_str().unwrap(),
+            "--name",
+            "flag",
+        ])
+        .unwrap();
         let src = l.source.clone().unwrap();
         let a = run_args(l);
         assert_eq!(a.name.as_deref(), Some("flag"), "the flag wins");
@@ -309,7 +320,11 @@ mod tests {
         assert_eq!(a.tag, vec![("role".to_string(), "db".to_string())]);
         assert_eq!(a.socket_mode, 0o660);
         assert_eq!(src.values["ttl"], vec!["0"]);
-        assert_eq!(src.values["cluster"], vec!["default"], "defaults are listed");
+        assert_eq!(
+            src.values["cluster"],
+            vec!["default"],
+            "defaults are listed"
+        );
         std::fs::remove_dir_all(d).unwrap();
     }
 
@@ -317,24 +332,45 @@ mod tests {
     fn bad_files_name_the_key_and_the_file() {
         let d = tmp("bad");
         for (text, want) in [
-            ("beacon_interval = \"2s\"\n", "unknown key `beacon_interval` (did you mean `beacon-interval`?)"),
+            (
+                "beacon_interval = \"2s\"\n",
+                "unknown key `beacon_interval` (did you mean `beacon-interval`?)",
+            ),
             ("colour = true\n", "unknown key `colour`"),
             ("config = \"x\"\n", "unknown key `config`"),
             ("ttl = 300\n", "key `ttl`: invalid value '300'"),
             ("ttl = \"x\"\n", "key `ttl`: invalid value 'x'"),
-            ("socket-mode = 660\n", "key `socket-mode`: expected a string"),
-            ("beacon-interval = 2.5\n", "key `beacon-interval`: expected a string or a whole number"),
-            ("name = [\"a\", \"b\"]\n", "key `name`: takes one value, not a list"),
-            ("tag = [\"novalue\"]\n", "key `tag`: invalid value 'novalue'"),
+            (
+                "socket-mode = 660\n",
+                "key `socket-mode`: expected a string",
+            ),
+            (
+                "beacon-interval = 2.5\n",
+                "key `beacon-interval`: expected a string or a whole number",
+            ),
+            (
+                "name = [\"a\", \"b\"]\n",
+                "key `name`: takes one value, not a list",
+            ),
+            (
+                "tag = [\"novalue\"]\n",
+                "key `tag`: invalid value 'novalue'",
+            ),
             ("group = \"10.0.0.1:5\"\n", "key `group`: invalid value"),
             ("ttl = 1\nttl = 2\n", ":2:1: not valid TOML"),
-            ("log-level = \"loud\"\n", "key `log-level`: invalid value 'loud'"),
+            (
+                "log-level = \"loud\"\n",
+                "key `log-level`: invalid value 'loud'",
+            ),
         ] {
             let p = file(&d, text);
             let err = load(["constellationd", "run", "--config", p.to_str().unwrap()])
                 .expect_err(text)
                 .to_string();
-            assert!(err.contains(want) && err.contains(p.to_str().unwrap()), "{text:?}: {err}");
+            assert!(
+                err.contains(want) && err.contains(p.to_str().unwrap()),
+                "{text:?}: {err}"
+            );
             assert_eq!(err.lines().count(), 1, "{err}");
         }
         let err = load(["constellationd", "run", "--config", "/nonexistent/c.toml"])
@@ -348,7 +384,14 @@ mod tests {
     fn a_reload_reports_the_keys_that_changed() {
         let d = tmp("reload");
         let p = file(&d, "log-level = \"info\"\ntag = [\"a=1\"]\n");
-        let argv = ["constellationd", "run", "--config", p.to_str().unwrap(), "--ttl", "0"];
+        let argv = [
+            "constellationd",
+            "run",
+            "--config",
+            p.to_str().unwrap(),
+            "--ttl",
+            "0",
+        ];
         let first = load(argv).unwrap().source.unwrap();
         std::fs::write(&p, "log-level = \"debug\"\ntag = [\"a=2\"]\nttl = 1\n").unwrap();
         let (args, now) = reload(&first).unwrap();

@@ -215,12 +215,16 @@ pub fn main(args: RunArgs, source: Option<Source>) -> ExitCode {
             node.state.cluster, node.state.listen
         ));
         if let Some(every) = notify::watchdog_every() {
-            info!(every_ms = every.as_millis() as u64, "systemd watchdog enabled");
+            info!(
+                every_ms = every.as_millis() as u64,
+                "systemd watchdog enabled"
+            );
             tokio::spawn(notify::watchdog(every, cancel.clone()));
         }
         let mut reloader = Reloader { log, source };
         let mut watch = BeaconWatch::default();
-        let mut sample_every = tokio::time::interval(beaconwatch::window(node.state.beacon_interval));
+        let mut sample_every =
+            tokio::time::interval(beaconwatch::window(node.state.beacon_interval));
         sample_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -280,7 +284,9 @@ fn log_finding(state: &NodeState, finding: Finding) {
             sent, interfaces = %ifaces,
             "own multicast beacons never looped back: multicast may be blocked on these interfaces"
         ),
-        Finding::LoopingBackAgain => info!(interfaces = %ifaces, "own multicast beacons loop back again"),
+        Finding::LoopingBackAgain => {
+            info!(interfaces = %ifaces, "own multicast beacons loop back again")
+        }
     }
 }
 
@@ -492,8 +498,8 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     };
     let bound = discovery::bind(disc_cfg, local).context("discovery")?;
     let advertised = bound.advertised();
-    let control = socket::bind(&socket_path, args.socket_mode)
-        .map_err(|e| StartError::Start(e.into()))?;
+    let control =
+        socket::bind(&socket_path, args.socket_mode).map_err(|e| StartError::Start(e.into()))?;
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

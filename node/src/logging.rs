@@ -613,8 +613,14 @@ mod tests {
         assert_eq!("DEBUG".parse::<LogLevel>(), Ok(LogLevel::Debug));
         assert!("loud".parse::<LogLevel>().is_err());
         assert!(LogLevel::Error < LogLevel::Trace);
-        assert_eq!(index_filter(filter_index(LevelFilter::WARN)), LevelFilter::WARN);
-        assert_eq!(index_filter(filter_index(LevelFilter::OFF)), LevelFilter::OFF);
+        assert_eq!(
+            index_filter(filter_index(LevelFilter::WARN)),
+            LevelFilter::WARN
+        );
+        assert_eq!(
+            index_filter(filter_index(LevelFilter::OFF)),
+            LevelFilter::OFF
+        );
     }
 
     #[test]
@@ -626,9 +632,15 @@ mod tests {
         assert_eq!(hub.max_level(), LevelFilter::DEBUG);
         hub.publish(Level::DEBUG, Bytes::from_static(b"d\n"));
         hub.publish(Level::WARN, Bytes::from_static(b"w\n"));
-        assert_eq!(info.try_next(), Some(MonitorItem::Line(Bytes::from_static(b"w\n"))));
+        assert_eq!(
+            info.try_next(),
+            Some(MonitorItem::Line(Bytes::from_static(b"w\n")))
+        );
         assert_eq!(info.try_next(), None);
-        assert_eq!(debug.try_next(), Some(MonitorItem::Line(Bytes::from_static(b"d\n"))));
+        assert_eq!(
+            debug.try_next(),
+            Some(MonitorItem::Line(Bytes::from_static(b"d\n")))
+        );
         drop(debug);
         assert_eq!(hub.max_level(), LevelFilter::INFO);
         for _ in 0..MONITOR_BACKLOG_LINES + 5 {
