@@ -22,8 +22,10 @@ use crate::socket;
 /// The operations subcommands (flattened into [`crate::config::Command`]).
 #[derive(Debug, Subcommand)]
 pub enum OpsCommand {
-    /// Show the node's log level, or change it now (until the node
-    /// restarts; RUST_LOG's per-module filters stay).
+    /// Show the node's log level, or change it now.
+    ///
+    /// A change lasts until the node restarts (or a reload whose file
+    /// changes the level); RUST_LOG's per-module filters stay.
     #[command(
         after_help = "Examples:\n  constellationd log-level\n  constellationd log-level debug\n  constellationd log-level --format json"
     )]
@@ -41,8 +43,10 @@ pub enum OpsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Stream the node's log lines until interrupted (its own level:
-    /// `--level debug` shows debug lines even when the node logs at info).
+    /// Stream the node's log lines until interrupted.
+    ///
+    /// The level is the monitor's own: `--level debug` shows debug lines
+    /// even when the node logs at info.
     #[command(after_help = "Example:\n  constellationd monitor --level debug")]
     Monitor {
         /// Control socket.

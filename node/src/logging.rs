@@ -199,7 +199,8 @@ pub struct LogControl {
 
 struct Inner {
     filter: reload::Handle<EnvFilter, Registry>,
-    format: AtomicU8,
+    /// `FORMAT_TEXT` or `FORMAT_JSON`, shared with the formatter.
+    format: Arc<AtomicU8>,
     /// The default level and the `RUST_LOG` directives kept with it.
     state: Mutex<(LevelFilter, RustLog)>,
     hub: Arc<MonitorHub>,
@@ -270,7 +271,7 @@ impl LogControl {
 
 /// Text or JSON, chosen per event from the shared switch.
 struct Switch {
-    control: std::sync::Weak<Inner>,
+    format: Arc<AtomicU8>,
     text: Format<Full, SystemTime>,
     json: Format<Json, SystemTime>,
 }
@@ -286,11 +287,7 @@ where
         writer: Writer<'_>,
         event: &tracing::Event<'_>,
     ) -> fmt::Result {
-        let json = self
-            .control
-            .upgrade()
-            .is_some_and(|c| c.format.load(Ordering::Relaxed) == FORMAT_JSON);
-        if json {
+        if self.format.load(Ordering::Relaxed) == FORMAT_JSON {
             self.json.format_event(ctx, writer, event)
         } else {
             self.text.format_event(ctx, writer, event)
@@ -326,7 +323,7 @@ pub fn init(level: LogLevel, format: LogFormat) -> (LogControl, Option<String>) 
     let control = LogControl {
         inner: Arc::new(Inner {
             filter: handle,
-            format: AtomicU8::new(FORMAT_TEXT),
+            format: Arc::new(AtomicU8::new(FORMAT_TEXT)),
             state: Mutex::new((start_level, rust_log)),
             hub: hub.clone(),
         }),
@@ -335,7 +332,7 @@ pub fn init(level: LogLevel, format: LogFormat) -> (LogControl, Option<String>) 
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let switch = Switch {
-        control: Arc::downgrade(&control.inner),
+        format: control.inner.format.clone(),
         text: tracing_subscriber::fmt::format().with_target(false),
         json: tracing_subscriber::fmt::format()
             .json()
