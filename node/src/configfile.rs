@@ -254,7 +254,12 @@ fn effective(run_cmd: &clap::Command, m: &ArgMatches) -> BTreeMap<String, Vec<St
 /// The running configuration as `source` gives it now: the same command
 /// line and environment, the file as it is now.
 pub fn reload(source: &Source) -> Result<(RunArgs, Source), String> {
-    let loaded = load(source.argv.clone()).map_err(|e| e.to_string())?;
+    let loaded = load(source.argv.clone()).map_err(|e| {
+        let line = e.to_string();
+        line.strip_prefix("constellationd: ")
+            .unwrap_or(&line)
+            .to_string()
+    })?;
     match (loaded.cli.cmd, loaded.source) {
         (Command::Run(args), Some(src)) => Ok((*args, src)),
         _ => Err("the command line no longer names a config file".into()),
