@@ -128,6 +128,8 @@ pub struct Stats {
     pub send_errors: AtomicU64,
     /// Whether one of our own multicast beacons came back to us.
     pub loops_back: AtomicBool,
+    /// Own multicast beacons heard back (to notice loopback stopping).
+    pub own_heard: AtomicU64,
     /// Dropped datagrams by reason: the decoder's reasons, `cluster`,
     /// `conflict`, `stale`, `rate_limited` and `queue_full` (inbound);
     /// `address` (the advertised address fails the address rule);
@@ -544,6 +546,7 @@ impl Bound {
         if beacon.id == self.local.id {
             if own.contains(&src) {
                 stats.loops_back.store(true, Ordering::Relaxed);
+                stats.own_heard.fetch_add(1, Ordering::Relaxed);
             } else if stats.drops.record(now, "conflict") {
                 warn!(%src, id = %beacon.id, "another source claims our own node id");
             }

@@ -113,6 +113,7 @@ pub fn router(state: Arc<NodeState>, cancel: CancellationToken, max_frame: usize
         .route("/v1/keys/use", post(post_key_use))
         .route("/v1/keys/remove", post(post_key_remove))
         .route("/metrics", get(get_metrics))
+        .merge(crate::ops::router(api.state.clone(), api.cancel.clone()))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,

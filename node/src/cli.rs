@@ -369,6 +369,7 @@ async fn run(cmd: Command) -> ExitCode {
     match cmd {
         Command::Run(_) | Command::Keygen => unreachable!("handled in main"),
         Command::Keys { sock, action } => keys(&sock, action).await,
+        Command::Ops(c) => crate::cli_ops::run(c).await,
         Command::Peers {
             sock,
             json,

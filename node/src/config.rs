@@ -1,9 +1,10 @@
 //! Command line: the daemon's flags and the CLI subcommands.
 //!
 //! Every daemon flag can also be set as `CONSTELLATION_<FLAG>` (repeatable
-//! flags take a comma-separated list there). Values are parsed and checked
-//! here, before anything binds: a bad value prints one line naming the flag
-//! and exits with status 2.
+//! flags take a comma-separated list there), and as a key of the same name
+//! in the `--config` file (see [`crate::configfile`]). Values are parsed and
+//! checked here, before anything binds: a bad value prints one line naming
+//! the flag (or the key and the file) and exits with status 2.
 
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
@@ -137,6 +138,9 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         min_peers: usize,
     },
+    /// Operations: log level, monitor, completions, man page.
+    #[command(flatten)]
+    Ops(crate::cli_ops::OpsCommand),
 }
 
 /// `constellationd keys ...`. Keys are given in base64; `use` and `remove`
@@ -178,6 +182,33 @@ pub struct SocketArg {
 /// Flags of `constellationd run`.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
+    /// TOML file whose keys are these flags' names (`beacon-interval =
+    /// "2s"`); flags and environment variables win over it. SIGHUP re-reads
+    /// it.
+    #[arg(long, env = "CONSTELLATION_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Log level; RUST_LOG, when set, wins at start and adds per-module
+    /// filters (`transport=trace`).
+    #[arg(
+        long,
+        env = "CONSTELLATION_LOG_LEVEL",
+        value_enum,
+        default_value = "info",
+        value_name = "LEVEL"
+    )]
+    pub log_level: crate::logging::LogLevel,
+
+    /// Log line format on standard error.
+    #[arg(
+        long,
+        env = "CONSTELLATION_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: crate::logging::LogFormat,
+
     /// This node's name [default: the hostname].
     #[arg(long, env = "CONSTELLATION_NAME", value_parser = parse_name)]
     pub name: Option<String>,

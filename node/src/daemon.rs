@@ -1,16 +1,24 @@
 //! `constellationd run`: validate, bind, spawn, wait, shut down.
 //!
-//! Order matters: configuration is checked before anything binds (exit 2 on
-//! a bad value); then the TCP listener, the multicast sockets and the control
-//! socket are bound (exit 1 with one clear line if any fails); only then are
-//! the sibling tasks spawned. One root token stops everything: SIGTERM,
-//! SIGINT, SIGQUIT, `POST /v1/leave`, or any essential task ending; SIGHUP
-//! is logged and ignored.
+//! Order matters: configuration (flags, environment, `--config` file) is
+//! checked before anything binds; then the TCP listener, the multicast
+//! sockets and the control socket are bound; only then are the sibling
+//! tasks spawned, and systemd is told `READY=1`. One root token stops
+//! everything: SIGTERM, SIGINT, SIGQUIT, `POST /v1/leave`, or any essential
+//! task ending. SIGHUP re-reads the `--config` file (see [`Reloader`]);
+//! without one it is logged and ignored.
+//!
+//! Exit status, one rule: **2** when the configuration cannot work on this
+//! host, found before anything binds where it can be (a bad flag or file
+//! value, a missing interface, an unreadable secret file, a `--listen`
+//! address this host does not have or this user may not bind); **1** when a
+//! runtime condition stops the node and may pass (the `--listen` port in
+//! use, another daemon on the control socket, a multicast join failing).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,9 +35,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::beaconwatch::{self, BeaconWatch, Finding};
 use crate::config::RunArgs;
+use crate::configfile::{self, Source};
+use crate::logging::LogControl;
 use crate::state::{EventBus, NodeState};
-use crate::{api, membership, netif, secret, socket};
+use crate::{api, membership, netif, notify, secret, socket};
 
 /// How long tasks get to finish after shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -81,6 +92,12 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
     }
     let socket = socket::resolve(args.sock.socket.as_deref());
     socket::check_len(&socket).map_err(|e| format!("--socket: {e}"))?;
+    if args.socket_mode & 0o007 != 0 {
+        warn!(
+            socket_mode = format!("{:04o}", args.socket_mode),
+            "--socket-mode lets every local user use the control socket (send messages, stop the node, change keys); use 0660 and a group instead"
+        );
+    }
     if let Some((ip, _)) = args.advertise {
         if ip.is_loopback() && interfaces.iter().any(|i| !i.addr.is_loopback()) {
             warn!(advertise = %ip, "advertising a loopback address on a non-loopback interface: peers on other hosts cannot dial it");
@@ -118,6 +135,16 @@ pub enum StartError {
     Start(#[from] anyhow::Error),
 }
 
+impl StartError {
+    /// The exit status for this failure (see the module docs).
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            StartError::Config(_) => ExitCode::from(2),
+            StartError::Start(_) => ExitCode::from(1),
+        }
+    }
+}
+
 /// A started node.
 #[derive(Debug)]
 pub struct Running {
@@ -150,14 +177,20 @@ impl Running {
     }
 }
 
-/// Validates `args`, binds everything and spawns the node's tasks.
+/// Validates `args`, binds everything and spawns the node's tasks (for
+/// embedding: no log control, no signals, no systemd).
 pub async fn start(args: RunArgs) -> Result<Running, StartError> {
     let plan = plan(args).map_err(StartError::Config)?;
-    Ok(run(plan).await?)
+    run(plan, None).await
 }
 
-/// Entry point of `constellationd run`.
-pub fn main(args: RunArgs) -> ExitCode {
+/// Entry point of `constellationd run`: `source` is where the
+/// configuration came from when `--config` was given (for SIGHUP).
+pub fn main(args: RunArgs, source: Option<Source>) -> ExitCode {
+    let (log, log_warning) = crate::logging::init(args.log_level, args.log_format);
+    if let Some(w) = log_warning {
+        warn!("{w}");
+    }
     let plan = match plan(args) {
         Ok(p) => p,
         Err(e) => {
@@ -173,27 +206,225 @@ pub fn main(args: RunArgs) -> ExitCode {
         }
     };
     let main = async {
-        let stop_signal = shutdown_signal();
-        let node = run(plan).await?;
+        // Before anything binds: no signal may find the default action.
+        let mut signals = Signals::install();
+        let node = run(plan, Some(log.clone())).await?;
         let cancel = node.cancel.clone();
-        tokio::select! {
-            () = stop_signal => {}
-            () = cancel.cancelled() => info!("shutdown requested"),
+        notify::ready(&format!(
+            "serving {} peers on {}",
+            node.state.cluster, node.state.listen
+        ));
+        if let Some(every) = notify::watchdog_every() {
+            info!(
+                every_ms = every.as_millis() as u64,
+                "systemd watchdog enabled"
+            );
+            tokio::spawn(notify::watchdog(every, cancel.clone()));
         }
+        let mut reloader = Reloader { log, source };
+        let mut watch = BeaconWatch::default();
+        let mut sample_every =
+            tokio::time::interval(beaconwatch::window(node.state.beacon_interval));
+        sample_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                signal = signals.next() => match signal {
+                    Signal::Stop(name) => {
+                        info!("{name} received");
+                        break;
+                    }
+                    Signal::Hangup => reloader.on_hangup(),
+                },
+                () = cancel.cancelled() => {
+                    info!("shutdown requested");
+                    break;
+                }
+                _ = sample_every.tick() => {
+                    let d = &node.state.discovery;
+                    let sample = beaconwatch::Sample {
+                        sent: d.beacons_sent.load(Ordering::Relaxed),
+                        send_errors: d.send_errors.load(Ordering::Relaxed),
+                        own_heard: d.own_heard.load(Ordering::Relaxed),
+                    };
+                    let now = tokio::time::Instant::now().into_std();
+                    for finding in watch.on_sample(now, sample) {
+                        log_finding(&node.state, finding);
+                    }
+                }
+            }
+        }
+        notify::stopping();
         cancel.cancel();
         node.wait().await;
-        anyhow::Ok(())
+        Ok::<_, StartError>(())
     };
     match rt.block_on(main) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("constellationd: {e:#}");
-            ExitCode::from(1)
+            eprintln!("constellationd: {e}");
+            e.exit_code()
         }
     }
 }
 
-async fn run(plan: Plan) -> anyhow::Result<Running> {
+/// Logs what the beacon watch found.
+fn log_finding(state: &NodeState, finding: Finding) {
+    let ifaces: Vec<&str> = state.interfaces.iter().map(|i| i.name.as_str()).collect();
+    let ifaces = ifaces.join(", ");
+    match finding {
+        Finding::SendErrors { failed, over } => warn!(
+            failed, over_s = over.as_secs(), interfaces = %ifaces,
+            "beacons fail to send: peers cannot find this node by multicast (interface down or no multicast route?)"
+        ),
+        Finding::NotLoopingBack { sent, ever: true } => warn!(
+            sent, interfaces = %ifaces,
+            "own multicast beacons stopped looping back: multicast may be blocked on these interfaces"
+        ),
+        Finding::NotLoopingBack { sent, ever: false } => warn!(
+            sent, interfaces = %ifaces,
+            "own multicast beacons never looped back: multicast may be blocked on these interfaces"
+        ),
+        Finding::LoopingBackAgain => {
+            info!(interfaces = %ifaces, "own multicast beacons loop back again")
+        }
+    }
+}
+
+/// What SIGHUP does: re-read the `--config` file and apply what can change
+/// while the node runs.
+///
+/// - `log-level` and `log-format` apply at once.
+/// - Every other key that changed (tags included: peers learn tags from the
+///   hello of a link, and there is no way yet to tell them again) is named
+///   in a warning: it takes effect at the next restart. It stays "changed"
+///   for later reloads until then.
+/// - A file that cannot be read or parsed, or holds a bad value, changes
+///   nothing and is reported with the reason.
+///
+/// Without `--config`, SIGHUP is logged and ignored.
+#[derive(Debug)]
+pub struct Reloader {
+    log: LogControl,
+    /// The running configuration's source and values.
+    source: Option<Source>,
+}
+
+/// Keys a reload applies while the node runs.
+pub const LIVE_KEYS: [&str; 2] = ["log-level", "log-format"];
+
+impl Reloader {
+    fn on_hangup(&mut self) {
+        let Some(running) = self.source.as_mut() else {
+            info!("SIGHUP received; no --config file to reload, ignoring");
+            return;
+        };
+        notify::reloading();
+        let file = running.path.display().to_string();
+        match configfile::reload(running) {
+            Err(why) => warn!(
+                %file, error = %why,
+                "SIGHUP received; config reload failed, keeping the running configuration"
+            ),
+            Ok((args, now)) => {
+                let changed = configfile::changed(running, &now);
+                let (live, restart): (Vec<String>, Vec<String>) = changed
+                    .into_iter()
+                    .partition(|k| LIVE_KEYS.contains(&k.as_str()));
+                let mut applied = Vec::new();
+                for key in &live {
+                    let ok = match key.as_str() {
+                        "log-level" => match self.log.set_level(args.log_level) {
+                            Ok(()) => true,
+                            Err(error) => {
+                                warn!(%error, "cannot change the log level");
+                                false
+                            }
+                        },
+                        _ => {
+                            self.log.set_format(args.log_format);
+                            true
+                        }
+                    };
+                    if ok {
+                        let v = now.values.get(key).cloned().unwrap_or_default();
+                        applied.push(format!("{key}={}", v.join(",")));
+                        running.values.insert(key.clone(), v);
+                    }
+                }
+                if applied.is_empty() {
+                    info!(%file, "SIGHUP received; config reloaded, nothing to apply");
+                } else {
+                    info!(%file, applied = %applied.join(" "), "SIGHUP received; config reloaded");
+                }
+                if !restart.is_empty() {
+                    warn!(
+                        %file, keys = %restart.join(", "),
+                        "changed in the config file but only take effect at the next restart"
+                    );
+                }
+            }
+        }
+        notify::ready("reloaded");
+    }
+}
+
+/// A signal the daemon acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// Stop gracefully (its name, for the log).
+    Stop(&'static str),
+    /// Reload.
+    Hangup,
+}
+
+/// The signal handlers, installed before anything binds so that no signal
+/// finds the default action (which for SIGHUP and SIGQUIT is to die
+/// without a goodbye).
+///
+/// - SIGTERM (`docker stop`, systemd), SIGINT (Ctrl-C) and SIGQUIT: a
+///   graceful stop. As PID 1 in a container there is no default handler,
+///   so each is handled explicitly.
+/// - SIGHUP (`systemctl reload`, or a closed terminal): [`Reloader`].
+/// - SIGPIPE is ignored by the Rust runtime; writes report `EPIPE` instead.
+struct Signals {
+    handlers: Option<[tokio::signal::unix::Signal; 4]>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let handlers = (|| {
+            Ok::<_, std::io::Error>([
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::quit())?,
+                signal(SignalKind::hangup())?,
+            ])
+        })();
+        match handlers {
+            Ok(h) => Signals { handlers: Some(h) },
+            Err(error) => {
+                warn!(%error, "cannot install signal handlers; stop with POST /v1/leave");
+                Signals { handlers: None }
+            }
+        }
+    }
+
+    /// The next signal. Cancel-safe (each `recv` is).
+    async fn next(&mut self) -> Signal {
+        let Some([term, int, quit, hup]) = self.handlers.as_mut() else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => Signal::Stop("SIGTERM"),
+            _ = int.recv() => Signal::Stop("SIGINT"),
+            _ = quit.recv() => Signal::Stop("SIGQUIT"),
+            _ = hup.recv() => Signal::Hangup,
+        }
+    }
+}
+
+async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError> {
     let Plan {
         args,
         name,
@@ -210,9 +441,35 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(1);
 
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    // The first socket bound: an address this host cannot use is a
+    // configuration error (exit 2), a port in use a runtime one (exit 1).
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+            return Err(StartError::Config(format!(
+                "--listen {}: {} is not an address of this host ({e})",
+                args.listen,
+                args.listen.ip()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(StartError::Config(format!(
+                "--listen {}: not allowed for this user ({e}); ports below 1024 need CAP_NET_BIND_SERVICE",
+                args.listen
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(StartError::Start(anyhow::anyhow!(
+                "cannot listen on {} (--listen): the port is in use (another constellationd?)",
+                args.listen
+            )))
+        }
+        Err(e) => {
+            return Err(StartError::Start(
+                anyhow::Error::new(e).context(format!("cannot listen on {} (--listen)", args.listen)),
+            ))
+        }
+    };
     let listen = listener.local_addr().context("listener address")?;
     let advertise = args.advertise.map(|(ip, port): (IpAddr, Option<u16>)| {
         SocketAddr::new(ip, port.unwrap_or(listen.port()))
@@ -241,7 +498,8 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
     };
     let bound = discovery::bind(disc_cfg, local).context("discovery")?;
     let advertised = bound.advertised();
-    let control = socket::bind(&socket_path, args.socket_mode)?;
+    let control =
+        socket::bind(&socket_path, args.socket_mode).map_err(|e| StartError::Start(e.into()))?;
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -296,6 +554,7 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
         messages_out: AtomicU64::new(0),
         keyring,
         secret_file: args.secret_file.clone(),
+        log,
     });
 
     let table_cfg = TableConfig {
@@ -337,68 +596,4 @@ async fn run(plan: Plan) -> anyhow::Result<Running> {
         tracker,
         socket: socket_path,
     })
-}
-
-/// Installs the signal handlers now and returns the future that resolves
-/// when the node should stop. Installed before anything binds, so no
-/// signal finds the default action (which for SIGHUP and SIGQUIT is to die
-/// without a goodbye).
-///
-/// - SIGTERM (`docker stop`, systemd), SIGINT (Ctrl-C) and SIGQUIT: a
-///   graceful stop. As PID 1 in a container there is no default handler,
-///   so each is handled explicitly.
-/// - SIGHUP (a closed terminal, or `systemctl reload`): logged and ignored
-///   until reloading exists.
-/// - SIGPIPE is ignored by the Rust runtime; writes report `EPIPE` instead.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let handlers = (|| {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-            signal(SignalKind::quit())?,
-            signal(SignalKind::hangup())?,
-        ))
-    })();
-    async move {
-        let (mut term, mut int, mut quit, mut hup) = match handlers {
-            Ok(h) => h,
-            Err(error) => {
-                warn!(%error, "cannot install signal handlers; stop with POST /v1/leave");
-                return std::future::pending().await;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = term.recv() => {
-                    info!("SIGTERM received");
-                    return;
-                }
-                _ = int.recv() => {
-                    info!("SIGINT received");
-                    return;
-                }
-                _ = quit.recv() => {
-                    info!("SIGQUIT received");
-                    return;
-                }
-                _ = hup.recv() => info!("SIGHUP received; reload is not supported yet, ignoring"),
-            }
-        }
-    }
-}
-
-/// Initialises logging from `RUST_LOG` (default `info`), to standard error.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
-        )
-        .with_target(false)
-        .init();
 }

@@ -2,22 +2,32 @@
 //! and transport around one peer table, the control API on a Unix socket, and
 //! the CLI that is a client of that API.
 //!
-//! - [`config`]: flags, environment, validation.
+//! - [`config`]: flags, environment, validation; [`configfile`]: the
+//!   `--config` file and what a reload changes.
+//! - [`logging`]: log level and format, the monitor hub.
+//! - [`notify`]: the systemd notification protocol.
 //! - [`daemon`]: binding, task wiring, signals, graceful shutdown.
 //! - [`membership`]: the task that owns the peer table.
 //! - [`state`]: the shared read-model and event bus.
-//! - [`api`]: HTTP/1.1 + JSON on the control socket.
-//! - [`client`], [`cli`]: the CLI.
+//! - [`api`]: HTTP/1.1 + JSON on the control socket; [`ops`]: its
+//!   operations routes (log level, monitor).
+//! - [`client`], [`cli`], [`cli_ops`]: the CLI.
 //! - [`netif`], [`socket`]: interfaces and the control socket path.
 //! - [`secret`]: the secret file holding the cluster keys.
 
 pub mod api;
+pub mod beaconwatch;
 pub mod cli;
+pub mod cli_ops;
 pub mod client;
 pub mod config;
+pub mod configfile;
 pub mod daemon;
+pub mod logging;
 pub mod membership;
 pub mod netif;
+pub mod notify;
+pub mod ops;
 pub mod secret;
 pub mod seeds;
 pub mod socket;

@@ -2,16 +2,22 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use node::config::{Cli, Command};
+use node::config::Command;
+use node::configfile::{self, LoadError};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse(); // exits 2 with a one-line message on bad usage
-    match cli.cmd {
-        Command::Run(args) => {
-            node::daemon::init_tracing();
-            node::daemon::main(*args)
+    // Flags, environment and the `--config` file, before anything binds:
+    // bad usage exits 2 with a one-line message.
+    let loaded = match configfile::load(std::env::args_os()) {
+        Ok(l) => l,
+        Err(LoadError::Clap(e)) => e.exit(),
+        Err(LoadError::File(line)) => {
+            eprintln!("{line}");
+            return ExitCode::from(2);
         }
+    };
+    match loaded.cli.cmd {
+        Command::Run(args) => node::daemon::main(*args, loaded.source),
         Command::Keygen => {
             println!("{}", proto::secure::Key::generate().to_base64());
             ExitCode::SUCCESS

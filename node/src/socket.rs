@@ -53,12 +53,21 @@ fn uid() -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
-/// The default path: `/run/constellationd.sock` for root, else
+/// The socket of the systemd unit (`packaging/constellationd.service`),
+/// in its `RuntimeDirectory`.
+pub const SERVICE_PATH: &str = "/run/constellationd/constellationd.sock";
+
+/// The default path: `/run/constellationd.sock` for root (or, when that does
+/// not exist and the service's [`SERVICE_PATH`] does, that one), else
 /// `$XDG_RUNTIME_DIR/constellationd.sock`, else `/tmp/constellationd-UID.sock`.
 pub fn default_path() -> PathBuf {
     let uid = uid();
     if uid == Some(0) {
-        return PathBuf::from("/run/constellationd.sock");
+        let plain = Path::new("/run/constellationd.sock");
+        if !plain.exists() && Path::new(SERVICE_PATH).exists() {
+            return PathBuf::from(SERVICE_PATH);
+        }
+        return plain.to_path_buf();
     }
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return Path::new(&dir).join("constellationd.sock");

@@ -103,6 +103,8 @@ pub struct NodeState {
     pub keyring: Option<SharedKeyring>,
     /// Where the keyring is persisted (`--secret-file`).
     pub secret_file: Option<PathBuf>,
+    /// The log level and monitor control (`None` when embedded).
+    pub log: Option<crate::logging::LogControl>,
 }
 
 /// RFC 3339 timestamp of now, with microseconds.
