@@ -136,7 +136,7 @@ async fn log_level(
 ) -> ExitCode {
     let c = client(sock);
     let res = if level.is_none() && format.is_none() {
-        c.json(Method::GET, "/v1/log-level", None).await
+        c.send::<Value>(Method::GET, "/v1/log-level", None).await
     } else {
         let mut body = serde_json::Map::new();
         if let Some(l) = level {
@@ -145,9 +145,10 @@ async fn log_level(
         if let Some(f) = format {
             body.insert("format".into(), f.as_str().into());
         }
-        c.json(Method::PUT, "/v1/log-level", Some(Value::Object(body)))
+        c.send(Method::PUT, "/v1/log-level", Some(&Value::Object(body)))
             .await
     };
+    let res = res.and_then(|a| Ok((a.status, a.json()?)));
     match res {
         Err(e) => fail(e),
         Ok((st, v)) if !st.is_success() => api_error(st, &v),
@@ -207,7 +208,7 @@ fn shown(v: &Value) -> String {
 
 async fn monitor(client: &Client, level: LogLevel, json: bool) -> ExitCode {
     let uri = format!("/v1/monitor?level={}", level.as_str());
-    let resp = match client.request(Method::GET, &uri, None).await {
+    let resp = match client.request(Method::GET, &uri, bytes::Bytes::new()).await {
         Ok(r) => r,
         Err(e) => return fail(e),
     };

@@ -119,13 +119,23 @@ impl Client {
         uri: &str,
         body: Option<&B>,
     ) -> Result<Answer, ClientError> {
+        self.send(Method::POST, uri, body).await
+    }
+
+    /// `method uri` with `body` as JSON (`None`: an empty body).
+    pub async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<&B>,
+    ) -> Result<Answer, ClientError> {
         let bytes = match body {
             Some(b) => serde_json::to_vec(b)
                 .map(Bytes::from)
                 .map_err(|e| self.http(format!("request not encoded: {e}")))?,
             None => Bytes::new(),
         };
-        self.call(Method::POST, uri, bytes).await
+        self.call(method, uri, bytes).await
     }
 }
 
