@@ -616,7 +616,7 @@ async fn get_peer(
 fn warnings(state: &NodeState, uptime: Duration) -> Vec<String> {
     let mut w = Vec::new();
     let grace = state.beacon_interval * 3;
-    if uptime > grace && !state.discovery.loops_back.load(Ordering::Relaxed) {
+    if state.multicast && uptime > grace && !state.discovery.loops_back.load(Ordering::Relaxed) {
         let names: Vec<&str> = state.interfaces.iter().map(|i| i.name.as_str()).collect();
         w.push(format!(
             "own multicast beacons are not looping back — multicast may be blocked on {}",
@@ -747,6 +747,9 @@ fn self_info(state: &NodeState) -> NodeInfo {
             events_dropped: state.events.dropped(),
         },
         warnings: warnings(state, uptime),
+        multicast: state.multicast,
+        seeds: state.seeds.lock().map(|s| s.clone()).unwrap_or_default(),
+        state_dir: state.state_dir.as_ref().map(|d| d.display().to_string()),
     }
 }
 

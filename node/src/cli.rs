@@ -295,6 +295,30 @@ fn render_status(v: &NodeInfo) -> String {
         c.messages_in,
         c.messages_out,
     );
+    if !v.multicast {
+        out.push_str("multicast:   off (--no-multicast)\n");
+    }
+    for s in &v.seeds {
+        let resolved = if s.resolved.is_empty() {
+            String::new()
+        } else {
+            format!(" -> {}", list(&s.resolved))
+        };
+        let detail = s
+            .detail
+            .as_ref()
+            .map(|d| format!(" ({})", escape(d)))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "seed:        {}{resolved}: {}{detail}, {} attempts\n",
+            escape(&s.seed),
+            escape(&s.outcome),
+            s.attempts
+        ));
+    }
+    if let Some(dir) = &v.state_dir {
+        out.push_str(&format!("state dir:   {}\n", escape(dir)));
+    }
     if v.warnings.is_empty() {
         out.push_str("warnings:    none\n");
     } else {
@@ -758,6 +782,9 @@ mod tests {
                 events_dropped: 0,
             },
             warnings: vec![e()],
+            multicast: true,
+            seeds: Vec::new(),
+            state_dir: None,
         });
         assert!(clean(&status) && status.contains(SHOWN), "{status}");
 

@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::seeds::SeedSpec;
 use clap::{Args, Parser, Subcommand};
 use proto::addr_rule::Cidr;
 
@@ -251,6 +252,23 @@ pub struct RunArgs {
     #[arg(long, env = "CONSTELLATION_ALLOW_ADVERTISE", value_delimiter = ',', value_parser = parse_cidr, value_name = "CIDR")]
     pub allow_advertise: Vec<Cidr>,
 
+    /// A node to join through, HOST[:PORT] or [IPV6]:PORT (port: this node's
+    /// link port); repeatable. The host is resolved again at every attempt
+    /// and every address it returns is dialed; attempts never stop.
+    #[arg(long, env = "CONSTELLATION_SEED", value_delimiter = ',', value_parser = parse_seed, value_name = "HOST[:PORT]")]
+    pub seed: Vec<SeedSpec>,
+
+    /// No multicast socket at all: peers are found through --seed and
+    /// remembered peers (--state-dir) only.
+    #[arg(long, env = "CONSTELLATION_NO_MULTICAST", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false, num_args = 0..=1, default_missing_value = "true")]
+    pub no_multicast: bool,
+
+    /// Where to remember peers for the next start [default:
+    /// /var/lib/constellationd for a system node (root, default socket),
+    /// none otherwise].
+    #[arg(long, env = "CONSTELLATION_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
     /// Metadata KEY=VALUE; repeatable.
     #[arg(long, env = "CONSTELLATION_TAG", value_delimiter = ',', value_parser = parse_tag, value_name = "KEY=VALUE")]
     pub tag: Vec<(String, String)>,
@@ -289,6 +307,10 @@ pub struct RunArgs {
     /// Largest TCP frame accepted or sent, in bytes.
     #[arg(long, env = "CONSTELLATION_MAX_FRAME", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
     pub max_frame: u64,
+}
+
+fn parse_seed(s: &str) -> Result<SeedSpec, String> {
+    SeedSpec::parse(s)
 }
 
 fn parse_name(s: &str) -> Result<String, String> {

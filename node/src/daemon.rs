@@ -16,6 +16,7 @@
 //! use, another daemon on the control socket, a multicast join failing).
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -239,7 +240,7 @@ pub fn main(args: RunArgs, source: Option<Source>) -> ExitCode {
                     info!("shutdown requested");
                     break;
                 }
-                _ = sample_every.tick() => {
+                _ = sample_every.tick(), if node.state.multicast => {
                     let d = &node.state.discovery;
                     let sample = beaconwatch::Sample {
                         sent: d.beacons_sent.load(Ordering::Relaxed),
@@ -496,8 +497,49 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         advertise,
         digest: tags_digest(&tags),
     };
-    let bound = discovery::bind(disc_cfg, local).context("discovery")?;
-    let advertised = bound.advertised();
+    let multicast = !args.no_multicast;
+    // With --no-multicast nothing is bound for discovery: the interfaces
+    // still say what we advertise and which addresses are ours to dial.
+    let (bound, advertised, in_use, rule, disc_stats) = if multicast {
+        let bound = discovery::bind(disc_cfg, local).context("discovery")?;
+        let (adv, ifs, rule, st) = (
+            bound.advertised(),
+            bound.interfaces(),
+            bound.addr_rule(),
+            bound.stats(),
+        );
+        (Some(bound), adv, ifs, rule, st)
+    } else {
+        let ifs = disc_cfg.interfaces.clone();
+        let adv = ifs
+            .iter()
+            .map(|i| advertise.unwrap_or_else(|| SocketAddr::from((i.addr, listen.port()))))
+            .collect();
+        let rule = proto::addr_rule::AddrRule::new(
+            ifs.iter().map(|i| (i.addr, i.netmask)),
+            args.allow_advertise.iter().copied(),
+        );
+        (None, adv, ifs, rule, Arc::new(discovery::Stats::default()))
+    };
+    let state_dir = state_dir(&args);
+    let remembered = match &state_dir {
+        Some(dir) => match crate::statefile::load(dir) {
+            Ok(addrs) => addrs,
+            Err(error) => {
+                warn!(%error, "remembered peers not used");
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let mut seed_specs = args.seed.clone();
+    seed_specs.extend(remembered.iter().map(|a| crate::seeds::SeedSpec {
+        host: a.ip().to_string(),
+        port: Some(a.port()),
+    }));
+    if !multicast && seed_specs.is_empty() {
+        warn!("--no-multicast with no --seed and no remembered peers: this node only finds peers that dial it");
+    }
     let control =
         socket::bind(&socket_path, args.socket_mode).map_err(|e| StartError::Start(e.into()))?;
 
@@ -538,7 +580,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         incarnation,
         started: Instant::now(),
         tags,
-        interfaces: bound.interfaces(),
+        interfaces: in_use,
         advertised: advertised.clone(),
         listen,
         group: args.group,
@@ -546,10 +588,13 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         beacon_interval: args.beacon_interval,
         peers: DashMap::new(),
         events: EventBus::default(),
-        discovery: bound.stats(),
+        discovery: disc_stats,
         transport,
         transitions: proto::stats::Tally::default(),
         table: Default::default(),
+        multicast,
+        seeds: Default::default(),
+        state_dir: state_dir.clone(),
         messages_in: AtomicU64::new(0),
         messages_out: AtomicU64::new(0),
         keyring,
@@ -566,19 +611,57 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         ..TableConfig::default()
     };
     let table = PeerTable::new(id, table_cfg, rand::random());
+    let seed_tx = (!seed_specs.is_empty()).then(|| {
+        let (tx, rx) = mpsc::channel(256);
+        let seeds = crate::seeds::Seeds::new(
+            seed_specs,
+            crate::seeds::Config::default(),
+            Instant::now(),
+            rand::random(),
+        );
+        let mut own = advertised.clone();
+        own.push(listen);
+        tracker.spawn(crate::seeds::task::run(
+            seeds,
+            state.clone(),
+            rx,
+            listen.port(),
+            own,
+            cancel.clone(),
+        ));
+        tx
+    });
+    let remember_tx = state_dir.clone().map(|dir| {
+        let (tx, rx) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
+        tracker.spawn(crate::statefile::run(
+            dir,
+            remembered.clone(),
+            rx,
+            cancel.clone(),
+        ));
+        tx
+    });
     tracker.spawn(membership::run(
         table,
         state.clone(),
         disc_rx,
         trans_rx,
-        bound.addr_rule(),
+        membership::Hooks {
+            rule,
+            seeds: seed_tx,
+            remember: remember_tx,
+        },
         cancel.clone(),
     ));
-    let dc = cancel.clone();
-    tracker.spawn(async move {
-        let _stop_node_on_exit = dc.clone().drop_guard();
-        bound.run(disc_tx, dc).await;
-    });
+    if let Some(bound) = bound {
+        let dc = cancel.clone();
+        tracker.spawn(async move {
+            let _stop_node_on_exit = dc.clone().drop_guard();
+            bound.run(disc_tx, dc).await;
+        });
+    } else {
+        drop(disc_tx); // no beacons: the membership task hears only links
+    }
     let router = api::router(state.clone(), cancel.clone(), args.max_frame as usize);
     tracker.spawn(api::serve(control, router, cancel.clone(), tracker.clone()));
     tracker.close();
@@ -596,4 +679,27 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         tracker,
         socket: socket_path,
     })
+}
+
+/// `--state-dir`, or the system node's default: root, with the default
+/// control socket, remembers peers in /var/lib/constellationd. The directory
+/// is created (0700) if missing; one that cannot be is reported and not used.
+fn state_dir(args: &RunArgs) -> Option<PathBuf> {
+    const SYSTEM: &str = "/var/lib/constellationd";
+    let system = crate::socket::is_root() && args.sock.socket.is_none();
+    let dir = args
+        .state_dir
+        .clone()
+        .or_else(|| system.then(|| PathBuf::from(SYSTEM)))?;
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir);
+    match made {
+        Ok(()) => Some(dir),
+        Err(error) => {
+            warn!(dir = %dir.display(), %error, "state directory not usable; peers are not remembered");
+            None
+        }
+    }
 }

@@ -11,18 +11,22 @@ use std::time::Duration;
 
 use base64::Engine;
 use discovery::DiscoveryEvent;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
 use proto::addr_rule::AddrRule;
 use proto::id::check_incarnation;
 use proto::membership::{Action, DialFailure, EventKind, PeerTable};
 use proto::Message;
 use proto::NodeId;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use transport::TransportEvent;
 
+use crate::seeds::task::{SeedEvent, UNKNOWN};
 use crate::state::{peer_json, NodeState};
 
 fn now_std() -> std::time::Instant {
@@ -36,17 +40,18 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs until `cancel` fires or both input channels close.
+/// Runs until `cancel` fires or the transport's channel closes.
 pub async fn run(
     mut table: PeerTable,
     state: Arc<NodeState>,
     mut disc_rx: mpsc::Receiver<DiscoveryEvent>,
     mut trans_rx: mpsc::Receiver<TransportEvent>,
-    rule: AddrRule,
+    hooks: Hooks,
     cancel: CancellationToken,
 ) {
     let _stop_node_on_exit = cancel.clone().drop_guard();
     let idle = Duration::from_secs(3600);
+    let mut beacons = true;
     loop {
         let deadline = table
             .next_deadline()
@@ -66,12 +71,12 @@ pub async fn run(
                     }
                 }
                 Some(ev) => {
-                    let id = on_transport(&mut table, &state, &rule, ev);
+                    let id = on_transport(&mut table, &state, &hooks, ev);
                     sync(&table, &state, id);
                 }
                 None => break,
             },
-            ev = disc_rx.recv() => match ev {
+            ev = disc_rx.recv(), if beacons => match ev {
                 Some(DiscoveryEvent::Beacon { at, beacon, .. }) => {
                     if let Err(e) = check_incarnation(beacon.incarnation, wall_ms()) {
                         if state.discovery.drops.record(at, e.reason()) {
@@ -82,11 +87,12 @@ pub async fn run(
                     table.on_beacon(at, &beacon);
                     sync(&table, &state, beacon.id);
                 }
-                None => break,
+                // No discovery (--no-multicast): links only.
+                None => beacons = false,
             },
             () = sleep_until(deadline) => table.on_tick(now_std()),
         }
-        drain(&mut table, &state);
+        drain(&mut table, &state, &hooks);
     }
 }
 
@@ -105,17 +111,37 @@ fn sync(table: &PeerTable, state: &NodeState, id: NodeId) {
 }
 
 /// Applies one transport event; returns the peer it concerned.
+/// What the membership task serves besides the table.
+#[derive(Debug)]
+pub struct Hooks {
+    /// Which advertised addresses may be dialed.
+    pub rule: AddrRule,
+    /// The seed task, told what became of the dials it asked for.
+    pub seeds: Option<mpsc::Sender<SeedEvent>>,
+    /// The remembered-peers writer, given the confirmed live peers'
+    /// addresses whenever they change.
+    pub remember: Option<watch::Sender<BTreeSet<SocketAddr>>>,
+}
+
 fn on_transport(
     table: &mut PeerTable,
     state: &NodeState,
-    rule: &AddrRule,
+    hooks: &Hooks,
     ev: TransportEvent,
 ) -> NodeId {
+    let rule = &hooks.rule;
     let now = now_std();
     match ev {
         TransportEvent::LinkUp {
-            mut hello, remote, ..
+            mut hello,
+            remote,
+            outbound,
         } => {
+            if let (true, Some(seeds)) = (outbound, &hooks.seeds) {
+                // Best effort: a full queue only delays the seed's verdict
+                // to its attempt deadline.
+                let _ = seeds.try_send(SeedEvent::Linked(remote));
+            }
             // The address the peer advertises is what we redial: the same
             // rule as for beacons, with the connection's source as the
             // datagram's. A refused one is replaced by the source's IP.
@@ -151,6 +177,25 @@ fn on_transport(
                 info!(peer = %p.name, id = %id.short(), addr = %p.addr, %reason, "link down");
             }
             table.on_link_down(now, id, graceful || goodbye);
+            id
+        }
+        TransportEvent::DialFailed {
+            id,
+            why,
+            detail,
+            addr,
+        } if id == UNKNOWN => {
+            if let Some(seeds) = &hooks.seeds {
+                // The other side's dial won: a link exists, which is all a
+                // seed wants.
+                let ev = if why == DialFailure::Duplicate {
+                    SeedEvent::Linked(addr)
+                } else {
+                    SeedEvent::Failed(addr, detail)
+                };
+                // Best effort, as above.
+                let _ = seeds.try_send(ev);
+            }
             id
         }
         TransportEvent::DialFailed {
@@ -214,8 +259,17 @@ fn send_list(state: &NodeState, to: NodeId, list: proto::frame::PeerList) {
     });
 }
 
+/// The addresses worth remembering: every confirmed live peer's.
+fn remembered(table: &PeerTable) -> BTreeSet<SocketAddr> {
+    table
+        .peers()
+        .filter(|p| p.confirmed() && p.is_live())
+        .map(|p| p.addr)
+        .collect()
+}
+
 /// Mirrors table events into the read-model, logs and the bus; starts dials.
-fn drain(table: &mut PeerTable, state: &NodeState) {
+fn drain(table: &mut PeerTable, state: &NodeState, hooks: &Hooks) {
     let now = now_std();
     let c = &state.table;
     c.pending.store(table.pending() as u64, Ordering::Relaxed);
@@ -229,7 +283,12 @@ fn drain(table: &mut PeerTable, state: &NodeState) {
             names.extend_from_slice(table.unlinked());
         }
     }
+    let mut membership_changed = false;
     while let Some(ev) = table.poll_event() {
+        membership_changed |= !matches!(
+            ev.kind,
+            EventKind::LinkUp | EventKind::LinkDown | EventKind::Suspect | EventKind::Recovered
+        );
         let peer = match ev.kind {
             EventKind::Reaped => state.peers.remove(&ev.id).map(|(_, p)| p),
             _ => table.get(&ev.id).cloned().inspect(|p| {
@@ -257,6 +316,16 @@ fn drain(table: &mut PeerTable, state: &NodeState) {
             EventKind::Updated | EventKind::LinkDown | EventKind::Reaped => {}
         }
         state.publish(ev.kind.as_str(), || json!({ "peer": peer_json(&p, now) }));
+    }
+    if let (true, Some(remember)) = (membership_changed, &hooks.remember) {
+        let set = remembered(table);
+        remember.send_if_modified(|old| {
+            let changed = *old != set;
+            if changed {
+                *old = set;
+            }
+            changed
+        });
     }
     while let Some(action) = table.poll_action() {
         match action {

@@ -17,9 +17,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use proto::control::SeedInfo;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
 
 /// A seed as given on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,8 +121,7 @@ impl Default for Config {
 }
 
 /// How one attempt at one seed ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case", tag = "outcome", content = "detail")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Not tried yet.
     Pending,
@@ -143,20 +142,6 @@ impl Outcome {
             Outcome::DialFailed(_) => "dial_failed",
         }
     }
-}
-
-/// What `status` shows of one seed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SeedStatus {
-    /// As given.
-    pub seed: String,
-    /// What it resolved to last time.
-    pub resolved: Vec<String>,
-    /// How the last attempt ended.
-    #[serde(flatten)]
-    pub last: Outcome,
-    /// Attempts so far.
-    pub attempts: u64,
 }
 
 #[derive(Debug)]
@@ -300,13 +285,17 @@ impl Seeds {
     }
 
     /// What `status` shows.
-    pub fn status(&self) -> Vec<SeedStatus> {
+    pub fn status(&self) -> Vec<SeedInfo> {
         self.seeds
             .iter()
-            .map(|s| SeedStatus {
+            .map(|s| SeedInfo {
                 seed: s.spec.to_string(),
                 resolved: s.resolved.iter().map(|a| a.to_string()).collect(),
-                last: s.last.clone(),
+                outcome: s.last.class().to_string(),
+                detail: match &s.last {
+                    Outcome::Unresolved(d) | Outcome::DialFailed(d) => Some(d.clone()),
+                    Outcome::Pending | Outcome::Linked => None,
+                },
                 attempts: s.attempts,
             })
             .collect()
@@ -380,10 +369,211 @@ mod tests {
         assert!(s.next_deadline().unwrap() - now >= cfg.recheck.mul_f64(0.8));
         let st = s.status();
         assert_eq!(st[0].resolved, vec!["127.0.0.1:9".to_string()]);
-        assert_eq!(st[0].last, Outcome::Linked);
+        assert_eq!(st[0].outcome, "linked");
         assert_eq!(st[0].attempts, 13);
         // Isolated again: every seed at once.
         s.on_isolated(now + Duration::from_secs(1));
         assert_eq!(s.next_deadline(), Some(now + Duration::from_secs(1)));
+    }
+}
+
+/// The seed task: resolves and dials what [`Seeds`] says is due, and feeds
+/// the outcomes back. Dials go through the transport like any other, under
+/// [`UNKNOWN`] (the node behind an address is not known until its
+/// handshake); the membership task reports what became of them.
+pub mod task {
+    use std::collections::BTreeSet;
+    use std::net::{IpAddr, SocketAddr};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use proto::membership::LinkState;
+    use proto::NodeId;
+    use tokio::sync::mpsc;
+    use tokio::time::{sleep_until, timeout, Instant};
+    use tokio_util::sync::CancellationToken;
+    use tracing::{info, warn};
+
+    use super::{Outcome, SeedSpec, Seeds};
+    use crate::state::NodeState;
+
+    /// The id under which addresses of unknown nodes are dialed.
+    pub const UNKNOWN: NodeId = NodeId(0);
+
+    /// How long one resolution may take.
+    const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// How long the dials of one attempt may take before it is judged.
+    const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// How often the task checks whether the node lost every link (then
+    /// every seed is tried again at once).
+    const ISOLATION_CHECK: Duration = Duration::from_secs(1);
+
+    /// What the membership task tells the seed task.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum SeedEvent {
+        /// A link this node dialed to `addr` came up.
+        Linked(SocketAddr),
+        /// A dial to `addr` under [`UNKNOWN`] ended without a link.
+        Failed(SocketAddr, String),
+    }
+
+    struct Attempt {
+        seed: usize,
+        resolved: Vec<SocketAddr>,
+        waiting: BTreeSet<SocketAddr>,
+        failure: Option<String>,
+        deadline: Instant,
+    }
+
+    /// Resolves `spec` (again: nothing is cached between attempts, so a
+    /// name whose addresses change is followed).
+    pub async fn resolve(spec: &SeedSpec, default_port: u16) -> Result<Vec<SocketAddr>, String> {
+        let port = spec.port.unwrap_or(default_port);
+        if let Ok(ip) = spec.host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        // A resolver of our own (no libc NSS: the image is FROM scratch),
+        // built per attempt so that /etc/hosts and resolv.conf are read anew.
+        let resolver = hickory_resolver::TokioResolver::builder_tokio()
+            .map_err(|e| format!("resolver configuration: {e}"))?
+            .build()
+            .map_err(|e| format!("resolver: {e}"))?;
+        let lookup = timeout(RESOLVE_TIMEOUT, resolver.lookup_ip(spec.host.as_str()))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut addrs: Vec<SocketAddr> =
+            lookup.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        if addrs.is_empty() {
+            return Err("no address".into());
+        }
+        Ok(addrs)
+    }
+
+    fn linked(state: &NodeState, addr: SocketAddr) -> bool {
+        state
+            .peers
+            .iter()
+            .any(|p| p.link == LinkState::Up && p.addr == addr)
+    }
+
+    fn log(line: Option<String>, ok: bool) {
+        match line {
+            Some(l) if ok => info!("{l}"),
+            Some(l) => warn!("{l}"),
+            None => {}
+        }
+    }
+
+    /// Runs until `cancel` fires. `own` are this node's own addresses
+    /// (never dialed).
+    pub async fn run(
+        mut seeds: Seeds,
+        state: Arc<NodeState>,
+        mut events: mpsc::Receiver<SeedEvent>,
+        default_port: u16,
+        own: Vec<SocketAddr>,
+        cancel: CancellationToken,
+    ) {
+        let mut attempts: Vec<Attempt> = Vec::new();
+        let mut had_links = false;
+        loop {
+            let now = Instant::now();
+            let next = [
+                seeds.next_deadline().map(Instant::from_std),
+                attempts.iter().map(|a| a.deadline).min(),
+                Some(now + ISOLATION_CHECK),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + ISOLATION_CHECK);
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                ev = events.recv() => match ev {
+                    Some(SeedEvent::Linked(addr)) => {
+                        for a in &mut attempts {
+                            a.waiting.remove(&addr);
+                        }
+                    }
+                    Some(SeedEvent::Failed(addr, why)) => {
+                        for a in &mut attempts {
+                            if a.waiting.remove(&addr) {
+                                a.failure.get_or_insert_with(|| format!("{addr}: {why}"));
+                            }
+                        }
+                    }
+                    None => break,
+                },
+                () = sleep_until(next) => {}
+            }
+            let now = Instant::now();
+            let std_now = now.into_std();
+            // Judge finished attempts.
+            let mut done = Vec::new();
+            attempts.retain(|a| {
+                let finished = a.waiting.is_empty() || now >= a.deadline;
+                if finished {
+                    let outcome = match (&a.failure, a.waiting.first()) {
+                        (Some(f), _) => Outcome::DialFailed(f.clone()),
+                        (None, Some(addr)) => Outcome::DialFailed(format!("{addr}: no answer")),
+                        (None, None) => Outcome::Linked,
+                    };
+                    done.push((a.seed, a.resolved.clone(), outcome));
+                }
+                !finished
+            });
+            for (i, resolved, outcome) in done {
+                let ok = outcome == Outcome::Linked;
+                log(seeds.on_attempt(std_now, i, resolved, outcome), ok);
+            }
+            // Lost every link: every seed again, now.
+            let links = state.peers.iter().any(|p| p.link == LinkState::Up);
+            if had_links && !links {
+                seeds.on_isolated(std_now);
+            }
+            had_links = links;
+            // Start what is due.
+            for (i, spec) in seeds.poll_due(std_now) {
+                match resolve(&spec, default_port).await {
+                    Err(e) => {
+                        log(
+                            seeds.on_attempt(
+                                Instant::now().into_std(),
+                                i,
+                                vec![],
+                                Outcome::Unresolved(e),
+                            ),
+                            false,
+                        );
+                    }
+                    Ok(addrs) => {
+                        let waiting: BTreeSet<SocketAddr> = addrs
+                            .iter()
+                            .copied()
+                            .filter(|a| !own.contains(a) && !linked(&state, *a))
+                            .collect();
+                        for &addr in &waiting {
+                            if !state.transport.dial(UNKNOWN, addr) {
+                                warn!(%addr, "seed dial not queued (transport busy)");
+                            }
+                        }
+                        attempts.push(Attempt {
+                            seed: i,
+                            resolved: addrs,
+                            waiting,
+                            failure: None,
+                            deadline: Instant::now() + ATTEMPT_TIMEOUT,
+                        });
+                    }
+                }
+            }
+            if let Ok(mut status) = state.seeds.lock() {
+                *status = seeds.status();
+            }
+        }
     }
 }

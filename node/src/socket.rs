@@ -47,6 +47,11 @@ pub enum SocketError {
 }
 
 /// The effective uid, without unsafe code (from `/proc/self/status`).
+/// True when this process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    uid() == Some(0)
+}
+
 fn uid() -> Option<u32> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;

@@ -95,6 +95,12 @@ pub struct NodeState {
     pub transitions: proto::stats::Tally,
     /// The peer table's own counters.
     pub table: TableCounters,
+    /// Whether multicast discovery runs.
+    pub multicast: bool,
+    /// Seeds and their last outcomes (written by the seed task).
+    pub seeds: std::sync::Mutex<Vec<proto::control::SeedInfo>>,
+    /// Where peers are remembered (`--state-dir`).
+    pub state_dir: Option<PathBuf>,
     /// Application messages received.
     pub messages_in: AtomicU64,
     /// Application messages sent.

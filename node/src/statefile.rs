@@ -155,6 +155,68 @@ impl Throttle {
     }
 }
 
+/// The writer task: follows the set of confirmed live peers' addresses and
+/// writes it to `dir` as [`Throttle`] allows, off the runtime's thread (the
+/// file is synced). A failed write is logged once per kind and retried at
+/// the next change.
+pub async fn run(
+    dir: PathBuf,
+    on_disk: Vec<SocketAddr>,
+    mut peers: tokio::sync::watch::Receiver<BTreeSet<SocketAddr>>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut throttle = Throttle::new(on_disk);
+    let mut failing = false;
+    loop {
+        let now = tokio::time::Instant::now();
+        let due = throttle
+            .next_write(now.into_std())
+            .map(tokio::time::Instant::from_std);
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            changed = peers.changed() => {
+                if changed.is_err() {
+                    break; // the membership task is gone: the node is stopping
+                }
+                throttle.update(peers.borrow_and_update().clone());
+                continue;
+            }
+            () = sleep_or_never(due) => {}
+        }
+        let now = tokio::time::Instant::now().into_std();
+        let Some(set) = throttle.due(now) else {
+            continue;
+        };
+        let (d, s) = (dir.clone(), set.clone());
+        let written = tokio::task::spawn_blocking(move || save(&d, &s)).await;
+        match written {
+            Ok(Ok(())) => {
+                if failing {
+                    tracing::info!(dir = %dir.display(), "remembered peers written again");
+                }
+                failing = false;
+                throttle.written(now, set);
+            }
+            Ok(Err(error)) => {
+                if !failing {
+                    tracing::warn!(dir = %dir.display(), %error, "cannot remember peers");
+                }
+                failing = true;
+                throttle.written(now, BTreeSet::new()); // retry after the interval
+            }
+            Err(error) => tracing::warn!(%error, "remembered-peers writer failed"),
+        }
+    }
+}
+
+async fn sleep_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

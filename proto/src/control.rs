@@ -73,6 +73,36 @@ pub struct NodeInfo {
     pub counters: NodeCounters,
     /// Plain-language warnings (empty when all is well).
     pub warnings: Vec<String>,
+    /// Whether multicast discovery runs (`--no-multicast` turns it off).
+    #[serde(default = "yes")]
+    pub multicast: bool,
+    /// Seeds (`--seed`, and remembered peers), each with its last outcome.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<SeedInfo>,
+    /// Where peers are remembered for the next start (`--state-dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One seed in [`NodeInfo::seeds`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeedInfo {
+    /// As given (`HOST[:PORT]`), or a remembered address.
+    pub seed: String,
+    /// What it resolved to at the last attempt.
+    pub resolved: Vec<String>,
+    /// How the last attempt ended: `pending`, `linked`, `unresolved` or
+    /// `dial_failed`.
+    pub outcome: String,
+    /// Why, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Attempts so far.
+    pub attempts: u64,
 }
 
 /// One interface in [`NodeInfo::interfaces`].

@@ -104,8 +104,15 @@ impl Daemon {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let logf = std::fs::File::create(&log).expect("log file");
+        let mut args = loopback_args(name, group, &socket);
+        if extra.contains(&"--listen") {
+            // The caller's --listen (a fixed, allocated port) replaces ours.
+            if let Some(i) = args.iter().position(|a| a == "--listen") {
+                args.drain(i..i + 2);
+            }
+        }
         let child = Command::new(bin())
-            .args(loopback_args(name, group, &socket))
+            .args(args)
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
