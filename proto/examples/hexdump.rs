@@ -2,7 +2,7 @@
 
 use bytes::BytesMut;
 use proto::beacon::{Beacon, BeaconKind};
-use proto::frame::{AppMessage, FrameCodec, Message};
+use proto::frame::{AppMessage, FrameCodec, Message, PeerList, PeerRecord};
 use proto::NodeId;
 use tokio_util::codec::Encoder;
 
@@ -37,5 +37,21 @@ fn main() {
     });
     FrameCodec::default().encode(msg, &mut out).expect("frame");
     println!("\nframe ({} bytes):", out.len());
+    dump(&out);
+    // Membership over links: one record of the push-pull (or of a change).
+    let mut out = BytesMut::new();
+    let msg = Message::Peers(PeerList {
+        peers: vec![PeerRecord {
+            id: NodeId(0x5d1c_0a3e_77b2_4e19_a0c4_6f3d_2b81_9e05),
+            incarnation: 1_795_642_109_412,
+            name: "node2".into(),
+            addr: "192.0.2.11:6777".parse().expect("addr"),
+            state: "alive".into(),
+            age_ms: None,
+            tags: [("role".to_string(), "db".to_string())].into_iter().collect(),
+        }],
+    });
+    FrameCodec::default().encode(msg, &mut out).expect("frame");
+    println!("\npeers frame ({} bytes):", out.len());
     dump(&out);
 }
