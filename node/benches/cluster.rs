@@ -75,6 +75,14 @@ fn spawn(dir: &Path, group: &str, name: &str, secret: Option<&Path>) -> (PathBuf
     spawn_wrapped(dir, group, name, secret, &[])
 }
 
+/// Flags every node of a cluster gets (seeds, --no-multicast), set once per
+/// cluster by `start_cluster_seeded`.
+fn extra_args(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("extra.args"))
+        .map(|t| t.lines().map(String::from).collect())
+        .unwrap_or_default()
+}
+
 /// Like [`spawn`], the command prefixed by `wrap` (e.g. `setpriv`).
 fn spawn_wrapped(
     dir: &Path,
@@ -93,6 +101,7 @@ fn spawn_wrapped(
         None => Command::new(BIN),
     };
     cmd.args(support::loopback_args(name, group, &sock));
+    cmd.args(extra_args(dir));
     if let Some(file) = secret {
         cmd.arg("--secret-file").arg(file);
     }
@@ -122,6 +131,79 @@ async fn linked(sock: &Path) -> usize {
 
 async fn start_cluster(n: usize, tag: &str) -> Cluster {
     start_cluster_with(n, tag, false).await
+}
+
+/// A cluster of `n` nodes with no multicast at all: the first is started
+/// alone, every other (and every later newcomer) gets it as `--seed`.
+async fn start_cluster_seeded(n: usize, tag: &str) -> Cluster {
+    let dir = std::env::temp_dir().join(format!("cst-bench-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("extra.args"), "--no-multicast\n").expect("args");
+    let group = "239.255.99.99:9".to_string(); // never bound: --no-multicast
+    let (sock1, p1) = spawn(&dir, &group, "b1", None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listen = loop {
+        if let Ok(a) = Client::new(&sock1).get("/v1/self").await {
+            if let Ok(v) = a.parse::<proto::control::NodeInfo>() {
+                break v.listen;
+            }
+        }
+        assert!(Instant::now() < deadline, "seed node did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    std::fs::write(
+        dir.join("extra.args"),
+        format!("--no-multicast\n--seed\n{listen}\n"),
+    )
+    .expect("args");
+    let mut nodes = vec![("b1".to_string(), sock1, p1)];
+    for i in 2..=n {
+        let name = format!("b{i}");
+        let (sock, p) = spawn(&dir, &group, &name, None);
+        nodes.push((name, sock, p));
+    }
+    let c = Cluster {
+        dir,
+        group,
+        nodes,
+        secret: None,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut all = true;
+        for (_, sock, _) in &c.nodes {
+            if linked(sock).await != n - 1 {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            break;
+        }
+        assert!(Instant::now() < deadline, "seeded cluster of {n} did not mesh in 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c
+}
+
+/// Join through one seed with multicast off, against the multicast join,
+/// runs interleaved on two clusters of `n` up at the same time.
+async fn join_seed_bench(n: usize, runs: usize) {
+    let mcast = start_cluster(n, &format!("jm{n}")).await;
+    let seeded = start_cluster_seeded(n, &format!("jsd{n}")).await;
+    let (ms, ss) = (sockets(&mcast), sockets(&seeded));
+    let (mut xs, mut base) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        base.push(join_once(&mcast, &ms, &format!("m{r}")).await);
+        xs.push(join_once(&seeded, &ss, &format!("s{r}")).await);
+    }
+    report(
+        "join_seed",
+        json!({"n": n, "multicast": false}),
+        xs,
+        "the same join by multicast",
+        base,
+    );
 }
 
 /// A cluster of `n` nodes, all with one fresh cluster key when `secured`.
@@ -823,7 +905,7 @@ async fn resources(n: usize, window: Duration) {
     }
 }
 
-/// `--only NAME[,NAME]` runs just those figures (join, join_secret,
+/// `--only NAME[,NAME]` runs just those figures (join, join_seed, join_secret,
 /// lifecycle, peers, silent_loss, idle); `--quick` fewer sizes and runs. With `SERF_BIN`
 /// set, each figure Serf shares is measured for Serf too, in the same run.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -846,6 +928,9 @@ async fn main() {
         for &n in sizes {
             join_bench(n, runs).await;
         }
+    }
+    if want("join_seed") {
+        join_seed_bench(if quick { 16 } else { 32 }, runs).await;
     }
     if want("join_secret") {
         join_secret_bench(16, runs).await;
