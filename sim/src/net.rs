@@ -218,12 +218,7 @@ pub struct Net {
 
 /// The address of host `slot`.
 pub fn host_ip(slot: u32) -> Ipv4Addr {
-    Ipv4Addr::new(
-        127,
-        1 + (slot >> 16) as u8,
-        (slot >> 8) as u8,
-        slot as u8,
-    )
+    Ipv4Addr::new(127, 1 + (slot >> 16) as u8, (slot >> 8) as u8, slot as u8)
 }
 
 /// The host of an address, if it is one of ours.
@@ -576,7 +571,14 @@ impl Net {
     }
 
     /// End `end` closes its socket: a FIN follows what it sent.
-    pub(crate) fn close(&mut self, now: Instant, rng: &mut StdRng, q: &mut Queue, conn: ConnId, end: usize) {
+    pub(crate) fn close(
+        &mut self,
+        now: Instant,
+        rng: &mut StdRng,
+        q: &mut Queue,
+        conn: ConnId,
+        end: usize,
+    ) {
         self.send(now, rng, q, conn, end, Segment::Fin, Kind::Other);
         self.shut(conn, end);
     }
@@ -584,7 +586,14 @@ impl Net {
     /// End `end` is reset (its process crashed, or it was dropped): the
     /// other end gets a reset after one latency, unless it is lost or a
     /// partition is in the way; what end `end` still had to send is gone.
-    pub(crate) fn reset(&mut self, now: Instant, rng: &mut StdRng, q: &mut Queue, conn: ConnId, end: usize) {
+    pub(crate) fn reset(
+        &mut self,
+        now: Instant,
+        rng: &mut StdRng,
+        q: &mut Queue,
+        conn: ConnId,
+        end: usize,
+    ) {
         let delay = self.delay(rng);
         let lost = self.lost(rng);
         let Some(c) = self.conns.get_mut(&conn) else {

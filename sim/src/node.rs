@@ -388,10 +388,9 @@ impl Node {
             None => cx
                 .net
                 .multicast(cx.now, cx.rng, cx.queue, self.slot, self.beacon_src, b),
-            Some(to) => {
-                cx.net
-                    .unicast(cx.now, cx.rng, cx.queue, self.slot, self.beacon_src, to, b)
-            }
+            Some(to) => cx
+                .net
+                .unicast(cx.now, cx.rng, cx.queue, self.slot, self.beacon_src, to, b),
         }
     }
 
@@ -406,9 +405,7 @@ impl Node {
         if beacon.id == self.id {
             return; // our own, looped back
         }
-        let verdict = self
-            .sources
-            .judge(now, src, beacon.id, beacon.incarnation);
+        let verdict = self.sources.judge(now, src, beacon.id, beacon.incarnation);
         let admits = matches!(verdict, Verdict::New | Verdict::Restarted { .. });
         if admits && beacon.kind != BeaconKind::Leave && !self.budget.new_peers.try_take(now) {
             self.stats.new_peer_budget += 1;
@@ -422,9 +419,7 @@ impl Node {
         }
         if beacon.kind == BeaconKind::Announce
             && verdict == Verdict::New
-            && self
-                .sources
-                .should_reply(now, src, cx.s.beacon_interval)
+            && self.sources.should_reply(now, src, cx.s.beacon_interval)
             && self.budget.replies.try_take(now)
         {
             self.beacon(cx, BeaconKind::Reply, Some(src));
@@ -474,7 +469,8 @@ impl Node {
         while let Some(a) = self.table.poll_action() {
             actions.push(match a {
                 Action::Send { to, mut list } => {
-                    list.peers.sort_by(|a, b| (a.id, &a.state).cmp(&(b.id, &b.state)));
+                    list.peers
+                        .sort_by(|a, b| (a.id, &a.state).cmp(&(b.id, &b.state)));
                     Action::Send { to, list }
                 }
                 dial => dial,
@@ -770,7 +766,9 @@ impl Node {
     fn read_buffered(&mut self, cx: &mut Cx, conn: ConnId) {
         let now = cx.now;
         let Some(End {
-            state: EndState::Open { link, dec, rbuf, .. },
+            state: EndState::Open {
+                link, dec, rbuf, ..
+            },
             ..
         }) = self.ends.get_mut(&conn)
         else {
@@ -925,8 +923,9 @@ impl Node {
                     // The membership task refuses records with incarnations
                     // from the future (and applies the address rule).
                     let wall = self.wall(cx);
-                    list.peers
-                        .retain(|r| r.age_ms.is_some() || check_incarnation(r.incarnation, wall).is_ok());
+                    list.peers.retain(|r| {
+                        r.age_ms.is_some() || check_incarnation(r.incarnation, wall).is_ok()
+                    });
                     self.table_input(cx, |t, now| t.on_peer_list(now, peer, &list));
                 }
                 LinkEvent::App(_) => {}
@@ -975,10 +974,15 @@ impl Node {
         self.ends.clear();
     }
 
-    /// `kill -9`: the kernel resets every connection of the process.
+    /// `kill -9`: the kernel closes every socket of the process, with no
+    /// farewell from the process. For a socket with nothing unread (the
+    /// daemon reads its links continuously) Linux sends a FIN, which it
+    /// retransmits like data, so every peer's link ends after about one
+    /// latency even under loss; later segments to it are answered with a
+    /// reset, and dials are refused.
     pub(crate) fn crash(&mut self, cx: &mut Cx) {
         for (conn, e) in std::mem::take(&mut self.ends) {
-            cx.net.reset(cx.now, cx.rng, cx.queue, conn, e.index());
+            cx.net.close(cx.now, cx.rng, cx.queue, conn, e.index());
         }
         self.links.clear();
     }
@@ -1008,7 +1012,10 @@ fn action_key(a: &Action) -> (u8, NodeId, Vec<(NodeId, &str)>) {
         Action::Send { to, list } => (
             1,
             *to,
-            list.peers.iter().map(|r| (r.id, r.state.as_str())).collect(),
+            list.peers
+                .iter()
+                .map(|r| (r.id, r.state.as_str()))
+                .collect(),
         ),
     }
 }

@@ -6,6 +6,8 @@
 //!   (its current process) as confirmed, `alive`, link `up`. Kept
 //!   incrementally: a matrix of "a sees b well", updated for the peer of
 //!   every event (every change of state or link emits one).
+//! - **One table**: the same with `alive` or `suspect` and any link
+//!   state: nobody misses, or holds as failed or left, a live node.
 //! - **Watches**: when each of a set of observers first emitted an event of
 //!   a kind (`Failed`, `Left`, ...) about each of a set of subjects.
 //! - **False verdicts**: a `Failed` (or `Suspect`) about a live process
@@ -77,6 +79,10 @@ pub struct Observer {
     window: Duration,
     good: Vec<bool>,
     good_pairs: u64,
+    listed: Vec<bool>,
+    listed_pairs: u64,
+    one_table: bool,
+    table_flips: Vec<(Instant, bool)>,
     live: Vec<bool>,
     live_count: u64,
     ids: Vec<Option<NodeId>>,
@@ -105,6 +111,10 @@ impl Observer {
             window,
             good: vec![false; n * n],
             good_pairs: 0,
+            listed: vec![false; n * n],
+            listed_pairs: 0,
+            one_table: false,
+            table_flips: Vec::new(),
             live: vec![false; n],
             live_count: 0,
             ids: vec![None; n],
@@ -175,28 +185,41 @@ impl Observer {
         })
     }
 
-    fn set_cell(&mut self, a: usize, b: usize, v: bool) {
-        let cell = &mut self.good[a * self.n + b];
-        if *cell != v {
-            *cell = v;
-            if v {
+    fn lists(table: &PeerTable, id: NodeId) -> bool {
+        table.get(&id).is_some_and(|p| p.confirmed() && p.is_live())
+    }
+
+    fn set_cell(&mut self, a: usize, b: usize, good: bool, listed: bool) {
+        let i = a * self.n + b;
+        if self.good[i] != good {
+            self.good[i] = good;
+            if good {
                 self.good_pairs += 1;
             } else {
                 self.good_pairs -= 1;
+            }
+        }
+        if self.listed[i] != listed {
+            self.listed[i] = listed;
+            if listed {
+                self.listed_pairs += 1;
+            } else {
+                self.listed_pairs -= 1;
             }
         }
     }
 
     fn update(&mut self, a: u32, b: u32, nodes: &[Option<Node>]) {
         let (ai, bi) = (a as usize, b as usize);
-        let v = ai != bi
-            && self.live[ai]
-            && self.live[bi]
-            && match (&nodes[ai], self.ids[bi]) {
-                (Some(node), Some(id)) => Self::sees_well(&node.table, id),
-                _ => false,
-            };
-        self.set_cell(ai, bi, v);
+        let both = ai != bi && self.live[ai] && self.live[bi];
+        let (good, listed) = match (&nodes[ai], self.ids[bi]) {
+            (Some(node), Some(id)) if both => (
+                Self::sees_well(&node.table, id),
+                Self::lists(&node.table, id),
+            ),
+            _ => (false, false),
+        };
+        self.set_cell(ai, bi, good, listed);
     }
 
     fn check_converged(&mut self, now: Instant) {
@@ -206,6 +229,18 @@ impl Observer {
             self.converged = c;
             self.flips.push((now, c));
         }
+        let t = l > 0 && self.listed_pairs == l * (l - 1);
+        if t != self.one_table {
+            self.one_table = t;
+            self.table_flips.push((now, t));
+        }
+    }
+
+    /// Whether every live node lists every other live node (its current
+    /// process) as a confirmed, live (`alive` or `suspect`) entry: one
+    /// table, whatever the links are doing.
+    pub fn one_table(&self) -> bool {
+        self.one_table
     }
 
     /// Whether the cluster is converged now.
@@ -292,8 +327,8 @@ impl Observer {
     pub(crate) fn on_stop(&mut self, slot: u32, now: Instant) {
         let s = slot as usize;
         for o in 0..self.n {
-            self.set_cell(s, o, false);
-            self.set_cell(o, s, false);
+            self.set_cell(s, o, false, false);
+            self.set_cell(o, s, false, false);
         }
         if let Some(id) = self.ids[s].take() {
             self.id_slot.remove(&id);
@@ -368,11 +403,7 @@ impl Observer {
             .iter()
             .filter(|o| self.id_slot.contains_key(o))
             .collect();
-        let seen = w
-            .seen
-            .keys()
-            .filter(|(o, _)| live.contains(&o))
-            .count();
+        let seen = w.seen.keys().filter(|(o, _)| live.contains(&o)).count();
         (seen, live.len() * w.subjects.len())
     }
 
@@ -388,7 +419,12 @@ impl Observer {
         paused || parted
     }
 
-    pub(crate) fn on_events(&mut self, now: Instant, events: &[(u32, Event)], nodes: &[Option<Node>]) {
+    pub(crate) fn on_events(
+        &mut self,
+        now: Instant,
+        events: &[(u32, Event)],
+        nodes: &[Option<Node>],
+    ) {
         for &(slot, ev) in events {
             self.trace(now, slot, ev.id.0, ev.kind.as_str());
             let subject = self.id_slot.get(&ev.id).copied();

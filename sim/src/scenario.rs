@@ -8,8 +8,8 @@
 //! | `converge` | none | `converge_ms`, idle messages per node per second |
 //! | `crash` | `kill -9` of one node | `crash_seen_by_all_ms` (every other live table has it `failed`) |
 //! | `leave` | graceful stop of one node | `leave_seen_by_all_ms` (`left` everywhere) |
-//! | `silent` | one node cut off (partition of one) for `partition_for` | `silent_loss_ms` (all others have it `failed`), `isolated_sees_all_failed_ms`, `heal_ms` |
-//! | `partition` | a random 50/50 split for `partition_for` | `split_seen_ms` (each side has the other `failed`), `heal_ms` (one table again) |
+//! | `silent` | one node cut off (partition of one) for `partition_for` | `silent_loss_ms` (all others have it `failed`), `isolated_sees_all_failed_ms`, `heal_one_table_ms`, `heal_ms` |
+//! | `partition` | a random 50/50 split for `partition_for` | `split_seen_ms` (each side has the other `failed`), `heal_one_table_ms` (everyone lists everyone live again), `heal_ms` (and all alive with links up) |
 //! | `pause` | `SIGSTOP` of one node for `pause_for` | `woken_false_failures` (verdicts of the woken node about running peers), `paused_seen_failed_ms`, `recovery_ms` |
 //! | `restart` | `kill -9`, then a new process on the same host 500 ms later | `restart_ms` (every table has the new id alive with link up) |
 //!
@@ -215,9 +215,9 @@ fn disturb(
                 side.iter().filter_map(|s| w.observer().id(*s)).collect()
             };
             let (ia, ib) = (ids(w, &a), ids(w, &b));
-            let a_sees_b =
-                w.observer_mut()
-                    .watch(EventKind::Failed, now, ib.clone(), ia.clone());
+            let a_sees_b = w
+                .observer_mut()
+                .watch(EventKind::Failed, now, ib.clone(), ia.clone());
             let b_sees_a = w.observer_mut().watch(EventKind::Failed, now, ia, ib);
             w.apply(&Op::Partition(vec![a, b]));
             let heal_at = (now + p.partition_for).min(end);
@@ -236,6 +236,11 @@ fn disturb(
             figures.insert("partition_ms".into(), json!(ms(heal_at - now)));
             w.apply(&Op::Heal);
             let healed = w.now();
+            let one = w.run_until(end, |w| w.observer().one_table());
+            figures.insert(
+                "heal_one_table_ms".into(),
+                json!(one.map(|t| ms(t - healed))),
+            );
             let back = w.run_until(end, |w| w.observer().converged());
             figures.insert("heal_ms".into(), json!(back.map(|t| ms(t - healed))));
         }

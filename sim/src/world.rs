@@ -85,7 +85,13 @@ impl World {
         let offsets = (0..cfg.nodes)
             .map(|_| CLOCK_SPREAD.mul_f64(rng.gen::<f64>()))
             .collect();
-        let net = Net::new(cfg.nodes, cfg.latency, cfg.jitter, cfg.loss, s.connect_timeout);
+        let net = Net::new(
+            cfg.nodes,
+            cfg.latency,
+            cfg.jitter,
+            cfg.loss,
+            s.connect_timeout,
+        );
         let obs = Observer::new(cfg.nodes, base, s.verdict_window(), cfg.record_trace);
         World {
             nodes: (0..cfg.nodes).map(|_| None).collect(),
@@ -257,7 +263,11 @@ impl World {
 
     /// Processes events until `until`, or until `done` holds (checked after
     /// every event); returns the instant `done` first held.
-    pub fn run_until(&mut self, until: Instant, mut done: impl FnMut(&World) -> bool) -> Option<Instant> {
+    pub fn run_until(
+        &mut self,
+        until: Instant,
+        mut done: impl FnMut(&World) -> bool,
+    ) -> Option<Instant> {
         if done(self) {
             return Some(self.now);
         }
