@@ -5,7 +5,7 @@
 //!
 //! | scenario | disturbance | figures |
 //! |---|---|---|
-//! | `converge` | none | `converge_ms`, idle messages per node per second |
+//! | `converge` | none | `one_table_ms` (every table lists every node, confirmed and live), `converge_ms` (and all alive with links up), idle messages per node per second |
 //! | `crash` | `kill -9` of one node | `crash_seen_by_all_ms` (every other live table has it `failed`) |
 //! | `leave` | graceful stop of one node | `leave_seen_by_all_ms` (`left` everywhere) |
 //! | `silent` | one node cut off (partition of one) for `partition_for` | `silent_loss_ms` (all others have it `failed`), `isolated_sees_all_failed_ms`, `heal_one_table_ms`, `heal_ms` |
@@ -141,6 +141,10 @@ pub fn run(name: &str, p: &Params) -> Option<Report> {
         spread: p.start_spread,
     });
     let n = p.cfg.nodes as u64;
+    let one = w.run_until(end, |w| {
+        w.observer().live() == n && w.observer().one_table()
+    });
+    figures.insert("one_table_ms".into(), json!(one.map(|t| ms(t - t0))));
     let converged = w.run_until(end, |w| {
         w.observer().live() == n && w.observer().converged()
     });
