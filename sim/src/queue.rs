@@ -1,0 +1,137 @@
+//! The event queue: everything that will happen, ordered by virtual time,
+//! ties broken by the order of scheduling (a sequence number), so that a
+//! run is a pure function of its seed.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use proto::Beacon;
+
+use crate::net::{ConnId, Segment};
+
+/// A timer of a node process. Each is armed lazily (see `node::Timer`): the
+/// event carries the instant it was armed for, so a stale one is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimerKind {
+    /// The peer table's `next_deadline`.
+    Table,
+    /// Discovery's next announce.
+    Beacon,
+    /// Discovery's source-table pruning.
+    Prune,
+    /// The transport's liveness report (`Heard` batches).
+    Report,
+    /// One connection end: connect timeout, handshake or link deadline.
+    Conn(ConnId),
+}
+
+/// An input for a node process.
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// A datagram on the discovery sockets.
+    Datagram {
+        /// Its source address.
+        src: SocketAddr,
+        /// What it says (shared by every receiver of one multicast).
+        beacon: Rc<Beacon>,
+    },
+    /// A dial's TCP connect ended: connected, or refused.
+    ConnectDone { conn: ConnId, refused: bool },
+    /// The listener accepted a connection.
+    Accepted { conn: ConnId },
+    /// A segment arrived on a connection end.
+    Segment {
+        conn: ConnId,
+        end: usize,
+        seg: Segment,
+    },
+    /// A timer armed for `armed` came due.
+    Timer { kind: TimerKind, armed: Instant },
+}
+
+/// Something that happens at an instant.
+#[derive(Debug)]
+pub(crate) enum Ev {
+    /// An input for the process of host `slot`: the process generation
+    /// `proc`, or whichever process listens then (`None`, datagrams).
+    Deliver {
+        slot: u32,
+        proc: Option<u32>,
+        input: Input,
+    },
+    /// A SYN reaches the acceptor's host.
+    Syn { conn: ConnId },
+    /// The dialer's host sends SYN attempt number `attempt` (retransmits).
+    SynSend { conn: ConnId, attempt: u32 },
+    /// A TCP retransmission timer of one direction of a connection.
+    Retransmit { conn: ConnId, dir: usize },
+}
+
+/// A min-queue of events by `(time, sequence)`. The heap holds only the
+/// 16-byte key and a slab index, so that its sifting moves little; the
+/// events wait in a slab.
+pub(crate) struct Queue {
+    origin: Instant,
+    heap: BinaryHeap<Reverse<(u128, u32)>>,
+    slab: Vec<Option<(Instant, Ev)>>,
+    free: Vec<u32>,
+    seq: u64,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue::new(Instant::now())
+    }
+}
+
+impl Queue {
+    /// An empty queue; no event may be scheduled before `origin`.
+    pub fn new(origin: Instant) -> Queue {
+        Queue {
+            origin,
+            heap: BinaryHeap::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            seq: 0,
+        }
+    }
+
+    /// Schedules `ev` at `at`.
+    pub fn push(&mut self, at: Instant, ev: Ev) {
+        self.seq += 1;
+        let ns = at.saturating_duration_since(self.origin).as_nanos() as u64;
+        let key = (u128::from(ns) << 64) | u128::from(self.seq);
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some((at, ev));
+                i
+            }
+            None => {
+                self.slab.push(Some((at, ev)));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        self.heap.push(Reverse((key, idx)));
+    }
+
+    /// The earliest event's time.
+    pub fn peek_time(&self) -> Option<Instant> {
+        let Reverse((_, idx)) = self.heap.peek()?;
+        self.slab[*idx as usize].as_ref().map(|(at, _)| *at)
+    }
+
+    /// Takes the earliest event.
+    pub fn pop(&mut self) -> Option<(Instant, Ev)> {
+        let Reverse((_, idx)) = self.heap.pop()?;
+        self.free.push(idx);
+        self.slab[idx as usize].take()
+    }
+
+    /// Events waiting.
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+}
