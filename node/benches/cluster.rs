@@ -180,7 +180,10 @@ async fn start_cluster_seeded(n: usize, tag: &str) -> Cluster {
         if all {
             break;
         }
-        assert!(Instant::now() < deadline, "seeded cluster of {n} did not mesh in 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "seeded cluster of {n} did not mesh in 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     c

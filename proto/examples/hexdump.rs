@@ -48,7 +48,9 @@ fn main() {
             addr: "192.0.2.11:6777".parse().expect("addr"),
             state: "alive".into(),
             age_ms: None,
-            tags: [("role".to_string(), "db".to_string())].into_iter().collect(),
+            tags: [("role".to_string(), "db".to_string())]
+                .into_iter()
+                .collect(),
         }],
     });
     FrameCodec::default().encode(msg, &mut out).expect("frame");

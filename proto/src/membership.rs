@@ -865,26 +865,31 @@ impl PeerTable {
         self.share(id, news);
     }
 
-    /// Membership over links: the peer `id` whose link just came up gets our
-    /// whole view (the records of every confirmed live entry), and when it is
-    /// news (joined, restarted) every other linked peer gets its record:
+    /// Membership over links: a peer `id` whose link just brought news (it
+    /// joined or restarted) gets our whole view (the records of every
+    /// confirmed live entry), and every other linked peer gets its record:
     /// each change crosses each link once. A node that knows only one other
     /// (a seed) thereby learns of all, and all learn of it.
     fn share(&mut self, id: NodeId, news: bool) {
-        let view: Vec<PeerRecord> = self
+        // Only news is worth a view: a relink (the same life of a peer we
+        // knew) has missed nothing it cannot learn from its own links, and
+        // pushing the whole view on every link-up made a cold start cost
+        // N^3 records.
+        if !news {
+            return;
+        }
+        let mut view: Vec<PeerRecord> = self
             .peers
             .values()
             .filter(|p| p.confirmed && p.is_live() && p.id != id)
             .map(member_record)
             .collect();
+        view.sort_unstable_by_key(|r| r.id);
         if !view.is_empty() {
             self.actions.push_back(Action::Send {
                 to: id,
                 list: PeerList { peers: view },
             });
-        }
-        if !news {
-            return;
         }
         let Some(change) = self.peers.get(&id).map(member_record) else {
             return;
@@ -1220,6 +1225,9 @@ impl PeerTable {
             self.remove(id);
         }
         self.settle();
+        // The map's order is random; the seeded choice of helpers must not
+        // depend on it (a simulation from a seed is reproducible).
+        probes.sort_unstable();
         for id in probes {
             self.probe(id);
         }

@@ -78,7 +78,6 @@ fn another_seed_another_trace() {
 /// and inputs. A simulation with a pause or a partition is therefore not
 /// reproducible. Fails until `probes` is sorted before probing.
 #[test]
-#[ignore = "protocol bug: PeerTable probe helpers depend on HashMap order (see the comment)"]
 fn same_seed_same_trace_through_a_pause_and_a_partition() {
     let s = Duration::from_secs(1);
     let ops = [
@@ -137,7 +136,6 @@ fn probes(t0: Instant) -> Vec<(NodeId, NodeId)> {
 /// The same bug, on the table alone: same seed, same inputs, different
 /// helpers.
 #[test]
-#[ignore = "protocol bug: PeerTable probe helpers depend on HashMap order (see same_seed_same_trace_through_a_pause_and_a_partition)"]
 fn peer_table_probe_helpers_follow_the_seed_only() {
     let t0 = Instant::now();
     let first = probes(t0);
