@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
 use crate::id::{Incarnation, NodeId, Tags};
+pub use crate::link::{GoodbyeReason, RejectCode};
 use crate::secure::{FrameCipher, TAG_LEN};
 use crate::wire::addr_str;
 
@@ -116,14 +117,14 @@ pub struct AppMessage {
 pub struct Goodbye {
     /// Why, for logs.
     #[serde(default)]
-    pub reason: String,
+    pub reason: GoodbyeReason,
 }
 
 /// The handshake (or a later frame) was refused; the link closes after it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reject {
     /// Machine-readable reason (`cluster`, `version`, `self`, `duplicate`, ...).
-    pub code: String,
+    pub code: RejectCode,
     /// Human-readable explanation, logged by the other side.
     #[serde(default)]
     pub detail: String,
@@ -318,7 +319,7 @@ impl FrameError {
 pub fn check_hello(local: &Hello, remote: &Hello) -> Result<(), Reject> {
     if remote.protocol != VERSION {
         return Err(Reject {
-            code: "version".into(),
+            code: RejectCode::Version,
             detail: format!(
                 "protocol {} is not supported (this node speaks {VERSION})",
                 remote.protocol
@@ -327,7 +328,7 @@ pub fn check_hello(local: &Hello, remote: &Hello) -> Result<(), Reject> {
     }
     if remote.cluster != local.cluster {
         return Err(Reject {
-            code: "cluster".into(),
+            code: RejectCode::Cluster,
             detail: format!(
                 "cluster {:?} is not this node's cluster {:?}",
                 remote.cluster, local.cluster
@@ -336,7 +337,7 @@ pub fn check_hello(local: &Hello, remote: &Hello) -> Result<(), Reject> {
     }
     if remote.id == local.id {
         return Err(Reject {
-            code: "self".into(),
+            code: RejectCode::SelfDial,
             detail: "a node cannot link to itself".into(),
         });
     }
@@ -930,9 +931,13 @@ pub(crate) mod tests {
                     })
                 }
             ),
-            "\\PC{0,20}".prop_map(|reason| Message::Goodbye(Goodbye { reason })),
-            ("[a-z]{0,8}", "\\PC{0,20}")
-                .prop_map(|(code, detail)| Message::Reject(Reject { code, detail })),
+            "\\PC{0,20}".prop_map(|reason| Message::Goodbye(Goodbye {
+                reason: reason.into()
+            })),
+            ("[a-z]{0,8}", "\\PC{0,20}").prop_map(|(code, detail)| Message::Reject(Reject {
+                code: code.into(),
+                detail
+            })),
         ]
     }
 

@@ -15,6 +15,9 @@
 //!   length-delimited codec with an explicit maximum.
 //! - [`secure`]: the cluster secret: keyring, sealed beacons, Noise link
 //!   handshake and per-frame ciphers.
+//! - [`link`]: the link machines: handshake (both roles, with and without
+//!   a secret), then liveness (ping rounds, RTT, silence, typed close
+//!   reasons).
 //! - [`membership`]: the peer table state machine (`on_*` inputs,
 //!   `poll_event`/`poll_action` outputs, `next_deadline`).
 //!
@@ -25,6 +28,7 @@
 pub mod beacon;
 pub mod frame;
 pub mod id;
+pub mod link;
 pub mod membership;
 pub mod secure;
 pub mod stats;

@@ -266,7 +266,7 @@ async fn finish_dial(
                 )
                 .await;
                 return Err(HandshakeError::dropped(
-                    drop_label(&reason),
+                    reason.drop_reason(),
                     format!("{addr}: {}", reject.detail),
                 ));
             }
@@ -421,20 +421,10 @@ fn judge_hello(cfg: &Config, remote: &Hello) -> Message {
 fn rejected(remote: &Hello, reply: Message) -> Result<(), HandshakeError> {
     match reply {
         Message::Reject(Reject { code, detail }) => Err(HandshakeError::dropped(
-            drop_label(&code),
+            code.drop_reason(),
             format!("rejected {} ({code}): {detail}", remote.name),
         )),
         _ => Ok(()),
-    }
-}
-
-/// Counter label of a reject code.
-fn drop_label(code: &str) -> &'static str {
-    match code {
-        "cluster" => "cluster",
-        "version" => "version",
-        "self" => "self",
-        _ => "rejected",
     }
 }
 

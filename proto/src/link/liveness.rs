@@ -1,0 +1,404 @@
+//! An established link, frame by frame: when to ping, the round-trip time,
+//! the silence deadline, and why the link ended.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::frame::{AppMessage, FrameError, Goodbye, Message, PeerList, Ping, Reject};
+use crate::link::codes::{GoodbyeReason, RejectCode};
+
+/// Which end of the TCP connection this is. Only the dialer pings: one ping
+/// stream per link keeps both ends informed, since every frame counts as
+/// heard and each ping carries the dialer's last round-trip time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// This end connected.
+    Dialer,
+    /// This end accepted.
+    Acceptor,
+}
+
+/// Liveness settings of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// Time between two pings of the dialer.
+    pub ping_interval: Duration,
+    /// A link on which nothing arrives for this long is closed.
+    pub link_timeout: Duration,
+    /// Ping rounds fall on `ping_anchor + k * ping_interval`. The driver puts
+    /// the anchor on a multiple of the interval of the wall clock, so that a
+    /// whole cluster's pings travel together and each node wakes a few times
+    /// per round rather than once per link.
+    pub ping_anchor: Instant,
+}
+
+/// Why this end closed a link itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LocalClose {
+    /// This node is leaving: the peer gets a `goodbye`.
+    Shutdown,
+    /// This link lost the tie-break against another link between the same
+    /// two nodes: the peer gets `reject{duplicate}`.
+    Duplicate,
+    /// The peer stopped reading and our queue to it stayed full.
+    Stalled,
+    /// The node stopped taking the link's messages.
+    Stopping,
+    /// Closed by the transport without a more specific reason.
+    Dropped,
+}
+
+impl LocalClose {
+    /// The frame that tells the peer, if this kind of close has one.
+    pub fn farewell(self) -> Option<Message> {
+        match self {
+            LocalClose::Shutdown => Some(Message::Goodbye(Goodbye {
+                reason: GoodbyeReason::Shutdown,
+            })),
+            LocalClose::Duplicate => Some(Message::Reject(Reject {
+                code: RejectCode::Duplicate,
+                detail: "a link between these nodes already exists".into(),
+            })),
+            LocalClose::Stalled | LocalClose::Stopping | LocalClose::Dropped => None,
+        }
+    }
+}
+
+impl fmt::Display for LocalClose {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LocalClose::Shutdown => "closed: shutdown",
+            LocalClose::Duplicate => "closed: duplicate link",
+            LocalClose::Stalled => "closed: the peer stopped reading",
+            LocalClose::Stopping => "closed: node stopping",
+            LocalClose::Dropped => "closed",
+        })
+    }
+}
+
+/// Why a link ended. Each variant says whether the end was on purpose
+/// ([`CloseReason::is_graceful`]) and whether it is a counted drop
+/// ([`CloseReason::drop_reason`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer said goodbye: it is leaving. Graceful.
+    Goodbye(GoodbyeReason),
+    /// The peer sent `reject`. With [`RejectCode::Duplicate`] the link lost
+    /// the tie-break and another link between the same nodes carries on
+    /// (graceful); any other code is a refusal (not graceful).
+    Rejected {
+        /// The peer's code.
+        code: RejectCode,
+        /// The peer's explanation.
+        detail: String,
+    },
+    /// Nothing arrived for this long ([`LinkConfig::link_timeout`]): how a
+    /// silent loss (cable pulled, partition, frozen process) ends a link.
+    Silent(Duration),
+    /// The peer closed the stream.
+    Eof,
+    /// Reading the stream failed (reset, ...). Counted as `io`.
+    Io(String),
+    /// A frame did not decode; the stream position is lost. Counted by the
+    /// frame error's reason.
+    BadFrame {
+        /// The frame error's drop-counter label.
+        reason: &'static str,
+        /// The error, for logs.
+        detail: String,
+    },
+    /// A `hello` or `welcome` on an established link. Counted as
+    /// `handshake_after_handshake`.
+    UnexpectedHandshake,
+    /// This end closed the link.
+    Local(LocalClose),
+}
+
+impl CloseReason {
+    /// The peer said goodbye (it is leaving, not lost).
+    pub fn is_goodbye(&self) -> bool {
+        matches!(self, CloseReason::Goodbye(_))
+    }
+
+    /// Closed on purpose (a goodbye, the duplicate tie-break, our own
+    /// shutdown), not lost.
+    pub fn is_graceful(&self) -> bool {
+        match self {
+            CloseReason::Goodbye(_) => true,
+            CloseReason::Rejected { code, .. } => *code == RejectCode::Duplicate,
+            CloseReason::Local(l) => matches!(l, LocalClose::Shutdown | LocalClose::Duplicate),
+            CloseReason::Silent(_)
+            | CloseReason::Eof
+            | CloseReason::Io(_)
+            | CloseReason::BadFrame { .. }
+            | CloseReason::UnexpectedHandshake => false,
+        }
+    }
+
+    /// The drop-counter label when the end was the peer's fault.
+    pub fn drop_reason(&self) -> Option<&'static str> {
+        match self {
+            CloseReason::Io(_) => Some("io"),
+            CloseReason::BadFrame { reason, .. } => Some(reason),
+            CloseReason::UnexpectedHandshake => Some("handshake_after_handshake"),
+            CloseReason::Goodbye(_)
+            | CloseReason::Rejected { .. }
+            | CloseReason::Silent(_)
+            | CloseReason::Eof
+            | CloseReason::Local(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::Goodbye(r) => write!(f, "goodbye: {r}"),
+            CloseReason::Rejected {
+                code: RejectCode::Duplicate,
+                ..
+            } => f.write_str("duplicate link"),
+            CloseReason::Rejected { code, detail } => write!(f, "rejected ({code}): {detail}"),
+            CloseReason::Silent(d) => write!(f, "silent for {d:?}"),
+            CloseReason::Eof => f.write_str("connection closed"),
+            CloseReason::Io(e) => write!(f, "connection failed: {e}"),
+            CloseReason::BadFrame { detail, .. } => write!(f, "bad frame: {detail}"),
+            CloseReason::UnexpectedHandshake => {
+                f.write_str("handshake frame on an established link")
+            }
+            CloseReason::Local(l) => l.fmt(f),
+        }
+    }
+}
+
+/// What an established link hands to the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// An application message arrived.
+    App(AppMessage),
+    /// A peer-list message (probe or report) arrived.
+    Peers(PeerList),
+    /// The link ended; the machine takes no more input and this is its
+    /// last event.
+    Closed(CloseReason),
+}
+
+/// The liveness machine of one established link (after its
+/// [`Handshake`](crate::link::Handshake)).
+///
+/// Inputs: [`Link::on_frame`] for every decoded frame, [`Link::on_error`]
+/// and [`Link::on_eof`] from the stream, [`Link::on_timeout`] when
+/// [`Link::next_deadline`] passes, [`Link::close`] to end it from this side.
+/// Outputs: frames to send ([`Link::poll_transmit`]: pings, pongs and a
+/// farewell) and [`LinkEvent`]s ([`Link::poll_event`]). Drain both after
+/// every input. Application messages from this side do not pass through
+/// the machine: they need no decision, only encoding.
+#[derive(Debug)]
+pub struct Link {
+    role: Role,
+    cfg: LinkConfig,
+    /// Origin of the ping timestamps (`ts_us`).
+    started: Instant,
+    last_heard: Instant,
+    /// The dialer's next ping round.
+    next_ping: Option<Instant>,
+    seq: u64,
+    rtt: Option<Duration>,
+    transmits: VecDeque<Message>,
+    events: VecDeque<LinkEvent>,
+    closed: Option<CloseReason>,
+}
+
+impl Link {
+    /// A link established at `now`. The dialer's first ping goes out at
+    /// once, so that the round-trip time is known as soon as the link is up;
+    /// later ones on the rounds of [`LinkConfig::ping_anchor`].
+    pub fn new(now: Instant, role: Role, cfg: LinkConfig) -> Link {
+        let mut link = Link {
+            role,
+            cfg,
+            started: now,
+            last_heard: now,
+            next_ping: None,
+            seq: 0,
+            rtt: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            closed: None,
+        };
+        if role == Role::Dialer {
+            link.ping(now);
+        }
+        link
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The round-trip time: measured from pongs by the dialer, learnt from
+    /// the dialer's pings by the acceptor.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.rtt
+    }
+
+    /// When a frame last arrived (the link's start before any did).
+    pub fn last_heard(&self) -> Instant {
+        self.last_heard
+    }
+
+    /// Why the link ended, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.closed.as_ref()
+    }
+
+    /// The link has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
+    /// A frame arrived at `now`. Every frame counts as heard.
+    pub fn on_frame(&mut self, now: Instant, msg: Message) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.last_heard = self.last_heard.max(now);
+        match msg {
+            Message::App(m) => self.events.push_back(LinkEvent::App(m)),
+            Message::Ping(p) => {
+                if p.rtt_us > 0 {
+                    self.rtt = Some(Duration::from_micros(p.rtt_us));
+                }
+                self.transmits.push_back(Message::Pong(p));
+            }
+            Message::Pong(p) => {
+                // A timestamp from our future is not an echo of ours: ignored.
+                let sent = self.started + Duration::from_micros(p.ts_us);
+                if let Some(rtt) = now.checked_duration_since(sent) {
+                    self.rtt = Some(rtt.max(Duration::from_micros(1)));
+                }
+            }
+            Message::Peers(list) => self.events.push_back(LinkEvent::Peers(list)),
+            Message::Goodbye(g) => self.end(CloseReason::Goodbye(g.reason)),
+            Message::Reject(r) => self.end(CloseReason::Rejected {
+                code: r.code,
+                detail: r.detail,
+            }),
+            Message::Hello(_) | Message::Welcome(_) => self.end(CloseReason::UnexpectedHandshake),
+        }
+    }
+
+    /// The stream failed to yield a frame: a decode error, or an IO error
+    /// wrapped as [`FrameError::Io`].
+    pub fn on_error(&mut self, _now: Instant, error: &FrameError) {
+        let reason = match error {
+            FrameError::Io(e) => CloseReason::Io(e.to_string()),
+            other => CloseReason::BadFrame {
+                reason: other.reason(),
+                detail: other.to_string(),
+            },
+        };
+        self.end(reason);
+    }
+
+    /// The peer closed the stream.
+    pub fn on_eof(&mut self, _now: Instant) {
+        self.end(CloseReason::Eof);
+    }
+
+    /// Time passed: closes a silent link, or sends the ping of a round that
+    /// has come. A late call sends one ping, not one per missed round.
+    pub fn on_timeout(&mut self, now: Instant) {
+        if self.closed.is_some() {
+            return;
+        }
+        if now >= self.last_heard + self.cfg.link_timeout {
+            self.end(CloseReason::Silent(self.cfg.link_timeout));
+            return;
+        }
+        if self.next_ping.is_some_and(|t| now >= t) {
+            self.ping(now);
+        }
+    }
+
+    /// Ends the link from this side; its farewell frame, if any
+    /// ([`LocalClose::farewell`]), is the last transmit.
+    pub fn close(&mut self, _now: Instant, why: LocalClose) {
+        if self.closed.is_some() {
+            return;
+        }
+        if let Some(frame) = why.farewell() {
+            self.transmits.push_back(frame);
+        }
+        self.end(CloseReason::Local(why));
+    }
+
+    /// When [`Link::on_timeout`] is next due; `None` once closed.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.closed.is_some() {
+            return None;
+        }
+        let silence = self.last_heard + self.cfg.link_timeout;
+        Some(self.next_ping.map_or(silence, |p| p.min(silence)))
+    }
+
+    /// The next frame to send.
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event for the node.
+    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+        self.events.pop_front()
+    }
+
+    fn end(&mut self, reason: CloseReason) {
+        if self.closed.is_none() {
+            self.closed = Some(reason.clone());
+            self.next_ping = None;
+            self.events.push_back(LinkEvent::Closed(reason));
+        }
+    }
+
+    fn ping(&mut self, now: Instant) {
+        self.seq += 1;
+        let ts_us = now.saturating_duration_since(self.started).as_micros() as u64;
+        let rtt_us = self.rtt.map_or(0, |d| (d.as_micros() as u64).max(1));
+        self.transmits.push_back(Message::Ping(Ping {
+            seq: self.seq,
+            ts_us,
+            rtt_us,
+        }));
+        self.next_ping = Some(next_round(
+            self.cfg.ping_anchor,
+            self.cfg.ping_interval,
+            now,
+        ));
+    }
+}
+
+/// The first instant of the form `anchor + k * every` (k any integer)
+/// strictly after `now`.
+pub fn next_round(anchor: Instant, every: Duration, now: Instant) -> Instant {
+    let every_ns = every.as_nanos().max(1);
+    match now.checked_duration_since(anchor) {
+        Some(since) => {
+            let k = since.as_nanos() / every_ns + 1;
+            anchor + nanos(k * every_ns)
+        }
+        None => {
+            // The anchor is ahead: count rounds back from it.
+            let ahead = anchor.duration_since(now).as_nanos();
+            let k = (ahead - 1) / every_ns;
+            anchor - nanos(k * every_ns)
+        }
+    }
+}
+
+fn nanos(n: u128) -> Duration {
+    // Rounds are at most a few intervals away from `now`: far below
+    // u64::MAX nanoseconds (584 years).
+    Duration::from_nanos(n.min(u64::MAX as u128) as u64)
+}
