@@ -18,6 +18,10 @@
 //!
 //! Either loop ending cancels the link's token, which ends the other. The
 //! reader reports the end, with its typed reason, to the actor.
+//!
+//! The loops carry no `#[instrument]` span: a span is entered on every
+//! poll, and these are the hottest futures of a node; their log lines name
+//! the peer instead.
 
 mod reader;
 mod writer;
