@@ -547,3 +547,61 @@ async fn a_peer_that_stops_reading_stalls_its_senders_and_loses_the_link() {
     drop(stream);
     a.stop().await;
 }
+
+#[tokio::test]
+async fn a_dialer_flooded_by_its_peer_keeps_pinging() {
+    // Only the dialer pings; if a steady inbound stream starved its timer,
+    // a peer that only sends would hear nothing back and close the link.
+    let interval = Duration::from_millis(20);
+    let mut a = Node::start("a", |c| {
+        c.ping_interval = interval;
+        c.link_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    assert!(a.transport.dial(NodeId(77), addr));
+    let (mut stream, _) = listener.accept().await.unwrap();
+    let (mut est, mut buf) = handshake(
+        &mut stream,
+        Handshake::accept(Instant::now().into_std(), peer_cfg(addr)),
+    )
+    .await;
+    a.link_up().await;
+    let (mut rd, mut wr) = stream.into_split();
+    // One write of many small frames, again and again, for a second.
+    let mut burst = BytesMut::new();
+    for i in 0..2000 {
+        est.encoder
+            .encode(Message::App(app(i)), &mut burst)
+            .unwrap();
+    }
+    let burst = burst.freeze();
+    let flood = tokio::spawn(async move {
+        let end = Instant::now() + Duration::from_secs(1);
+        let mut bursts = 0u32;
+        // Until the window ends, or the link does.
+        while Instant::now() < end && wr.write_all(&burst).await.is_ok() {
+            bursts += 1;
+        }
+        bursts
+    });
+    // Count the pings that arrive while the flood lasts, draining a's
+    // events so that its reader never waits for the node.
+    let end = Instant::now() + Duration::from_secs(1);
+    let mut pings = 0;
+    loop {
+        while let Some(m) = est.decoder.decode(&mut buf).unwrap() {
+            pings += usize::from(matches!(m, Message::Ping(_)));
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(end) => break,
+            ev = a.events.recv() => assert!(ev.is_some(), "transport gone"),
+            n = rd.read_buf(&mut buf) => assert!(n.unwrap() > 0, "link closed during the flood"),
+        }
+    }
+    assert!(pings >= 10, "{pings} pings in 1 s at one per {interval:?}");
+    // Stopping `a` ends the link, which ends the flood if it still writes.
+    a.stop().await;
+    assert!(flood.await.unwrap() > 0);
+}

@@ -691,6 +691,9 @@ fn silence_closes_the_link_exactly_at_the_timeout_and_any_frame_defers_it() {
     link.on_frame(t0 + ms(100), Message::App(app.clone()));
     assert_eq!(link.poll_event(), Some(LinkEvent::App(app)));
     assert_eq!(link.last_heard(), t0 + ms(100));
+    // Data a driver hands on itself counts the same.
+    assert!(link.on_data(t0 + ms(50)));
+    assert_eq!(link.last_heard(), t0 + ms(100), "never moves back");
     assert_eq!(link.next_deadline(), Some(t0 + ms(100) + SILENCE));
     link.on_timeout(t0 + ms(100) + SILENCE - Duration::from_nanos(1));
     assert!(link.poll_event().is_none() && !link.is_closed());
@@ -702,6 +705,10 @@ fn silence_closes_the_link_exactly_at_the_timeout_and_any_frame_defers_it() {
     assert_eq!(reason.to_string(), "silent for 450ms");
     // Closed: no more deadlines, events or input.
     assert_eq!(link.next_deadline(), None);
+    assert!(
+        !link.on_data(t0 + ms(600)),
+        "data after the close is dropped"
+    );
     link.on_frame(t0 + ms(600), Message::Peers(PeerList::default()));
     assert!(link.poll_event().is_none());
 }

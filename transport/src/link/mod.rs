@@ -257,6 +257,7 @@ pub(crate) fn spawn(
         counters: counters.clone(),
         env: env.clone(),
         cancel: cancel.clone(),
+        apps: Vec::with_capacity(reader::DECODE_BATCH),
     }));
     LinkHandle {
         tx,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use proto::frame::{FrameCodec, FrameError};
+use proto::frame::{AppMessage, FrameCodec, FrameError};
 use proto::link::{CloseReason, Link, LinkEvent, LocalClose};
 use proto::{Message, NodeId};
 use tokio::io::AsyncReadExt;
@@ -23,7 +23,7 @@ use crate::inbox::{LinkClosed, ToActor};
 
 /// Most frames decoded before their events are delivered: bounds the
 /// machine's event queue whatever the size of a read.
-const DECODE_BATCH: usize = 256;
+pub(super) const DECODE_BATCH: usize = 256;
 /// Room made in the read buffer when less than [`READ_MIN`] is left: one
 /// read takes up to this much, so a stream of small frames costs one
 /// syscall per few hundred frames.
@@ -44,6 +44,8 @@ pub(super) struct Reader {
     pub counters: Arc<LinkCounters>,
     pub env: Arc<Env>,
     pub cancel: CancellationToken,
+    /// Application messages decoded and not yet delivered.
+    pub apps: Vec<AppMessage>,
 }
 
 /// Runs the reader until the link ends, then reports why to the actor.
@@ -87,18 +89,20 @@ impl Reader {
             if self.buf.capacity() - self.buf.len() < READ_MIN {
                 self.buf.reserve(READ_ROOM);
             }
+            // The timer before the socket: under a steady inbound stream the
+            // read is always ready, and the dialer's pings must not starve.
             tokio::select! {
                 biased;
                 () = self.cancel.cancelled() => self.closed_here(now()),
+                () = &mut sleep => {
+                    armed = None;
+                    self.machine.on_timeout(now());
+                }
                 read = self.rd.read_buf(&mut self.buf) => match read { // cancel-safe
                     Ok(0) => self.machine.on_eof(now()),
                     Ok(_) => {} // decoded at the top of the loop
                     Err(e) => self.machine.on_error(now(), &FrameError::Io(e)),
                 },
-                () = &mut sleep => {
-                    armed = None;
-                    self.machine.on_timeout(now());
-                }
             }
         }
     }
@@ -112,52 +116,39 @@ impl Reader {
         }
     }
 
-    /// Decodes every whole frame in the buffer into the machine (all heard
-    /// at `now`, the time of the read), then passes on its output.
-    /// `Err` once the machine has closed, with why.
+    /// Decodes every whole frame in the buffer, all heard at `now` (the
+    /// time of the read): application messages go straight to the node
+    /// (the machine only notes that the peer was heard), every other frame
+    /// to the machine, whose output is passed on. `Err` once the machine
+    /// has closed, with why.
     async fn process(&mut self, now: Instant) -> Result<(), CloseReason> {
         loop {
             let (mut frames, mut msgs, mut bytes) = (0usize, 0u64, 0u64);
             while !self.machine.is_closed() && frames < DECODE_BATCH {
                 match self.decoder.decode(&mut self.buf) {
+                    Ok(Some(Message::App(msg))) => {
+                        frames += 1;
+                        msgs += 1;
+                        bytes += msg.payload.len() as u64;
+                        self.apps.push(msg);
+                    }
                     Ok(Some(frame)) => {
                         frames += 1;
-                        if let Message::App(m) = &frame {
-                            msgs += 1;
-                            bytes += m.payload.len() as u64;
-                        }
+                        self.flush_apps(now).await?;
                         self.machine.on_frame(now, frame);
                     }
                     Ok(None) => break,
-                    Err(e) => self.machine.on_error(now, &e),
+                    Err(e) => {
+                        self.flush_apps(now).await?;
+                        self.machine.on_error(now, &e);
+                    }
                 }
             }
             if frames > 0 {
                 self.count(frames as u64, msgs, bytes);
             }
-            if self.machine.is_closed() {
-                // Farewells are the writer's: the actor queues them behind
-                // the data. Nothing else is worth sending now.
-                while self.machine.poll_transmit().is_some() {}
-            }
-            while let Some(frame) = self.machine.poll_transmit() {
-                // Full lane: the writer is stuck; an unanswered ping is what
-                // an overloaded link should look like.
-                if self.control.try_send(frame).is_err() {
-                    debug!(peer = %self.peer.short(), "control frame skipped: writer busy");
-                }
-            }
-            while let Some(event) = self.machine.poll_event() {
-                let event = match event {
-                    LinkEvent::App(msg) => TransportEvent::Message { id: self.peer, msg },
-                    LinkEvent::Peers(list) => TransportEvent::Peers {
-                        id: self.peer,
-                        list,
-                    },
-                    LinkEvent::Closed(reason) => return Err(reason),
-                };
-                self.deliver(event).await?;
-            }
+            self.flush_apps(now).await?;
+            self.pass_on().await?;
             if frames < DECODE_BATCH {
                 return Ok(());
             }
@@ -166,6 +157,56 @@ impl Reader {
             // than after thousands more.
             tokio::task::yield_now().await;
         }
+    }
+
+    /// Delivers the application messages decoded so far, in order, unless
+    /// the link has closed meanwhile.
+    async fn flush_apps(&mut self, now: Instant) -> Result<(), CloseReason> {
+        if self.apps.is_empty() || !self.machine.on_data(now) {
+            self.apps.clear();
+            return Ok(());
+        }
+        let mut apps = std::mem::take(&mut self.apps);
+        for msg in apps.drain(..) {
+            // The fast path stays synchronous: no future is built per message.
+            let event = TransportEvent::Message { id: self.peer, msg };
+            if let Err(full) = self.env.events.try_send(event) {
+                self.deliver(full).await?;
+            }
+        }
+        self.apps = apps; // keeps its capacity
+        Ok(())
+    }
+
+    /// The machine's output: pings and pongs to the writer, events to the
+    /// node.
+    async fn pass_on(&mut self) -> Result<(), CloseReason> {
+        if self.machine.is_closed() {
+            // Farewells are the writer's: the actor queues them behind the
+            // data. Nothing else is worth sending now.
+            while self.machine.poll_transmit().is_some() {}
+        }
+        while let Some(frame) = self.machine.poll_transmit() {
+            // Full lane: the writer is stuck; an unanswered ping is what an
+            // overloaded link should look like.
+            if self.control.try_send(frame).is_err() {
+                debug!(peer = %self.peer.short(), "control frame skipped: writer busy");
+            }
+        }
+        while let Some(event) = self.machine.poll_event() {
+            let event = match event {
+                LinkEvent::App(msg) => TransportEvent::Message { id: self.peer, msg },
+                LinkEvent::Peers(list) => TransportEvent::Peers {
+                    id: self.peer,
+                    list,
+                },
+                LinkEvent::Closed(reason) => return Err(reason),
+            };
+            if let Err(full) = self.env.events.try_send(event) {
+                self.deliver(full).await?;
+            }
+        }
+        Ok(())
     }
 
     /// One batch of frames into the counters: the node and the actor read
@@ -186,14 +227,13 @@ impl Reader {
         }
     }
 
-    /// Hands `event` to the node, waiting while its queue is full: a node
-    /// that cannot keep up slows its links' readers (backpressure). Only
-    /// the link's own end interrupts the wait.
-    async fn deliver(&mut self, event: TransportEvent) -> Result<(), CloseReason> {
-        let event = match self.env.events.try_send(event) {
-            Ok(()) => return Ok(()),
-            Err(TrySendError::Closed(_)) => return Err(self.stopping()),
-            Err(TrySendError::Full(event)) => event,
+    /// Hands an event that found the node's queue full (or closed) to the
+    /// node, waiting for room: a node that cannot keep up slows its links'
+    /// readers (backpressure). Only the link's own end interrupts the wait.
+    async fn deliver(&mut self, refused: TrySendError<TransportEvent>) -> Result<(), CloseReason> {
+        let event = match refused {
+            TrySendError::Closed(_) => return Err(self.stopping()),
+            TrySendError::Full(event) => event,
         };
         // Racing the send against the token loses at most this event, on a
         // link that is ending anyway.
