@@ -605,3 +605,51 @@ async fn a_dialer_flooded_by_its_peer_keeps_pinging() {
     a.stop().await;
     assert!(flood.await.unwrap() > 0);
 }
+
+#[tokio::test]
+async fn a_saturated_dialer_keeps_pinging_and_its_link_stays_up() {
+    // The dialer sends without pause for several link timeouts; its peer
+    // only receives. The peer's pongs are all the dialer hears, so the
+    // dialer's pings must get out past its own full queue.
+    let link_timeout = Duration::from_millis(300);
+    let tweak = |c: &mut Config| {
+        c.ping_interval = Duration::from_millis(50);
+        c.link_timeout = link_timeout;
+    };
+    let mut a = Node::start("a", tweak).await;
+    let mut b = Node::start("b", tweak).await;
+    assert!(a.transport.dial(b.id, b.addr));
+    a.link_up().await;
+    b.link_up().await;
+    let link = a.transport.links().await.remove(0);
+    let drain = tokio::spawn(async move {
+        let mut got = 0u64;
+        while let Some(ev) = b.events.recv().await {
+            match ev {
+                TransportEvent::Message { .. } => got += 1,
+                TransportEvent::LinkDown { reason, .. } => panic!("b lost the link: {reason}"),
+                _ => {}
+            }
+        }
+        got
+    });
+    let big = AppMessage {
+        topic: "t".into(),
+        payload: Bytes::from(vec![0u8; 64 << 10]),
+    };
+    let end = Instant::now() + 5 * link_timeout;
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        let res = link.handle.send_app(big.clone(), WAIT).await;
+        assert_eq!(res, Ok(()), "after {sent} messages");
+        sent += 1;
+        // Nothing else on a's side: a lost link would show here.
+        if let Ok(ev) = a.events.try_recv() {
+            assert!(!matches!(ev, TransportEvent::LinkDown { .. }), "{ev:?}");
+        }
+    }
+    assert!(sent > 100, "{sent}");
+    assert_eq!(a.transport.links().await.len(), 1);
+    a.stop().await;
+    drain.abort();
+}
