@@ -259,7 +259,21 @@ impl Link {
         self.closed.is_some()
     }
 
-    /// A frame arrived at `now`. Every frame counts as heard.
+    /// Application data arrived at `now` that the driver hands on itself
+    /// (the hot path): it needs no decision, and counts as heard like any
+    /// frame. Returns false once the link is closed: then the data is to be
+    /// dropped, as [`Link::on_frame`] would.
+    pub fn on_data(&mut self, now: Instant) -> bool {
+        if self.closed.is_some() {
+            return false;
+        }
+        self.last_heard = self.last_heard.max(now);
+        true
+    }
+
+    /// A frame arrived at `now`. Every frame counts as heard; application
+    /// messages come back out as [`LinkEvent::App`] (or see
+    /// [`Link::on_data`]).
     pub fn on_frame(&mut self, now: Instant, msg: Message) {
         if self.closed.is_some() {
             return;

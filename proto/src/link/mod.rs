@@ -52,7 +52,10 @@ pub enum Duplicate {
 /// keep the link *dialed by the lower node id*, so that, applying the same
 /// rule to the same two connections, they converge on the same one. A
 /// second link dialed in the same direction as the current one replaces it:
-/// a peer dialing again has lost the old link (it is half-dead).
+/// a peer dialing again has lost the old link (it is half-dead). Two dials
+/// in the *same* direction at once could leave each end keeping a different
+/// one (the ends may see them complete in either order); the peer table
+/// never starts a dial while one is in progress or a link is up.
 pub fn resolve_duplicate(
     local: NodeId,
     peer: NodeId,

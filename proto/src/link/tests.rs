@@ -691,6 +691,9 @@ fn silence_closes_the_link_exactly_at_the_timeout_and_any_frame_defers_it() {
     link.on_frame(t0 + ms(100), Message::App(app.clone()));
     assert_eq!(link.poll_event(), Some(LinkEvent::App(app)));
     assert_eq!(link.last_heard(), t0 + ms(100));
+    // Data a driver hands on itself counts the same.
+    assert!(link.on_data(t0 + ms(50)));
+    assert_eq!(link.last_heard(), t0 + ms(100), "never moves back");
     assert_eq!(link.next_deadline(), Some(t0 + ms(100) + SILENCE));
     link.on_timeout(t0 + ms(100) + SILENCE - Duration::from_nanos(1));
     assert!(link.poll_event().is_none() && !link.is_closed());
@@ -702,6 +705,10 @@ fn silence_closes_the_link_exactly_at_the_timeout_and_any_frame_defers_it() {
     assert_eq!(reason.to_string(), "silent for 450ms");
     // Closed: no more deadlines, events or input.
     assert_eq!(link.next_deadline(), None);
+    assert!(
+        !link.on_data(t0 + ms(600)),
+        "data after the close is dropped"
+    );
     link.on_frame(t0 + ms(600), Message::Peers(PeerList::default()));
     assert!(link.poll_event().is_none());
 }
@@ -859,4 +866,76 @@ fn a_simulated_pair_measures_the_rtt_on_both_ends_and_stays_up() {
     }
     assert_eq!(d.rtt(), Some(2 * delay));
     assert_eq!(a.rtt(), Some(2 * delay));
+}
+
+proptest::proptest! {
+    /// Whatever arrives, in whatever pieces, either end of either mode
+    /// finishes, waits or fails with a typed error; never a panic, and the
+    /// end of the stream always ends the handshake.
+    #[test]
+    fn arbitrary_bytes_never_panic_a_handshake(
+        data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        mode in 0u8..4,
+        chunk in 1usize..64,
+    ) {
+        let key = Key::from_bytes([7; 32]);
+        let ring = [&key];
+        let keys: Option<&[&Key]> = (mode & 1 == 1).then_some(&ring[..]);
+        let t0 = Instant::now();
+        let c = cfg(hello(2, "a"), keys);
+        let mut hs = if mode & 2 == 2 { Handshake::dial(t0, c) } else { Handshake::accept(t0, c) };
+        let mut buf = BytesMut::new();
+        let mut done = false;
+        for piece in data.chunks(chunk) {
+            while hs.poll_transmit().is_some() {}
+            buf.extend_from_slice(piece);
+            hs.on_bytes(t0, &mut buf);
+            if hs.poll_outcome().is_some() {
+                done = true;
+                break;
+            }
+        }
+        if !done {
+            hs.on_eof(t0);
+            while hs.poll_transmit().is_some() {}
+            proptest::prop_assert!(hs.poll_outcome().is_some());
+        }
+    }
+}
+
+proptest::proptest! {
+    /// A real first message with one byte changed, or cut short, at an
+    /// acceptor of either mode: refused with a typed error (or waiting for
+    /// more), never a panic, never a link.
+    #[test]
+    fn a_damaged_hello_is_refused_not_a_panic(
+        secured in proptest::prelude::any::<bool>(),
+        at in proptest::prelude::any::<proptest::sample::Index>(),
+        flip in 1u8..=255,
+        cut in proptest::prelude::any::<bool>(),
+    ) {
+        let key = Key::from_bytes([7; 32]);
+        let ring = [&key];
+        let keys: Option<&[&Key]> = secured.then_some(&ring[..]);
+        let t0 = Instant::now();
+        let mut d = Handshake::dial(t0, cfg(hello(1, "d"), keys));
+        let mut wire = BytesMut::from(&d.poll_transmit().unwrap()[..]);
+        let i = at.index(wire.len());
+        if cut {
+            wire.truncate(i);
+        } else {
+            wire[i] ^= flip;
+        }
+        let mut a = Handshake::accept(t0, cfg(hello(2, "a"), keys));
+        a.on_bytes(t0, &mut wire);
+        a.on_eof(t0);
+        while a.poll_transmit().is_some() {}
+        match a.poll_outcome() {
+            // A plaintext hello has no integrity: a changed byte may still
+            // be a hello (of another id, say). A sealed one never survives.
+            Some(Ok(_)) => proptest::prop_assert!(!secured),
+            Some(Err(_)) => {}
+            None => proptest::prop_assert!(false, "no outcome after the end of the stream"),
+        }
+    }
 }

@@ -1,0 +1,123 @@
+//! Transport settings, and the two views of them the link machines take.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use proto::link::{HandshakeConfig, LinkConfig};
+use proto::secure::SharedKeyring;
+use proto::Hello;
+
+/// Transport settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Our handshake: identity, cluster, advertised address, tags.
+    pub local: Hello,
+    /// Largest frame accepted or sent, in bytes.
+    pub max_frame: usize,
+    /// How often the dialing side pings on each link.
+    pub ping_interval: Duration,
+    /// A link silent this long is closed.
+    pub link_timeout: Duration,
+    /// Bound on a whole handshake.
+    pub handshake_timeout: Duration,
+    /// Bound on a TCP connect.
+    pub connect_timeout: Duration,
+    /// Per-link outbound queue, in messages.
+    pub queue: usize,
+    /// How long an application send waits for queue room before the link is
+    /// judged stuck and dropped.
+    pub send_timeout: Duration,
+    /// Most inbound handshakes in progress at once; more are refused.
+    pub max_pending_handshakes: usize,
+    /// How often links that carried frames are reported as
+    /// [`TransportEvent::Heard`](crate::TransportEvent::Heard).
+    pub liveness_report: Duration,
+    /// The cluster secret: when set, every link is a Noise handshake under
+    /// one of these keys and every frame is sealed; plaintext is refused.
+    pub keyring: Option<SharedKeyring>,
+}
+
+impl Config {
+    /// Defaults around `local`.
+    pub fn new(local: Hello) -> Self {
+        Config {
+            local,
+            max_frame: proto::frame::DEFAULT_MAX_FRAME,
+            ping_interval: Duration::from_millis(200),
+            link_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            queue: 1024,
+            send_timeout: Duration::from_secs(2),
+            max_pending_handshakes: 64,
+            liveness_report: Duration::from_millis(50),
+            keyring: None,
+        }
+    }
+
+    /// What a handshake starting now needs: a snapshot of the keyring, so
+    /// that a rotation never changes keys under a handshake in progress.
+    pub(crate) fn handshake(&self) -> HandshakeConfig {
+        HandshakeConfig {
+            local: self.local.clone(),
+            keyring: self
+                .keyring
+                .as_ref()
+                .map(|ring| ring.read().unwrap_or_else(|e| e.into_inner()).clone()),
+            max_frame: self.max_frame,
+            timeout: self.handshake_timeout,
+        }
+    }
+
+    /// The liveness settings of every link, with ping rounds anchored on
+    /// the wall clock as of `now` (see [`wall_clock_anchor`]).
+    pub(crate) fn liveness(&self, now: Instant) -> LinkConfig {
+        let since_epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        LinkConfig {
+            ping_interval: self.ping_interval,
+            link_timeout: self.link_timeout,
+            ping_anchor: wall_clock_anchor(now, since_epoch, self.ping_interval),
+        }
+    }
+}
+
+/// The monotonic instant of the last multiple of `every` of the wall clock
+/// at or before `now`, given the wall clock's reading at `now`. Every node
+/// anchors its ping rounds this way, so that a cluster's pings and pongs
+/// travel together and each node wakes a few times per round instead of
+/// once per link. It is taken once per transport: a wall-clock step later
+/// moves no round (rounds stay evenly spaced), which matters more than
+/// staying in phase with other nodes.
+pub(crate) fn wall_clock_anchor(now: Instant, since_epoch: Duration, every: Duration) -> Instant {
+    let every_ns = every.as_nanos().max(1);
+    // Below `every`, so it fits in u64 for any sane interval.
+    let into_round = (since_epoch.as_nanos() % every_ns) as u64;
+    now.checked_sub(Duration::from_nanos(into_round))
+        .unwrap_or(now)
+}
+
+/// The drivers' clock: tokio's, so that `#[tokio::test(start_paused = true)]`
+/// controls every timer and timestamp of the transport.
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_rounds_are_anchored_on_wall_clock_multiples() {
+        let now = Instant::now();
+        let every = Duration::from_millis(150);
+        // 10.2 s after the epoch: the last multiple of 150 ms was 60 ms ago.
+        let anchor = wall_clock_anchor(now, Duration::from_millis(10_260), every);
+        assert_eq!(now - anchor, Duration::from_millis(60));
+        assert_eq!(
+            wall_clock_anchor(now, Duration::from_millis(10_200), every),
+            now,
+            "on a multiple"
+        );
+    }
+}

@@ -1,0 +1,272 @@
+//! The reader loop of a link: bytes from the socket into the link's
+//! machine, the machine's events to the node.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use proto::frame::{AppMessage, FrameCodec, FrameError};
+use proto::link::{CloseReason, Link, LinkEvent, LocalClose};
+use proto::{Message, NodeId};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::{add, Cause, Env, LinkCounters, Shared};
+use crate::config::now;
+use crate::event::TransportEvent;
+use crate::inbox::{LinkClosed, ToActor};
+
+/// Most frames decoded before their events are delivered: bounds the
+/// machine's event queue whatever the size of a read.
+pub(super) const DECODE_BATCH: usize = 256;
+/// Room made in the read buffer when less than [`READ_MIN`] is left: one
+/// read takes up to this much, so a stream of small frames costs one
+/// syscall per few hundred frames.
+const READ_ROOM: usize = 64 << 10;
+const READ_MIN: usize = 4 << 10;
+
+pub(super) struct Reader {
+    pub peer: NodeId,
+    pub conn: u64,
+    pub rd: OwnedReadHalf,
+    /// Bytes read and not yet decoded (the handshake's leftovers first).
+    pub buf: BytesMut,
+    pub decoder: FrameCodec,
+    pub machine: Link,
+    /// The writer's lane for pings and pongs.
+    pub control: mpsc::Sender<Message>,
+    pub shared: Arc<Shared>,
+    pub counters: Arc<LinkCounters>,
+    pub env: Arc<Env>,
+    pub cancel: CancellationToken,
+    /// Application messages decoded and not yet delivered.
+    pub apps: Vec<AppMessage>,
+}
+
+/// Runs the reader until the link ends, then reports why to the actor.
+pub(super) async fn run(mut r: Reader) {
+    // Whatever ends this task (even a panic) ends the writer too.
+    let _teardown = r.cancel.clone().drop_guard();
+    let reason = r.read_loop().await;
+    r.cancel.cancel(); // the writer stops before the actor hears of it
+    if let Some(label) = reason.drop_reason() {
+        r.env.stats.drops.record(now(), label);
+    }
+    debug!(peer = %r.peer.short(), %reason, "link reader ended");
+    let closed = ToActor::Closed(LinkClosed {
+        id: r.peer,
+        conn: r.conn,
+        reason,
+    });
+    if r.env.inbox.send(closed).await.is_err() {
+        debug!(peer = %r.peer.short(), "transport gone before link close was reported");
+    }
+}
+
+impl Reader {
+    async fn read_loop(&mut self) -> CloseReason {
+        // One timer for the link's life. It is moved only when the machine
+        // needs an earlier wake-up: waking early is harmless (the machine
+        // decides), and the silence deadline moves later with every read,
+        // which would otherwise cost a timer update per read.
+        let mut armed = self.machine.next_deadline();
+        let sleep = tokio::time::sleep_until(tokio_instant(armed));
+        tokio::pin!(sleep);
+        loop {
+            if let Err(reason) = self.process(now()).await {
+                return reason;
+            }
+            let next = self.machine.next_deadline();
+            if next.is_some() && (armed.is_none() || next < armed) {
+                sleep.as_mut().reset(tokio_instant(next));
+                armed = next;
+            }
+            if self.buf.capacity() - self.buf.len() < READ_MIN {
+                self.buf.reserve(READ_ROOM);
+            }
+            // The timer before the socket: under a steady inbound stream the
+            // read is always ready, and the dialer's pings must not starve.
+            tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => self.closed_here(now()),
+                () = &mut sleep => {
+                    armed = None;
+                    self.machine.on_timeout(now());
+                }
+                read = self.rd.read_buf(&mut self.buf) => match read { // cancel-safe
+                    Ok(0) => self.machine.on_eof(now()),
+                    Ok(_) => {} // decoded at the top of the loop
+                    Err(e) => self.machine.on_error(now(), &FrameError::Io(e)),
+                },
+            }
+        }
+    }
+
+    /// The link's token fired: records why in the machine.
+    fn closed_here(&mut self, now: Instant) {
+        match self.shared.take_cause() {
+            Some(Cause::Local(why)) => self.machine.close(now, why),
+            Some(Cause::WriteFailed(e)) => self.machine.on_error(now, &FrameError::Io(e)),
+            None => self.machine.close(now, LocalClose::Dropped),
+        }
+    }
+
+    /// Decodes every whole frame in the buffer, all heard at `now` (the
+    /// time of the read): application messages go straight to the node
+    /// (the machine only notes that the peer was heard), every other frame
+    /// to the machine, whose output is passed on. `Err` once the machine
+    /// has closed, with why.
+    async fn process(&mut self, now: Instant) -> Result<(), CloseReason> {
+        loop {
+            let (mut frames, mut msgs, mut bytes) = (0usize, 0u64, 0u64);
+            while !self.machine.is_closed() && frames < DECODE_BATCH {
+                match self.decoder.decode(&mut self.buf) {
+                    Ok(Some(Message::App(msg))) => {
+                        frames += 1;
+                        msgs += 1;
+                        bytes += msg.payload.len() as u64;
+                        self.apps.push(msg);
+                    }
+                    Ok(Some(frame)) => {
+                        frames += 1;
+                        self.flush_apps(now).await?;
+                        self.machine.on_frame(now, frame);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.flush_apps(now).await?;
+                        self.machine.on_error(now, &e);
+                    }
+                }
+            }
+            if frames > 0 {
+                self.count(frames as u64, msgs, bytes);
+            }
+            self.flush_apps(now).await?;
+            self.pass_on().await?;
+            if frames < DECODE_BATCH {
+                return Ok(());
+            }
+            // A full batch: more are buffered. Let the node take these
+            // first, so that they are handled while still in cache rather
+            // than after thousands more.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Delivers the application messages decoded so far, in order, unless
+    /// the link has closed meanwhile.
+    async fn flush_apps(&mut self, now: Instant) -> Result<(), CloseReason> {
+        if self.apps.is_empty() || !self.machine.on_data(now) {
+            self.apps.clear();
+            return Ok(());
+        }
+        let mut apps = std::mem::take(&mut self.apps);
+        for msg in apps.drain(..) {
+            // The fast path stays synchronous: no future is built per message.
+            let event = TransportEvent::Message { id: self.peer, msg };
+            if let Err(full) = self.env.events.try_send(event) {
+                self.deliver(full).await?;
+            }
+        }
+        self.apps = apps; // keeps its capacity
+        Ok(())
+    }
+
+    /// The machine's output: pings and pongs to the writer, events to the
+    /// node.
+    async fn pass_on(&mut self) -> Result<(), CloseReason> {
+        if self.machine.is_closed() {
+            // Farewells are the writer's: the actor queues them behind the
+            // data. Nothing else is worth sending now.
+            while self.machine.poll_transmit().is_some() {}
+        }
+        while let Some(frame) = self.machine.poll_transmit() {
+            // Full lane: the writer is stuck; an unanswered ping is what an
+            // overloaded link should look like.
+            if self.control.try_send(frame).is_err() {
+                debug!(peer = %self.peer.short(), "control frame skipped: writer busy");
+            }
+        }
+        while let Some(event) = self.machine.poll_event() {
+            let event = match event {
+                LinkEvent::App(msg) => TransportEvent::Message { id: self.peer, msg },
+                LinkEvent::Peers(list) => TransportEvent::Peers {
+                    id: self.peer,
+                    list,
+                },
+                LinkEvent::Closed(reason) => return Err(reason),
+            };
+            if let Err(full) = self.env.events.try_send(event) {
+                self.deliver(full).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One batch of frames into the counters: the node and the actor read
+    /// them whenever they like, so once per batch is enough.
+    fn count(&self, frames: u64, msgs: u64, bytes: u64) {
+        let (env, c) = (&self.env, &self.counters);
+        env.stats.frames_in.fetch_add(frames, Ordering::Relaxed);
+        add(&c.msgs_in, &c.bytes_in, msgs, bytes);
+        let heard = self
+            .machine
+            .last_heard()
+            .saturating_duration_since(env.epoch)
+            .as_micros() as u64;
+        c.heard_us.store(heard.max(1), Ordering::Relaxed);
+        if let Some(rtt) = self.machine.rtt() {
+            c.rtt_us
+                .store((rtt.as_micros() as u64).max(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Hands an event that found the node's queue full (or closed) to the
+    /// node, waiting for room: a node that cannot keep up slows its links'
+    /// readers (backpressure). Only the link's own end interrupts the wait.
+    async fn deliver(&mut self, refused: TrySendError<TransportEvent>) -> Result<(), CloseReason> {
+        let event = match refused {
+            TrySendError::Closed(_) => return Err(self.stopping()),
+            TrySendError::Full(event) => event,
+        };
+        // Racing the send against the token loses at most this event, on a
+        // link that is ending anyway.
+        let sent = tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => None,
+            sent = self.env.events.send(event) => Some(sent.is_ok()),
+        };
+        match sent {
+            Some(true) => Ok(()),
+            Some(false) => Err(self.stopping()),
+            None => {
+                self.closed_here(now());
+                Err(self.end_reason())
+            }
+        }
+    }
+
+    /// The node dropped its end of the events channel.
+    fn stopping(&mut self) -> CloseReason {
+        self.machine.close(now(), LocalClose::Stopping);
+        self.end_reason()
+    }
+
+    fn end_reason(&self) -> CloseReason {
+        self.machine
+            .close_reason()
+            .cloned()
+            .unwrap_or(CloseReason::Local(LocalClose::Dropped))
+    }
+}
+
+fn tokio_instant(t: Option<Instant>) -> tokio::time::Instant {
+    // A closed machine has no deadline; the loop ends before sleeping.
+    t.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)
+}
