@@ -208,6 +208,9 @@ pub struct Link {
     transmits: VecDeque<Message>,
     events: VecDeque<LinkEvent>,
     closed: Option<CloseReason>,
+    /// After a late timer (this process was stopped or starved), silence is
+    /// not judged before this: the frames waiting in the socket come first.
+    grace_until: Option<Instant>,
 }
 
 impl Link {
@@ -226,6 +229,7 @@ impl Link {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             closed: None,
+            grace_until: None,
         };
         if role == Role::Dialer {
             link.ping(now);
@@ -324,11 +328,22 @@ impl Link {
 
     /// Time passed: closes a silent link, or sends the ping of a round that
     /// has come. A late call sends one ping, not one per missed round.
+    ///
+    /// A call that comes well past the deadline (by more than a quarter of
+    /// the link timeout) means *this* process was late — stopped, paused,
+    /// starved — not that the peer fell silent: the verdict then waits half
+    /// a link timeout more, so that what arrived meanwhile is read first.
     pub fn on_timeout(&mut self, now: Instant) {
         if self.closed.is_some() {
             return;
         }
-        if now >= self.last_heard + self.cfg.link_timeout {
+        if let Some(due) = self.next_deadline() {
+            if now > due + self.cfg.link_timeout / 4 {
+                self.grace_until = Some(now + self.cfg.link_timeout / 2);
+            }
+        }
+        let grace = self.grace_until.is_some_and(|g| now < g);
+        if !grace && now >= self.last_heard + self.cfg.link_timeout {
             self.end(CloseReason::Silent(self.cfg.link_timeout));
             return;
         }
@@ -354,7 +369,10 @@ impl Link {
         if self.closed.is_some() {
             return None;
         }
-        let silence = self.last_heard + self.cfg.link_timeout;
+        let mut silence = self.last_heard + self.cfg.link_timeout;
+        if let Some(g) = self.grace_until {
+            silence = silence.max(g);
+        }
         Some(self.next_ping.map_or(silence, |p| p.min(silence)))
     }
 

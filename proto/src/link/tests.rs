@@ -714,6 +714,31 @@ fn silence_closes_the_link_exactly_at_the_timeout_and_any_frame_defers_it() {
 }
 
 #[test]
+fn a_timer_that_fires_far_too_late_reads_the_socket_before_judging_silence() {
+    let t0 = Instant::now();
+    let mut link = Link::new(t0, Role::Acceptor, link_cfg(t0));
+    assert_eq!(link.next_deadline(), Some(t0 + SILENCE));
+    // The process was stopped for 3 s: its timer fires long past the deadline.
+    let woke = t0 + ms(3000);
+    link.on_timeout(woke);
+    assert!(!link.is_closed(), "our lateness is not the peer's silence");
+    assert_eq!(link.next_deadline(), Some(woke + SILENCE / 2));
+    // The frames waiting in the socket arrive: the link lives on.
+    link.on_frame(woke + ms(1), Message::Peers(PeerList::default()));
+    assert!(matches!(link.poll_event(), Some(LinkEvent::Peers(_))));
+    link.on_timeout(woke + SILENCE / 2);
+    assert!(!link.is_closed());
+    // A peer that really is silent is judged once the grace is over.
+    let mut other = Link::new(t0, Role::Acceptor, link_cfg(t0));
+    other.on_timeout(woke);
+    other.on_timeout(woke + SILENCE / 2);
+    assert_eq!(
+        other.poll_event(),
+        Some(LinkEvent::Closed(CloseReason::Silent(SILENCE)))
+    );
+}
+
+#[test]
 fn a_dialer_whose_pongs_stop_closes_after_the_timeout_despite_pinging() {
     let t0 = Instant::now();
     let mut link = Link::new(t0, Role::Dialer, link_cfg(t0));
