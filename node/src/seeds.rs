@@ -545,6 +545,13 @@ pub mod task {
             }
             let now = Instant::now();
             let std_now = now.into_std();
+            // A dial that lost the race to the other side's (both dialed at
+            // once: the transport drops or merges ours as a duplicate) is not
+            // always reported; an address linked by now is linked, whatever
+            // became of our own dial.
+            for a in &mut attempts {
+                a.waiting.retain(|addr| !linked(&state, *addr));
+            }
             // Judge finished attempts.
             let mut done = Vec::new();
             attempts.retain(|a| {
