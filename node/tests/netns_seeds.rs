@@ -315,6 +315,10 @@ impl Drop for Lab {
         for dir in &self.etc {
             let _ = std::fs::remove_dir_all(dir); // best effort, as above
         }
+        if !self.etc.is_empty() {
+            // Only if empty (then nothing else uses it); best effort.
+            let _ = std::fs::remove_dir("/etc/netns");
+        }
     }
 }
 
