@@ -647,6 +647,13 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         disc_rx,
         trans_rx,
         membership::Hooks {
+            report_rule: rule.clone().with_allowed(crate::netif::routes_via(
+                &state
+                    .interfaces
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect::<Vec<_>>(),
+            )),
             rule,
             seeds: seed_tx,
             remember: remember_tx,

@@ -116,6 +116,11 @@ fn sync(table: &PeerTable, state: &NodeState, id: NodeId) {
 pub struct Hooks {
     /// Which advertised addresses may be dialed.
     pub rule: AddrRule,
+    /// Which addresses in other nodes' membership records may be dialed:
+    /// [`Hooks::rule`] plus the networks routed through the node's
+    /// interfaces (a member behind a router is reachable, not on a subnet
+    /// of ours).
+    pub report_rule: AddrRule,
     /// The seed task, told what became of the dials it asked for.
     pub seeds: Option<mpsc::Sender<SeedEvent>>,
     /// The remembered-peers writer, given the confirmed live peers'
@@ -210,12 +215,13 @@ fn on_transport(
         TransportEvent::Heard(_) => unreachable!("handled in the loop"),
         TransportEvent::Peers { id, mut list } => {
             // Membership records name addresses to dial: the address rule
-            // applies (the reporter's own address standing for the source).
+            // applies (the reporter's own address standing for the source),
+            // widened to what the node's interfaces route to.
             if let Some(from) = table.get(&id).map(|p| p.addr.ip()) {
                 let wall = wall_ms();
                 list.peers.retain(|r| {
                     let bad = r.age_ms.is_none()
-                        && (rule.check(r.addr, from).is_err()
+                        && (hooks.report_rule.check(r.addr, from).is_err()
                             || check_incarnation(r.incarnation, wall).is_err());
                     if bad && state.transport.stats().drops.record(now, "report") {
                         warn!(from = %id.short(), peer = %r.name, addr = %r.addr, "membership record refused (address or incarnation)");

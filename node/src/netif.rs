@@ -75,9 +75,69 @@ fn parse_default_route(table: &str) -> Option<String> {
     })
 }
 
+/// The IPv4 networks routed through the interfaces named in `names` (the
+/// main table, `/proc/net/route`; the default route as `0.0.0.0/0`): what
+/// the node can reach through the interfaces it was configured for, beyond
+/// their own subnets. Empty when the table cannot be read.
+pub fn routes_via(names: &[&str]) -> Vec<proto::addr_rule::Cidr> {
+    std::fs::read_to_string("/proc/net/route")
+        .map(|t| parse_routes(&t, names))
+        .unwrap_or_default()
+}
+
+fn parse_routes(table: &str, names: &[&str]) -> Vec<proto::addr_rule::Cidr> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_REJECT: u32 = 0x200;
+    // Columns: Iface Destination Gateway Flags RefCnt Use Metric Mask ...;
+    // addresses are printed as the kernel's u32 in host byte order.
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (iface, dest, flags, mask) =
+                (cols.first()?, cols.get(1)?, cols.get(3)?, cols.get(7)?);
+            let flags = hex(flags)?;
+            if !names.contains(iface) || flags & RTF_UP == 0 || flags & RTF_REJECT != 0 {
+                return None;
+            }
+            let dest = Ipv4Addr::from(hex(dest)?.to_ne_bytes());
+            let mask = Ipv4Addr::from(hex(mask)?.to_ne_bytes());
+            proto::addr_rule::Cidr::new(dest.into(), u32::from(mask).count_ones() as u8)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_through_the_named_interfaces_are_read_from_the_route_table() {
+        // Little-endian host: 10.78.1.0/24 on veth0, default via veth0,
+        // 192.168.17.0/24 on eth1, a rejected route on veth0.
+        let table =
+            "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
+                     veth0\t00000000\tFE014E0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+                     veth0\t00014E0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                     eth1\t0011A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                     veth0\t0000000B\t00000000\t0201\t0\t0\t0\t000000FF\t0\t0\t0\n";
+        if cfg!(target_endian = "little") {
+            let got: Vec<String> = parse_routes(table, &["veth0"])
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(got, ["0.0.0.0/0", "10.78.1.0/24"]);
+            let eth1: Vec<String> = parse_routes(table, &["eth1"])
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(eth1, ["192.168.17.0/24"]);
+        }
+        assert!(parse_routes(table, &["lo"]).is_empty());
+        assert!(parse_routes("Iface\tDestination\n", &["veth0"]).is_empty());
+    }
 
     #[test]
     fn default_route_is_read_from_the_route_table() {

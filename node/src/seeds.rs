@@ -432,6 +432,19 @@ pub mod task {
         if let Ok(ip) = spec.host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
+        // The hosts file first, alone when it lists the name (the C
+        // library's "files dns" order): the resolver below asks for AAAA and
+        // A together and waits for both, so a name the file lists for one
+        // family would wait on a DNS server that does not answer, and fail.
+        let mut addrs: Vec<SocketAddr> = from_hosts_file(&spec.host)
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect();
+        if !addrs.is_empty() {
+            addrs.sort_unstable();
+            addrs.dedup();
+            return Ok(addrs);
+        }
         // A resolver of our own (no libc NSS: the image is FROM scratch),
         // built per attempt so that /etc/hosts and resolv.conf are read anew.
         let resolver = hickory_resolver::TokioResolver::builder_tokio()
@@ -450,6 +463,26 @@ pub mod task {
             return Err("no address".into());
         }
         Ok(addrs)
+    }
+
+    /// The addresses `/etc/hosts` lists for `host` (read anew; none when
+    /// it cannot be read or does not list the name).
+    fn from_hosts_file(host: &str) -> Vec<IpAddr> {
+        use hickory_resolver::proto::op::Query;
+        use hickory_resolver::proto::rr::{Name, RecordType};
+        let (Ok(hosts), Ok(name)) = (hickory_resolver::Hosts::from_system(), host.parse::<Name>())
+        else {
+            return Vec::new();
+        };
+        [RecordType::A, RecordType::AAAA]
+            .into_iter()
+            .filter_map(|t| hosts.lookup_static_host(&Query::query(name.clone(), t)))
+            .flat_map(|l| {
+                hickory_resolver::lookup_ip::LookupIp::from(l)
+                    .iter()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     fn linked(state: &NodeState, addr: SocketAddr) -> bool {
@@ -512,6 +545,13 @@ pub mod task {
             }
             let now = Instant::now();
             let std_now = now.into_std();
+            // A dial that lost the race to the other side's (both dialed at
+            // once: the transport drops or merges ours as a duplicate) is not
+            // always reported; an address linked by now is linked, whatever
+            // became of our own dial.
+            for a in &mut attempts {
+                a.waiting.retain(|addr| !linked(&state, *addr));
+            }
             // Judge finished attempts.
             let mut done = Vec::new();
             attempts.retain(|a| {

@@ -240,6 +240,14 @@ impl AddrRule {
         }
     }
 
+    /// The same rule with `more` networks allowed besides the allow-list
+    /// (the daemon adds the networks routed through the node's interfaces
+    /// for addresses that other nodes report over links).
+    pub fn with_allowed(mut self, more: impl IntoIterator<Item = Cidr>) -> Self {
+        self.allow.extend(more);
+        self
+    }
+
     /// The allow-list.
     pub fn allow_list(&self) -> &[Cidr] {
         &self.allow
@@ -305,6 +313,21 @@ mod tests {
             [(Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::new(255, 255, 255, 0))],
             ["203.0.113.0/24".parse().unwrap()],
         )
+    }
+
+    #[test]
+    fn networks_allowed_later_widen_the_rule_but_never_the_forbidden_classes() {
+        let wide = lan().with_allowed(["0.0.0.0/0".parse().unwrap()]);
+        assert!(lan().check(sa("10.78.2.5:6777"), ip("10.78.2.4")).is_err());
+        assert!(wide.check(sa("10.78.2.5:6777"), ip("10.78.2.4")).is_ok());
+        for bad in [
+            "127.0.0.1:6777",
+            "239.1.2.3:6777",
+            "10.1.2.255:6777",
+            "10.78.2.5:0",
+        ] {
+            assert!(wide.check(sa(bad), ip("10.78.2.4")).is_err(), "{bad}");
+        }
     }
 
     #[test]
