@@ -41,7 +41,7 @@ use crate::config::RunArgs;
 use crate::configfile::{self, Source};
 use crate::logging::LogControl;
 use crate::state::{EventBus, NodeState};
-use crate::{api, membership, netif, notify, secret, socket};
+use crate::{api, table_task, netif, notify, secret, socket};
 
 /// How long tasks get to finish after shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -641,12 +641,12 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         ));
         tx
     });
-    tracker.spawn(membership::run(
+    tracker.spawn(table_task::run(
         table,
         state.clone(),
         disc_rx,
         trans_rx,
-        membership::Hooks {
+        table_task::Hooks {
             report_rule: rule.clone().with_allowed(crate::netif::routes_via(
                 &state
                     .interfaces

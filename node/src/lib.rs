@@ -7,7 +7,7 @@
 //! - [`logging`]: log level and format, the monitor hub.
 //! - [`notify`]: the systemd notification protocol.
 //! - [`daemon`]: binding, task wiring, signals, graceful shutdown.
-//! - [`membership`]: the task that owns the peer table.
+//! - [`table_task`]: the task that owns the peer table (`proto::membership::PeerTable`).
 //! - [`state`]: the shared read-model and event bus.
 //! - [`api`]: HTTP/1.1 + JSON on the control socket; [`ops`]: its
 //!   operations routes (log level, monitor).
@@ -24,7 +24,7 @@ pub mod config;
 pub mod configfile;
 pub mod daemon;
 pub mod logging;
-pub mod membership;
+pub mod table_task;
 pub mod netif;
 pub mod notify;
 pub mod ops;

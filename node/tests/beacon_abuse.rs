@@ -75,9 +75,13 @@ fn sender() -> UdpSocket {
     sock
 }
 
+/// The cluster of these tests' nodes and forgeries: a ghost's port may by
+/// chance be another test's listener, and a link to it must be refused.
+const CLUSTER: &str = "abuse";
+
 fn forged(name: &str, addr: SocketAddr) -> Beacon {
     Beacon {
-        cluster: "default".into(),
+        cluster: CLUSTER.into(),
         id: NodeId::random(),
         incarnation: 1,
         name: name.into(),
@@ -105,7 +109,7 @@ fn unspecified_and_unroutable_advertised_addresses_are_refused_and_never_dialled
     let dir = TempDir::new("abuse-addr");
     let group = unique_group();
     let g: SocketAddrV4 = group.parse().unwrap();
-    let a = Daemon::start(dir.path(), "a", &group, &[]);
+    let a = Daemon::start(dir.path(), "a", &group, &["--cluster", CLUSTER]);
     let listen: SocketAddr = status(&a)["listen"].as_str().unwrap().parse().unwrap();
 
     let out = sender();
@@ -164,7 +168,7 @@ fn reserved_flag_bits_are_refused_and_counted() {
     let dir = TempDir::new("abuse-flags");
     let group = unique_group();
     let g: SocketAddrV4 = group.parse().unwrap();
-    let a = Daemon::start(dir.path(), "a", &group, &[]);
+    let a = Daemon::start(dir.path(), "a", &group, &["--cluster", CLUSTER]);
     let out = sender();
     let odd = forged("odd-flags", SocketAddr::from((Ipv4Addr::LOCALHOST, 9)));
     let mut datagram = odd.encode().unwrap().to_vec();
@@ -194,7 +198,7 @@ fn a_flood_of_new_identities_stays_within_the_admission_and_reply_budgets() {
     let dir = TempDir::new("abuse-budget");
     let group = unique_group();
     let g: SocketAddrV4 = group.parse().unwrap();
-    let a = Daemon::start(dir.path(), "a", &group, &[]);
+    let a = Daemon::start(dir.path(), "a", &group, &["--cluster", CLUSTER]);
     let base = status(&a);
     let accounted = |v: &Value| -> u64 {
         counter(v, "beacons_received") + dropped_inbound(v)
