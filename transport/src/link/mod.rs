@@ -258,6 +258,7 @@ pub(crate) fn spawn(
         env: env.clone(),
         cancel: cancel.clone(),
         apps: Vec::with_capacity(reader::DECODE_BATCH),
+        last_read: 0,
     }));
     LinkHandle {
         tx,

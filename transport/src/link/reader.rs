@@ -22,13 +22,17 @@ use crate::event::TransportEvent;
 use crate::inbox::{LinkClosed, ToActor};
 
 /// Most frames decoded before their events are delivered: bounds the
-/// machine's event queue whatever the size of a read.
+/// pending messages whatever the size of a read.
 pub(super) const DECODE_BATCH: usize = 256;
-/// Room made in the read buffer when less than [`READ_MIN`] is left: one
-/// read takes up to this much, so a stream of small frames costs one
-/// syscall per few hundred frames.
+/// Room made in the read buffer of a busy link: one read takes up to this
+/// much, so a stream of small frames costs one syscall per few hundred
+/// frames.
 const READ_ROOM: usize = 64 << 10;
-const READ_MIN: usize = 4 << 10;
+/// Room of a quiet link (reads of pings and pongs): a link's buffer shrinks
+/// back to this once a burst is over, so idle links cost a few KiB each.
+const IDLE_ROOM: usize = 4 << 10;
+/// A read this small means the link is quiet.
+const QUIET_READ: usize = 1 << 10;
 
 pub(super) struct Reader {
     pub peer: NodeId,
@@ -46,6 +50,8 @@ pub(super) struct Reader {
     pub cancel: CancellationToken,
     /// Application messages decoded and not yet delivered.
     pub apps: Vec<AppMessage>,
+    /// Bytes the last read brought.
+    pub last_read: usize,
 }
 
 /// Runs the reader until the link ends, then reports why to the actor.
@@ -86,9 +92,7 @@ impl Reader {
                 sleep.as_mut().reset(tokio_instant(next));
                 armed = next;
             }
-            if self.buf.capacity() - self.buf.len() < READ_MIN {
-                self.buf.reserve(READ_ROOM);
-            }
+            self.make_room();
             // The timer before the socket: under a steady inbound stream the
             // read is always ready, and the dialer's pings must not starve.
             tokio::select! {
@@ -100,10 +104,26 @@ impl Reader {
                 }
                 read = self.rd.read_buf(&mut self.buf) => match read { // cancel-safe
                     Ok(0) => self.machine.on_eof(now()),
-                    Ok(_) => {} // decoded at the top of the loop
+                    Ok(n) => self.last_read = n, // decoded at the top of the loop
                     Err(e) => self.machine.on_error(now(), &FrameError::Io(e)),
                 },
             }
+        }
+    }
+
+    /// Makes room for the next read: [`READ_ROOM`] while reads are large,
+    /// [`IDLE_ROOM`] while they are small. An empty buffer grown by a burst
+    /// is swapped for a small one once the link is quiet again (its old
+    /// bytes may still be shared by messages the node holds); a small one
+    /// is reused in place.
+    fn make_room(&mut self) {
+        let quiet = self.last_read < QUIET_READ;
+        let room = if quiet { IDLE_ROOM } else { READ_ROOM };
+        if quiet && self.buf.is_empty() && self.buf.capacity() > 4 * IDLE_ROOM {
+            self.buf = BytesMut::with_capacity(IDLE_ROOM);
+        }
+        if self.buf.capacity() - self.buf.len() < room / 4 {
+            self.buf.reserve(room);
         }
     }
 
