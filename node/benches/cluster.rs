@@ -168,24 +168,7 @@ async fn start_cluster_seeded(n: usize, tag: &str) -> Cluster {
         nodes,
         secret: None,
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut all = true;
-        for (_, sock, _) in &c.nodes {
-            if linked(sock).await != n - 1 {
-                all = false;
-                break;
-            }
-        }
-        if all {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "seeded cluster of {n} did not mesh in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_mesh(&c).await;
     c
 }
 
@@ -240,24 +223,7 @@ async fn start_cluster_with(n: usize, tag: &str, secured: bool) -> Cluster {
         nodes,
         secret,
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut all = true;
-        for (_, sock, _) in &c.nodes {
-            if linked(sock).await != n - 1 {
-                all = false;
-                break;
-            }
-        }
-        if all {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cluster of {n} did not mesh in 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_mesh(&c).await;
     c
 }
 
@@ -953,5 +919,28 @@ async fn main() {
     if want("idle") {
         let (n, secs) = if quick { (16, 5) } else { (32, 20) };
         resources(n, Duration::from_secs(secs)).await;
+    }
+}
+
+/// Waits (60 s at most) until every node of `c` lists all others linked.
+async fn wait_mesh(c: &Cluster) {
+    let n = c.nodes.len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut all = true;
+        for (_, sock, _) in &c.nodes {
+            if linked(sock).await != n - 1 {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster of {n} did not mesh in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

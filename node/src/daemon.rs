@@ -41,7 +41,7 @@ use crate::config::RunArgs;
 use crate::configfile::{self, Source};
 use crate::logging::LogControl;
 use crate::state::{EventBus, NodeState};
-use crate::{api, table_task, netif, notify, secret, socket};
+use crate::{api, netif, notify, secret, socket, table_task};
 
 /// How long tasks get to finish after shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);

@@ -24,7 +24,6 @@ pub mod config;
 pub mod configfile;
 pub mod daemon;
 pub mod logging;
-pub mod table_task;
 pub mod netif;
 pub mod notify;
 pub mod ops;
@@ -33,6 +32,7 @@ pub mod seeds;
 pub mod socket;
 pub mod state;
 pub mod statefile;
+pub mod table_task;
 
 /// The runtime of every process (daemon and CLI alike): one thread. The
 /// node is IO-bound and every task is short; a single thread avoids

@@ -167,24 +167,13 @@ pub struct Seeds {
 impl Seeds {
     /// All seeds due at `now`.
     pub fn new(specs: Vec<SeedSpec>, cfg: Config, now: Instant, seed: u64) -> Seeds {
-        let seeds = specs
-            .into_iter()
-            .map(|spec| Seed {
-                spec,
-                resolved: Vec::new(),
-                last: Outcome::Pending,
-                attempts: 0,
-                failures: 0,
-                next: now,
-                in_flight: false,
-                reported: Vec::new(),
-            })
-            .collect();
-        Seeds {
+        let mut seeds = Seeds {
             cfg,
-            seeds,
+            seeds: Vec::new(),
             rng: StdRng::seed_from_u64(seed),
-        }
+        };
+        seeds.add(specs, now);
+        seeds
     }
 
     /// True when there are no seeds at all.
