@@ -31,9 +31,10 @@ const READ_ROOM: usize = 64 << 10;
 /// Room of a quiet link (reads of pings and pongs): a link's buffer shrinks
 /// back to this once a burst is over, so idle links cost a few KiB each.
 const IDLE_ROOM: usize = 4 << 10;
-/// This many reads in a row of under [`QUIET_READ`] bytes mean the link
-/// is quiet (one small read also happens mid-stream, at a frame's tail).
+/// A read of fewer bytes than this is small.
 const QUIET_READ: usize = 1 << 10;
+/// This many small reads in a row make a link quiet (a single small read
+/// also happens mid-stream, at a frame's tail).
 pub(super) const QUIET_AFTER: u32 = 8;
 
 pub(super) struct Reader {
