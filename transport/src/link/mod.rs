@@ -257,8 +257,9 @@ pub(crate) fn spawn(
         counters: counters.clone(),
         env: env.clone(),
         cancel: cancel.clone(),
-        apps: Vec::with_capacity(reader::DECODE_BATCH),
-        last_read: 0,
+        apps: Vec::new(),
+        // A link starts quiet: most links carry only pings and pongs.
+        small_reads: reader::QUIET_AFTER,
     }));
     LinkHandle {
         tx,

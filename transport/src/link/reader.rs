@@ -23,7 +23,7 @@ use crate::inbox::{LinkClosed, ToActor};
 
 /// Most frames decoded before their events are delivered: bounds the
 /// pending messages whatever the size of a read.
-pub(super) const DECODE_BATCH: usize = 256;
+const DECODE_BATCH: usize = 256;
 /// Room made in the read buffer of a busy link: one read takes up to this
 /// much, so a stream of small frames costs one syscall per few hundred
 /// frames.
@@ -31,8 +31,11 @@ const READ_ROOM: usize = 64 << 10;
 /// Room of a quiet link (reads of pings and pongs): a link's buffer shrinks
 /// back to this once a burst is over, so idle links cost a few KiB each.
 const IDLE_ROOM: usize = 4 << 10;
-/// A read this small means the link is quiet.
+/// A read of fewer bytes than this is small.
 const QUIET_READ: usize = 1 << 10;
+/// This many small reads in a row make a link quiet (a single small read
+/// also happens mid-stream, at a frame's tail).
+pub(super) const QUIET_AFTER: u32 = 8;
 
 pub(super) struct Reader {
     pub peer: NodeId,
@@ -50,8 +53,8 @@ pub(super) struct Reader {
     pub cancel: CancellationToken,
     /// Application messages decoded and not yet delivered.
     pub apps: Vec<AppMessage>,
-    /// Bytes the last read brought.
-    pub last_read: usize,
+    /// Reads in a row that brought little (see [`QUIET_AFTER`]).
+    pub small_reads: u32,
 }
 
 /// Runs the reader until the link ends, then reports why to the actor.
@@ -104,26 +107,32 @@ impl Reader {
                 }
                 read = self.rd.read_buf(&mut self.buf) => match read { // cancel-safe
                     Ok(0) => self.machine.on_eof(now()),
-                    Ok(n) => self.last_read = n, // decoded at the top of the loop
+                    // Decoded at the top of the loop.
+                    Ok(n) if n < QUIET_READ => self.small_reads = self.small_reads.saturating_add(1),
+                    Ok(_) => self.small_reads = 0,
                     Err(e) => self.machine.on_error(now(), &FrameError::Io(e)),
                 },
             }
         }
     }
 
-    /// Makes room for the next read: [`READ_ROOM`] while reads are large,
-    /// [`IDLE_ROOM`] while they are small. An empty buffer grown by a burst
+    /// Makes room for the next read: [`READ_ROOM`] unless the link is
+    /// quiet, then [`IDLE_ROOM`]. An empty buffer grown by a burst
     /// is swapped for a small one once the link is quiet again (its old
     /// bytes may still be shared by messages the node holds); a small one
     /// is reused in place.
     fn make_room(&mut self) {
-        let quiet = self.last_read < QUIET_READ;
-        let room = if quiet { IDLE_ROOM } else { READ_ROOM };
-        if quiet && self.buf.is_empty() && self.buf.capacity() > 4 * IDLE_ROOM {
-            self.buf = BytesMut::with_capacity(IDLE_ROOM);
+        let spare = self.buf.capacity() - self.buf.len();
+        if self.small_reads < QUIET_AFTER {
+            if spare < READ_ROOM / 16 {
+                self.buf.reserve(READ_ROOM);
+            }
+            return;
         }
-        if self.buf.capacity() - self.buf.len() < room / 4 {
-            self.buf.reserve(room);
+        if self.buf.is_empty() && self.buf.capacity() > 4 * IDLE_ROOM {
+            self.buf = BytesMut::with_capacity(IDLE_ROOM);
+        } else if spare < IDLE_ROOM / 4 {
+            self.buf.reserve(IDLE_ROOM);
         }
     }
 

@@ -97,7 +97,9 @@ impl Writer {
         let mut batch: Vec<Outbound> = Vec::with_capacity(WRITE_BATCH);
         let mut control: Vec<Message> = Vec::new();
         let mut g = Group {
-            out: BytesMut::with_capacity(64 << 10),
+            // Grows with the batches it carries (up to `KEEP_BUF`); most
+            // links only ever write pings and pongs.
+            out: BytesMut::with_capacity(4 << 10),
             frames: Vec::new(),
             staged: 0,
             n_frames: 0,
@@ -220,7 +222,7 @@ impl Writer {
         }
         g.out.clear();
         if g.out.capacity() > KEEP_BUF {
-            g.out = BytesMut::with_capacity(64 << 10);
+            g.out = BytesMut::with_capacity(4 << 10);
         }
         (g.staged, g.n_frames, g.n_apps, g.app_bytes) = (0, 0, 0, 0);
         Ok(wrote)
