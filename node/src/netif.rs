@@ -116,12 +116,12 @@ mod tests {
     #[test]
     fn routes_through_the_named_interfaces_are_read_from_the_route_table() {
         // Little-endian host: 10.78.1.0/24 on veth0, default via veth0,
-        // 192.168.17.0/24 on eth1, a rejected route on veth0.
+        // 198.51.100.0/24 on eth1 (a documentation range), a rejected route on veth0.
         let table =
             "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n\
                      veth0\t00000000\tFE014E0A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                      veth0\t00014E0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-                     eth1\t0011A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                     eth1\t006433C6\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
                      veth0\t0000000B\t00000000\t0201\t0\t0\t0\t000000FF\t0\t0\t0\n";
         if cfg!(target_endian = "little") {
             let got: Vec<String> = parse_routes(table, &["veth0"])
@@ -133,7 +133,7 @@ mod tests {
                 .iter()
                 .map(ToString::to_string)
                 .collect();
-            assert_eq!(eth1, ["192.168.17.0/24"]);
+            assert_eq!(eth1, ["198.51.100.0/24"]);
         }
         assert!(parse_routes(table, &["lo"]).is_empty());
         assert!(parse_routes("Iface\tDestination\n", &["veth0"]).is_empty());
@@ -142,8 +142,8 @@ mod tests {
     #[test]
     fn default_route_is_read_from_the_route_table() {
         let table = "Iface\tDestination\tGateway\n\
-                     eth1\t0011A8C0\t00000000\n\
-                     ens3\t00000000\t0111A8C0\n";
+                     eth1\t006433C6\t00000000\n\
+                     ens3\t00000000\t016433C6\n";
         assert_eq!(parse_default_route(table), Some("ens3".into()));
         assert_eq!(parse_default_route("Iface\tDestination\n"), None);
     }
