@@ -750,6 +750,7 @@ fn self_info(state: &NodeState) -> NodeInfo {
         multicast: state.multicast,
         seeds: state.seeds.lock().map(|s| s.clone()).unwrap_or_default(),
         state_dir: state.state_dir.as_ref().map(|d| d.display().to_string()),
+        handlers: state.handlers.snapshot(),
     }
 }
 

@@ -319,6 +319,13 @@ fn render_status(v: &NodeInfo) -> String {
     if let Some(dir) = &v.state_dir {
         out.push_str(&format!("state dir:   {}\n", escape(dir)));
     }
+    if !v.handlers.is_zero() {
+        let h = &v.handlers;
+        out.push_str(&format!(
+            "handlers:    {} configured; running {}, queued {}; started {}, succeeded {}, failed {}, timed out {}, dropped {}\n",
+            h.configured, h.running, h.queued, h.started, h.succeeded, h.failed, h.timed_out, h.dropped
+        ));
+    }
     if v.warnings.is_empty() {
         out.push_str("warnings:    none\n");
     } else {
@@ -785,6 +792,7 @@ mod tests {
             multicast: true,
             seeds: Vec::new(),
             state_dir: None,
+            handlers: Default::default(),
         });
         assert!(clean(&status) && status.contains(SHOWN), "{status}");
 

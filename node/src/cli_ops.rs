@@ -68,6 +68,17 @@ pub enum OpsCommand {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Append standard input to FILE as one line: an event handler for
+    /// images without a shell (`--handler 'peer_joined=/constellationd
+    /// handler-log /data/events.log'`).
+    #[command(hide = true)]
+    HandlerLog {
+        /// Start the line with this process's start time (RFC 3339) and a space.
+        #[arg(long)]
+        stamp: bool,
+        /// The file (created if missing).
+        file: std::path::PathBuf,
+    },
     /// Print the man page (roff) of constellationd, or of one subcommand.
     #[command(
         after_help = "Examples:\n  constellationd man | man -l -\n  constellationd man run > /usr/share/man/man1/constellationd-run.1"
@@ -112,6 +123,15 @@ pub async fn run(cmd: OpsCommand) -> ExitCode {
             ExitCode::SUCCESS
         }
         OpsCommand::Man { subcommand } => man(subcommand.as_deref()),
+        OpsCommand::HandlerLog { stamp, file } => {
+            match crate::handlers::handler_log(&file, stamp) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("constellationd: handler-log {}: {e}", file.display());
+                    ExitCode::from(EXIT_API)
+                }
+            }
+        }
     }
 }
 

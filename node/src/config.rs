@@ -307,6 +307,28 @@ pub struct RunArgs {
     /// Largest TCP frame accepted or sent, in bytes.
     #[arg(long, env = "CONSTELLATION_MAX_FRAME", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
     pub max_frame: u64,
+
+    /// Run PROGRAM on events, `[EVENTS=]PROGRAM [ARG...]`: EVENTS a comma
+    /// list of event types (peer_joined, peer_failed, ..., message) or
+    /// message:TOPIC, every event without it; PROGRAM a path, then
+    /// whitespace-separated arguments (no shell). It reads the event's JSON
+    /// on standard input; see the README for its environment. Repeatable;
+    /// the environment variable holds one handler.
+    #[arg(long, env = "CONSTELLATION_HANDLER", value_parser = crate::handlers::parse_handler, value_name = "[EVENTS=]PROGRAM")]
+    pub handler: Vec<crate::handlers::HandlerSpec>,
+
+    /// Handler programs running at once.
+    #[arg(long, env = "CONSTELLATION_HANDLER_CONCURRENCY", default_value_t = crate::handlers::DEFAULT_CONCURRENCY as u64, value_parser = clap::value_parser!(u64).range(1..=256), value_name = "N")]
+    pub handler_concurrency: u64,
+
+    /// Handler runs waiting for a free slot; past it runs are dropped and
+    /// counted.
+    #[arg(long, env = "CONSTELLATION_HANDLER_BACKLOG", default_value_t = crate::handlers::DEFAULT_BACKLOG as u64, value_parser = clap::value_parser!(u64).range(1..=65536), value_name = "N")]
+    pub handler_backlog: u64,
+
+    /// A handler still running after this is killed and counted.
+    #[arg(long, env = "CONSTELLATION_HANDLER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handler_timeout: Duration,
 }
 
 fn parse_seed(s: &str) -> Result<SeedSpec, String> {

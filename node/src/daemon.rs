@@ -153,6 +153,8 @@ pub struct Running {
     pub state: Arc<NodeState>,
     /// Cancelling this stops the node gracefully.
     pub cancel: CancellationToken,
+    /// Changes the event handlers while the node runs.
+    pub handlers: crate::handlers::Control,
     tracker: TaskTracker,
     socket: PathBuf,
 }
@@ -222,7 +224,12 @@ pub fn main(args: RunArgs, source: Option<Source>) -> ExitCode {
             );
             tokio::spawn(notify::watchdog(every, cancel.clone()));
         }
-        let mut reloader = Reloader { log, source };
+        let mut reloader = Reloader {
+            log,
+            source,
+            handlers: node.handlers.clone(),
+            socket: node.socket.clone(),
+        };
         let mut watch = BeaconWatch::default();
         let mut sample_every =
             tokio::time::interval(beaconwatch::window(node.state.beacon_interval));
@@ -294,7 +301,10 @@ fn log_finding(state: &NodeState, finding: Finding) {
 /// What SIGHUP does: re-read the `--config` file and apply what can change
 /// while the node runs.
 ///
-/// - `log-level` and `log-format` apply at once.
+/// - `log-level` and `log-format` apply at once, and so do the handler
+///   keys (`handler`, `handler-concurrency`, `handler-backlog`,
+///   `handler-timeout`): runs in progress finish, new events see the new
+///   handlers.
 /// - Every other key that changed (tags included: peers learn tags from the
 ///   hello of a link, and there is no way yet to tell them again) is named
 ///   in a warning: it takes effect at the next restart. It stays "changed"
@@ -308,10 +318,21 @@ pub struct Reloader {
     log: LogControl,
     /// The running configuration's source and values.
     source: Option<Source>,
+    /// The handler dispatcher.
+    handlers: crate::handlers::Control,
+    /// The control socket (for the handlers' environment).
+    socket: PathBuf,
 }
 
 /// Keys a reload applies while the node runs.
-pub const LIVE_KEYS: [&str; 2] = ["log-level", "log-format"];
+pub const LIVE_KEYS: [&str; 6] = [
+    "log-level",
+    "log-format",
+    "handler",
+    "handler-concurrency",
+    "handler-backlog",
+    "handler-timeout",
+];
 
 impl Reloader {
     fn on_hangup(&mut self) {
@@ -332,8 +353,14 @@ impl Reloader {
                     .into_iter()
                     .partition(|k| LIVE_KEYS.contains(&k.as_str()));
                 let mut applied = Vec::new();
+                if live.iter().any(|k| k.starts_with("handler")) {
+                    // All four together: one consistent dispatcher config.
+                    self.handlers
+                        .apply(crate::handlers::Config::from_args(&args, &self.socket));
+                }
                 for key in &live {
                     let ok = match key.as_str() {
+                        k if k.starts_with("handler") => true,
                         "log-level" => match self.log.set_level(args.log_level) {
                             Ok(()) => true,
                             Err(error) => {
@@ -600,7 +627,15 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         keyring,
         secret_file: args.secret_file.clone(),
         log,
+        handlers: Default::default(),
     });
+    // Subscribed before the membership task publishes its first event.
+    let handlers = crate::handlers::spawn(
+        state.clone(),
+        crate::handlers::Config::from_args(&args, &socket_path),
+        cancel.clone(),
+        &tracker,
+    );
 
     let table_cfg = TableConfig {
         suspect_after: args.suspect_after,
@@ -683,6 +718,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     Ok(Running {
         state,
         cancel,
+        handlers,
         tracker,
         socket: socket_path,
     })

@@ -7,6 +7,7 @@
 //! - [`logging`]: log level and format, the monitor hub.
 //! - [`notify`]: the systemd notification protocol.
 //! - [`daemon`]: binding, task wiring, signals, graceful shutdown.
+//! - [`handlers`]: programs run on cluster events (`--handler`).
 //! - [`table_task`]: the task that owns the peer table (`proto::membership::PeerTable`).
 //! - [`state`]: the shared read-model and event bus.
 //! - [`api`]: HTTP/1.1 + JSON on the control socket; [`ops`]: its
@@ -23,6 +24,7 @@ pub mod client;
 pub mod config;
 pub mod configfile;
 pub mod daemon;
+pub mod handlers;
 pub mod logging;
 pub mod netif;
 pub mod notify;

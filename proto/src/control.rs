@@ -82,6 +82,39 @@ pub struct NodeInfo {
     /// Where peers are remembered for the next start (`--state-dir`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<String>,
+    /// Event handlers (`--handler`); absent when none ever ran or was
+    /// configured.
+    #[serde(default, skip_serializing_if = "HandlerCounters::is_zero")]
+    pub handlers: HandlerCounters,
+}
+
+/// [`NodeInfo::handlers`]: totals since start (gauges where said).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandlerCounters {
+    /// Gauge: handlers configured.
+    pub configured: u64,
+    /// Programs started.
+    pub started: u64,
+    /// Runs that exited with status 0.
+    pub succeeded: u64,
+    /// Runs that could not start, exited non-zero or died of a signal.
+    pub failed: u64,
+    /// Runs killed at the timeout.
+    pub timed_out: u64,
+    /// Runs dropped because the backlog was full (or events the dispatcher
+    /// missed on the event bus).
+    pub dropped: u64,
+    /// Gauge: programs running now.
+    pub running: u64,
+    /// Gauge: runs waiting for a slot.
+    pub queued: u64,
+}
+
+impl HandlerCounters {
+    /// Whether every counter is zero (then `status` leaves it out).
+    pub fn is_zero(&self) -> bool {
+        *self == HandlerCounters::default()
+    }
 }
 
 fn yes() -> bool {

@@ -59,6 +59,7 @@ pub struct Snapshot {
     transitions: BTreeMap<&'static str, u64>,
     beacons_dropped: BTreeMap<&'static str, u64>,
     links_refused: BTreeMap<&'static str, u64>,
+    handlers: proto::control::HandlerCounters,
 }
 
 impl Snapshot {
@@ -110,6 +111,7 @@ impl Snapshot {
             transitions: s.transitions.snapshot(),
             beacons_dropped: d.drops.snapshot(),
             links_refused: t.drops.snapshot(),
+            handlers: s.handlers.snapshot(),
         }
     }
 }
@@ -213,6 +215,13 @@ impl Snapshot {
             ("in", self.payload_bytes_in),
             ("out", self.payload_bytes_out),
         ]);
+        let h = &self.handlers;
+        let runs = BTreeMap::from([
+            ("succeeded", h.succeeded),
+            ("failed", h.failed),
+            ("timed_out", h.timed_out),
+            ("dropped", h.dropped),
+        ]);
         vec![
             Family::gauge("peers", "Peers by state.").by("state", &self.peers),
             Family::gauge("links_up", "Data links up.").value(self.links_up),
@@ -266,6 +275,15 @@ impl Snapshot {
                 .by("reason", &self.beacons_dropped),
             Family::counter("links_refused", "Connections or frames refused, by reason.")
                 .by("reason", &self.links_refused),
+            Family::gauge("handlers", "Event handlers configured.").value(h.configured),
+            Family::counter("handler_started", "Handler programs started.").value(h.started),
+            Family::counter(
+                "handler_runs",
+                "Handler runs by outcome (dropped: the backlog was full).",
+            )
+            .by("outcome", &runs),
+            Family::gauge("handler_running", "Handler programs running.").value(h.running),
+            Family::gauge("handler_queued", "Handler runs waiting for a slot.").value(h.queued),
         ]
     }
 }
@@ -283,7 +301,8 @@ mod tests {
     use super::*;
 
     /// What the hand-written exposition printed for these values before
-    /// this module (copied from a running node, labels added).
+    /// this module (copied from a running node, labels added), then the
+    /// handler families.
     const BEFORE: &str = r#"# HELP constellation_peers Peers by state.
 # TYPE constellation_peers gauge
 constellation_peers{state="alive"} 1
@@ -355,6 +374,24 @@ constellation_beacons_dropped_total{reason="address"} 2
 constellation_beacons_dropped_total{reason="bad_magic"} 5
 # HELP constellation_links_refused_total Connections or frames refused, by reason.
 # TYPE constellation_links_refused_total counter
+# HELP constellation_handlers Event handlers configured.
+# TYPE constellation_handlers gauge
+constellation_handlers 1
+# HELP constellation_handler_started_total Handler programs started.
+# TYPE constellation_handler_started_total counter
+constellation_handler_started_total 5
+# HELP constellation_handler_runs_total Handler runs by outcome (dropped: the backlog was full).
+# TYPE constellation_handler_runs_total counter
+constellation_handler_runs_total{outcome="dropped"} 7
+constellation_handler_runs_total{outcome="failed"} 1
+constellation_handler_runs_total{outcome="succeeded"} 3
+constellation_handler_runs_total{outcome="timed_out"} 1
+# HELP constellation_handler_running Handler programs running.
+# TYPE constellation_handler_running gauge
+constellation_handler_running 0
+# HELP constellation_handler_queued Handler runs waiting for a slot.
+# TYPE constellation_handler_queued gauge
+constellation_handler_queued 0
 "#;
 
     #[test]
@@ -378,6 +415,15 @@ constellation_beacons_dropped_total{reason="bad_magic"} 5
             payload_bytes_out: 4,
             transitions: [("link_up", 1), ("peer_joined", 1)].into(),
             beacons_dropped: [("address", 2), ("bad_magic", 5)].into(),
+            handlers: proto::control::HandlerCounters {
+                configured: 1,
+                started: 5,
+                succeeded: 3,
+                failed: 1,
+                timed_out: 1,
+                dropped: 7,
+                ..Default::default()
+            },
             ..Snapshot::default()
         };
         let out = encode(snapshot);
