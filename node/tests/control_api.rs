@@ -358,6 +358,9 @@ fn metrics_parse_strictly_and_keep_their_names() {
         "keys",
         "peers_pending",
         "payload_bytes",
+        "handlers",
+        "handler_running",
+        "handler_queued",
     ];
     let counters = [
         "beacons_sent",
@@ -377,6 +380,8 @@ fn metrics_parse_strictly_and_keep_their_names() {
         "transitions",
         "beacons_dropped",
         "links_refused",
+        "handler_started",
+        "handler_runs",
     ];
     let mut want: Vec<(String, &str)> = gauges
         .iter()
