@@ -584,14 +584,21 @@ async fn get_peers(
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<PeerList>, ApiError> {
     let q = PeersQuery::from_pairs(query_pairs(q)?).map_err(query_error)?;
+    // Patterns are quoted short: a regex error never echoes a long value.
+    let filter = crate::filter::PeerFilter::new(&q).map_err(|e| {
+        let cut = e
+            .char_indices()
+            .nth(4 * QUOTE_MAX)
+            .map_or(e.len(), |(i, _)| i);
+        ApiError::bad_request(&e[..cut])
+    })?;
     let counters = link_counters(&api.state).await;
     let now = Instant::now();
     let mut peers: Vec<Peer> = api
         .state
         .peers
         .iter()
-        .filter(|p| q.state.as_deref().is_none_or(|s| p.state.as_str() == s))
-        .filter(|p| q.tags.iter().all(|(k, v)| p.tags.get(k) == Some(v)))
+        .filter(|p| filter.matches(p))
         .map(|r| r.clone())
         .collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));

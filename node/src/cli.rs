@@ -405,9 +405,15 @@ async fn run(cmd: Command) -> ExitCode {
             sock,
             json,
             state,
+            name,
             tag,
         } => {
-            let uri = PeersQuery { state, tags: tag }.uri();
+            let uri = PeersQuery {
+                state,
+                name,
+                tags: tag,
+            }
+            .uri();
             let answer = client(&sock).get(&uri).await;
             show(answer, json, |v| render_peers(v, colour()))
         }

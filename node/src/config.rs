@@ -34,7 +34,9 @@ pub enum Command {
     )]
     Run(Box<RunArgs>),
     /// List the peers this node knows.
-    #[command(after_help = "Example:\n  constellationd peers --state alive --tag role=db")]
+    #[command(
+        after_help = "Examples:\n  constellationd peers --state alive --tag role=db\n  constellationd peers --name 'web-[0-9]+' --tag 'zone=eu-.*'"
+    )]
     Peers {
         /// Control socket.
         #[command(flatten)]
@@ -42,11 +44,15 @@ pub enum Command {
         /// Print the API's JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Only peers in this state (alive, failed, left).
-        #[arg(long)]
+        /// Only peers in this state.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(proto::control::PEER_STATES))]
         state: Option<String>,
-        /// Only peers with this tag (KEY=VALUE); repeatable.
-        #[arg(long, value_parser = parse_tag)]
+        /// Only peers whose whole name matches REGEX.
+        #[arg(long, value_parser = parse_regex, value_name = "REGEX")]
+        name: Option<String>,
+        /// Only peers with tag KEY whose whole value matches REGEX;
+        /// repeatable, all must match.
+        #[arg(long, value_parser = parse_tag_filter, value_name = "KEY=REGEX")]
         tag: Vec<(String, String)>,
     },
     /// This node: identity, counters and warnings.
@@ -390,6 +396,23 @@ pub fn parse_tag(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| "expected KEY=VALUE".to_string())?;
     proto::id::check_tag(k, v).map_err(|e| e.to_string())?;
     Ok((k.to_string(), v.to_string()))
+}
+
+/// A regex of a peer filter, checked (the daemon compiles it again).
+fn parse_regex(s: &str) -> Result<String, String> {
+    crate::filter::anchored(s).map_err(|e| format!("invalid regex: {e}"))?;
+    Ok(s.to_string())
+}
+
+/// `KEY=REGEX` of `peers --tag`.
+fn parse_tag_filter(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=REGEX".to_string())?;
+    if k.is_empty() {
+        return Err("expected KEY=REGEX (the key is empty)".into());
+    }
+    Ok((k.to_string(), parse_regex(v)?))
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {

@@ -8,6 +8,7 @@
 //! - [`notify`]: the systemd notification protocol.
 //! - [`daemon`]: binding, task wiring, signals, graceful shutdown.
 //! - [`handlers`]: programs run on cluster events (`--handler`).
+//! - [`filter`]: the peer filters of `peers` and `GET /v1/peers`.
 //! - [`table_task`]: the task that owns the peer table (`proto::membership::PeerTable`).
 //! - [`state`]: the shared read-model and event bus.
 //! - [`api`]: HTTP/1.1 + JSON on the control socket; [`ops`]: its
@@ -24,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod configfile;
 pub mod daemon;
+pub mod filter;
 pub mod handlers;
 pub mod logging;
 pub mod netif;

@@ -272,13 +272,19 @@ pub enum QueryError {
     NotANumber(&'static str),
 }
 
-/// The query of `GET /v1/peers`: `state=S` (at most one: the last wins)
-/// and any number of `tag=KEY:VALUE`; a peer must match all of them.
+/// The query of `GET /v1/peers`: `state=S` and `name=REGEX` (at most one
+/// each: the last wins) and any number of `tag=KEY:REGEX`; a peer must
+/// match all of them. Each regex must match the whole name or tag value
+/// (it is anchored: `db` matches `db` only, `db.*` matches `db-1`); the
+/// daemon compiles them (this crate only carries the text).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeersQuery {
     /// Only peers in this state.
     pub state: Option<String>,
-    /// Only peers with every one of these tags.
+    /// Only peers whose name matches this regex.
+    pub name: Option<String>,
+    /// Only peers with every one of these tags, each value matching its
+    /// regex.
     pub tags: Vec<(String, String)>,
 }
 
@@ -292,6 +298,7 @@ impl PeersQuery {
             match k.as_str() {
                 "state" if PEER_STATES.contains(&v.as_str()) => q.state = Some(v),
                 "state" => return Err(QueryError::UnknownState(v)),
+                "name" => q.name = Some(v),
                 "tag" => match v.split_once(':') {
                     Some((k, v)) => q.tags.push((k.to_string(), v.to_string())),
                     None => return Err(QueryError::BadTag(v)),
@@ -307,6 +314,9 @@ impl PeersQuery {
         let mut q: Vec<String> = Vec::new();
         if let Some(s) = &self.state {
             q.push(format!("state={}", urlencode(s)));
+        }
+        if let Some(n) = &self.name {
+            q.push(format!("name={}", urlencode(n)));
         }
         for (k, v) in &self.tags {
             q.push(format!("tag={}", urlencode(&format!("{k}:{v}"))));
@@ -626,10 +636,19 @@ mod tests {
     fn peer_queries_round_trip_and_refuse_what_they_do_not_know() {
         let q = PeersQuery {
             state: Some("alive".into()),
+            name: Some("web-[0-9]+".into()),
             tags: vec![("role".into(), "db x".into())],
         };
-        assert_eq!(q.uri(), "/v1/peers?state=alive&tag=role%3Adb%20x");
-        let pairs = [("state", "alive"), ("tag", "role:db x")].map(|(k, v)| (k.into(), v.into()));
+        assert_eq!(
+            q.uri(),
+            "/v1/peers?state=alive&name=web-%5B0-9%5D%2B&tag=role%3Adb%20x"
+        );
+        let pairs = [
+            ("state", "alive"),
+            ("name", "web-[0-9]+"),
+            ("tag", "role:db x"),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
         assert_eq!(PeersQuery::from_pairs(pairs), Ok(q));
         assert_eq!(PeersQuery::default().uri(), "/v1/peers");
         let one = |k: &str, v: &str| PeersQuery::from_pairs([(k.to_string(), v.to_string())]);
