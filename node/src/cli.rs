@@ -14,10 +14,9 @@
 //! stays JSON, with the same characters as `\u` escapes ([`json_safe`]).
 
 use std::borrow::Cow;
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read};
 use std::process::ExitCode;
 
-use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use proto::control::{
     Event, EventBody, Health, HealthQuery, KeyRequest, Keys, NodeInfo, PeerList, PeersQuery,
@@ -600,47 +599,21 @@ async fn watch(client: &Client, json: bool) -> ExitCode {
         );
         return ExitCode::from(EXIT_API);
     }
-    let mut body = resp.into_body();
-    let mut pending = Vec::new();
-    let stdout = std::io::stdout();
-    loop {
-        let frame = tokio::select! {
-            f = body.frame() => f,
-            _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
-        };
-        let Some(frame) = frame else {
-            eprintln!("constellationd: the daemon closed the event stream");
-            return ExitCode::SUCCESS;
-        };
-        let Ok(frame) = frame else {
-            eprintln!("constellationd: the event stream broke");
-            return ExitCode::from(EXIT_API);
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        pending.extend_from_slice(&data);
-        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=pos).collect();
-            let line_text = String::from_utf8_lossy(&line[..line.len() - 1]).to_string();
-            let mut out = stdout.lock();
-            let res = if json {
-                // The daemon's line as is (C1 and DEL escaped).
-                match serde_json::from_str::<IgnoredAny>(&line_text) {
-                    Ok(_) => writeln!(out, "{}", json_safe(&line_text)),
-                    Err(_) => writeln!(out, "{}", escape(&line_text)),
-                }
-            } else {
-                match serde_json::from_str::<Event>(&line_text) {
-                    Ok(ev) => writeln!(out, "{}", render_event(&ev)),
-                    Err(_) => writeln!(out, "{}", escape(&line_text)),
-                }
-            };
-            if res.and_then(|()| out.flush()).is_err() {
-                return ExitCode::SUCCESS; // stdout closed (e.g. piped into head)
+    crate::cli_ops::follow_lines(resp, "event", |text| {
+        if json {
+            // The daemon's line as is (C1 and DEL escaped).
+            match serde_json::from_str::<IgnoredAny>(text) {
+                Ok(_) => json_safe(text).into_owned(),
+                Err(_) => escape(text).into_owned(),
+            }
+        } else {
+            match serde_json::from_str::<Event>(text) {
+                Ok(ev) => render_event(&ev),
+                Err(_) => escape(text).into_owned(),
             }
         }
-    }
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -241,6 +241,27 @@ async fn monitor(client: &Client, level: LogLevel, json: bool) -> ExitCode {
             .unwrap_or_else(|| json!({}));
         return api_error(status, &v);
     }
+    follow_lines(resp, "log", |text| {
+        match serde_json::from_str::<Value>(text) {
+            Ok(_) if json => json_safe(text).into_owned(),
+            Ok(v) => render_log_line(&v),
+            Err(_) => escape(text).into_owned(),
+        }
+    })
+    .await
+}
+
+/// Follows an NDJSON stream (`/v1/events`, `/v1/monitor`) until Ctrl-C or
+/// its end, printing what `render` makes of each line (given without its
+/// newline, invalid UTF-8 replaced) on standard output. `what` names the
+/// stream in messages. Exit status: 0 after Ctrl-C, the daemon closing the
+/// stream or standard output closing (piped into `head`); 1 when the
+/// stream broke.
+pub async fn follow_lines(
+    resp: hyper::Response<hyper::body::Incoming>,
+    what: &str,
+    mut render: impl FnMut(&str) -> String,
+) -> ExitCode {
     let mut body = resp.into_body();
     let mut pending = Vec::new();
     let stdout = std::io::stdout();
@@ -250,27 +271,23 @@ async fn monitor(client: &Client, level: LogLevel, json: bool) -> ExitCode {
             _ = tokio::signal::ctrl_c() => return ExitCode::SUCCESS,
         };
         let Some(frame) = frame else {
-            eprintln!("constellationd: the daemon closed the log stream");
+            eprintln!("constellationd: the daemon closed the {what} stream");
             return ExitCode::SUCCESS;
         };
         let Ok(frame) = frame else {
-            eprintln!("constellationd: the log stream broke");
+            eprintln!("constellationd: the {what} stream broke");
             return ExitCode::from(EXIT_API);
         };
         let Ok(data) = frame.into_data() else {
-            continue;
+            continue; // trailers: nothing to print
         };
         pending.extend_from_slice(&data);
         while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+            let shown = render(&text);
             let mut out = stdout.lock();
-            let res = match serde_json::from_str::<Value>(&text) {
-                Ok(_) if json => writeln!(out, "{}", json_safe(&text)),
-                Ok(v) => writeln!(out, "{}", render_log_line(&v)),
-                Err(_) => writeln!(out, "{}", escape(&text)),
-            };
-            if res.and_then(|()| out.flush()).is_err() {
+            if writeln!(out, "{shown}").and_then(|()| out.flush()).is_err() {
                 return ExitCode::SUCCESS; // stdout closed (piped into head)
             }
         }

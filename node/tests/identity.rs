@@ -7,7 +7,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,7 +16,8 @@ use bytes::BytesMut;
 use proto::frame::VERSION;
 use proto::{Beacon, BeaconKind, FrameCodec, Hello, Message, NodeId, Tags};
 use serde_json::Value;
-use support::{unique_group, wait_until, Daemon, TempDir};
+use support::multicast::{capture_where, sender};
+use support::{keygen, secret_file, unique_group, wait_until, Daemon, TempDir};
 use tokio_util::codec::Encoder;
 
 /// `watch --json` against a daemon, into a file; killed on drop.
@@ -96,15 +97,6 @@ fn normal_entry(d: &Daemon, name: &str, id: &str) -> bool {
 
 fn meshed(nodes: &[&Daemon]) -> bool {
     nodes.iter().all(|d| d.linked() == nodes.len() - 1)
-}
-
-/// A UDP socket that sends to the group over loopback only.
-fn sender() -> UdpSocket {
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let s2 = socket2::SockRef::from(&sock);
-    s2.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
-    s2.set_multicast_ttl_v4(0).unwrap();
-    sock
 }
 
 /// A port nothing listens on (bound, then released).
@@ -260,17 +252,8 @@ fn forged_beacons_and_a_forged_hello_never_replace_a_live_node() {
     );
 }
 
-fn keygen() -> String {
-    let out = Command::new(support::bin()).arg("keygen").output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 fn start_secured(dir: &Path, name: &str, group: &str, key: &str) -> Daemon {
-    let path = dir.join(format!("{name}.key"));
-    std::fs::write(&path, format!("{key}\n")).unwrap();
-    let mut perms = std::fs::metadata(&path).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
-    std::fs::set_permissions(&path, perms).unwrap();
+    let path = secret_file(dir, name, &[key]);
     Daemon::start(dir, name, group, &["--secret-file", path.to_str().unwrap()])
 }
 
@@ -278,30 +261,12 @@ fn start_secured(dir: &Path, name: &str, group: &str, key: &str) -> Daemon {
 /// whose it is).
 fn capture_of(group: SocketAddrV4, key: &str, id: &str) -> Vec<u8> {
     let ring = proto::secure::Keyring::parse(key).unwrap();
-    let s = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
+    capture_where(
+        group,
+        Duration::from_secs(15),
+        &format!("beacon of {id}"),
+        |d| proto::secure::open_beacon(&ring, d).is_ok_and(|(b, _)| b.id.to_string() == id),
     )
-    .unwrap();
-    s.set_reuse_address(true).unwrap();
-    s.set_reuse_port(true).unwrap();
-    s.bind(&SocketAddr::V4(group).into()).unwrap();
-    s.join_multicast_v4(group.ip(), &Ipv4Addr::LOCALHOST)
-        .unwrap();
-    let sock: UdpSocket = s.into();
-    sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-    let until = Instant::now() + Duration::from_secs(15);
-    let mut buf = [0u8; 2048];
-    while Instant::now() < until {
-        if let Ok((n, _)) = sock.recv_from(&mut buf) {
-            let opened = proto::secure::open_beacon(&ring, &buf[..n]);
-            if opened.is_ok_and(|(b, _)| b.id.to_string() == id) {
-                return buf[..n].to_vec();
-            }
-        }
-    }
-    panic!("no beacon of {id} within 15 s");
 }
 
 #[test]

@@ -3,28 +3,15 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::SocketAddrV4;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{bin, unique_group, wait_until, Daemon, TempDir};
-
-fn keygen() -> String {
-    let out = Command::new(bin()).arg("keygen").output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-/// Writes a secret file of `keys` with mode 0600; returns its path.
-fn secret_file(dir: &Path, name: &str, keys: &[&str]) -> PathBuf {
-    let path = dir.join(format!("{name}.key"));
-    std::fs::write(&path, keys.join("\n") + "\n").unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
+use support::multicast::{capture, sender};
+use support::{bin, keygen, secret_file, unique_group, wait_until, Daemon, TempDir};
 
 fn start_secured(dir: &TempDir, name: &str, group: &str, keys: &[&str]) -> Daemon {
     let file = secret_file(dir.path(), name, keys);
@@ -174,34 +161,6 @@ fn a_plaintext_dialer_is_refused_by_a_secured_node() {
         dropped(&a, "security_mismatch") > 0
     });
     assert!(names(&a).is_empty());
-}
-
-/// Captures one multicast datagram sent on `group` over loopback.
-fn capture(group: SocketAddrV4) -> (Vec<u8>, std::net::SocketAddr) {
-    let s = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .unwrap();
-    s.set_reuse_address(true).unwrap();
-    s.set_reuse_port(true).unwrap();
-    s.bind(&std::net::SocketAddr::V4(group).into()).unwrap();
-    s.join_multicast_v4(group.ip(), &Ipv4Addr::LOCALHOST)
-        .unwrap();
-    let sock: UdpSocket = s.into();
-    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = [0u8; 2048];
-    let (n, src) = sock.recv_from(&mut buf).expect("a beacon within 5 s");
-    (buf[..n].to_vec(), src)
-}
-
-fn sender() -> UdpSocket {
-    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let s2 = socket2::SockRef::from(&sock);
-    s2.set_multicast_if_v4(&Ipv4Addr::LOCALHOST).unwrap();
-    s2.set_multicast_ttl_v4(0).unwrap();
-    sock
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! with a deadline, and child processes that are killed on drop.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod multicast;
+
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -39,6 +41,26 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A fresh cluster key from `constellationd keygen` (base64).
+pub fn keygen() -> String {
+    let out = Command::new(bin()).arg("keygen").output().expect("keygen");
+    assert!(out.status.success(), "keygen failed");
+    String::from_utf8(out.stdout)
+        .expect("a base64 key")
+        .trim()
+        .to_string()
+}
+
+/// Writes a secret file of `keys` (one per line) with mode 0600 into `dir`;
+/// returns its path.
+pub fn secret_file(dir: &Path, name: &str, keys: &[&str]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("{name}.key"));
+    std::fs::write(&path, keys.join("\n") + "\n").expect("secret file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    path
 }
 
 /// A temporary directory removed on drop.
