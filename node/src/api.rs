@@ -46,6 +46,7 @@ use proto::control::{
     KeyEntry, KeyRequest, Keys, Leaving, LinkTraffic, NodeCounters, NodeInfo, PeerEntry, PeerList,
     PeersQuery, QueryError, SendRequest, SendResult, SendResults, SendStatus,
 };
+use proto::control::{TagsInfo, TagsRequest};
 use proto::frame::AppMessage;
 use proto::membership::{LinkState, Peer};
 use proto::secure::{Key, KeyError, Keyring, SharedKeyring};
@@ -103,6 +104,7 @@ pub fn router(state: Arc<NodeState>, cancel: CancellationToken, max_frame: usize
     };
     Router::new()
         .route("/v1/self", get(get_self))
+        .route("/v1/self/tags", get(get_tags).patch(patch_tags))
         .route("/v1/peers", get(get_peers))
         .route("/v1/peers/{key}", get(get_peer))
         .route("/v1/events", get(get_events))
@@ -456,6 +458,11 @@ impl RequestShape for control::SendRequest {
     const SHAPE: &'static str = r#"{"to": "<peer name or id>" (or null to broadcast), "topic": "<topic>", "payload": "<text>" (or "payload_b64": "<base64>")}"#;
 }
 
+impl RequestShape for TagsRequest {
+    const SHAPE: &'static str =
+        r#"{"set": {"<key>": "<value>", ...}, "delete": ["<key>", ...]} (either may be absent)"#;
+}
+
 impl RequestShape for control::KeyRequest {
     const SHAPE: &'static str = r#"{"key": "<base64 key or fingerprint>"}"#;
 }
@@ -719,7 +726,7 @@ fn self_info(state: &NodeState) -> NodeInfo {
         group: state.group.to_string(),
         ttl: state.ttl,
         uptime_ms: uptime.as_millis() as u64,
-        tags: state.tags.clone(),
+        tags: state.tags.get(),
         multicast_loops_back: d.loops_back.load(Ordering::Relaxed),
         secured: state.keyring.is_some(),
         peers: counts(by_state),
@@ -1012,6 +1019,41 @@ async fn post_key_remove(State(api): State<Api>, body: KeyBody) -> Result<Json<K
     edit_keys(&api.state, body, "remove", |ring, key| {
         ring.remove(key).map(|()| true)
     })
+}
+
+async fn get_tags(State(api): State<Api>) -> Json<TagsInfo> {
+    Json(api.state.tags.info())
+}
+
+/// Changes this node's tags at once and tells every linked peer (see
+/// [`crate::tags`]).
+async fn patch_tags(
+    State(api): State<Api>,
+    JsonBody(req): JsonBody<TagsRequest>,
+) -> Result<Json<TagsInfo>, ApiError> {
+    let state = &api.state;
+    let (tags, version, changed, warning) = state
+        .tags
+        .apply(&req)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(w) = &warning {
+        warn!("{w}");
+    }
+    let sent_to = if changed {
+        tracing::info!(tags = ?tags, version, "tags changed");
+        state.publish(
+            "self_updated",
+            || serde_json::json!({ "tags": tags, "tags_version": version }),
+        );
+        state.send_self_record(state.linked())
+    } else {
+        0
+    };
+    let mut info = state.tags.info();
+    info.changed = Some(changed);
+    info.sent_to = Some(sent_to);
+    info.warning = warning;
+    Ok(Json(info))
 }
 
 async fn post_leave(State(api): State<Api>) -> (StatusCode, Json<Leaving>) {

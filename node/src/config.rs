@@ -142,6 +142,9 @@ pub enum Command {
     /// Operations: log level, monitor, completions, man page.
     #[command(flatten)]
     Ops(crate::cli_ops::OpsCommand),
+    /// Automation: runtime tags, queries, force-leave.
+    #[command(flatten)]
+    Auto(crate::cli_auto::AutoCommand),
 }
 
 /// `constellationd keys ...`. Keys are given in base64; `use` and `remove`

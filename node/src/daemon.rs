@@ -435,6 +435,14 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         keyring,
     } = plan;
     let keyring: Option<SharedKeyring> = keyring.map(|k| Arc::new(RwLock::new(k)));
+    let state_dir = state_dir(&args);
+    // Runtime tag changes saved in the state directory lie over the
+    // configured tags.
+    let (local_tags, tags_warning) = crate::tags::LocalTags::load(tags, state_dir.as_deref());
+    if let Some(w) = tags_warning {
+        warn!("{w}");
+    }
+    let tags = local_tags.get();
     let id = NodeId::random();
     // Wall-clock milliseconds: grows across restarts with no state on disk.
     let incarnation = SystemTime::now()
@@ -521,7 +529,6 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         );
         (None, adv, ifs, rule, Arc::new(discovery::Stats::default()))
     };
-    let state_dir = state_dir(&args);
     let remembered = match &state_dir {
         Some(dir) => match crate::statefile::load(dir) {
             Ok(addrs) => addrs,
@@ -579,7 +586,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         cluster: args.cluster.clone(),
         incarnation,
         started: Instant::now(),
-        tags,
+        tags: local_tags,
         interfaces: in_use,
         advertised: advertised.clone(),
         listen,

@@ -556,6 +556,41 @@ pub struct DroppedEvent {
     pub count: u64,
 }
 
+/// `PATCH /v1/self/tags`: set and delete tags of this node at runtime.
+/// Deletions apply first, so a key in both ends up set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TagsRequest {
+    /// Tags to add or change.
+    #[serde(default)]
+    pub set: Tags,
+    /// Keys to remove (absent keys are ignored).
+    #[serde(default)]
+    pub delete: Vec<String>,
+}
+
+/// `GET /v1/self/tags` and the answer to a [`TagsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagsInfo {
+    /// This node's tags now.
+    pub tags: Tags,
+    /// How many runtime changes this node's life has made (0: the tags it
+    /// started with). Peers apply a change only over a lower version.
+    pub version: u64,
+    /// Whether the request changed anything (absent for `GET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<bool>,
+    /// Where runtime changes are kept across restarts (`--state-dir`);
+    /// absent when they are not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_in: Option<String>,
+    /// Linked peers the change was sent to (absent for `GET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_to: Option<u64>,
+    /// A problem that did not stop the change (it could not be saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
 /// Percent-encodes a query value (RFC 3986 unreserved characters stay).
 pub fn urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

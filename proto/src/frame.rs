@@ -99,6 +99,17 @@ pub struct PeerRecord {
     /// The peer's tags as the sender knows them (omitted when empty).
     #[serde(default, skip_serializing_if = "Tags::is_empty")]
     pub tags: Tags,
+    /// Version of `tags` within the peer's incarnation: 0 for the tags it
+    /// started with (its handshake's), then one more for each runtime
+    /// change. Between records of one incarnation, the higher version wins,
+    /// so a late record never undoes a newer change. Omitted when 0 (older
+    /// nodes neither send nor read it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tags_version: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The sender's view of the cluster.
@@ -733,6 +744,7 @@ pub(crate) mod tests {
                     state: "alive".into(),
                     age_ms: Some(12),
                     tags: Tags::new(),
+                    tags_version: 0,
                 }],
             }),
             Message::App(AppMessage {
@@ -949,6 +961,7 @@ pub(crate) mod tests {
                     .into_iter()
                     .take((incarnation % 2) as usize)
                     .collect(),
+                tags_version: incarnation % 3,
             });
         prop_oneof![
             hello.clone().prop_map(Message::Hello),
