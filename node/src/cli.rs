@@ -392,7 +392,12 @@ pub fn main(cmd: Command) -> ExitCode {
 async fn run(cmd: Command) -> ExitCode {
     match cmd {
         Command::Run(_) | Command::Keygen => unreachable!("handled in main"),
-        Command::Keys { sock, action } => keys(&sock, action).await,
+        Command::Keys {
+            sock,
+            action,
+            cluster: true,
+        } => crate::cli_auto::cluster_keys(&sock, action).await,
+        Command::Keys { sock, action, .. } => keys(&sock, action).await,
         Command::Ops(c) => crate::cli_ops::run(c).await,
         Command::Auto(c) => crate::cli_auto::run(c).await,
         Command::Peers {

@@ -117,12 +117,16 @@ pub enum Command {
     Keygen,
     /// The cluster keyring of a running node: list, install, use, remove.
     #[command(
-        after_help = "Rotation across a cluster, one step at a time on every node:\n  constellationd keys install NEWKEY   # accepted everywhere\n  constellationd keys use NEWKEY       # now sealing everywhere\n  constellationd keys remove OLDKEY    # retired"
+        after_help = "Rotation across a cluster, one step at a time on every node:\n  constellationd keys install NEWKEY   # accepted everywhere\n  constellationd keys use NEWKEY       # now sealing everywhere\n  constellationd keys remove OLDKEY    # retired\nOr each step on every node at once, over the links:\n  constellationd keys install --cluster NEWKEY\n  constellationd keys use --cluster NEWKEY\n  constellationd keys list --cluster"
     )]
     Keys {
         /// Control socket.
         #[command(flatten)]
         sock: SocketArg,
+        /// Do it on every node of the cluster, over the links: prints
+        /// `n/N nodes` and the nodes that failed, with why.
+        #[arg(long, global = true)]
+        cluster: bool,
         /// What to do.
         #[command(subcommand)]
         action: KeysAction,

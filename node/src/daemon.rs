@@ -580,6 +580,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     let (disc_tx, disc_rx) = mpsc::channel(1024);
     let transport = transport::Transport::start(listener, tcfg, trans_tx, cancel.clone(), &tracker);
 
+    let (queries, query_inbox) = crate::query::QueryHandle::new();
     let state = Arc::new(NodeState {
         id,
         name: name.clone(),
@@ -607,7 +608,13 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         keyring,
         secret_file: args.secret_file.clone(),
         log,
+        queries,
     });
+    tracker.spawn(crate::query::run(
+        state.clone(),
+        query_inbox,
+        cancel.clone(),
+    ));
 
     let table_cfg = TableConfig {
         suspect_after: args.suspect_after,

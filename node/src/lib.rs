@@ -15,6 +15,7 @@
 //! - [`netif`], [`socket`]: interfaces and the control socket path.
 //! - [`secret`]: the secret file holding the cluster keys.
 //! - [`tags`]: this node's tags, changeable at runtime.
+//! - [`query`]: the task that owns the query engine (`proto::query::Queries`).
 
 pub mod api;
 pub mod beaconwatch;
@@ -29,6 +30,7 @@ pub mod logging;
 pub mod netif;
 pub mod notify;
 pub mod ops;
+pub mod query;
 pub mod secret;
 pub mod seeds;
 pub mod socket;

@@ -111,6 +111,8 @@ pub struct NodeState {
     pub secret_file: Option<PathBuf>,
     /// The log level and monitor control (`None` when embedded).
     pub log: Option<crate::logging::LogControl>,
+    /// The query task (see [`crate::query`]).
+    pub queries: crate::query::QueryHandle,
 }
 
 /// RFC 3339 timestamp of now, with microseconds.

@@ -232,6 +232,11 @@ fn on_transport(
             table.on_peer_list(now, id, &list);
             id
         }
+        TransportEvent::Query { id, msg } => {
+            table.on_traffic(now, id);
+            state.queries.frame(id, msg);
+            id
+        }
         TransportEvent::Message { id, msg } => {
             table.on_traffic(now, id);
             state.messages_in.fetch_add(1, Ordering::Relaxed);

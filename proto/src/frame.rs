@@ -34,6 +34,10 @@ pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 pub const FRAME_HEADER: usize = 3;
 /// Kind byte of [`Message::App`], the hot path.
 const KIND_APP: u8 = 6;
+/// Kind byte of [`Message::Query`].
+const KIND_QUERY: u8 = 9;
+/// Kind byte of [`Message::QueryResponse`].
+const KIND_QUERY_RESPONSE: u8 = 10;
 /// Flag: a 16-byte authentication tag ends the frame (cluster-secret mode).
 pub const FLAG_TAGGED: u8 = 0x01;
 
@@ -165,6 +169,10 @@ pub enum Message {
     Goodbye(Goodbye),
     /// Refusal, then close.
     Reject(Reject),
+    /// A query fanned out over the links (see [`crate::query`]).
+    Query(crate::query::Query),
+    /// An ack or answer to a query, on its way back to the asker.
+    QueryResponse(crate::query::QueryResponse),
 }
 
 impl Message {
@@ -179,6 +187,8 @@ impl Message {
             Message::App(_) => KIND_APP,
             Message::Goodbye(_) => 7,
             Message::Reject(_) => 8,
+            Message::Query(_) => KIND_QUERY,
+            Message::QueryResponse(_) => KIND_QUERY_RESPONSE,
         }
     }
 
@@ -193,6 +203,8 @@ impl Message {
             Message::App(_) => "app",
             Message::Goodbye(_) => "goodbye",
             Message::Reject(_) => "reject",
+            Message::Query(_) => "query",
+            Message::QueryResponse(_) => "query_response",
         }
     }
 
@@ -240,6 +252,8 @@ impl Message {
             }
             Message::Goodbye(m) => write_named(w, m),
             Message::Reject(m) => write_named(w, m),
+            Message::Query(m) => write_named(w, m),
+            Message::QueryResponse(m) => write_named(w, m),
         }
     }
 
@@ -280,6 +294,8 @@ impl Message {
             KIND_APP => Message::App(de(body)?),
             7 => Message::Goodbye(de(body)?),
             8 => Message::Reject(de(body)?),
+            KIND_QUERY => Message::Query(de(body)?),
+            KIND_QUERY_RESPONSE => Message::QueryResponse(de(body)?),
             other => return Err(FrameError::UnknownKind(other)),
         })
     }
@@ -757,6 +773,28 @@ pub(crate) mod tests {
             Message::Reject(Reject {
                 code: "cluster".into(),
                 detail: "other".into(),
+            }),
+            Message::Query(crate::query::Query {
+                origin: NodeId(42),
+                origin_name: "node1".into(),
+                id: 3,
+                name: "load".into(),
+                payload: Bytes::from_static(b"now"),
+                filter: crate::query::Filter {
+                    nodes: vec!["node2".into()],
+                    tags: vec![("role".into(), "db".into())],
+                },
+                timeout_ms: 1000,
+                ttl: 0,
+            }),
+            Message::QueryResponse(crate::query::QueryResponse {
+                origin: NodeId(42),
+                id: 3,
+                from: NodeId(7),
+                from_name: "node2".into(),
+                kind: crate::query::ResponseKind::Answer,
+                payload: Bytes::from_static(b"0.25"),
+                ttl: 255,
             }),
         ]
     }
