@@ -46,6 +46,7 @@ use proto::control::{
     KeyEntry, KeyRequest, Keys, Leaving, LinkTraffic, NodeCounters, NodeInfo, PeerEntry, PeerList,
     PeersQuery, QueryError, SendRequest, SendResult, SendResults, SendStatus,
 };
+use proto::control::{TagsInfo, TagsRequest};
 use proto::frame::AppMessage;
 use proto::membership::{LinkState, Peer};
 use proto::secure::{Key, KeyError, Keyring, SharedKeyring};
@@ -103,6 +104,15 @@ pub fn router(state: Arc<NodeState>, cancel: CancellationToken, max_frame: usize
     };
     Router::new()
         .route("/v1/self", get(get_self))
+        .route("/v1/self/tags", get(get_tags).patch(patch_tags))
+        .route("/v1/queries", post(post_query))
+        .route("/v1/queries/{id}/responses", post(post_query_response))
+        .route(
+            "/v1/cluster/keys",
+            get(get_cluster_keys).post(post_cluster_key_install),
+        )
+        .route("/v1/cluster/keys/use", post(post_cluster_key_use))
+        .route("/v1/cluster/keys/remove", post(post_cluster_key_remove))
         .route("/v1/peers", get(get_peers))
         .route("/v1/peers/{key}", get(get_peer))
         .route("/v1/events", get(get_events))
@@ -456,6 +466,19 @@ impl RequestShape for control::SendRequest {
     const SHAPE: &'static str = r#"{"to": "<peer name or id>" (or null to broadcast), "topic": "<topic>", "payload": "<text>" (or "payload_b64": "<base64>")}"#;
 }
 
+impl RequestShape for TagsRequest {
+    const SHAPE: &'static str =
+        r#"{"set": {"<key>": "<value>", ...}, "delete": ["<key>", ...]} (either may be absent)"#;
+}
+
+impl RequestShape for control::QueryRequest {
+    const SHAPE: &'static str = r#"{"name": "<query>", "payload": "<text>" (or "payload_b64"), "nodes": ["<name or id>", ...], "tags": {"<key>": "<value>"}, "timeout_ms": 1000} (all but name optional)"#;
+}
+
+impl RequestShape for control::QueryAnswer {
+    const SHAPE: &'static str = r#"{"payload": "<text>"} (or "payload_b64": "<base64>")"#;
+}
+
 impl RequestShape for control::KeyRequest {
     const SHAPE: &'static str = r#"{"key": "<base64 key or fingerprint>"}"#;
 }
@@ -726,7 +749,7 @@ fn self_info(state: &NodeState) -> NodeInfo {
         group: state.group.to_string(),
         ttl: state.ttl,
         uptime_ms: uptime.as_millis() as u64,
-        tags: state.tags.clone(),
+        tags: state.tags.get(),
         multicast_loops_back: d.loops_back.load(Ordering::Relaxed),
         secured: state.keyring.is_some(),
         peers: counts(by_state),
@@ -1002,6 +1025,38 @@ fn edit_keys(
     Ok(Json(out))
 }
 
+/// A keyring edit by name (`install`, `use`, `remove`; `list` reads), for
+/// the cluster-wide key operation: the keyring afterwards, or why not.
+pub(crate) fn key_op(state: &NodeState, op: &str, key: &str) -> Result<Keys, String> {
+    let body = || {
+        Ok(JsonBody(KeyRequest {
+            key: key.to_string(),
+        }))
+    };
+    let res = match op {
+        "list" => keyring(state).map(|ring| {
+            let ring = ring.read().unwrap_or_else(|e| e.into_inner());
+            Json(keys_info(state, &ring))
+        }),
+        "install" => edit_keys(state, body(), "install", |ring, key| {
+            ring.install(Key::from_base64(key)?)
+        }),
+        "use" => edit_keys(state, body(), "use", |ring, key| {
+            let before = ring.primary().clone();
+            ring.use_key(key)?;
+            Ok(ring.primary() != &before)
+        }),
+        "remove" => edit_keys(state, body(), "remove", |ring, key| {
+            ring.remove(key).map(|()| true)
+        }),
+        other => Err(ApiError::bad_request(format!(
+            "unknown key operation {}",
+            quote(other)
+        ))),
+    };
+    res.map(|Json(k)| k).map_err(|ApiError(_, msg)| msg)
+}
+
 async fn post_key_install(State(api): State<Api>, body: KeyBody) -> Result<Json<Keys>, ApiError> {
     edit_keys(&api.state, body, "install", |ring, key| {
         ring.install(Key::from_base64(key)?)
@@ -1020,6 +1075,288 @@ async fn post_key_remove(State(api): State<Api>, body: KeyBody) -> Result<Json<K
     edit_keys(&api.state, body, "remove", |ring, key| {
         ring.remove(key).map(|()| true)
     })
+}
+
+async fn get_tags(State(api): State<Api>) -> Json<TagsInfo> {
+    Json(api.state.tags.info())
+}
+
+/// Changes this node's tags at once and tells every linked peer (see
+/// [`crate::tags`]).
+async fn patch_tags(
+    State(api): State<Api>,
+    JsonBody(req): JsonBody<TagsRequest>,
+) -> Result<Json<TagsInfo>, ApiError> {
+    let state = &api.state;
+    let (tags, version, changed, warning) = state
+        .tags
+        .apply(&req)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(w) = &warning {
+        warn!("{w}");
+    }
+    let sent_to = if changed {
+        tracing::info!(tags = ?tags, version, "tags changed");
+        state.publish(
+            "self_updated",
+            || serde_json::json!({ "tags": tags, "tags_version": version }),
+        );
+        state.send_self_record(state.linked())
+    } else {
+        0
+    };
+    let mut info = state.tags.info();
+    info.changed = Some(changed);
+    info.sent_to = Some(sent_to);
+    info.warning = warning;
+    Ok(Json(info))
+}
+
+fn ask_error(e: crate::query::HandleError) -> ApiError {
+    use crate::query::HandleError;
+    use proto::query::AskError;
+    let status = match &e {
+        HandleError::Ask(AskError::TooLarge(..)) => StatusCode::PAYLOAD_TOO_LARGE,
+        HandleError::Ask(AskError::Busy(_)) | HandleError::Stopped => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiError(status, e.to_string())
+}
+
+/// Maps one step of an ask to its stream line.
+fn query_line(p: crate::query::Progress) -> control::QueryLine {
+    use crate::query::Progress;
+    match p {
+        Progress::Ack(from) => control::QueryLine::Ack { from },
+        Progress::Answer(from, payload) => control::QueryLine::Answer {
+            from,
+            payload: std::str::from_utf8(&payload).ok().map(String::from),
+            payload_b64: base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                &payload,
+            ),
+        },
+        Progress::Done { summary, timed_out } => control::QueryLine::Done {
+            asked: summary.asked,
+            acked: summary.acked,
+            answered: summary.answered,
+            timed_out,
+        },
+    }
+}
+
+fn ndjson(line: &control::QueryLine) -> Bytes {
+    // A struct of strings and numbers always serialises.
+    let mut v = serde_json::to_vec(line).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// Asks a query and streams its acks and answers as NDJSON lines
+/// ([`control::QueryLine`]), ending with a summary at the timeout.
+/// Dropping the stream stops waiting for answers.
+async fn post_query(
+    State(api): State<Api>,
+    JsonBody(req): JsonBody<control::QueryRequest>,
+) -> Result<Response, ApiError> {
+    let payload = req
+        .bytes()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let spec = crate::query::AskSpec {
+        name: req.name,
+        payload: Bytes::from(payload),
+        filter: proto::query::Filter {
+            nodes: req.nodes,
+            tags: req.tags.into_iter().collect(),
+        },
+        timeout: Duration::from_millis(req.timeout_ms.unwrap_or(control::QUERY_TIMEOUT_MS)),
+        expect: crate::query::Expect::Live,
+        internal: false,
+    };
+    let asked = api.state.queries.ask(spec).await.map_err(ask_error)?;
+    let first = ndjson(&control::QueryLine::Asked {
+        id: asked.id,
+        asked: asked.asked,
+    });
+    let stream = futures::stream::unfold(
+        (Some(first), asked.progress),
+        |(first, mut rx)| async move {
+            if let Some(first) = first {
+                return Some((Ok::<_, Infallible>(first), (None, rx)));
+            }
+            let p = rx.recv().await?;
+            Some((Ok(ndjson(&query_line(p))), (None, rx)))
+        },
+    );
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "cannot build stream")))
+}
+
+/// A local answerer's answer to a query this node was asked.
+async fn post_query_response(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<control::QueryAnswer>,
+) -> Result<Json<control::QueryAnswered>, ApiError> {
+    use crate::query::HandleError;
+    use proto::query::RespondError;
+    let payload = req
+        .bytes()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    match api.state.queries.respond(&id, Bytes::from(payload)).await {
+        Ok(()) => Ok(Json(control::QueryAnswered {
+            status: "answered".into(),
+        })),
+        Err(e) => {
+            let status = match &e {
+                HandleError::BadId => StatusCode::BAD_REQUEST,
+                HandleError::Respond(RespondError::Unknown) => StatusCode::NOT_FOUND,
+                HandleError::Respond(RespondError::Answered) => StatusCode::CONFLICT,
+                HandleError::Respond(RespondError::Late) => StatusCode::GONE,
+                HandleError::Respond(RespondError::TooLarge(..)) => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            Err(ApiError(status, format!("{}: {e}", quote(&id))))
+        }
+    }
+}
+
+/// How long a cluster-wide key operation waits for the nodes' answers.
+pub const CLUSTER_KEYS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Runs a key operation on every node (this one included) over the
+/// links, and reports each node's outcome.
+async fn cluster_keys(
+    state: &NodeState,
+    op: &str,
+    key: String,
+) -> Result<Json<control::ClusterKeys>, ApiError> {
+    use crate::query::{KeyOp, KeyOutcome, Progress};
+    keyring(state)?;
+    let payload = serde_json::to_vec(&KeyOp { op: op.into(), key }).unwrap_or_default();
+    let spec = crate::query::AskSpec {
+        name: crate::query::KEYS_QUERY.into(),
+        payload: Bytes::from(payload),
+        filter: proto::query::Filter::default(),
+        timeout: CLUSTER_KEYS_TIMEOUT,
+        expect: crate::query::Expect::NotLeft,
+        internal: true,
+    };
+    let mut asked = state.queries.ask(spec).await.map_err(ask_error)?;
+    let mut answers: HashMap<String, KeyOutcome> = HashMap::new();
+    while let Some(p) = asked.progress.recv().await {
+        match p {
+            Progress::Answer(from, payload) => {
+                let out = serde_json::from_slice(&payload).unwrap_or(KeyOutcome {
+                    ok: false,
+                    error: Some("unreadable answer".into()),
+                    keys: Vec::new(),
+                });
+                answers.insert(from.id, out);
+            }
+            Progress::Ack(_) => {}
+            Progress::Done { .. } => break,
+        }
+    }
+    let mut results: Vec<control::NodeKeys> = asked
+        .asked
+        .into_iter()
+        .map(|node| match answers.remove(&node.id) {
+            Some(out) => control::NodeKeys {
+                node,
+                ok: out.ok,
+                error: out.error,
+                keys: out.keys,
+            },
+            None => {
+                let why = node
+                    .id
+                    .parse::<NodeId>()
+                    .ok()
+                    .and_then(|id| state.peers.get(&id).map(|p| (p.state, p.link)))
+                    .map(|(s, l)| format!(" (peer {}, link {})", s.as_str(), l.as_str()))
+                    .unwrap_or_default();
+                control::NodeKeys {
+                    node,
+                    ok: false,
+                    error: Some(format!(
+                        "no answer within {} ms{why}",
+                        CLUSTER_KEYS_TIMEOUT.as_millis()
+                    )),
+                    keys: Vec::new(),
+                }
+            }
+        })
+        .collect();
+    results.sort_by(|a, b| a.ok.cmp(&b.ok).then(a.node.name.cmp(&b.node.name)));
+    let mut keys: BTreeMap<String, control::ClusterKey> = BTreeMap::new();
+    for r in &results {
+        for k in &r.keys {
+            let e = keys
+                .entry(k.fingerprint.clone())
+                .or_insert_with(|| control::ClusterKey {
+                    fingerprint: k.fingerprint.clone(),
+                    nodes: 0,
+                    primary_on: Vec::new(),
+                });
+            e.nodes += 1;
+            if k.primary {
+                e.primary_on.push(r.node.name.clone());
+            }
+        }
+    }
+    let ok = results.iter().filter(|r| r.ok).count();
+    tracing::info!(op, nodes = results.len(), ok, "cluster key operation");
+    Ok(Json(control::ClusterKeys {
+        nodes: results.len(),
+        ok,
+        results,
+        keys: keys.into_values().collect(),
+    }))
+}
+
+async fn get_cluster_keys(State(api): State<Api>) -> Result<Json<control::ClusterKeys>, ApiError> {
+    cluster_keys(&api.state, "list", String::new()).await
+}
+
+async fn cluster_edit(
+    api: &Api,
+    body: KeyBody,
+    op: &str,
+) -> Result<Json<control::ClusterKeys>, ApiError> {
+    keyring(&api.state)?;
+    let JsonBody(KeyRequest { key }) = body?;
+    if op == "install" {
+        // Checked here, so that a bad key is one 400, not N failures.
+        Key::from_base64(&key).map_err(|e| ApiError(key_error_status(&e), e.to_string()))?;
+    }
+    cluster_keys(&api.state, op, key).await
+}
+
+async fn post_cluster_key_install(
+    State(api): State<Api>,
+    body: KeyBody,
+) -> Result<Json<control::ClusterKeys>, ApiError> {
+    cluster_edit(&api, body, "install").await
+}
+
+async fn post_cluster_key_use(
+    State(api): State<Api>,
+    body: KeyBody,
+) -> Result<Json<control::ClusterKeys>, ApiError> {
+    cluster_edit(&api, body, "use").await
+}
+
+async fn post_cluster_key_remove(
+    State(api): State<Api>,
+    body: KeyBody,
+) -> Result<Json<control::ClusterKeys>, ApiError> {
+    cluster_edit(&api, body, "remove").await
 }
 
 async fn post_leave(State(api): State<Api>) -> (StatusCode, Json<Leaving>) {

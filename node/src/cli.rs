@@ -35,7 +35,7 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code: no daemon at the socket.
 pub const EXIT_NO_DAEMON: u8 = 3;
 
-fn client(sock: &SocketArg) -> Client {
+pub(crate) fn client(sock: &SocketArg) -> Client {
     Client::new(&socket::resolve(sock.socket.as_deref()))
 }
 
@@ -80,7 +80,7 @@ pub fn json_safe(json: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-fn fail(e: ClientError) -> ExitCode {
+pub(crate) fn fail(e: ClientError) -> ExitCode {
     eprintln!("constellationd: {}", escape(&e.to_string()));
     match e {
         ClientError::NoDaemon { .. } => ExitCode::from(EXIT_NO_DAEMON),
@@ -89,14 +89,14 @@ fn fail(e: ClientError) -> ExitCode {
 }
 
 /// An error answer: its message on stderr, exit 1.
-fn api_error(answer: &Answer) -> ExitCode {
+pub(crate) fn api_error(answer: &Answer) -> ExitCode {
     let msg = answer.error_message();
     eprintln!("constellationd: {} ({})", escape(&msg), answer.status);
     ExitCode::from(EXIT_API)
 }
 
 /// `--json`: the daemon's answer as it sent it, pretty-printed.
-fn print_json(answer: &Answer) -> ExitCode {
+pub(crate) fn print_json(answer: &Answer) -> ExitCode {
     match answer.json() {
         Ok(v) => {
             let pretty = serde_json::to_string_pretty(&v).unwrap_or_default();
@@ -108,7 +108,7 @@ fn print_json(answer: &Answer) -> ExitCode {
 }
 
 /// `s`, escaped, as an owned string.
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     escape(s).into_owned()
 }
 
@@ -141,7 +141,7 @@ pub fn human_ms(ms: u64) -> String {
 }
 
 /// The first 8 characters of an id, escaped.
-fn short(id: &str) -> String {
+pub(crate) fn short(id: &str) -> String {
     let cut = id.char_indices().nth(8).map_or(id, |(i, _)| &id[..i]);
     escape(cut).into_owned()
 }
@@ -398,8 +398,14 @@ pub fn main(cmd: Command) -> ExitCode {
 async fn run(cmd: Command) -> ExitCode {
     match cmd {
         Command::Run(_) | Command::Keygen => unreachable!("handled in main"),
-        Command::Keys { sock, action } => keys(&sock, action).await,
+        Command::Keys {
+            sock,
+            action,
+            cluster: true,
+        } => crate::cli_auto::cluster_keys(&sock, action).await,
+        Command::Keys { sock, action, .. } => keys(&sock, action).await,
         Command::Ops(c) => crate::cli_ops::run(c).await,
+        Command::Auto(c) => crate::cli_auto::run(c).await,
         Command::Peers {
             sock,
             json,
@@ -499,7 +505,7 @@ async fn keys(sock: &SocketArg, action: KeysAction) -> ExitCode {
 
 /// One answer printed: the API's JSON with `--json`, else what `render`
 /// makes of it (read as `T`) for people.
-fn show<T: DeserializeOwned>(
+pub(crate) fn show<T: DeserializeOwned>(
     answer: Result<Answer, ClientError>,
     json: bool,
     render: impl FnOnce(&T) -> String,

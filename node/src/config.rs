@@ -123,12 +123,16 @@ pub enum Command {
     Keygen,
     /// The cluster keyring of a running node: list, install, use, remove.
     #[command(
-        after_help = "Rotation across a cluster, one step at a time on every node:\n  constellationd keys install NEWKEY   # accepted everywhere\n  constellationd keys use NEWKEY       # now sealing everywhere\n  constellationd keys remove OLDKEY    # retired"
+        after_help = "Rotation across a cluster, one step at a time on every node:\n  constellationd keys install NEWKEY   # accepted everywhere\n  constellationd keys use NEWKEY       # now sealing everywhere\n  constellationd keys remove OLDKEY    # retired\nOr each step on every node at once, over the links:\n  constellationd keys install --cluster NEWKEY\n  constellationd keys use --cluster NEWKEY\n  constellationd keys list --cluster"
     )]
     Keys {
         /// Control socket.
         #[command(flatten)]
         sock: SocketArg,
+        /// Do it on every node of the cluster, over the links: prints
+        /// `n/N nodes` and the nodes that failed, with why.
+        #[arg(long, global = true)]
+        cluster: bool,
         /// What to do.
         #[command(subcommand)]
         action: KeysAction,
@@ -148,6 +152,9 @@ pub enum Command {
     /// Operations: log level, monitor, completions, man page.
     #[command(flatten)]
     Ops(crate::cli_ops::OpsCommand),
+    /// Automation: runtime tags, queries, force-leave.
+    #[command(flatten)]
+    Auto(crate::cli_auto::AutoCommand),
 }
 
 /// `constellationd keys ...`. Keys are given in base64; `use` and `remove`

@@ -462,6 +462,14 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         keyring,
     } = plan;
     let keyring: Option<SharedKeyring> = keyring.map(|k| Arc::new(RwLock::new(k)));
+    let state_dir = state_dir(&args);
+    // Runtime tag changes saved in the state directory lie over the
+    // configured tags.
+    let (local_tags, tags_warning) = crate::tags::LocalTags::load(tags, state_dir.as_deref());
+    if let Some(w) = tags_warning {
+        warn!("{w}");
+    }
+    let tags = local_tags.get();
     let id = NodeId::random();
     // Wall-clock milliseconds: grows across restarts with no state on disk.
     let incarnation = SystemTime::now()
@@ -548,7 +556,6 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         );
         (None, adv, ifs, rule, Arc::new(discovery::Stats::default()))
     };
-    let state_dir = state_dir(&args);
     let remembered = match &state_dir {
         Some(dir) => match crate::statefile::load(dir) {
             Ok(addrs) => addrs,
@@ -600,13 +607,14 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     let (disc_tx, disc_rx) = mpsc::channel(1024);
     let transport = transport::Transport::start(listener, tcfg, trans_tx, cancel.clone(), &tracker);
 
+    let (queries, query_inbox) = crate::query::QueryHandle::new();
     let state = Arc::new(NodeState {
         id,
         name: name.clone(),
         cluster: args.cluster.clone(),
         incarnation,
         started: Instant::now(),
-        tags,
+        tags: local_tags,
         interfaces: in_use,
         advertised: advertised.clone(),
         listen,
@@ -628,6 +636,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         secret_file: args.secret_file.clone(),
         log,
         handlers: Default::default(),
+        queries,
     });
     // Subscribed before the membership task publishes its first event.
     let handlers = crate::handlers::spawn(
@@ -636,6 +645,11 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         cancel.clone(),
         &tracker,
     );
+    tracker.spawn(crate::query::run(
+        state.clone(),
+        query_inbox,
+        cancel.clone(),
+    ));
 
     let table_cfg = TableConfig {
         suspect_after: args.suspect_after,

@@ -13,13 +13,16 @@
 //! - [`state`]: the shared read-model and event bus.
 //! - [`api`]: HTTP/1.1 + JSON on the control socket; [`ops`]: its
 //!   operations routes (log level, monitor).
-//! - [`client`], [`cli`], [`cli_ops`]: the CLI.
+//! - [`client`], [`cli`], [`cli_ops`], [`cli_auto`]: the CLI.
 //! - [`netif`], [`socket`]: interfaces and the control socket path.
 //! - [`secret`]: the secret file holding the cluster keys.
+//! - [`tags`]: this node's tags, changeable at runtime.
+//! - [`query`]: the task that owns the query engine (`proto::query::Queries`).
 
 pub mod api;
 pub mod beaconwatch;
 pub mod cli;
+pub mod cli_auto;
 pub mod cli_ops;
 pub mod client;
 pub mod config;
@@ -31,12 +34,14 @@ pub mod logging;
 pub mod netif;
 pub mod notify;
 pub mod ops;
+pub mod query;
 pub mod secret;
 pub mod seeds;
 pub mod socket;
 pub mod state;
 pub mod statefile;
 pub mod table_task;
+pub mod tags;
 
 /// The runtime of every process (daemon and CLI alike): one thread. The
 /// node is IO-bound and every task is short; a single thread avoids

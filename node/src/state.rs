@@ -26,7 +26,7 @@ use discovery::Interface;
 use proto::control;
 use proto::membership::Peer;
 use proto::secure::SharedKeyring;
-use proto::{Incarnation, NodeId, Tags};
+use proto::{Incarnation, NodeId};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tracing::warn;
@@ -69,8 +69,8 @@ pub struct NodeState {
     pub incarnation: Incarnation,
     /// Start time (monotonic).
     pub started: Instant,
-    /// Tags.
-    pub tags: Tags,
+    /// Tags (changeable at runtime; see [`crate::tags`]).
+    pub tags: crate::tags::LocalTags,
     /// Interfaces in use.
     pub interfaces: Vec<Interface>,
     /// Data address advertised per interface.
@@ -113,6 +113,8 @@ pub struct NodeState {
     pub log: Option<crate::logging::LogControl>,
     /// Event handler counters (written by the handler dispatcher).
     pub handlers: crate::handlers::Stats,
+    /// The query task (see [`crate::query`]).
+    pub queries: crate::query::QueryHandle,
 }
 
 /// RFC 3339 timestamp of now, with microseconds.
@@ -169,6 +171,42 @@ impl NodeState {
             // Only a body that is not map-like (a bug of the caller) fails.
             Err(error) => warn!(kind, %error, "event not published: its body is not an object"),
         }
+    }
+
+    /// Sends this node's own membership record (its tags now, and their
+    /// version) to each of `to`, off the caller's task; returns how many
+    /// were asked. Best effort per peer: a full or closed link loses it,
+    /// and a later change or relink sends the news again.
+    pub fn send_self_record(&self, to: Vec<NodeId>) -> u64 {
+        let (tags, version) = self.tags.versioned();
+        let Some(&addr) = self.advertised.first() else {
+            return 0;
+        };
+        let record =
+            crate::tags::self_record(self.id, self.incarnation, &self.name, addr, tags, version);
+        let n = to.len() as u64;
+        let transport = self.transport.clone();
+        tokio::spawn(async move {
+            let list = proto::frame::PeerList {
+                peers: vec![record],
+            };
+            for id in to {
+                let msg = proto::Message::Peers(list.clone());
+                if let Err(error) = transport.try_send(id, msg).await {
+                    tracing::debug!(to = %id.short(), %error, "tags not sent");
+                }
+            }
+        });
+        n
+    }
+
+    /// Ids of the peers with a link up.
+    pub fn linked(&self) -> Vec<NodeId> {
+        self.peers
+            .iter()
+            .filter(|p| p.link == proto::membership::LinkState::Up)
+            .map(|p| p.id)
+            .collect()
     }
 
     /// Finds a peer by exact id, unique id prefix (8+ hex digits) or name.

@@ -232,6 +232,11 @@ fn on_transport(
             table.on_peer_list(now, id, &list);
             id
         }
+        TransportEvent::Query { id, msg } => {
+            table.on_traffic(now, id);
+            state.queries.frame(id, msg);
+            id
+        }
         TransportEvent::Message { id, msg } => {
             table.on_traffic(now, id);
             state.messages_in.fetch_add(1, Ordering::Relaxed);
@@ -315,7 +320,14 @@ fn drain(table: &mut PeerTable, state: &NodeState, hooks: &Hooks) {
                 info!(peer = %p.name, %id, addr = %p.addr, degraded = p.degraded(), "peer alive again")
             }
             EventKind::Left => info!(peer = %p.name, %id, addr = %p.addr, "peer left"),
-            EventKind::LinkUp => info!(peer = %p.name, %id, addr = %p.addr, "link up"),
+            EventKind::LinkUp => {
+                info!(peer = %p.name, %id, addr = %p.addr, "link up");
+                // Its handshake carried our start-time tags: a runtime
+                // change since then follows at once.
+                if state.tags.versioned().1 > 0 {
+                    state.send_self_record(vec![p.id]);
+                }
+            }
             EventKind::Updated if p.conflict.is_some() => {
                 warn!(peer = %p.name, %id, addr = %p.addr, other = ?p.conflict, "two live nodes claim this name")
             }

@@ -51,6 +51,7 @@ fn main() {
             tags: [("role".to_string(), "db".to_string())]
                 .into_iter()
                 .collect(),
+            tags_version: 0,
         }],
     });
     FrameCodec::default().encode(msg, &mut out).expect("frame");

@@ -599,6 +599,216 @@ pub struct DroppedEvent {
     pub count: u64,
 }
 
+/// `PATCH /v1/self/tags`: set and delete tags of this node at runtime.
+/// Deletions apply first, so a key in both ends up set.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TagsRequest {
+    /// Tags to add or change.
+    #[serde(default)]
+    pub set: Tags,
+    /// Keys to remove (absent keys are ignored).
+    #[serde(default)]
+    pub delete: Vec<String>,
+}
+
+/// `GET /v1/self/tags` and the answer to a [`TagsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagsInfo {
+    /// This node's tags now.
+    pub tags: Tags,
+    /// How many runtime changes this node's life has made (0: the tags it
+    /// started with). Peers apply a change only over a lower version.
+    pub version: u64,
+    /// Whether the request changed anything (absent for `GET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<bool>,
+    /// Where runtime changes are kept across restarts (`--state-dir`);
+    /// absent when they are not kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_in: Option<String>,
+    /// Linked peers the change was sent to (absent for `GET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_to: Option<u64>,
+    /// A problem that did not stop the change (it could not be saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// `POST /v1/queries`: ask the matching nodes (this one included) and
+/// stream their acks and answers ([`QueryLine`], NDJSON) until the timeout.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct QueryRequest {
+    /// Query name (answerers follow names); not starting with `_`.
+    pub name: String,
+    /// Payload as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// Payload as base64 (binary), instead of `payload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_b64: Option<String>,
+    /// Only these nodes (names or ids); empty: every node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// Only nodes with all these tags (exact values).
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
+    pub tags: Tags,
+    /// How long to wait for answers, in ms (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The default query timeout, in ms.
+pub const QUERY_TIMEOUT_MS: u64 = 1000;
+
+/// A node, in query results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRef {
+    /// Node id.
+    pub id: String,
+    /// Node name.
+    pub name: String,
+}
+
+/// One line of the `POST /v1/queries` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum QueryLine {
+    /// First line: the query is on its way.
+    Asked {
+        /// The query's id (`ORIGIN-N`), as answerers see it.
+        id: String,
+        /// The nodes believed to match (this node's view).
+        asked: Vec<NodeRef>,
+    },
+    /// A node has the query.
+    Ack {
+        /// Who.
+        from: NodeRef,
+    },
+    /// A node's answer.
+    Answer {
+        /// Who.
+        from: NodeRef,
+        /// The answer when it is UTF-8, else null.
+        payload: Option<String>,
+        /// The answer in base64, always.
+        payload_b64: String,
+    },
+    /// Last line.
+    Done {
+        /// How many nodes were believed to match.
+        asked: usize,
+        /// How many acknowledged.
+        acked: usize,
+        /// How many answered.
+        answered: usize,
+        /// The matching nodes that did not answer in time.
+        timed_out: Vec<NodeRef>,
+    },
+}
+
+/// The body of a `query` event on `/v1/events`: a query this node should
+/// answer (`POST /v1/queries/{id}/responses`, once, within `timeout_ms`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryEvent {
+    /// The query's id (`ORIGIN-N`).
+    pub id: String,
+    /// Query name.
+    pub name: String,
+    /// The asking node.
+    pub from: NodeRef,
+    /// The payload when it is UTF-8, else null.
+    pub payload: Option<String>,
+    /// The payload in base64, always.
+    pub payload_b64: String,
+    /// Answers are refused after this many ms from now.
+    pub timeout_ms: u64,
+}
+
+/// `POST /v1/queries/{id}/responses`: this node's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct QueryAnswer {
+    /// The answer as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// The answer as base64, instead of `payload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_b64: Option<String>,
+}
+
+impl QueryAnswer {
+    /// The answer's bytes.
+    pub fn bytes(&self) -> Result<Vec<u8>, SendRequestError> {
+        payload_bytes(self.payload.as_deref(), self.payload_b64.as_deref())
+    }
+}
+
+impl QueryRequest {
+    /// The payload's bytes.
+    pub fn bytes(&self) -> Result<Vec<u8>, SendRequestError> {
+        payload_bytes(self.payload.as_deref(), self.payload_b64.as_deref())
+    }
+}
+
+/// Text or base64, not both; neither is empty.
+fn payload_bytes(text: Option<&str>, b64: Option<&str>) -> Result<Vec<u8>, SendRequestError> {
+    match (text, b64) {
+        (Some(_), Some(_)) => Err(SendRequestError::BothPayloads),
+        (Some(t), None) => Ok(t.as_bytes().to_vec()),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .map_err(|e| SendRequestError::NotBase64(e.to_string())),
+        (None, None) => Ok(Vec::new()),
+    }
+}
+
+/// `POST /v1/queries/{id}/responses` accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryAnswered {
+    /// `answered`.
+    pub status: String,
+}
+
+/// One node's outcome of a cluster-wide key operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeKeys {
+    /// The node.
+    pub node: NodeRef,
+    /// Whether it applied the operation.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its keyring after the operation (when it answered).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyEntry>,
+}
+
+/// A key in a cluster-wide list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterKey {
+    /// Its fingerprint.
+    pub fingerprint: String,
+    /// How many nodes hold it.
+    pub nodes: usize,
+    /// The nodes where it is primary (names).
+    pub primary_on: Vec<String>,
+}
+
+/// `POST /v1/cluster/keys[/use|/remove]` and `GET /v1/cluster/keys`: a key
+/// operation fanned out to every node over the links.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterKeys {
+    /// Nodes asked (every listed node that has not left, this one included).
+    pub nodes: usize,
+    /// Nodes that applied it.
+    pub ok: usize,
+    /// Each node's outcome, failed ones first.
+    pub results: Vec<NodeKeys>,
+    /// Every key seen, with how many nodes hold it.
+    pub keys: Vec<ClusterKey>,
+}
+
 /// Percent-encodes a query value (RFC 3986 unreserved characters stay).
 pub fn urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -34,6 +34,10 @@ pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 pub const FRAME_HEADER: usize = 3;
 /// Kind byte of [`Message::App`], the hot path.
 const KIND_APP: u8 = 6;
+/// Kind byte of [`Message::Query`].
+const KIND_QUERY: u8 = 9;
+/// Kind byte of [`Message::QueryResponse`].
+const KIND_QUERY_RESPONSE: u8 = 10;
 /// Flag: a 16-byte authentication tag ends the frame (cluster-secret mode).
 pub const FLAG_TAGGED: u8 = 0x01;
 
@@ -99,6 +103,17 @@ pub struct PeerRecord {
     /// The peer's tags as the sender knows them (omitted when empty).
     #[serde(default, skip_serializing_if = "Tags::is_empty")]
     pub tags: Tags,
+    /// Version of `tags` within the peer's incarnation: 0 for the tags it
+    /// started with (its handshake's), then one more for each runtime
+    /// change. Between records of one incarnation, the higher version wins,
+    /// so a late record never undoes a newer change. Omitted when 0 (older
+    /// nodes neither send nor read it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tags_version: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// The sender's view of the cluster.
@@ -154,6 +169,10 @@ pub enum Message {
     Goodbye(Goodbye),
     /// Refusal, then close.
     Reject(Reject),
+    /// A query fanned out over the links (see [`crate::query`]).
+    Query(crate::query::Query),
+    /// An ack or answer to a query, on its way back to the asker.
+    QueryResponse(crate::query::QueryResponse),
 }
 
 impl Message {
@@ -168,6 +187,8 @@ impl Message {
             Message::App(_) => KIND_APP,
             Message::Goodbye(_) => 7,
             Message::Reject(_) => 8,
+            Message::Query(_) => KIND_QUERY,
+            Message::QueryResponse(_) => KIND_QUERY_RESPONSE,
         }
     }
 
@@ -182,6 +203,8 @@ impl Message {
             Message::App(_) => "app",
             Message::Goodbye(_) => "goodbye",
             Message::Reject(_) => "reject",
+            Message::Query(_) => "query",
+            Message::QueryResponse(_) => "query_response",
         }
     }
 
@@ -229,6 +252,8 @@ impl Message {
             }
             Message::Goodbye(m) => write_named(w, m),
             Message::Reject(m) => write_named(w, m),
+            Message::Query(m) => write_named(w, m),
+            Message::QueryResponse(m) => write_named(w, m),
         }
     }
 
@@ -269,6 +294,8 @@ impl Message {
             KIND_APP => Message::App(de(body)?),
             7 => Message::Goodbye(de(body)?),
             8 => Message::Reject(de(body)?),
+            KIND_QUERY => Message::Query(de(body)?),
+            KIND_QUERY_RESPONSE => Message::QueryResponse(de(body)?),
             other => return Err(FrameError::UnknownKind(other)),
         })
     }
@@ -733,6 +760,7 @@ pub(crate) mod tests {
                     state: "alive".into(),
                     age_ms: Some(12),
                     tags: Tags::new(),
+                    tags_version: 0,
                 }],
             }),
             Message::App(AppMessage {
@@ -745,6 +773,28 @@ pub(crate) mod tests {
             Message::Reject(Reject {
                 code: "cluster".into(),
                 detail: "other".into(),
+            }),
+            Message::Query(crate::query::Query {
+                origin: NodeId(42),
+                origin_name: "node1".into(),
+                id: 3,
+                name: "load".into(),
+                payload: Bytes::from_static(b"now"),
+                filter: crate::query::Filter {
+                    nodes: vec!["node2".into()],
+                    tags: vec![("role".into(), "db".into())],
+                },
+                timeout_ms: 1000,
+                ttl: 0,
+            }),
+            Message::QueryResponse(crate::query::QueryResponse {
+                origin: NodeId(42),
+                id: 3,
+                from: NodeId(7),
+                from_name: "node2".into(),
+                kind: crate::query::ResponseKind::Answer,
+                payload: Bytes::from_static(b"0.25"),
+                ttl: 255,
             }),
         ]
     }
@@ -949,6 +999,7 @@ pub(crate) mod tests {
                     .into_iter()
                     .take((incarnation % 2) as usize)
                     .collect(),
+                tags_version: incarnation % 3,
             });
         prop_oneof![
             hello.clone().prop_map(Message::Hello),

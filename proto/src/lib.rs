@@ -23,6 +23,8 @@
 //!   reasons).
 //! - [`membership`]: the peer table state machine (`on_*` inputs,
 //!   `poll_event`/`poll_action` outputs, `next_deadline`).
+//! - [`query`]: queries over the links (fan-out, duplicate suppression,
+//!   acks and answers, timeouts) as a sans-IO engine.
 //!
 //! The byte layouts are documented in `PROTOCOL.md` at the repository root.
 #![warn(missing_docs)]
@@ -35,6 +37,7 @@ pub mod frame;
 pub mod id;
 pub mod link;
 pub mod membership;
+pub mod query;
 pub mod secure;
 pub mod stats;
 mod wire;

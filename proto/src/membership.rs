@@ -194,8 +194,11 @@ pub struct Peer {
     pub last_link: Option<Instant>,
     /// When `state` last changed (or the entry was created).
     pub since: Instant,
-    /// Metadata, from the handshake.
+    /// Metadata, from the handshake, or from a membership record with a
+    /// higher [`PeerRecord::tags_version`] (a change made at runtime).
     pub tags: Tags,
+    /// Version of `tags` within this incarnation (0: the handshake's).
+    pub tags_version: u64,
     /// Digest of the metadata, from beacons.
     pub digest: u64,
     /// When the link was lost without a goodbye (cleared when a link is up).
@@ -237,6 +240,7 @@ impl Peer {
             last_link: None,
             since: now,
             tags: Tags::new(),
+            tags_version: 0,
             digest: 0,
             lost_at: None,
             vouched_at: None,
@@ -726,6 +730,7 @@ impl PeerTable {
         if restarted {
             p.incarnation = b.incarnation;
             p.tags.clear(); // the new life's tags arrive with its handshake
+            p.tags_version = 0;
             kind = Some(EventKind::Restarted);
         }
         if b.kind == BeaconKind::Leave {
@@ -739,9 +744,14 @@ impl PeerTable {
         }
         // The name is fixed for an id's life (it came with the handshake);
         // the address and the metadata digest may change.
-        let changed = p.addr != b.addr || p.digest != b.digest;
+        // Once a versioned record has changed its tags, the beacon's digest
+        // (of the tags the peer started with) is stale, not news.
+        let digest_news = p.tags_version == 0 && p.digest != b.digest;
+        let changed = p.addr != b.addr || digest_news;
         p.addr = b.addr;
-        p.digest = b.digest;
+        if p.tags_version == 0 {
+            p.digest = b.digest;
+        }
         if p.state == PeerState::Suspect {
             p.state = PeerState::Alive;
             p.since = now;
@@ -816,8 +826,13 @@ impl PeerTable {
             .expect("the entry was confirmed above");
         if hello.incarnation > p.incarnation {
             p.incarnation = hello.incarnation;
+            p.tags_version = 0;
             events.push(EventKind::Restarted);
         }
+        // A handshake carries the tags the peer started with: within one
+        // life, tags changed at runtime (a versioned record) are newer.
+        let hello_tags = p.tags_version == 0;
+        let tags_changed = hello_tags && p.tags != hello.tags;
         if p.state != PeerState::Alive {
             // A completed handshake is proof of life, whatever we believed.
             let was = p.state;
@@ -830,12 +845,14 @@ impl PeerTable {
                     EventKind::Joined
                 });
             }
-        } else if events.is_empty() && (p.tags != hello.tags || p.addr != hello.addr) {
+        } else if events.is_empty() && (tags_changed || p.addr != hello.addr) {
             events.push(EventKind::Updated);
         }
         p.addr = hello.addr;
-        p.tags.clone_from(&hello.tags);
-        p.digest = digest;
+        if hello_tags {
+            p.tags.clone_from(&hello.tags);
+            p.digest = digest;
+        }
         p.last_seen = now;
         p.last_link = Some(now);
         p.lost_at = None;
@@ -927,6 +944,17 @@ impl PeerTable {
                 p.next_dial = Some(now);
                 p.dial_attempts = 0;
             }
+            // A runtime tag change: the same life, a newer version. Older
+            // or equal versions (late or repeated records) change nothing.
+            if r.incarnation == p.incarnation && r.tags_version > p.tags_version && p.is_live() {
+                p.tags_version = r.tags_version;
+                p.digest = tags_digest(&r.tags);
+                if p.tags != r.tags {
+                    p.tags.clone_from(&r.tags);
+                    let id = p.id;
+                    self.emit(id, EventKind::Updated);
+                }
+            }
             return;
         }
         if !self.admit_pending() {
@@ -934,6 +962,7 @@ impl PeerTable {
         }
         let mut p = Peer::new(r.id, &r.name, r.incarnation, r.addr, now);
         p.tags.clone_from(&r.tags);
+        p.tags_version = r.tags_version;
         p.digest = tags_digest(&r.tags);
         p.next_dial = Some(first_dial);
         self.peers.insert(r.id, p);
@@ -1328,6 +1357,7 @@ impl PeerTable {
 fn member_record(p: &Peer) -> PeerRecord {
     PeerRecord {
         tags: p.tags.clone(),
+        tags_version: p.tags_version,
         ..record(p, p.state.as_str(), None)
     }
 }
@@ -1342,6 +1372,7 @@ fn record(p: &Peer, state: &str, age: Option<Duration>) -> PeerRecord {
         state: state.into(),
         age_ms: age.map(|a| a.as_millis() as u64),
         tags: Tags::new(),
+        tags_version: 0,
     }
 }
 

@@ -928,7 +928,7 @@ impl Node {
                     });
                     self.table_input(cx, |t, now| t.on_peer_list(now, peer, &list));
                 }
-                LinkEvent::App(_) => {}
+                LinkEvent::App(_) | LinkEvent::Query(_) => {}
                 LinkEvent::Closed(reason) => {
                     let current = self.links.get(&peer).is_some_and(|c| c.conn == conn);
                     if !current {
@@ -1028,6 +1028,6 @@ fn kind_of(m: &Message) -> Kind {
         Message::Goodbye(_) => Kind::Goodbye,
         Message::Reject(_) => Kind::Reject,
         Message::Hello(_) | Message::Welcome(_) => Kind::Handshake,
-        Message::App(_) => Kind::Other,
+        Message::App(_) | Message::Query(_) | Message::QueryResponse(_) => Kind::Other,
     }
 }

@@ -57,6 +57,13 @@ pub enum TransportEvent {
         /// What it says.
         list: PeerList,
     },
+    /// A query or query response arrived.
+    Query {
+        /// Sender (the link's peer).
+        id: NodeId,
+        /// The frame.
+        msg: proto::query::QueryMessage,
+    },
     /// An application message arrived.
     Message {
         /// Sender.

@@ -179,6 +179,8 @@ pub enum LinkEvent {
     App(AppMessage),
     /// A peer-list message (probe or report) arrived.
     Peers(PeerList),
+    /// A query or query response arrived.
+    Query(crate::query::QueryMessage),
     /// The link ended; the machine takes no more input and this is its
     /// last event.
     Closed(CloseReason),
@@ -299,6 +301,12 @@ impl Link {
                 }
             }
             Message::Peers(list) => self.events.push_back(LinkEvent::Peers(list)),
+            Message::Query(q) => self
+                .events
+                .push_back(LinkEvent::Query(crate::query::QueryMessage::Query(q))),
+            Message::QueryResponse(r) => self
+                .events
+                .push_back(LinkEvent::Query(crate::query::QueryMessage::Response(r))),
             Message::Goodbye(g) => self.end(CloseReason::Goodbye(g.reason)),
             Message::Reject(r) => self.end(CloseReason::Rejected {
                 code: r.code,

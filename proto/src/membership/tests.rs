@@ -653,6 +653,7 @@ fn probes_are_answered_with_link_evidence_only() {
         state: RECORD_PROBE.into(),
         age_ms: None,
         tags: Tags::new(),
+        tags_version: 0,
     };
     t.on_peer_list(
         now,
@@ -682,6 +683,7 @@ fn member(id: NodeId, inc: u64, state: &str) -> PeerRecord {
         state: state.into(),
         age_ms: None,
         tags: Tags::new(),
+        tags_version: 0,
     }
 }
 
@@ -935,4 +937,49 @@ proptest! {
             }
         }
     }
+}
+
+fn tagged(id: NodeId, inc: u64, version: u64, role: &str) -> PeerList {
+    PeerList {
+        peers: vec![PeerRecord {
+            tags: [("role".to_string(), role.to_string())].into(),
+            tags_version: version,
+            ..member(id, inc, "alive")
+        }],
+    }
+}
+
+#[test]
+fn a_newer_tag_version_updates_the_peer_and_stale_ones_change_nothing() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_link_up(t0, &hello(HIGH, 1));
+    events(&mut t);
+    actions(&mut t);
+    t.on_peer_list(t0, HIGH, &tagged(HIGH, 1, 2, "db"));
+    assert_eq!(events(&mut t), vec![EventKind::Updated]);
+    assert_eq!(t.get(&HIGH).unwrap().tags["role"], "db");
+    // A late record (version 1) and a repeat (version 2) change nothing.
+    t.on_peer_list(t0, HIGH, &tagged(HIGH, 1, 1, "web"));
+    t.on_peer_list(t0, HIGH, &tagged(HIGH, 1, 2, "web"));
+    assert_eq!(events(&mut t), vec![]);
+    assert_eq!(t.get(&HIGH).unwrap().tags["role"], "db");
+    // A relink of the same life carries the start-time tags: kept out.
+    t.on_link_down(t0, HIGH, false);
+    t.on_link_up(t0, &hello(HIGH, 1));
+    assert!(!events(&mut t).contains(&EventKind::Updated));
+    assert_eq!(t.get(&HIGH).unwrap().tags["role"], "db");
+    // A beacon's digest (of the start-time tags) is no news either.
+    t.on_beacon(t0, &beacon(HIGH, 1, BeaconKind::Announce));
+    assert!(!events(&mut t).contains(&EventKind::Updated));
+    // A record of another life (a restart not yet seen) is not applied.
+    t.on_peer_list(t0, HIGH, &tagged(HIGH, 2, 9, "web"));
+    assert_eq!(t.get(&HIGH).unwrap().tags["role"], "db");
+    // A restart starts the versions again from its handshake.
+    t.on_link_down(t0, HIGH, true);
+    t.on_link_up(t0, &hello(HIGH, 3));
+    assert!(t.get(&HIGH).unwrap().tags.is_empty());
+    assert_eq!(t.get(&HIGH).unwrap().tags_version, 0);
+    t.on_peer_list(t0, HIGH, &tagged(HIGH, 3, 1, "web"));
+    assert_eq!(t.get(&HIGH).unwrap().tags["role"], "web");
 }

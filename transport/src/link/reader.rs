@@ -229,6 +229,7 @@ impl Reader {
                     id: self.peer,
                     list,
                 },
+                LinkEvent::Query(msg) => TransportEvent::Query { id: self.peer, msg },
                 LinkEvent::Closed(reason) => return Err(reason),
             };
             if let Err(full) = self.env.events.try_send(event) {
