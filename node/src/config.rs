@@ -1,7 +1,9 @@
 //! Command line: the daemon's flags and the CLI subcommands.
 //!
 //! Every daemon flag can also be set as `CONSTELLATION_<FLAG>` (repeatable
-//! flags take a comma-separated list there), and as a key of the same name
+//! flags take a comma-separated list there, except `--handler`, whose
+//! event lists hold commas: its variable holds one handler), and as a key
+//! of the same name
 //! in the `--config` file (see [`crate::configfile`]). Values are parsed and
 //! checked here, before anything binds: a bad value prints one line naming
 //! the flag (or the key and the file) and exits with status 2.
