@@ -581,6 +581,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     let transport = transport::Transport::start(listener, tcfg, trans_tx, cancel.clone(), &tracker);
 
     let (queries, query_inbox) = crate::query::QueryHandle::new();
+    let (table_commands, table_commands_rx) = mpsc::channel(64);
     let state = Arc::new(NodeState {
         id,
         name: name.clone(),
@@ -609,6 +610,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         secret_file: args.secret_file.clone(),
         log,
         queries,
+        table_commands,
     });
     tracker.spawn(crate::query::run(
         state.clone(),
@@ -671,6 +673,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
             rule,
             seeds: seed_tx,
             remember: remember_tx,
+            commands: Some(table_commands_rx),
         },
         cancel.clone(),
     ));

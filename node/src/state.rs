@@ -113,6 +113,8 @@ pub struct NodeState {
     pub log: Option<crate::logging::LogControl>,
     /// The query task (see [`crate::query`]).
     pub queries: crate::query::QueryHandle,
+    /// Operator commands for the membership task.
+    pub table_commands: tokio::sync::mpsc::Sender<crate::table_task::TableCommand>,
 }
 
 /// RFC 3339 timestamp of now, with microseconds.

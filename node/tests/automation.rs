@@ -393,3 +393,47 @@ fn cluster_wide_key_rotation_reports_each_node_and_the_stopped_one_as_failed() {
     let out = nodes[0].cli(&["keys", "install", "--cluster", "not-a-key"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn remove_marks_a_failed_node_left_everywhere_refuses_a_live_one_and_prunes() {
+    let dir = TempDir::new("auto-remove");
+    let mut nodes = mesh(&dir, 4, |_| vec![]);
+    let out = nodes[0].cli(&["remove", "n2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("409") && err.contains("alive"), "{err}");
+    let (code, _) = http(&nodes[0].socket, "POST", "/v1/peers/nobody/remove", b"");
+    assert_eq!(code, 404);
+
+    let mut n4 = nodes.pop().unwrap();
+    n4.signal("-KILL");
+    n4.wait_exit(LIMIT);
+    for d in &nodes {
+        wait_until(LIMIT, &format!("{} sees n4 failed", d.name), || {
+            d.state_of("n4").as_deref() == Some("failed")
+        });
+    }
+    let out = nodes[1].cli(&["remove", "n4"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("n4 marked left on 3/3 nodes"), "{text}");
+    // Marked left on every node by the time the command returns.
+    for d in &nodes {
+        assert_eq!(d.state_of("n4").as_deref(), Some("left"), "{}", d.name);
+    }
+    let (code, body) = http(
+        &nodes[2].socket,
+        "POST",
+        "/v1/peers/n4/remove",
+        br#"{"prune": true}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    for d in &nodes {
+        assert_eq!(d.state_of("n4"), None, "{} still lists n4", d.name);
+        assert_eq!(d.linked(), 2);
+    }
+}

@@ -766,6 +766,42 @@ pub struct ClusterKeys {
     pub keys: Vec<ClusterKey>,
 }
 
+/// `POST /v1/peers/{id}/remove` (the body may be empty).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    /// Drop its tombstone at once everywhere, rather than keep it `left`
+    /// until the tombstone TTL.
+    #[serde(default)]
+    pub prune: bool,
+}
+
+/// One node's outcome of a cluster-wide operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeOutcome {
+    /// The node.
+    pub node: NodeRef,
+    /// Whether it applied the operation.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The answer to `POST /v1/peers/{id}/remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    /// The removed peer.
+    pub peer: NodeRef,
+    /// Whether its tombstone was dropped.
+    pub prune: bool,
+    /// Live nodes asked (this one included).
+    pub nodes: usize,
+    /// Nodes that marked it left (or dropped it).
+    pub ok: usize,
+    /// Each node's outcome, failed ones first.
+    pub results: Vec<NodeOutcome>,
+}
+
 /// Percent-encodes a query value (RFC 3986 unreserved characters stay).
 pub fn urlencode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
