@@ -773,6 +773,7 @@ fn self_info(state: &NodeState) -> NodeInfo {
             stalls: n(&state.table.stalls),
             event_subscribers: state.events.subscribers() as u64,
             events_dropped: state.events.dropped(),
+            queries: state.queries.counters.snapshot(),
         },
         warnings: warnings(state, uptime),
         multicast: state.multicast,

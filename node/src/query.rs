@@ -156,6 +156,28 @@ pub struct QueryCounters {
     pub answered: AtomicU64,
     /// Inputs dropped because the task's queue was full.
     pub dropped: AtomicU64,
+    /// The engine's own counts, mirrored after every input.
+    pub duplicates: AtomicU64,
+    /// See [`proto::query::QueryStats::oversize`].
+    pub oversize: AtomicU64,
+    /// See [`proto::query::QueryStats::late`].
+    pub late: AtomicU64,
+}
+
+impl QueryCounters {
+    /// As the API shows them.
+    pub fn snapshot(&self) -> proto::control::QueryCounts {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        proto::control::QueryCounts {
+            asked: n(&self.asked),
+            delivered: n(&self.delivered),
+            answered: n(&self.answered),
+            duplicates: n(&self.duplicates),
+            oversize: n(&self.oversize),
+            late: n(&self.late),
+            dropped: n(&self.dropped),
+        }
+    }
 }
 
 /// A cheap handle to the query task.
@@ -531,6 +553,12 @@ impl Task {
                 }
             }
         }
+        let st = self.engine.stats();
+        self.counters
+            .duplicates
+            .store(st.duplicates, Ordering::Relaxed);
+        self.counters.oversize.store(st.oversize, Ordering::Relaxed);
+        self.counters.late.store(st.late, Ordering::Relaxed);
         if frames.is_empty() {
             return;
         }

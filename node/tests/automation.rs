@@ -216,7 +216,12 @@ fn a_query_with_a_tag_filter_is_answered_by_matching_nodes_only_and_times_out_th
     answerers.push(std::thread::spawn(move || {
         let mut ev = slow_stream;
         let q = next_query(&mut ev, "load");
+        let heard = std::time::Instant::now();
         done_rx.recv().unwrap(); // the asker's summary is out
+        // A slow program: it answers past the query's timeout as this
+        // node counts it (from when it received the query).
+        let timeout = Duration::from_millis(q["timeout_ms"].as_u64().unwrap() + 50);
+        std::thread::sleep(timeout.saturating_sub(heard.elapsed()));
         let body = br#"{"payload": "too late"}"#;
         let uri = format!("/v1/queries/{}/responses", q["id"].as_str().unwrap());
         slow_tx
@@ -296,6 +301,15 @@ fn a_query_with_a_tag_filter_is_answered_by_matching_nodes_only_and_times_out_th
     for a in answerers {
         a.join().unwrap();
     }
+
+    // Counted where it happened.
+    let q = |d: &Daemon| support::self_info(&d.socket)["counters"]["queries"].clone();
+    assert_eq!(q(&nodes[0])["asked"], 1);
+    assert_eq!(
+        (&q(&nodes[1])["delivered"], &q(&nodes[1])["answered"]),
+        (&1.into(), &1.into())
+    );
+    assert_eq!(q(&nodes[4])["delivered"], 0, "n5 was not asked");
 
     // The human rendering, and the errors.
     let out = nodes[0].cli(&["query", "load", "--node", "n5", "--timeout", "200ms"]);

@@ -155,6 +155,29 @@ pub struct NodeCounters {
     pub event_subscribers: u64,
     /// Events dropped for slow subscribers.
     pub events_dropped: u64,
+    /// Queries (see [`QueryCounts`]).
+    #[serde(default)]
+    pub queries: QueryCounts,
+}
+
+/// [`NodeCounters::queries`]: totals since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct QueryCounts {
+    /// Queries asked by this node (its own cluster-wide operations included).
+    pub asked: u64,
+    /// Queries received that this node matched.
+    pub delivered: u64,
+    /// Answers this node gave.
+    pub answered: u64,
+    /// Query frames received more than once (dropped).
+    pub duplicates: u64,
+    /// Query frames over the limits (dropped).
+    pub oversize: u64,
+    /// Responses to queries no longer waited for.
+    pub late: u64,
+    /// Inputs dropped because the query task was behind, and progress
+    /// lines an asker could not take.
+    pub dropped: u64,
 }
 
 /// A peer as events show it (`peer` in a peer event); [`PeerEntry`] adds
