@@ -218,8 +218,8 @@ fn a_query_with_a_tag_filter_is_answered_by_matching_nodes_only_and_times_out_th
         let q = next_query(&mut ev, "load");
         let heard = std::time::Instant::now();
         done_rx.recv().unwrap(); // the asker's summary is out
-        // A slow program: it answers past the query's timeout as this
-        // node counts it (from when it received the query).
+                                 // A slow program: it answers past the query's timeout as this
+                                 // node counts it (from when it received the query).
         let timeout = Duration::from_millis(q["timeout_ms"].as_u64().unwrap() + 50);
         std::thread::sleep(timeout.saturating_sub(heard.elapsed()));
         let body = br#"{"payload": "too late"}"#;
