@@ -365,6 +365,17 @@ fn cluster_wide_key_rotation_reports_each_node_and_the_stopped_one_as_failed() {
         assert!(std::fs::read_to_string(f).unwrap().contains(&new), "{f}");
     }
 
+    for d in &nodes {
+        let t = transitions(d);
+        for kind in ["link_down", "peer_suspect"] {
+            assert!(
+                t.get(kind).is_none(),
+                "{}: {kind} after install: {t}",
+                d.name
+            );
+        }
+    }
+
     // n5 stops; the next step reaches the other four and names it.
     let mut n5 = nodes.pop().unwrap();
     n5.signal("-KILL");
@@ -397,11 +408,13 @@ fn cluster_wide_key_rotation_reports_each_node_and_the_stopped_one_as_failed() {
     assert_eq!(primary.len(), 1, "the new key is primary on the four: {v}");
     assert!(keys.iter().all(|k| k["nodes"] == 4));
 
-    // The links stayed up through the rotation (sealed with the new key).
+    // The links stayed up through the rotation (sealed with the new key):
+    // the one link lost on each node is n5's.
     for d in &nodes {
         assert_eq!(d.linked(), 3, "{}", d.name);
         let t = transitions(d);
         assert!(t.get("peer_restarted").is_none(), "{}: {t}", d.name);
+        assert_eq!(t["link_down"], 1, "{}: {t}", d.name);
     }
     // Bad input: one 400, nothing fanned out.
     let out = nodes[0].cli(&["keys", "install", "--cluster", "not-a-key"]);
