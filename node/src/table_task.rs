@@ -247,8 +247,10 @@ fn on_transport(
             if let Some(from) = table.get(&id).map(|p| p.addr.ip()) {
                 let wall = wall_ms();
                 list.peers.retain(|r| {
+                    // The sender's own record (a runtime tag change) names
+                    // no address to dial: the link is there already.
                     let bad = r.age_ms.is_none()
-                        && (hooks.report_rule.check(r.addr, from).is_err()
+                        && ((r.id != id && hooks.report_rule.check(r.addr, from).is_err())
                             || check_incarnation(r.incarnation, wall).is_err());
                     if bad && state.transport.stats().drops.record(now, "report") {
                         warn!(from = %id.short(), peer = %r.name, addr = %r.addr, "membership record refused (address or incarnation)");
