@@ -19,6 +19,13 @@
 //!   unicast message's latency in the same cluster (the floor of anything that
 //!   crosses it).
 //!
+//! - `tags_change` (16 nodes): from `PATCH /v1/self/tags` on one node until
+//!   every other emitted `peer_updated` with the new value. `query` (16
+//!   nodes): from `POST /v1/queries` until its stream's `done` line with
+//!   all 16 answered (each node's answerer follows `/v1/events` and posts the
+//!   payload back, like a `cat` handler). Baseline for both: a broadcast
+//!   message to the same nodes in the same cluster.
+//!
 //! Every node runs on interface lo with TTL 0 on a group of its own; every
 //! process is killed when the benchmark ends.
 
@@ -875,7 +882,7 @@ async fn resources(n: usize, window: Duration) {
 }
 
 /// `--only NAME[,NAME]` runs just those figures (join, join_seed, join_secret,
-/// lifecycle, peers, silent_loss, idle); `--quick` fewer sizes and runs. With `SERF_BIN`
+/// lifecycle, peers, automation, silent_loss, idle); `--quick` fewer sizes and runs. With `SERF_BIN`
 /// set, each figure Serf shares is measured for Serf too, in the same run.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -913,6 +920,9 @@ async fn main() {
         let n = if quick { 16 } else { 32 };
         peers_and_broadcast(n, if quick { 10 } else { 20 }, runs).await;
     }
+    if want("automation") {
+        automation(16, if quick { 5 } else { 10 }).await;
+    }
     if want("silent_loss") {
         silent_loss(16, runs).await;
     }
@@ -943,4 +953,93 @@ async fn wait_mesh(c: &Cluster) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Runtime tags and queries at `n` nodes (see the module docs).
+async fn automation(n: usize, runs: usize) {
+    let c = start_cluster(n, "auto").await;
+    let all = sockets(&c);
+    let s1 = all[0].clone();
+    let client = Client::new(&s1);
+    let (mut rx, _tasks) = subscribe(&all[1..]).await;
+    let (mut tags, mut base) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        base.push(message_ms(&client, &mut rx, Value::Null, &format!("t{r}"), n - 1).await);
+        let value = format!("v{r}");
+        let t0 = SystemTime::now();
+        let body = json!({"set": {"bench": value}});
+        let answer = client
+            .send(Method::PATCH, "/v1/self/tags", Some(&body))
+            .await
+            .expect("patch");
+        assert!(answer.status.is_success(), "{}", answer.error_message());
+        let last = latest(&mut rx, n - 1, |v| {
+            v["type"] == "peer_updated"
+                && v["peer"]["name"] == "b1"
+                && v["peer"]["tags"]["bench"] == value
+        })
+        .await;
+        tags.push(ms_since(t0, last));
+    }
+    report(
+        "tags_change",
+        json!({"n": n, "seen_by": n - 1, "system": "constellationd"}),
+        tags,
+        "broadcast message to the same nodes",
+        base.clone(),
+    );
+
+    // Answerers: every node, echoing the payload back.
+    let (mut qrx, _qtasks) = subscribe(&all).await;
+    let answer_socks = all.clone();
+    let answerer = tokio::spawn(async move {
+        while let Some((i, v)) = qrx.recv().await {
+            if v["type"] != "query" {
+                continue;
+            }
+            let id = v["id"].as_str().unwrap_or("").to_string();
+            let body = json!({"payload": v["payload"]});
+            let c = Client::new(&answer_socks[i]);
+            tokio::spawn(async move {
+                let _ = c
+                    .post(&format!("/v1/queries/{id}/responses"), Some(&body))
+                    .await;
+            });
+        }
+    });
+    let mut xs = Vec::new();
+    for r in 0..runs {
+        let t0 = Instant::now();
+        let body = json!({"name": "bench", "payload": format!("q{r}"), "timeout_ms": 5000});
+        let bytes = serde_json::to_vec(&body).expect("json");
+        let resp = client
+            .request(Method::POST, "/v1/queries", bytes.into())
+            .await
+            .expect("query");
+        let mut stream = resp.into_body();
+        let mut buf = Vec::new();
+        let mut done = Value::Null;
+        while let Some(Ok(frame)) = stream.frame().await {
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+            }
+            while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let v: Value = serde_json::from_slice(&line).unwrap_or_default();
+                if v["type"] == "done" {
+                    done = v;
+                }
+            }
+        }
+        assert_eq!(done["answered"], json!(n), "every node answered: {done}");
+        xs.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    answerer.abort();
+    report(
+        "query",
+        json!({"n": n, "answered": n, "answerer": "a program following /v1/events, echoing", "system": "constellationd"}),
+        xs,
+        "broadcast message to the same nodes",
+        base,
+    );
 }

@@ -115,6 +115,7 @@ pub fn router(state: Arc<NodeState>, cancel: CancellationToken, max_frame: usize
         .route("/v1/cluster/keys/remove", post(post_cluster_key_remove))
         .route("/v1/peers", get(get_peers))
         .route("/v1/peers/{key}", get(get_peer))
+        .route("/v1/peers/{key}/remove", post(post_remove))
         .route("/v1/events", get(get_events))
         .route("/v1/messages", post(post_message))
         .route("/v1/leave", post(post_leave))
@@ -475,6 +476,10 @@ impl RequestShape for control::QueryRequest {
     const SHAPE: &'static str = r#"{"name": "<query>", "payload": "<text>" (or "payload_b64"), "nodes": ["<name or id>", ...], "tags": {"<key>": "<value>"}, "timeout_ms": 1000} (all but name optional)"#;
 }
 
+impl RequestShape for control::RemoveRequest {
+    const SHAPE: &'static str = r#"{"prune": false} (or no body)"#;
+}
+
 impl RequestShape for control::QueryAnswer {
     const SHAPE: &'static str = r#"{"payload": "<text>"} (or "payload_b64": "<base64>")"#;
 }
@@ -775,6 +780,7 @@ fn self_info(state: &NodeState) -> NodeInfo {
             stalls: n(&state.table.stalls),
             event_subscribers: state.events.subscribers() as u64,
             events_dropped: state.events.dropped(),
+            queries: state.queries.counters.snapshot(),
         },
         warnings: warnings(state, uptime),
         multicast: state.multicast,
@@ -1224,6 +1230,93 @@ async fn post_query_response(
             Err(ApiError(status, format!("{}: {e}", quote(&id))))
         }
     }
+}
+
+/// Force-leave: a failed peer is marked `left` (or with `prune`, dropped)
+/// on every live node, over the links. `409` for a peer that is alive or
+/// suspect here; each node that still hears it refuses too (and says so).
+async fn post_remove(
+    State(api): State<Api>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<Json<control::Removed>, ApiError> {
+    use crate::query::{Outcome, Progress, RemoveOp};
+    let state = &api.state;
+    let req: control::RemoveRequest = if body.trim_ascii().is_empty() {
+        control::RemoveRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    let peer = find(state, &key)?;
+    if peer.is_live() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "{} is {}: only a failed peer can be removed (a live one leaves with `constellationd leave` on its host)",
+                peer.name,
+                peer.state.as_str()
+            ),
+        ));
+    }
+    let payload = serde_json::to_vec(&RemoveOp {
+        id: peer.id.to_string(),
+        prune: req.prune,
+    })
+    .unwrap_or_default();
+    let spec = crate::query::AskSpec {
+        name: crate::query::REMOVE_QUERY.into(),
+        payload: Bytes::from(payload),
+        filter: proto::query::Filter::default(),
+        timeout: CLUSTER_KEYS_TIMEOUT,
+        expect: crate::query::Expect::Live,
+        internal: true,
+    };
+    let mut asked = state.queries.ask(spec).await.map_err(ask_error)?;
+    let mut answers: HashMap<String, Outcome> = HashMap::new();
+    while let Some(p) = asked.progress.recv().await {
+        match p {
+            Progress::Answer(from, payload) => {
+                let out = serde_json::from_slice(&payload).unwrap_or(Outcome {
+                    ok: false,
+                    error: Some("unreadable answer".into()),
+                });
+                answers.insert(from.id, out);
+            }
+            Progress::Ack(_) => {}
+            Progress::Done { .. } => break,
+        }
+    }
+    let mut results: Vec<control::NodeOutcome> = asked
+        .asked
+        .into_iter()
+        .map(|node| {
+            let out = answers.remove(&node.id).unwrap_or(Outcome {
+                ok: false,
+                error: Some(format!(
+                    "no answer within {} ms",
+                    CLUSTER_KEYS_TIMEOUT.as_millis()
+                )),
+            });
+            control::NodeOutcome {
+                node,
+                ok: out.ok,
+                error: out.error,
+            }
+        })
+        .collect();
+    results.sort_by(|a, b| a.ok.cmp(&b.ok).then(a.node.name.cmp(&b.node.name)));
+    let ok = results.iter().filter(|r| r.ok).count();
+    tracing::info!(peer = %peer.name, prune = req.prune, nodes = results.len(), ok, "force-leave");
+    Ok(Json(control::Removed {
+        peer: control::NodeRef {
+            id: peer.id.to_string(),
+            name: peer.name,
+        },
+        prune: req.prune,
+        nodes: results.len(),
+        ok,
+        results,
+    }))
 }
 
 /// How long a cluster-wide key operation waits for the nodes' answers.

@@ -294,6 +294,13 @@ fn render_status(v: &NodeInfo) -> String {
         c.messages_in,
         c.messages_out,
     );
+    let q = &c.queries;
+    if q.asked + q.delivered + q.duplicates + q.oversize + q.dropped > 0 {
+        out.push_str(&format!(
+            "queries:     asked {}, received {}, answered {}; dropped: duplicates {}, oversize {}, late {}, overflow {}\n",
+            q.asked, q.delivered, q.answered, q.duplicates, q.oversize, q.late, q.dropped
+        ));
+    }
     if !v.multicast {
         out.push_str("multicast:   off (--no-multicast)\n");
     }
@@ -772,6 +779,7 @@ mod tests {
                 stalls: 0,
                 event_subscribers: 0,
                 events_dropped: 0,
+                queries: Default::default(),
             },
             warnings: vec![e()],
             multicast: true,

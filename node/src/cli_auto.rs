@@ -14,7 +14,8 @@ use clap::Subcommand;
 use http_body_util::BodyExt;
 use hyper::Method;
 use proto::control::{
-    ClusterKeys, KeyRequest, NodeRef, QueryLine, QueryRequest, TagsInfo, TagsRequest,
+    ClusterKeys, KeyRequest, NodeRef, QueryLine, QueryRequest, RemoveRequest, Removed, TagsInfo,
+    TagsRequest,
 };
 
 use crate::cli::{client, esc, escape, fail, json_safe, show, EXIT_API, EXIT_USAGE};
@@ -73,6 +74,24 @@ pub enum AutoCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Force-leave: mark a failed peer `left` on every node at once
+    /// (refused for a peer that is alive).
+    #[command(
+        after_help = "Examples:\n  constellationd remove node4\n  constellationd remove node4 --prune   # drop its tombstone everywhere"
+    )]
+    Remove {
+        /// Control socket.
+        #[command(flatten)]
+        sock: SocketArg,
+        /// The peer (name, id, or id prefix of 8+ digits).
+        node: String,
+        /// Drop its tombstone at once instead of keeping it `left`.
+        #[arg(long)]
+        prune: bool,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `constellationd tags ...`.
@@ -96,6 +115,12 @@ pub enum TagsAction {
 pub async fn run(cmd: AutoCommand) -> ExitCode {
     match cmd {
         AutoCommand::Tags { sock, action, json } => tags(&sock, action, json).await,
+        AutoCommand::Remove {
+            sock,
+            node,
+            prune,
+            json,
+        } => remove(&sock, &node, prune, json).await,
         AutoCommand::Query {
             sock,
             name,
@@ -358,4 +383,38 @@ pub fn render_cluster_keys(v: &ClusterKeys, verb: &str) -> String {
         }
     }
     out
+}
+
+async fn remove(sock: &SocketArg, node: &str, prune: bool, json: bool) -> ExitCode {
+    let c = client(sock);
+    let uri = format!("/v1/peers/{}/remove", proto::control::urlencode(node));
+    let answer = c.post(&uri, Some(&RemoveRequest { prune })).await;
+    let all_ok = match &answer {
+        Ok(a) => a
+            .parse::<Removed>()
+            .map(|r| r.ok == r.nodes)
+            .unwrap_or(true),
+        Err(_) => true,
+    };
+    let code = show(answer, json, |v: &Removed| {
+        let mut out = format!(
+            "{} {} on {}/{} nodes\n",
+            who(&v.peer),
+            if v.prune { "pruned" } else { "marked left" },
+            v.ok,
+            v.nodes
+        );
+        for r in v.results.iter().filter(|r| !r.ok) {
+            out.push_str(&format!(
+                "  failed: {}: {}\n",
+                who(&r.node),
+                escape(r.error.as_deref().unwrap_or("unknown"))
+            ));
+        }
+        out
+    });
+    if code == ExitCode::SUCCESS && !all_ok {
+        return ExitCode::from(EXIT_API);
+    }
+    code
 }

@@ -608,6 +608,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     let transport = transport::Transport::start(listener, tcfg, trans_tx, cancel.clone(), &tracker);
 
     let (queries, query_inbox) = crate::query::QueryHandle::new();
+    let (table_commands, table_commands_rx) = mpsc::channel(64);
     let state = Arc::new(NodeState {
         id,
         name: name.clone(),
@@ -637,6 +638,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         log,
         handlers: Default::default(),
         queries,
+        table_commands,
     });
     // Subscribed before the membership task publishes its first event.
     let handlers = crate::handlers::spawn(
@@ -706,6 +708,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
             rule,
             seeds: seed_tx,
             remember: remember_tx,
+            commands: Some(table_commands_rx),
         },
         cancel.clone(),
     ));

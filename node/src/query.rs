@@ -50,6 +50,28 @@ const PROGRESS: usize = 4096;
 
 /// The name of the cluster-wide key operation.
 pub const KEYS_QUERY: &str = "_keys";
+/// The name of the cluster-wide force-leave.
+pub const REMOVE_QUERY: &str = "_remove";
+
+/// A force-leave, the `_remove` payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveOp {
+    /// The peer's id.
+    pub id: String,
+    /// Drop the entry rather than keep it `left`.
+    #[serde(default)]
+    pub prune: bool,
+}
+
+/// A node's answer to a `_keys` or `_remove` query.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Applied.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default)]
+    pub error: Option<String>,
+}
 
 /// One step of an ask, for its asker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +156,28 @@ pub struct QueryCounters {
     pub answered: AtomicU64,
     /// Inputs dropped because the task's queue was full.
     pub dropped: AtomicU64,
+    /// The engine's own counts, mirrored after every input.
+    pub duplicates: AtomicU64,
+    /// See [`proto::query::QueryStats::oversize`].
+    pub oversize: AtomicU64,
+    /// See [`proto::query::QueryStats::late`].
+    pub late: AtomicU64,
+}
+
+impl QueryCounters {
+    /// As the API shows them.
+    pub fn snapshot(&self) -> proto::control::QueryCounts {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        proto::control::QueryCounts {
+            asked: n(&self.asked),
+            delivered: n(&self.delivered),
+            answered: n(&self.answered),
+            duplicates: n(&self.duplicates),
+            oversize: n(&self.oversize),
+            late: n(&self.late),
+            dropped: n(&self.dropped),
+        }
+    }
 }
 
 /// A cheap handle to the query task.
@@ -457,6 +501,10 @@ impl Task {
                         }
                         continue;
                     }
+                    if name == REMOVE_QUERY {
+                        self.remove(origin, id, &payload);
+                        continue;
+                    }
                     if name.starts_with(proto::query::INTERNAL_PREFIX) {
                         continue; // a node's own query this build does not know
                     }
@@ -505,6 +553,12 @@ impl Task {
                 }
             }
         }
+        let st = self.engine.stats();
+        self.counters
+            .duplicates
+            .store(st.duplicates, Ordering::Relaxed);
+        self.counters.oversize.store(st.oversize, Ordering::Relaxed);
+        self.counters.late.store(st.late, Ordering::Relaxed);
         if frames.is_empty() {
             return;
         }
@@ -514,6 +568,61 @@ impl Task {
                 if let Err(error) = transport.try_send(to, msg).await {
                     debug!(to = %to.short(), %error, "query frame not sent");
                 }
+            }
+        });
+    }
+
+    /// Applies a `_remove` through the membership task, then answers.
+    fn remove(&self, origin: NodeId, id: u64, payload: &[u8]) {
+        let handle = self.state.queries.clone();
+        let table = self.state.table_commands.clone();
+        let op = serde_json::from_slice::<RemoveOp>(payload)
+            .ok()
+            .and_then(|op| Some((op.id.parse::<NodeId>().ok()?, op.prune)));
+        let own = self.state.id;
+        tokio::spawn(async move {
+            let out = match op {
+                None => Outcome {
+                    ok: false,
+                    error: Some("bad remove operation".into()),
+                },
+                Some((peer, _)) if peer == own => Outcome {
+                    ok: false,
+                    error: Some("this node is alive: it cannot be removed".into()),
+                },
+                Some((peer, prune)) => {
+                    let (reply, rx) = oneshot::channel();
+                    let cmd = crate::table_task::TableCommand::ForceLeave {
+                        id: peer,
+                        prune,
+                        reply,
+                    };
+                    match (table.send(cmd).await, rx.await) {
+                        (Ok(()), Ok(Ok(()))) => Outcome {
+                            ok: true,
+                            error: None,
+                        },
+                        (Ok(()), Ok(Err(proto::membership::ForceLeaveError::Unknown))) => {
+                            // Never known here, or already reaped: nothing to do.
+                            Outcome {
+                                ok: true,
+                                error: None,
+                            }
+                        }
+                        (Ok(()), Ok(Err(e))) => Outcome {
+                            ok: false,
+                            error: Some(e.to_string()),
+                        },
+                        _ => Outcome {
+                            ok: false,
+                            error: Some("the node is stopping".into()),
+                        },
+                    }
+                }
+            };
+            let bytes = serde_json::to_vec(&out).unwrap_or_default();
+            if let Err(e) = handle.respond(&query_id(origin, id), bytes.into()).await {
+                debug!(error = %e, "remove not answered");
             }
         });
     }

@@ -115,6 +115,8 @@ pub struct NodeState {
     pub handlers: crate::handlers::Stats,
     /// The query task (see [`crate::query`]).
     pub queries: crate::query::QueryHandle,
+    /// Operator commands for the membership task.
+    pub table_commands: tokio::sync::mpsc::Sender<crate::table_task::TableCommand>,
 }
 
 /// RFC 3339 timestamp of now, with microseconds.

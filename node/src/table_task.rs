@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use proto::addr_rule::AddrRule;
 use proto::id::check_incarnation;
-use proto::membership::{Action, DialFailure, EventKind, PeerTable};
+use proto::membership::{Action, DialFailure, EventKind, ForceLeaveError, PeerTable};
 use proto::Message;
 use proto::NodeId;
 use serde_json::json;
@@ -46,10 +46,11 @@ pub async fn run(
     state: Arc<NodeState>,
     mut disc_rx: mpsc::Receiver<DiscoveryEvent>,
     mut trans_rx: mpsc::Receiver<TransportEvent>,
-    hooks: Hooks,
+    mut hooks: Hooks,
     cancel: CancellationToken,
 ) {
     let _stop_node_on_exit = cancel.clone().drop_guard();
+    let mut commands = hooks.commands.take();
     let idle = Duration::from_secs(3600);
     let mut beacons = true;
     loop {
@@ -90,6 +91,16 @@ pub async fn run(
                 // No discovery (--no-multicast): links only.
                 None => beacons = false,
             },
+            cmd = async { commands.as_mut()?.recv().await }, if commands.is_some() => match cmd {
+                Some(TableCommand::ForceLeave { id, prune, reply }) => {
+                    let res = table.force_leave(now_std(), id, prune);
+                    if res.is_ok() {
+                        info!(id = %id.short(), prune, "peer removed by an operator");
+                    }
+                    let _asker_gone = reply.send(res);
+                }
+                None => commands = None,
+            },
             () = sleep_until(deadline) => table.on_tick(now_std()),
         }
         drain(&mut table, &state, &hooks);
@@ -126,6 +137,22 @@ pub struct Hooks {
     /// The remembered-peers writer, given the confirmed live peers'
     /// addresses whenever they change.
     pub remember: Option<watch::Sender<BTreeSet<SocketAddr>>>,
+    /// Operator commands (force-leave), from [`NodeState::table_commands`].
+    pub commands: Option<mpsc::Receiver<TableCommand>>,
+}
+
+/// An operator's command for the peer table.
+#[derive(Debug)]
+pub enum TableCommand {
+    /// Force-leave: see `PeerTable::force_leave`.
+    ForceLeave {
+        /// The peer.
+        id: NodeId,
+        /// Drop the entry rather than keep it `left`.
+        prune: bool,
+        /// The outcome.
+        reply: tokio::sync::oneshot::Sender<Result<(), ForceLeaveError>>,
+    },
 }
 
 fn on_transport(
@@ -220,8 +247,10 @@ fn on_transport(
             if let Some(from) = table.get(&id).map(|p| p.addr.ip()) {
                 let wall = wall_ms();
                 list.peers.retain(|r| {
+                    // The sender's own record (a runtime tag change) names
+                    // no address to dial: the link is there already.
                     let bad = r.age_ms.is_none()
-                        && (hooks.report_rule.check(r.addr, from).is_err()
+                        && ((r.id != id && hooks.report_rule.check(r.addr, from).is_err())
                             || check_incarnation(r.incarnation, wall).is_err());
                     if bad && state.transport.stats().drops.record(now, "report") {
                         warn!(from = %id.short(), peer = %r.name, addr = %r.addr, "membership record refused (address or incarnation)");

@@ -215,6 +215,26 @@ impl LocalTags {
     }
 }
 
+impl LocalTags {
+    /// New configured tags (a config reload): the runtime changes stay laid
+    /// over them. Returns the tags and version now, and whether they
+    /// changed (then the caller sends [`NodeState::send_self_record`] to
+    /// the linked peers, as `PATCH /v1/self/tags` does).
+    ///
+    /// [`NodeState::send_self_record`]: crate::state::NodeState::send_self_record
+    pub fn set_configured(&self, configured: Tags) -> (Tags, u64, bool) {
+        let mut g = self.lock();
+        let tags = g.overlay.over(&configured);
+        g.configured = configured;
+        let changed = tags != g.tags;
+        if changed {
+            g.tags = tags;
+            g.version += 1;
+        }
+        (g.tags.clone(), g.version, changed)
+    }
+}
+
 fn valid(o: &Overlay) -> bool {
     proto::id::check_tags(&o.set).is_ok() && o.set.len() <= MAX_TAGS
 }
@@ -284,6 +304,20 @@ mod tests {
         assert_eq!(again.get(), now);
         assert_eq!(again.versioned().1, 0, "a new life starts at version 0");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn new_configured_tags_keep_the_runtime_changes_on_top() {
+        let t = LocalTags::fixed(tags(&[("role", "web")]));
+        let req = TagsRequest {
+            set: tags(&[("zone", "b")]),
+            delete: vec![],
+        };
+        t.apply(&req).unwrap();
+        let (now, version, changed) = t.set_configured(tags(&[("role", "db")]));
+        assert_eq!(now, tags(&[("role", "db"), ("zone", "b")]));
+        assert_eq!((version, changed), (2, true));
+        assert!(!t.set_configured(tags(&[("role", "db")])).2);
     }
 
     #[test]

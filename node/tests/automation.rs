@@ -216,7 +216,12 @@ fn a_query_with_a_tag_filter_is_answered_by_matching_nodes_only_and_times_out_th
     answerers.push(std::thread::spawn(move || {
         let mut ev = slow_stream;
         let q = next_query(&mut ev, "load");
+        let heard = std::time::Instant::now();
         done_rx.recv().unwrap(); // the asker's summary is out
+                                 // A slow program: it answers past the query's timeout as this
+                                 // node counts it (from when it received the query).
+        let timeout = Duration::from_millis(q["timeout_ms"].as_u64().unwrap() + 50);
+        std::thread::sleep(timeout.saturating_sub(heard.elapsed()));
         let body = br#"{"payload": "too late"}"#;
         let uri = format!("/v1/queries/{}/responses", q["id"].as_str().unwrap());
         slow_tx
@@ -297,6 +302,15 @@ fn a_query_with_a_tag_filter_is_answered_by_matching_nodes_only_and_times_out_th
         a.join().unwrap();
     }
 
+    // Counted where it happened.
+    let q = |d: &Daemon| support::self_info(&d.socket)["counters"]["queries"].clone();
+    assert_eq!(q(&nodes[0])["asked"], 1);
+    assert_eq!(
+        (&q(&nodes[1])["delivered"], &q(&nodes[1])["answered"]),
+        (&1.into(), &1.into())
+    );
+    assert_eq!(q(&nodes[4])["delivered"], 0, "n5 was not asked");
+
     // The human rendering, and the errors.
     let out = nodes[0].cli(&["query", "load", "--node", "n5", "--timeout", "200ms"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -351,6 +365,17 @@ fn cluster_wide_key_rotation_reports_each_node_and_the_stopped_one_as_failed() {
         assert!(std::fs::read_to_string(f).unwrap().contains(&new), "{f}");
     }
 
+    for d in &nodes {
+        let t = transitions(d);
+        for kind in ["link_down", "peer_suspect"] {
+            assert!(
+                t.get(kind).is_none(),
+                "{}: {kind} after install: {t}",
+                d.name
+            );
+        }
+    }
+
     // n5 stops; the next step reaches the other four and names it.
     let mut n5 = nodes.pop().unwrap();
     n5.signal("-KILL");
@@ -383,13 +408,59 @@ fn cluster_wide_key_rotation_reports_each_node_and_the_stopped_one_as_failed() {
     assert_eq!(primary.len(), 1, "the new key is primary on the four: {v}");
     assert!(keys.iter().all(|k| k["nodes"] == 4));
 
-    // The links stayed up through the rotation (sealed with the new key).
+    // The links stayed up through the rotation (sealed with the new key):
+    // the one link lost on each node is n5's.
     for d in &nodes {
         assert_eq!(d.linked(), 3, "{}", d.name);
         let t = transitions(d);
         assert!(t.get("peer_restarted").is_none(), "{}: {t}", d.name);
+        assert_eq!(t["link_down"], 1, "{}: {t}", d.name);
     }
     // Bad input: one 400, nothing fanned out.
     let out = nodes[0].cli(&["keys", "install", "--cluster", "not-a-key"]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn remove_marks_a_failed_node_left_everywhere_refuses_a_live_one_and_prunes() {
+    let dir = TempDir::new("auto-remove");
+    let mut nodes = mesh(&dir, 4, |_| vec![]);
+    let out = nodes[0].cli(&["remove", "n2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("409") && err.contains("alive"), "{err}");
+    let (code, _) = http(&nodes[0].socket, "POST", "/v1/peers/nobody/remove", b"");
+    assert_eq!(code, 404);
+
+    let mut n4 = nodes.pop().unwrap();
+    n4.signal("-KILL");
+    n4.wait_exit(LIMIT);
+    for d in &nodes {
+        wait_until(LIMIT, &format!("{} sees n4 failed", d.name), || {
+            d.state_of("n4").as_deref() == Some("failed")
+        });
+    }
+    let out = nodes[1].cli(&["remove", "n4"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("n4 marked left on 3/3 nodes"), "{text}");
+    // Marked left on every node by the time the command returns.
+    for d in &nodes {
+        assert_eq!(d.state_of("n4").as_deref(), Some("left"), "{}", d.name);
+    }
+    let (code, body) = http(
+        &nodes[2].socket,
+        "POST",
+        "/v1/peers/n4/remove",
+        br#"{"prune": true}"#,
+    );
+    assert_eq!(code, 200, "{body}");
+    for d in &nodes {
+        assert_eq!(d.state_of("n4"), None, "{} still lists n4", d.name);
+        assert_eq!(d.linked(), 2);
+    }
 }

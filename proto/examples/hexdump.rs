@@ -57,4 +57,55 @@ fn main() {
     FrameCodec::default().encode(msg, &mut out).expect("frame");
     println!("\npeers frame ({} bytes):", out.len());
     dump(&out);
+    // A runtime tag change: the node's own record, tags version 1.
+    let mut out = BytesMut::new();
+    let msg = Message::Peers(PeerList {
+        peers: vec![PeerRecord {
+            id: NodeId(0x5d1c_0a3e_77b2_4e19_a0c4_6f3d_2b81_9e05),
+            incarnation: 1_795_642_109_412,
+            name: "node2".into(),
+            addr: "192.0.2.11:6777".parse().expect("addr"),
+            state: "alive".into(),
+            age_ms: None,
+            tags: [("role".to_string(), "web".to_string())]
+                .into_iter()
+                .collect(),
+            tags_version: 1,
+        }],
+    });
+    FrameCodec::default().encode(msg, &mut out).expect("frame");
+    println!("\ntags change ({} bytes):", out.len());
+    dump(&out);
+    // A query and its answer.
+    let origin = NodeId(0x3f2a_9c41_0b7e_4d2f_8a61_5c3e_9d0f_1b27);
+    let mut out = BytesMut::new();
+    let msg = Message::Query(proto::query::Query {
+        origin,
+        origin_name: "node1".into(),
+        id: 1,
+        name: "load".into(),
+        payload: bytes::Bytes::from_static(b"now"),
+        filter: proto::query::Filter {
+            nodes: vec![],
+            tags: vec![("role".into(), "db".into())],
+        },
+        timeout_ms: 1000,
+        ttl: 0,
+    });
+    FrameCodec::default().encode(msg, &mut out).expect("frame");
+    println!("\nquery ({} bytes):", out.len());
+    dump(&out);
+    let mut out = BytesMut::new();
+    let msg = Message::QueryResponse(proto::query::QueryResponse {
+        origin,
+        id: 1,
+        from: NodeId(0x5d1c_0a3e_77b2_4e19_a0c4_6f3d_2b81_9e05),
+        from_name: "node2".into(),
+        kind: proto::query::ResponseKind::Answer,
+        payload: bytes::Bytes::from_static(b"0.25"),
+        ttl: 255,
+    });
+    FrameCodec::default().encode(msg, &mut out).expect("frame");
+    println!("\nquery response ({} bytes):", out.len());
+    dump(&out);
 }

@@ -188,6 +188,29 @@ pub struct NodeCounters {
     pub event_subscribers: u64,
     /// Events dropped for slow subscribers.
     pub events_dropped: u64,
+    /// Queries (see [`QueryCounts`]).
+    #[serde(default)]
+    pub queries: QueryCounts,
+}
+
+/// [`NodeCounters::queries`]: totals since start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct QueryCounts {
+    /// Queries asked by this node (its own cluster-wide operations included).
+    pub asked: u64,
+    /// Queries received that this node matched.
+    pub delivered: u64,
+    /// Answers this node gave.
+    pub answered: u64,
+    /// Query frames received more than once (dropped).
+    pub duplicates: u64,
+    /// Query frames over the limits (dropped).
+    pub oversize: u64,
+    /// Responses to queries no longer waited for.
+    pub late: u64,
+    /// Inputs dropped because the query task was behind, and progress
+    /// lines an asker could not take.
+    pub dropped: u64,
 }
 
 /// A peer as events show it (`peer` in a peer event); [`PeerEntry`] adds
@@ -807,6 +830,42 @@ pub struct ClusterKeys {
     pub results: Vec<NodeKeys>,
     /// Every key seen, with how many nodes hold it.
     pub keys: Vec<ClusterKey>,
+}
+
+/// `POST /v1/peers/{id}/remove` (the body may be empty).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    /// Drop its tombstone at once everywhere, rather than keep it `left`
+    /// until the tombstone TTL.
+    #[serde(default)]
+    pub prune: bool,
+}
+
+/// One node's outcome of a cluster-wide operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeOutcome {
+    /// The node.
+    pub node: NodeRef,
+    /// Whether it applied the operation.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The answer to `POST /v1/peers/{id}/remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    /// The removed peer.
+    pub peer: NodeRef,
+    /// Whether its tombstone was dropped.
+    pub prune: bool,
+    /// Live nodes asked (this one included).
+    pub nodes: usize,
+    /// Nodes that marked it left (or dropped it).
+    pub ok: usize,
+    /// Each node's outcome, failed ones first.
+    pub results: Vec<NodeOutcome>,
 }
 
 /// Percent-encodes a query value (RFC 3986 unreserved characters stay).

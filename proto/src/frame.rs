@@ -1001,7 +1001,58 @@ pub(crate) mod tests {
                     .collect(),
                 tags_version: incarnation % 3,
             });
+        let query = (
+            any::<u128>(),
+            any::<u64>(),
+            "[a-z:]{1,12}",
+            proptest::collection::vec(any::<u8>(), 0..32),
+            proptest::collection::vec("[a-z0-9]{1,8}", 0..3),
+            any::<u64>(),
+            any::<u8>(),
+        )
+            .prop_map(|(origin, id, name, payload, nodes, timeout_ms, ttl)| {
+                crate::query::Query {
+                    origin: NodeId(origin),
+                    origin_name: "n".into(),
+                    id,
+                    name,
+                    payload: Bytes::from(payload),
+                    filter: crate::query::Filter {
+                        nodes,
+                        tags: vec![("role".into(), "db".into())]
+                            .into_iter()
+                            .take((id % 2) as usize)
+                            .collect(),
+                    },
+                    timeout_ms,
+                    ttl,
+                }
+            });
+        let response = (
+            any::<u128>(),
+            any::<u64>(),
+            any::<u128>(),
+            any::<bool>(),
+            proptest::collection::vec(any::<u8>(), 0..32),
+        )
+            .prop_map(
+                |(origin, id, from, ack, payload)| crate::query::QueryResponse {
+                    origin: NodeId(origin),
+                    id,
+                    from: NodeId(from),
+                    from_name: String::new(),
+                    kind: if ack {
+                        crate::query::ResponseKind::Ack
+                    } else {
+                        crate::query::ResponseKind::Answer
+                    },
+                    payload: Bytes::from(payload),
+                    ttl: (id % 256) as u8,
+                },
+            );
         prop_oneof![
+            query.prop_map(Message::Query),
+            response.prop_map(Message::QueryResponse),
             hello.clone().prop_map(Message::Hello),
             hello.prop_map(Message::Welcome),
             ping.clone().prop_map(Message::Ping),

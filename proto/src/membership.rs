@@ -391,6 +391,17 @@ pub enum Action {
     },
 }
 
+/// Why [`PeerTable::force_leave`] refused; the table is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ForceLeaveError {
+    /// No such entry.
+    #[error("no such peer")]
+    Unknown,
+    /// The peer is alive or suspect here.
+    #[error("the peer is {} here; only a failed peer can be removed", .0.as_str())]
+    Alive(PeerState),
+}
+
 /// How a dial ended without a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DialFailure {
@@ -1070,6 +1081,43 @@ impl PeerTable {
         p.lost_at = None;
         self.emit(id, EventKind::Left);
         self.settle();
+    }
+
+    /// An operator removes `id` (force-leave, on this node or relayed
+    /// from another): a failed peer becomes `left` at once (no more
+    /// probes or dials; reaped after the tombstone TTL), or with `prune`
+    /// is dropped now. A live peer (alive or suspect) is refused: only
+    /// silence-confirmed failures are removed, so a node that this table
+    /// still hears is never removed by another's word.
+    pub fn force_leave(
+        &mut self,
+        now: Instant,
+        id: NodeId,
+        prune: bool,
+    ) -> Result<(), ForceLeaveError> {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return Err(ForceLeaveError::Unknown);
+        };
+        if !p.confirmed {
+            self.remove(id); // pending: nothing was ever said about it
+            return Ok(());
+        }
+        if p.is_live() {
+            return Err(ForceLeaveError::Alive(p.state));
+        }
+        if p.state == PeerState::Failed {
+            p.state = PeerState::Left;
+            p.since = now;
+            p.next_dial = None;
+            p.next_probe = None;
+            p.lost_at = None;
+            self.emit(id, EventKind::Left);
+        }
+        if prune {
+            self.remove(id);
+        }
+        self.settle();
+        Ok(())
     }
 
     /// A pong measured `rtt` on the link to `id`.

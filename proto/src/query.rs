@@ -23,7 +23,8 @@
 //! [`Limits::max_payload`] bytes, at most [`Limits::max_outstanding`] own
 //! queries at once, a timeout of at most [`Limits::max_timeout`], and a
 //! duplicate-suppression memory of [`Limits::max_seen`] queries (oldest
-//! forgotten first; a query is remembered until its timeout has passed).
+//! forgotten first; a query is remembered until [`REMEMBER_LATE`] past its
+//! timeout).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -37,6 +38,9 @@ use crate::id::{NodeId, Tags};
 pub const MAX_NAME: usize = 128;
 /// Most entries in a filter (nodes plus tags).
 pub const MAX_FILTER: usize = 64;
+/// How long past its timeout a query is still remembered: duplicates
+/// are still recognised, and a late answer is told it is late.
+pub const REMEMBER_LATE: Duration = Duration::from_secs(30);
 /// Names starting with this are the nodes' own (cluster-wide key
 /// operations, force-leave); an application cannot ask or answer them.
 pub const INTERNAL_PREFIX: char = '_';
@@ -689,7 +693,8 @@ impl Queries {
         for id in due {
             self.finish(id);
         }
-        self.delivered.retain(|_, d| d.deadline > now);
+        self.delivered
+            .retain(|_, d| d.deadline + REMEMBER_LATE > now);
         while let Some(key) = self.order.front() {
             match self.seen.get(key) {
                 Some(s) if s.forget_at > now => break,
@@ -735,7 +740,7 @@ impl Queries {
             key,
             Seen {
                 from,
-                forget_at: until,
+                forget_at: until + REMEMBER_LATE,
             },
         );
         self.order.push_back(key);

@@ -983,3 +983,39 @@ fn a_newer_tag_version_updates_the_peer_and_stale_ones_change_nothing() {
     t.on_peer_list(t0, HIGH, &tagged(HIGH, 3, 1, "web"));
     assert_eq!(t.get(&HIGH).unwrap().tags["role"], "web");
 }
+
+#[test]
+fn force_leave_marks_a_failed_peer_left_refuses_a_live_one_and_prunes_on_request() {
+    let t0 = Instant::now();
+    let mut t = table();
+    t.on_link_up(t0, &hello(HIGH, 1));
+    t.on_link_up(t0, &hello(LOW, 1));
+    events(&mut t);
+    assert_eq!(
+        t.force_leave(t0, HIGH, false),
+        Err(ForceLeaveError::Alive(PeerState::Alive))
+    );
+    assert_eq!(
+        t.force_leave(t0, NodeId(7), false),
+        Err(ForceLeaveError::Unknown)
+    );
+    t.on_link_down(t0, HIGH, false);
+    t.on_dial_failed(t0, HIGH, DialFailure::Other);
+    actions(&mut t);
+    t.on_dial_failed(t0, HIGH, DialFailure::Refused);
+    // Make sure it is failed, whichever way the table got there.
+    let later = t0 + Duration::from_secs(5);
+    t.on_pong(later, LOW, Duration::from_millis(1));
+    t.on_tick(later);
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Failed);
+    events(&mut t);
+    t.force_leave(later, HIGH, false).unwrap();
+    assert_eq!(events(&mut t), vec![EventKind::Left]);
+    assert_eq!(t.get(&HIGH).unwrap().state, PeerState::Left);
+    // No more probes or dials about it: a beacon of the same life is ignored.
+    t.on_beacon(later, &beacon(HIGH, 1, BeaconKind::Announce));
+    assert!(actions(&mut t).is_empty());
+    t.force_leave(later, HIGH, true).unwrap();
+    assert_eq!(events(&mut t), vec![EventKind::Reaped]);
+    assert!(t.get(&HIGH).is_none());
+}
