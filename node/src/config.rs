@@ -6,7 +6,7 @@
 //! checked here, before anything binds: a bad value prints one line naming
 //! the flag (or the key and the file) and exits with status 2.
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -218,8 +218,10 @@ pub struct RunArgs {
     #[arg(long, env = "CONSTELLATION_CLUSTER", default_value = "default", value_parser = parse_name)]
     pub cluster: String,
 
-    /// Interface (name like `lo`, `eth1`, or an IPv4 address) to discover on;
-    /// repeatable [default: the interface of the default route].
+    /// Interface (name like `lo`, `eth1`, or an IPv4 or IPv6 address) to
+    /// discover on; repeatable [default: the interface of the default
+    /// route]. By name, the address of the group's family is used (IPv6: a
+    /// global or unique-local one before the link-local one).
     #[arg(
         long,
         env = "CONSTELLATION_INTERFACE",
@@ -228,9 +230,10 @@ pub struct RunArgs {
     )]
     pub interface: Vec<String>,
 
-    /// Multicast group and port.
+    /// Multicast group and port: IPv4, or IPv6 in brackets
+    /// (`[ff02::4c:1]:6776`, `[ff12::…]:PORT`).
     #[arg(long, env = "CONSTELLATION_GROUP", default_value = "239.255.67.76:6776", value_parser = parse_group)]
-    pub group: SocketAddrV4,
+    pub group: SocketAddr,
 
     /// Multicast TTL: 1 stays on the LAN, 0 on this host.
     #[arg(long, env = "CONSTELLATION_TTL", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=255))]
@@ -318,15 +321,17 @@ fn parse_name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn parse_group(s: &str) -> Result<SocketAddrV4, String> {
-    let g: SocketAddrV4 = s
-        .parse()
-        .map_err(|_| "expected IPv4 ADDR:PORT, e.g. 239.255.67.76:6776".to_string())?;
+fn parse_group(s: &str) -> Result<SocketAddr, String> {
+    let g: SocketAddr = s.parse().map_err(|_| {
+        "expected ADDR:PORT, e.g. 239.255.67.76:6776 or [ff02::4c:1]:6776".to_string()
+    })?;
     if !g.ip().is_multicast() {
-        return Err(format!(
-            "{} is not a multicast address (224.0.0.0/4)",
-            g.ip()
-        ));
+        let range = if g.is_ipv6() {
+            "ff00::/8"
+        } else {
+            "224.0.0.0/4"
+        };
+        return Err(format!("{} is not a multicast address ({range})", g.ip()));
     }
     if g.port() == 0 {
         return Err("the port must not be 0".into());
@@ -339,8 +344,12 @@ fn parse_advertise(s: &str) -> Result<(IpAddr, Option<u16>), String> {
         return check_advertise(sa.ip()).map(|ip| (ip, Some(sa.port())));
     }
     let ip: IpAddr = s
+        .trim_start_matches('[')
+        .trim_end_matches(']')
         .parse()
-        .map_err(|_| "expected an IP address with an optional :PORT".to_string())?;
+        .map_err(|_| {
+            "expected an IP address with an optional :PORT ([IPV6]:PORT for IPv6)".to_string()
+        })?;
     check_advertise(ip).map(|ip| (ip, None))
 }
 
@@ -399,6 +408,18 @@ mod tests {
         assert!(parse_group("239.1.2.3:5000").is_ok());
         assert!(parse_group("10.0.0.1:5000").is_err());
         assert!(parse_group("239.1.2.3:0").is_err());
+        assert!(parse_group("[ff02::4c:1]:6776").unwrap().is_ipv6());
+        assert!(parse_group("[ff12::4c:1]:6776").is_ok());
+        assert!(parse_group("[fd00::1]:6776").is_err());
+        assert!(parse_group("ff02::1").is_err());
+        assert_eq!(
+            parse_advertise("[fd00::1]:7947").unwrap(),
+            ("fd00::1".parse().unwrap(), Some(7947))
+        );
+        assert_eq!(parse_advertise("fd00::1").unwrap().1, None);
+        assert_eq!(parse_advertise("[fd00::1]").unwrap().1, None);
+        assert!(parse_advertise("[::]:1").is_err());
+        assert!(parse_advertise("[ff02::1]").is_err());
         assert_eq!(parse_advertise("192.0.2.1").unwrap().1, None);
         assert_eq!(parse_advertise("192.0.2.1:99").unwrap().1, Some(99));
         assert!(parse_advertise("0.0.0.0").is_err());

@@ -51,6 +51,9 @@ struct Plan {
     args: RunArgs,
     name: String,
     interfaces: Vec<discovery::Interface>,
+    /// Every address of the chosen interfaces (both families), with its
+    /// prefix: the subnets of the address rule.
+    prefixes: Vec<(IpAddr, u8)>,
     socket: PathBuf,
     tags: Tags,
     keyring: Option<Keyring>,
@@ -79,8 +82,12 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
             }
         }
     };
-    let (interfaces, missing) =
-        netif::resolve(&args.interface).map_err(|e| format!("--interface: {e}"))?;
+    let netif::Resolved {
+        interfaces,
+        prefixes,
+        missing,
+    } = netif::resolve(&args.interface, args.group.is_ipv6())
+        .map_err(|e| format!("--interface: {e}"))?;
     for m in &missing {
         warn!("--interface: {m}; skipping it");
     }
@@ -119,6 +126,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         args,
         name,
         interfaces,
+        prefixes,
         socket,
         tags,
         keyring,
@@ -430,6 +438,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         args,
         name,
         interfaces,
+        prefixes,
         socket: socket_path,
         tags,
         keyring,
@@ -444,7 +453,16 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
 
     // The first socket bound: an address this host cannot use is a
     // configuration error (exit 2), a port in use a runtime one (exit 1).
-    let listener = match TcpListener::bind(args.listen).await {
+    // The default wildcard `0.0.0.0` becomes `[::]` (both families) when
+    // the node discovers over IPv6, so that IPv6 peers can dial it.
+    let ipv6 = args.group.is_ipv6() || interfaces.iter().any(|i| i.addr.is_ipv6());
+    let listen_on = match args.listen {
+        SocketAddr::V4(l) if ipv6 && l.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, l.port()))
+        }
+        l => l,
+    };
+    let listener = match TcpListener::bind(listen_on).await {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
             return Err(StartError::Config(format!(
@@ -500,27 +518,24 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     let multicast = !args.no_multicast;
     // With --no-multicast nothing is bound for discovery: the interfaces
     // still say what we advertise and which addresses are ours to dial.
-    let (bound, advertised, in_use, rule, disc_stats) = if multicast {
+    let (bound, advertised, in_use, disc_stats) = if multicast {
         let bound = discovery::bind(disc_cfg, local).context("discovery")?;
-        let (adv, ifs, rule, st) = (
-            bound.advertised(),
-            bound.interfaces(),
-            bound.addr_rule(),
-            bound.stats(),
-        );
-        (Some(bound), adv, ifs, rule, st)
+        let (adv, ifs, st) = (bound.advertised(), bound.interfaces(), bound.stats());
+        (Some(bound), adv, ifs, st)
     } else {
         let ifs = disc_cfg.interfaces.clone();
         let adv = ifs
             .iter()
-            .map(|i| advertise.unwrap_or_else(|| SocketAddr::from((i.addr, listen.port()))))
+            .map(|i| advertise.unwrap_or_else(|| i.socket_addr(listen.port())))
             .collect();
-        let rule = proto::addr_rule::AddrRule::new(
-            ifs.iter().map(|i| (i.addr, i.netmask)),
-            args.allow_advertise.iter().copied(),
-        );
-        (None, adv, ifs, rule, Arc::new(discovery::Stats::default()))
+        (None, adv, ifs, Arc::new(discovery::Stats::default()))
     };
+    // Addresses heard on links are judged against every address (both
+    // families) of the interfaces in use, like beacons are against theirs.
+    let rule = proto::addr_rule::AddrRule::from_prefixes(
+        prefixes.iter().copied(),
+        args.allow_advertise.iter().copied(),
+    );
     let state_dir = state_dir(&args);
     let remembered = match &state_dir {
         Some(dir) => match crate::statefile::load(dir) {

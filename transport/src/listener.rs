@@ -18,7 +18,10 @@ use crate::handshake::{self, Failure};
 use crate::inbox::{Handoff, ToActor};
 use crate::stats::Stats;
 
-/// Accepts until `cancel` fires. An essential subsystem: if it ends, the
+/// Accepts until `cancel` fires. The listener may be bound to an IPv4 or
+/// IPv6 address (`[::]` accepts both families on Linux unless
+/// `net.ipv6.bindv6only` is set; peers' link-local addresses come with
+/// their scope id). An essential subsystem: if it ends, the
 /// node ends.
 pub(crate) async fn run(
     listener: TcpListener,
@@ -36,7 +39,10 @@ pub(crate) async fn run(
             accepted = listener.accept() => accepted, // cancel-safe
         };
         let (stream, remote) = match accepted {
-            Ok(x) => x,
+            // A dual-stack `[::]` listener sees IPv4 peers as
+            // `::ffff:a.b.c.d`: name them as the IPv4 addresses they are,
+            // so that they match what beacons and seeds say.
+            Ok((stream, remote)) => (stream, canonical(remote)),
             Err(error) => {
                 // EMFILE and friends: back off briefly rather than spin.
                 warn!(%error, "accept failed");
@@ -72,6 +78,11 @@ pub(crate) async fn run(
             }
         });
     }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address turned into its IPv4 address.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// A refusal that is the peer's fault is counted, and logged loudly once

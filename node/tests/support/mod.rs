@@ -2,6 +2,8 @@
 //! with a deadline, and child processes that are killed on drop.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod netns;
+
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
