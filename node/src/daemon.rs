@@ -490,9 +490,13 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         }
     };
     let listen = listener.local_addr().context("listener address")?;
-    let advertise = args.advertise.map(|(ip, port): (IpAddr, Option<u16>)| {
-        SocketAddr::new(ip, port.unwrap_or(listen.port()))
-    });
+    // A listener on one address (not a wildcard) is dialled there: it is
+    // what the node advertises unless --advertise says otherwise (`--listen
+    // [::1]:0` with `--interface lo` must not advertise 127.0.0.1).
+    let advertise = args
+        .advertise
+        .map(|(ip, port): (IpAddr, Option<u16>)| SocketAddr::new(ip, port.unwrap_or(listen.port())))
+        .or_else(|| (!listen.ip().is_unspecified()).then_some(listen));
 
     let disc_cfg = discovery::Config {
         group: args.group,
