@@ -533,7 +533,7 @@ impl Bound {
                 () = cancel.cancelled() => break,
                 () = sleep_until(next_beacon) => {
                     for i in 0..self.ifaces.len() {
-                        self.queue(&out_tx, BeaconKind::Announce, i, self.cfg.group.into());
+                        self.queue(&out_tx, BeaconKind::Announce, i, self.cfg.group);
                     }
                     let jitter = rand::thread_rng().gen_range(0.9..1.1);
                     next_beacon = Instant::now() + interval.mul_f64(jitter);
@@ -570,7 +570,7 @@ impl Bound {
 
         // Graceful: tell everyone we leave, then let the writer drain.
         for i in 0..self.ifaces.len() {
-            self.queue(&out_tx, BeaconKind::Leave, i, self.cfg.group.into());
+            self.queue(&out_tx, BeaconKind::Leave, i, self.cfg.group);
         }
         drop(out_tx);
         tasks.close();
