@@ -51,6 +51,21 @@ fn addrs(d: &Daemon) -> Vec<String> {
         .collect()
 }
 
+/// The kernel index of host `i`'s veth0.
+fn index_of_veth0(lab: &Lab, i: usize) -> u32 {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &lab.ns(i), "-o", "link", "show", "veth0"])
+        .output()
+        .expect("ip");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(':')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .parse()
+        .expect("an index")
+}
+
 #[test]
 fn ipv6_only_bridge_unique_local_and_link_local_hosts_mesh_and_a_link_local_seed_joins() {
     let Some(mut lab) = Lab::new() else { return };
@@ -62,12 +77,29 @@ fn ipv6_only_bridge_unique_local_and_link_local_hosts_mesh_and_a_link_local_seed
     lab.bridge("br1");
     lab.bridge("br2");
     lab.host_with(1, &["fd00:78:6::1/64", "fe80::1/64"], "br1");
-    for i in [2, 3, 7] {
+    for i in [2, 3] {
         lab.host(i, &format!("fd00:78:6::{i}/64"), "br1");
     }
-    for i in 4..=6 {
-        lab.host_with(i, &[], "br2");
-    }
+    // Interface indices differ between hosts (as they do between real
+    // ones): h5, h6 and h7 get spare interfaces (veth pairs inside the
+    // namespace) first, so that their veth0 is not index 2 like everyone
+    // else's. A scope id that crossed the wire would name the wrong
+    // interface there.
+    let with_dummies = |lab: &mut Lab, i: usize, pairs: usize, cidrs: &[&str], bridge: &str| {
+        let ns = lab.ns(i);
+        lab.add_ns(&ns);
+        for d in 0..pairs {
+            let (a, b) = (format!("xa{d}"), format!("xb{d}"));
+            support::netns::ip(&[
+                "-n", &ns, "link", "add", &a, "type", "veth", "peer", "name", &b,
+            ]);
+        }
+        lab.plug(&ns, "veth0", &format!("p{i}"), cidrs, bridge);
+    };
+    with_dummies(&mut lab, 7, 2, &["fd00:78:6::7/64"], "br1");
+    lab.host_with(4, &[], "br2");
+    with_dummies(&mut lab, 5, 1, &[], "br2");
+    with_dummies(&mut lab, 6, 2, &[], "br2");
     // The default `--listen 0.0.0.0:6777` becomes `[::]:6777` for an IPv6
     // group; h2 says `[::]` itself.
     for i in [1, 3, 4, 5, 6] {
@@ -90,10 +122,13 @@ fn ipv6_only_bridge_unique_local_and_link_local_hosts_mesh_and_a_link_local_seed
         );
     }
     for i in 4..=6 {
-        // Link-local peers are listed with the scope of the link they are on.
+        let veth0 = index_of_veth0(&lab, i);
+        // Link-local peers are listed with the scope of the link they are
+        // on: this host's veth0.
         for a in addrs(lab.node(i)) {
+            let scope = format!("%{veth0}]:6777");
             assert!(
-                a.starts_with("[fe80::") && a.contains('%'),
+                a.starts_with("[fe80::") && a.ends_with(&scope),
                 "h{i} lists {a}"
             );
         }
