@@ -243,10 +243,12 @@ pub struct RunArgs {
     #[arg(long, env = "CONSTELLATION_LISTEN", default_value = "0.0.0.0:6777")]
     pub listen: SocketAddr,
 
-    /// Address peers should dial, ADDR[:PORT] [default: the address of the
-    /// interface each beacon leaves on, with the listen port].
+    /// Address peers should dial, ADDR[:PORT] ([IPV6]:PORT), or a HOST[:PORT]
+    /// resolved when the node starts [default: the --listen address when it
+    /// is not a wildcard, else the address of the interface each beacon
+    /// leaves on, with the listen port].
     #[arg(long, env = "CONSTELLATION_ADVERTISE", value_parser = parse_advertise, value_name = "ADDR[:PORT]")]
-    pub advertise: Option<(IpAddr, Option<u16>)>,
+    pub advertise: Option<Advertise>,
 
     /// Also dial peers that advertise an address in CIDR (e.g. the public
     /// side of a NAT their `--advertise` names); repeatable. Without it a
@@ -339,18 +341,30 @@ fn parse_group(s: &str) -> Result<SocketAddr, String> {
     Ok(g)
 }
 
-fn parse_advertise(s: &str) -> Result<(IpAddr, Option<u16>), String> {
+/// `--advertise`: an address, or a host name resolved when the node starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Advertise {
+    /// An IP address, with the port or none (the listen port).
+    Ip(IpAddr, Option<u16>),
+    /// A host name, with the port or none (the listen port).
+    Host(String, Option<u16>),
+}
+
+fn parse_advertise(s: &str) -> Result<Advertise, String> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
-        return check_advertise(sa.ip()).map(|ip| (ip, Some(sa.port())));
+        return check_advertise(sa.ip()).map(|ip| Advertise::Ip(ip, Some(sa.port())));
     }
-    let ip: IpAddr = s
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .map_err(|_| {
-            "expected an IP address with an optional :PORT ([IPV6]:PORT for IPv6)".to_string()
-        })?;
-    check_advertise(ip).map(|ip| (ip, None))
+    if let Ok(ip) = s.trim_start_matches('[').trim_end_matches(']').parse() {
+        return check_advertise(ip).map(|ip| Advertise::Ip(ip, None));
+    }
+    let spec = SeedSpec::parse(s).map_err(|_| {
+        "expected an IP address or a host name, with an optional :PORT ([IPV6]:PORT for IPv6)"
+            .to_string()
+    })?;
+    if spec.host.contains('%') {
+        return Err("a link-local address cannot be advertised to other hosts".into());
+    }
+    Ok(Advertise::Host(spec.host, spec.port))
 }
 
 fn check_advertise(ip: IpAddr) -> Result<IpAddr, String> {
@@ -413,15 +427,38 @@ mod tests {
         assert!(parse_group("[fd00::1]:6776").is_err());
         assert!(parse_group("ff02::1").is_err());
         assert_eq!(
-            parse_advertise("[fd00::1]:7947").unwrap(),
-            ("fd00::1".parse().unwrap(), Some(7947))
+            parse_advertise("[fd00::1]:7947"),
+            Ok(Advertise::Ip("fd00::1".parse().unwrap(), Some(7947)))
         );
-        assert_eq!(parse_advertise("fd00::1").unwrap().1, None);
-        assert_eq!(parse_advertise("[fd00::1]").unwrap().1, None);
+        assert_eq!(
+            parse_advertise("fd00::1"),
+            Ok(Advertise::Ip("fd00::1".parse().unwrap(), None))
+        );
+        assert_eq!(
+            parse_advertise("[fd00::1]"),
+            Ok(Advertise::Ip("fd00::1".parse().unwrap(), None))
+        );
         assert!(parse_advertise("[::]:1").is_err());
         assert!(parse_advertise("[ff02::1]").is_err());
-        assert_eq!(parse_advertise("192.0.2.1").unwrap().1, None);
-        assert_eq!(parse_advertise("192.0.2.1:99").unwrap().1, Some(99));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            parse_advertise("192.0.2.1"),
+            Ok(Advertise::Ip(ip("192.0.2.1"), None))
+        );
+        assert_eq!(
+            parse_advertise("192.0.2.1:99"),
+            Ok(Advertise::Ip(ip("192.0.2.1"), Some(99)))
+        );
+        assert_eq!(
+            parse_advertise("node1.example:99"),
+            Ok(Advertise::Host("node1.example".into(), Some(99)))
+        );
+        assert_eq!(
+            parse_advertise("node1"),
+            Ok(Advertise::Host("node1".into(), None))
+        );
+        assert!(parse_advertise("bad name").is_err());
+        assert!(parse_advertise("[fe80::1%1]:9").is_err());
         assert!(parse_advertise("0.0.0.0").is_err());
         assert_eq!(
             parse_cidr("203.0.113.9/24").unwrap().to_string(),

@@ -106,7 +106,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
             "--socket-mode lets every local user use the control socket (send messages, stop the node, change keys); use 0660 and a group instead"
         );
     }
-    if let Some((ip, _)) = args.advertise {
+    if let Some(crate::config::Advertise::Ip(ip, _)) = args.advertise {
         if ip.is_loopback() && interfaces.iter().any(|i| !i.addr.is_loopback()) {
             warn!(advertise = %ip, "advertising a loopback address on a non-loopback interface: peers on other hosts cannot dial it");
         }
@@ -493,10 +493,10 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     // A listener on one address (not a wildcard) is dialled there: it is
     // what the node advertises unless --advertise says otherwise (`--listen
     // [::1]:0` with `--interface lo` must not advertise 127.0.0.1).
-    let advertise = args
-        .advertise
-        .map(|(ip, port): (IpAddr, Option<u16>)| SocketAddr::new(ip, port.unwrap_or(listen.port())))
-        .or_else(|| (!listen.ip().is_unspecified()).then_some(listen));
+    let advertise = match &args.advertise {
+        Some(a) => Some(advertise_addr(a, &interfaces, listen.port()).await?),
+        None => (!listen.ip().is_unspecified()).then_some(listen),
+    };
 
     let disc_cfg = discovery::Config {
         group: args.group,
@@ -705,6 +705,44 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         tracker,
         socket: socket_path,
     })
+}
+
+/// The address `--advertise` names: an IP address as given, or a host name
+/// resolved now (the hosts file, then DNS), taking its first address of the
+/// family of the first interface (else its first address). A name that does
+/// not resolve stops the start (exit 1: it may resolve later).
+async fn advertise_addr(
+    a: &crate::config::Advertise,
+    interfaces: &[discovery::Interface],
+    listen_port: u16,
+) -> Result<SocketAddr, StartError> {
+    use crate::config::Advertise;
+    let (host, port) = match a {
+        Advertise::Ip(ip, port) => return Ok(SocketAddr::new(*ip, port.unwrap_or(listen_port))),
+        Advertise::Host(host, port) => (host, port.unwrap_or(listen_port)),
+    };
+    let spec = crate::seeds::SeedSpec {
+        host: host.clone(),
+        port: Some(port),
+    };
+    let addrs = crate::seeds::task::resolve(&spec, listen_port)
+        .await
+        .map_err(|e| StartError::Start(anyhow::anyhow!("--advertise {host}: {e}")))?;
+    let usable: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| !a.ip().is_unspecified() && !a.ip().is_multicast())
+        .collect();
+    let v6 = interfaces.first().is_some_and(|i| i.addr.is_ipv6());
+    let chosen = usable
+        .iter()
+        .find(|a| a.is_ipv6() == v6)
+        .or(usable.first())
+        .copied()
+        .ok_or_else(|| {
+            StartError::Start(anyhow::anyhow!("--advertise {host}: no usable address"))
+        })?;
+    info!(%host, advertise = %chosen, "--advertise resolved");
+    Ok(chosen)
 }
 
 /// `--state-dir`, or the system node's default: root, with the default

@@ -118,3 +118,24 @@ fn nodes_find_each_other_on_an_ff02_group_on_lo_where_the_kernel_allows_it() {
         || a.linked() == 1 && b.linked() == 1,
     );
 }
+
+#[test]
+fn advertise_takes_an_ipv6_address_or_a_host_name_resolved_at_start() {
+    let dir = TempDir::new("v6adv");
+    let group = unique_group();
+    // `localhost` is in /etc/hosts: resolved there, no DNS query leaves.
+    let a = Daemon::start(dir.path(), "a", &group, &["--advertise", "localhost:4321"]);
+    let v = support::self_info(&a.socket);
+    assert_eq!(v["addresses"][0], "127.0.0.1:4321", "{v}");
+    if has_ipv6_loopback() {
+        let b = Daemon::start(
+            dir.path(),
+            "b",
+            &group,
+            &["--listen", "[::1]:0", "--advertise", "[::1]"],
+        );
+        let v = support::self_info(&b.socket);
+        let port = listen_port(&b);
+        assert_eq!(v["addresses"][0], format!("[::1]:{port}"), "{v}");
+    }
+}
