@@ -458,7 +458,13 @@ mod tests {
             Ok(Advertise::Host("node1".into(), None))
         );
         assert!(parse_advertise("bad name").is_err());
-        assert!(parse_advertise("[fe80::1%1]:9").is_err());
+        // A scope id means nothing to other hosts: dropped (receivers scope
+        // a link-local address by the link they heard it on).
+        assert_eq!(
+            parse_advertise("[fe80::1%1]:9"),
+            Ok(Advertise::Ip(ip("fe80::1"), Some(9)))
+        );
+        assert!(parse_advertise("[fe80::1%lo]:9").is_err());
         assert!(parse_advertise("0.0.0.0").is_err());
         assert_eq!(
             parse_cidr("203.0.113.9/24").unwrap().to_string(),
