@@ -153,3 +153,50 @@ fn ipv6_only_bridge_unique_local_and_link_local_hosts_mesh_and_a_link_local_seed
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     assert_eq!(v["seeds"][0]["outcome"], "linked", "{v}");
 }
+
+#[test]
+fn a_node_on_two_ipv6_links_joins_the_group_on_both() {
+    let Some(mut lab) = Lab::new() else { return };
+    let dir = TempDir::new("ns-v6two");
+    // h1, h2 on br1 (fd00:78:8::/64), h3 on br2 (fd00:78:9::/64), and h4 on
+    // both: one group socket joined on two interfaces by index, one send
+    // socket per interface.
+    lab.bridge("br1");
+    lab.bridge("br2");
+    for i in 1..=2 {
+        lab.host(i, &format!("fd00:78:8::{i}/64"), "br1");
+    }
+    lab.host(3, "fd00:78:9::3/64", "br2");
+    lab.host(4, "fd00:78:8::4/64", "br1");
+    let ns = lab.ns(4);
+    lab.plug(&ns, "veth1", "p4b", &["fd00:78:9::4/64"], "br2");
+    for i in 1..=3 {
+        lab.start(dir.path(), i, &["--group", GROUP]);
+    }
+    let both = ["--group", GROUP, "--interface", "veth1"];
+    lab.start(dir.path(), 4, &both); // with the Lab's --interface veth0
+    let took = wait_until(Duration::from_secs(20), "h4 linked to all three", || {
+        linked_names(lab.node(4)).0.len() == 3
+    });
+    eprintln!("IPv6 group on two links: h4 linked to h1, h2 and h3 in {took:?}");
+    let v = support::self_info(&lab.node(4).socket);
+    let names: Vec<&str> = v["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, ["veth0", "veth1"], "{v}");
+    // Each side hears h4 on its own link, at its address there.
+    let h4_on = |i: usize| {
+        lab.node(i)
+            .peers()
+            .into_iter()
+            .find(|p| p["name"] == "h4")
+            .and_then(|p| p["addr"].as_str().map(String::from))
+    };
+    wait_until(Duration::from_secs(20), "h4 listed on both sides", || {
+        h4_on(1).as_deref() == Some("[fd00:78:8::4]:6777")
+            && h4_on(3).as_deref() == Some("[fd00:78:9::4]:6777")
+    });
+}
