@@ -46,9 +46,20 @@ mod serf;
 
 const BIN: &str = env!("CARGO_BIN_EXE_constellationd");
 
-/// `BENCH_DEBUG=1` keeps every node's debug log in its cluster directory.
+/// `BENCH_DEBUG=1` keeps every node's debug log in its cluster directory
+/// (`BENCH_DEBUG=info`: its info log).
 fn keep_logs() -> bool {
     std::env::var_os("BENCH_DEBUG").is_some()
+}
+
+/// The nodes' log filter: `BENCH_DEBUG=1` means debug, any other value is
+/// taken as the filter itself (`BENCH_DEBUG=info` costs less time).
+fn log_level() -> String {
+    match std::env::var("BENCH_DEBUG") {
+        Ok(v) if v != "1" && !v.is_empty() => v,
+        Ok(_) => "debug".into(),
+        Err(_) => "warn".into(),
+    }
 }
 
 struct Proc(Child);
@@ -120,7 +131,7 @@ fn spawn_wrapped(
         cmd.arg("--secret-file").arg(file);
     }
     let child = cmd
-        .env("RUST_LOG", if keep_logs() { "debug" } else { "warn" })
+        .env("RUST_LOG", log_level())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(if keep_logs() {
