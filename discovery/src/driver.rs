@@ -1,7 +1,7 @@
 //! The UDP driver: socket setup, reader tasks, writer task, main loop.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,24 +45,47 @@ const LEAVE_FLUSH: Duration = Duration::from_millis(500);
 pub struct Interface {
     /// Interface name (`lo`, `eth1`), for logs and status.
     pub name: String,
-    /// Its IPv4 address.
-    pub addr: Ipv4Addr,
-    /// Its netmask, used to pick the interface a unicast reply leaves on.
-    pub netmask: Ipv4Addr,
+    /// The address beacons leave from and advertise: of the group's family
+    /// (an interface of the other family is skipped with a warning).
+    pub addr: IpAddr,
+    /// Its prefix length, used to pick the interface a unicast reply
+    /// leaves on and for the address rule.
+    pub prefix: u8,
+    /// The kernel's interface index: IPv6 multicast is joined and sent by
+    /// index, and a link-local address is scoped by it. 0 when unknown.
+    pub index: u32,
 }
 
 impl Interface {
-    fn contains(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::from(self.netmask);
-        u32::from(self.addr) & mask == u32::from(ip) & mask
+    fn contains(&self, ip: IpAddr) -> bool {
+        Cidr::new(self.addr, self.prefix).is_some_and(|c| c.contains(ip))
+    }
+
+    /// The scope id a socket address on this interface needs: its index
+    /// for an IPv6 link-local address, else 0.
+    fn scope(&self) -> u32 {
+        match self.addr {
+            IpAddr::V6(a) if addr_rule::is_link_local6(a) => self.index,
+            _ => 0,
+        }
+    }
+
+    /// `addr:port` on this interface, scoped when link-local.
+    pub fn socket_addr(&self, port: u16) -> SocketAddr {
+        match self.addr {
+            IpAddr::V6(a) => SocketAddr::V6(SocketAddrV6::new(a, port, 0, self.scope())),
+            IpAddr::V4(a) => SocketAddr::from((a, port)),
+        }
     }
 }
 
 /// Discovery settings (validated by the caller).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Multicast group and port.
-    pub group: SocketAddrV4,
+    /// Multicast group and port: IPv4 (`239.255.67.76:6776`) or IPv6
+    /// (`[ff02::4c:1]:6776`; a link-scoped group is joined on each
+    /// interface by index).
+    pub group: SocketAddr,
     /// Interfaces to use; unusable ones are skipped with a warning.
     pub interfaces: Vec<Interface>,
     /// Multicast TTL (0 keeps beacons on this host).
@@ -146,7 +169,7 @@ pub enum DiscoveryError {
     #[error("cannot bind the multicast group socket {group}: {source}")]
     GroupSocket {
         /// The group.
-        group: SocketAddrV4,
+        group: SocketAddr,
         /// The OS error.
         source: io::Error,
     },
@@ -170,41 +193,100 @@ pub struct Bound {
     send_clock: Mutex<SendClock>,
 }
 
-fn group_socket(group: SocketAddrV4) -> io::Result<Socket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+/// Whether an IPv6 multicast group is link-scoped (`ffx2::`): binding to
+/// it needs an interface, and it never leaves the link.
+fn link_scoped(group: &Ipv6Addr) -> bool {
+    group.segments()[0] & 0x000f == 2
+}
+
+fn group_socket(group: SocketAddr, ifaces: &[Interface]) -> io::Result<Socket> {
+    let domain = if group.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_address(true)?;
     s.set_reuse_port(true)?; // several nodes per host share the group port
-                             // Only the groups this socket joined, not every group any process joined
-                             // on this port (Linux defaults to all).
-    s.set_multicast_all_v4(false)?;
     s.set_nonblocking(true)?;
-    // Bound to the group address itself: unicast to the port never lands here.
-    s.bind(&SocketAddr::V4(group).into())?;
+    // Only the groups this socket joined, not every group any process joined
+    // on this port (Linux defaults to all). Bound to the group address
+    // itself: unicast to the port never lands here.
+    let bind_to = match group {
+        SocketAddr::V4(_) => {
+            s.set_multicast_all_v4(false)?;
+            group
+        }
+        SocketAddr::V6(g) => {
+            s.set_only_v6(true)?;
+            s.set_multicast_all_v6(false)?;
+            // A link-scoped group is bound with its interface's scope; with
+            // several interfaces the wildcard (the joins still filter).
+            match ifaces {
+                [one] if link_scoped(g.ip()) => {
+                    SocketAddr::V6(SocketAddrV6::new(*g.ip(), g.port(), 0, one.index))
+                }
+                _ if link_scoped(g.ip()) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, g.port())),
+                _ => group,
+            }
+        }
+    };
+    s.bind(&bind_to.into())?;
     Ok(s)
 }
 
+fn join(group_sock: &Socket, group: SocketAddr, iface: &Interface) -> io::Result<()> {
+    match (group.ip(), iface.addr) {
+        (IpAddr::V4(g), IpAddr::V4(a)) => group_sock.join_multicast_v4(&g, &a),
+        (IpAddr::V6(g), IpAddr::V6(_)) => group_sock.join_multicast_v6(&g, iface.index),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "address family differs from the group's",
+        )),
+    }
+}
+
 fn send_socket(iface: &Interface, ttl: u32) -> io::Result<UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_multicast_if_v4(&iface.addr)?;
-    s.set_multicast_ttl_v4(ttl)?;
-    s.set_multicast_loop_v4(true)?; // same-host nodes must hear us
+    let s = match iface.addr {
+        IpAddr::V4(a) => {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.set_multicast_if_v4(&a)?;
+            s.set_multicast_ttl_v4(ttl)?;
+            s.set_multicast_loop_v4(true)?; // same-host nodes must hear us
+            s
+        }
+        IpAddr::V6(_) => {
+            let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+            s.set_only_v6(true)?;
+            s.set_multicast_if_v6(iface.index)?;
+            s.set_multicast_hops_v6(ttl)?;
+            s.set_multicast_loop_v6(true)?;
+            s
+        }
+    };
     s.set_nonblocking(true)?;
     // Its own port: the source address of our datagrams identifies us.
-    s.bind(&SocketAddr::from((iface.addr, 0)).into())?;
+    s.bind(&iface.socket_addr(0).into())?;
     UdpSocket::from_std(s.into())
 }
 
 /// Creates the group socket and one send socket per usable interface.
 /// Must be called within a tokio runtime.
 pub fn bind(cfg: Config, local: LocalIdentity) -> Result<Bound, DiscoveryError> {
-    let group = group_socket(cfg.group).map_err(|source| DiscoveryError::GroupSocket {
+    let family: Vec<Interface> = cfg
+        .interfaces
+        .iter()
+        .filter(|i| i.addr.is_ipv6() == cfg.group.is_ipv6())
+        .cloned()
+        .collect();
+    let group = group_socket(cfg.group, &family).map_err(|source| DiscoveryError::GroupSocket {
         group: cfg.group,
         source,
     })?;
     let mut ifaces = Vec::new();
     let mut errors = Vec::new();
     for iface in &cfg.interfaces {
-        let joined = group.join_multicast_v4(cfg.group.ip(), &iface.addr);
+        let joined = join(&group, cfg.group, iface);
         let sock = joined.and_then(|()| send_socket(iface, cfg.ttl));
         match sock {
             Ok(sock) => ifaces.push((iface.clone(), Arc::new(sock))),
@@ -227,8 +309,8 @@ pub fn bind(cfg: Config, local: LocalIdentity) -> Result<Bound, DiscoveryError> 
             source,
         })?;
     // The interfaces actually in use decide which addresses are ours to dial.
-    let rule = AddrRule::new(
-        ifaces.iter().map(|(i, _)| (i.addr, i.netmask)),
+    let rule = AddrRule::from_prefixes(
+        ifaces.iter().map(|(i, _)| (i.addr, i.prefix)),
         cfg.allow_advertise.iter().copied(),
     );
     let bound = Bound {
@@ -297,7 +379,7 @@ impl Bound {
     fn advertised_on(&self, iface: &Interface) -> SocketAddr {
         self.local
             .advertise
-            .unwrap_or_else(|| SocketAddr::from((iface.addr, self.local.data_port)))
+            .unwrap_or_else(|| iface.socket_addr(self.local.data_port))
     }
 
     /// The datagram of a beacon of `kind` for interface `i` (advertising
@@ -353,11 +435,21 @@ impl Bound {
     }
 
     /// Which interface a reply to `ip` should leave on.
-    fn iface_for(&self, ip: IpAddr) -> usize {
-        let IpAddr::V4(ip) = ip else { return 0 };
+    fn iface_for(&self, src: SocketAddr) -> usize {
+        let ip = src.ip();
+        let scope = match src {
+            SocketAddr::V6(s) => s.scope_id(),
+            SocketAddr::V4(_) => 0,
+        };
         self.ifaces
             .iter()
             .position(|(i, _)| i.addr == ip)
+            .or_else(|| {
+                // A link-local source names its link by scope id.
+                (scope != 0)
+                    .then(|| self.ifaces.iter().position(|(i, _)| i.index == scope))
+                    .flatten()
+            })
             .or_else(|| self.ifaces.iter().position(|(i, _)| i.contains(ip)))
             .unwrap_or(0)
     }
@@ -441,7 +533,7 @@ impl Bound {
                 () = cancel.cancelled() => break,
                 () = sleep_until(next_beacon) => {
                     for i in 0..self.ifaces.len() {
-                        self.queue(&out_tx, BeaconKind::Announce, i, self.cfg.group.into());
+                        self.queue(&out_tx, BeaconKind::Announce, i, self.cfg.group);
                     }
                     let jitter = rand::thread_rng().gen_range(0.9..1.1);
                     next_beacon = Instant::now() + interval.mul_f64(jitter);
@@ -464,7 +556,7 @@ impl Bound {
                         && sources.should_reply(now, src, interval)
                     {
                         if budget.replies.try_take(now) {
-                            self.queue(&out_tx, BeaconKind::Reply, self.iface_for(src.ip()), src);
+                            self.queue(&out_tx, BeaconKind::Reply, self.iface_for(src), src);
                         } else if stats.drops.record(now, "reply_budget") {
                             warn!(%src, "reply budget spent: not answering every newcomer (further refusals are counted, not logged)");
                         }
@@ -478,7 +570,7 @@ impl Bound {
 
         // Graceful: tell everyone we leave, then let the writer drain.
         for i in 0..self.ifaces.len() {
-            self.queue(&out_tx, BeaconKind::Leave, i, self.cfg.group.into());
+            self.queue(&out_tx, BeaconKind::Leave, i, self.cfg.group);
         }
         drop(out_tx);
         tasks.close();
@@ -493,10 +585,7 @@ impl Bound {
     /// usual answer and is fine.
     fn rejoin(&self) {
         for (iface, _) in &self.ifaces {
-            match self
-                .group
-                .join_multicast_v4(*self.cfg.group.ip(), iface.addr)
-            {
+            match join(&socket2::SockRef::from(&*self.group), self.cfg.group, iface) {
                 Ok(()) => info!(interface = %iface.name, "multicast membership restored"),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
                 Err(error) => {
@@ -536,7 +625,7 @@ impl Bound {
                 open_beacon(&ring, &item.data).map(|(b, sent)| (b, Some(sent)))
             }
         };
-        let (beacon, sent) = match opened {
+        let (mut beacon, sent) = match opened {
             Ok(b) => b,
             Err(error) => {
                 drop(error);
@@ -564,6 +653,8 @@ impl Bound {
             }
             return None;
         }
+        // A link-local address is on the link the datagram came in on.
+        beacon.addr = addr_rule::scoped_like(beacon.addr, src);
         if let Err(why) = self.rule.check(beacon.addr, src.ip()) {
             if stats.drops.record(now, addr_rule::DROP_REASON) {
                 warn!(%src, addr = %beacon.addr, id = %beacon.id, %why,

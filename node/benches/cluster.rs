@@ -7,6 +7,12 @@
 //!   its link to it up (the `at` of their `link_up` events), median of runs.
 //!   Baseline: whole-process time of `constellationd --version` (what starting
 //!   a process costs at all).
+//! - `converge_seed`: a whole cluster of N started at once (all processes
+//!   spawned in one go), multicast off, the first node the one seed of all
+//!   others: from the first spawn until every node's table lists all others
+//!   linked (each node's own `link_up` timestamps; what happened before its
+//!   event subscription, from its peer list's `since_ms`). Baseline: the same
+//!   start by multicast.
 //! - `peers_query`: whole-process wall time of `constellationd peers --json`
 //!   against a 32-node cluster. Baseline: `curl --unix-socket` of the same URL.
 //! - `broadcast`: from `POST /v1/messages` with `to: null` on one node until
@@ -47,9 +53,20 @@ mod serf;
 
 const BIN: &str = env!("CARGO_BIN_EXE_constellationd");
 
-/// `BENCH_DEBUG=1` keeps every node's debug log in its cluster directory.
+/// `BENCH_DEBUG=1` keeps every node's debug log in its cluster directory
+/// (`BENCH_DEBUG=info`: its info log).
 fn keep_logs() -> bool {
     std::env::var_os("BENCH_DEBUG").is_some()
+}
+
+/// The nodes' log filter: `BENCH_DEBUG=1` means debug, any other value is
+/// taken as the filter itself (`BENCH_DEBUG=info` costs less time).
+fn log_level() -> String {
+    match std::env::var("BENCH_DEBUG") {
+        Ok(v) if v != "1" && !v.is_empty() => v,
+        Ok(_) => "debug".into(),
+        Err(_) => "warn".into(),
+    }
 }
 
 struct Proc(Child);
@@ -107,13 +124,21 @@ fn spawn_wrapped(
         }
         None => Command::new(BIN),
     };
-    cmd.args(support::loopback_args(name, group, &sock));
-    cmd.args(extra_args(dir));
+    let mut base = support::loopback_args(name, group, &sock);
+    let extra = extra_args(dir);
+    if extra.iter().any(|a| a == "--listen") {
+        // The cluster's --listen (an allocated port) replaces port 0.
+        if let Some(i) = base.iter().position(|a| a == "--listen") {
+            base.drain(i..i + 2);
+        }
+    }
+    cmd.args(base);
+    cmd.args(extra);
     if let Some(file) = secret {
         cmd.arg("--secret-file").arg(file);
     }
     let child = cmd
-        .env("RUST_LOG", if keep_logs() { "debug" } else { "warn" })
+        .env("RUST_LOG", log_level())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(if keep_logs() {
@@ -195,6 +220,164 @@ async fn join_seed_bench(n: usize, runs: usize) {
         json!({"n": n, "multicast": false}),
         xs,
         "the same join by multicast",
+        base,
+    );
+}
+
+/// Follows node `i`'s table from its first moment: subscribes to its
+/// events as soon as its control socket answers, takes one peer list
+/// (what happened before the subscription: a linked peer counts from when
+/// it became alive, `since_ms` before the answer), then counts `link_up`
+/// events. Sends `(i, when its table was full)` once `n - 1` peers are
+/// linked: the latest of their own timestamps.
+async fn watch_until_full(
+    i: usize,
+    sock: PathBuf,
+    n: usize,
+    done: mpsc::UnboundedSender<(usize, SystemTime)>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let resp = loop {
+        if let Ok(r) = Client::new(&sock)
+            .request(Method::GET, "/v1/events", Default::default())
+            .await
+        {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never answered",
+            sock.display()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let mut body = resp.into_body();
+    let mut buf = Vec::new();
+    let mut up: std::collections::HashMap<String, SystemTime> = Default::default();
+    let mut reported = false;
+    while let Some(Ok(frame)) = body.frame().await {
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buf.extend_from_slice(&data);
+        while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let v: Value = serde_json::from_slice(&line).unwrap_or_default();
+            if v["type"] == "subscribed" {
+                let asked = SystemTime::now();
+                if let Ok(a) = Client::new(&sock).get("/v1/peers").await {
+                    if let Ok(list) = a.parse::<PeerList>() {
+                        for p in list.peers {
+                            if p.peer.link == "up" && p.peer.state == "alive" {
+                                let since = asked - Duration::from_millis(p.peer.since_ms);
+                                up.entry(p.peer.name.clone()).or_insert(since);
+                            }
+                        }
+                    }
+                }
+            } else if v["type"] == "link_up" {
+                if let Some(name) = v["peer"]["name"].as_str() {
+                    up.entry(name.to_string()).or_insert_with(|| at(&v));
+                }
+            }
+            if !reported && up.len() >= n - 1 {
+                reported = true;
+                let full = up.values().copied().max().unwrap_or(SystemTime::UNIX_EPOCH);
+                if done.send((i, full)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One whole cluster of `n` started at once (every process spawned in one
+/// go): ms from the first spawn until the last node's table lists all
+/// others linked, by the nodes' own timestamps. `seeded`: multicast off,
+/// every node but the first given the first as its one seed (its port
+/// allocated beforehand); else multicast on a group of its own.
+async fn converge_once(n: usize, seeded: bool, tag: &str) -> (f64, f64) {
+    let dir = std::env::temp_dir().join(format!("cst-bench-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    };
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port");
+    let group = format!("239.255.{}.{}:{udp}", 100 + n % 100, 1 + udp % 250);
+    let seed_port = free();
+    let mut nodes = Vec::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut watchers = Vec::new();
+    let t0 = SystemTime::now();
+    for i in 1..=n {
+        let name = format!("b{i}");
+        let args = match (seeded, i) {
+            (false, _) => String::new(),
+            (true, 1) => format!("--no-multicast\n--listen\n127.0.0.1:{seed_port}\n"),
+            (true, _) => format!("--no-multicast\n--seed\n127.0.0.1:{seed_port}\n"),
+        };
+        std::fs::write(dir.join("extra.args"), args).expect("args");
+        let (sock, p) = spawn(&dir, &group, &name, None);
+        watchers.push(tokio::spawn(watch_until_full(
+            i,
+            sock.clone(),
+            n,
+            done_tx.clone(),
+        )));
+        nodes.push((name, sock, p));
+    }
+    let spawned = SystemTime::now();
+    let c = Cluster {
+        dir,
+        group,
+        nodes,
+        secret: None,
+    };
+    let mut last = t0;
+    let mut full_nodes = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        let Ok(got) = tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await else {
+            panic!(
+                "{tag}: only nodes {full_nodes:?} had full tables after 30 s (BENCH_DEBUG=1 keeps the logs in {})",
+                c.dir.display()
+            );
+        };
+        let (i, full) = got.expect("watchers alive");
+        full_nodes.insert(i);
+        last = last.max(full);
+    }
+    for w in watchers {
+        w.abort();
+    }
+    drop(c);
+    (ms_since(t0, last), ms_since(t0, spawned))
+}
+
+/// A whole cluster of `n` started at once with one seed and multicast off,
+/// against the same start by multicast; runs interleaved, one cluster up
+/// at a time.
+async fn converge_seed_bench(n: usize, runs: usize) {
+    let (mut xs, mut base, mut spawn) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..runs {
+        let (m, sm) = converge_once(n, false, &format!("cvm{n}x{r}")).await;
+        let (x, sx) = converge_once(n, true, &format!("cvs{n}x{r}")).await;
+        base.push(m);
+        xs.push(x);
+        spawn.extend([sm, sx]);
+    }
+    // How long spawning the n processes took (part of both figures).
+    let spawn_ms = round(stats(spawn).0);
+    report(
+        "converge_seed",
+        json!({"n": n, "multicast": false, "seeds": 1, "spawn_all_median_ms": spawn_ms}),
+        xs,
+        "the same start by multicast",
         base,
     );
 }
@@ -881,7 +1064,7 @@ async fn resources(n: usize, window: Duration) {
     }
 }
 
-/// `--only NAME[,NAME]` runs just those figures (join, join_seed, join_secret,
+/// `--only NAME[,NAME]` runs just those figures (join, join_seed, converge_seed, join_secret,
 /// lifecycle, peers, automation, silent_loss, idle); `--quick` fewer sizes and runs. With `SERF_BIN`
 /// set, each figure Serf shares is measured for Serf too, in the same run.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -907,6 +1090,9 @@ async fn main() {
     }
     if want("join_seed") {
         join_seed_bench(if quick { 16 } else { 32 }, runs).await;
+    }
+    if want("converge_seed") {
+        converge_seed_bench(if quick { 16 } else { 32 }, runs).await;
     }
     if want("join_secret") {
         join_secret_bench(16, runs).await;

@@ -8,7 +8,7 @@
 //! checked here, before anything binds: a bad value prints one line naming
 //! the flag (or the key and the file) and exits with status 2.
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -233,8 +233,10 @@ pub struct RunArgs {
     #[arg(long, env = "CONSTELLATION_CLUSTER", default_value = "default", value_parser = parse_name)]
     pub cluster: String,
 
-    /// Interface (name like `lo`, `eth1`, or an IPv4 address) to discover on;
-    /// repeatable [default: the interface of the default route].
+    /// Interface (name like `lo`, `eth1`, or an IPv4 or IPv6 address) to
+    /// discover on; repeatable [default: the interface of the default
+    /// route]. By name, the address of the group's family is used (IPv6: a
+    /// global or unique-local one before the link-local one).
     #[arg(
         long,
         env = "CONSTELLATION_INTERFACE",
@@ -243,9 +245,10 @@ pub struct RunArgs {
     )]
     pub interface: Vec<String>,
 
-    /// Multicast group and port.
+    /// Multicast group and port: IPv4, or IPv6 in brackets
+    /// (`[ff02::4c:1]:6776`, `[ff12::…]:PORT`).
     #[arg(long, env = "CONSTELLATION_GROUP", default_value = "239.255.67.76:6776", value_parser = parse_group)]
-    pub group: SocketAddrV4,
+    pub group: SocketAddr,
 
     /// Multicast TTL: 1 stays on the LAN, 0 on this host.
     #[arg(long, env = "CONSTELLATION_TTL", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=255))]
@@ -255,10 +258,12 @@ pub struct RunArgs {
     #[arg(long, env = "CONSTELLATION_LISTEN", default_value = "0.0.0.0:6777")]
     pub listen: SocketAddr,
 
-    /// Address peers should dial, ADDR[:PORT] [default: the address of the
-    /// interface each beacon leaves on, with the listen port].
+    /// Address peers should dial, ADDR[:PORT] ([IPV6]:PORT), or a HOST[:PORT]
+    /// resolved when the node starts [default: the --listen address when it
+    /// is not a wildcard, else the address of the interface each beacon
+    /// leaves on, with the listen port].
     #[arg(long, env = "CONSTELLATION_ADVERTISE", value_parser = parse_advertise, value_name = "ADDR[:PORT]")]
-    pub advertise: Option<(IpAddr, Option<u16>)>,
+    pub advertise: Option<Advertise>,
 
     /// Also dial peers that advertise an address in CIDR (e.g. the public
     /// side of a NAT their `--advertise` names); repeatable. Without it a
@@ -355,15 +360,17 @@ fn parse_name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-fn parse_group(s: &str) -> Result<SocketAddrV4, String> {
-    let g: SocketAddrV4 = s
-        .parse()
-        .map_err(|_| "expected IPv4 ADDR:PORT, e.g. 239.255.67.76:6776".to_string())?;
+fn parse_group(s: &str) -> Result<SocketAddr, String> {
+    let g: SocketAddr = s.parse().map_err(|_| {
+        "expected ADDR:PORT, e.g. 239.255.67.76:6776 or [ff02::4c:1]:6776".to_string()
+    })?;
     if !g.ip().is_multicast() {
-        return Err(format!(
-            "{} is not a multicast address (224.0.0.0/4)",
-            g.ip()
-        ));
+        let range = if g.is_ipv6() {
+            "ff00::/8"
+        } else {
+            "224.0.0.0/4"
+        };
+        return Err(format!("{} is not a multicast address ({range})", g.ip()));
     }
     if g.port() == 0 {
         return Err("the port must not be 0".into());
@@ -371,14 +378,30 @@ fn parse_group(s: &str) -> Result<SocketAddrV4, String> {
     Ok(g)
 }
 
-fn parse_advertise(s: &str) -> Result<(IpAddr, Option<u16>), String> {
+/// `--advertise`: an address, or a host name resolved when the node starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Advertise {
+    /// An IP address, with the port or none (the listen port).
+    Ip(IpAddr, Option<u16>),
+    /// A host name, with the port or none (the listen port).
+    Host(String, Option<u16>),
+}
+
+fn parse_advertise(s: &str) -> Result<Advertise, String> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
-        return check_advertise(sa.ip()).map(|ip| (ip, Some(sa.port())));
+        return check_advertise(sa.ip()).map(|ip| Advertise::Ip(ip, Some(sa.port())));
     }
-    let ip: IpAddr = s
-        .parse()
-        .map_err(|_| "expected an IP address with an optional :PORT".to_string())?;
-    check_advertise(ip).map(|ip| (ip, None))
+    if let Ok(ip) = s.trim_start_matches('[').trim_end_matches(']').parse() {
+        return check_advertise(ip).map(|ip| Advertise::Ip(ip, None));
+    }
+    let spec = SeedSpec::parse(s).map_err(|_| {
+        "expected an IP address or a host name, with an optional :PORT ([IPV6]:PORT for IPv6)"
+            .to_string()
+    })?;
+    if spec.host.contains('%') {
+        return Err("a link-local address cannot be advertised to other hosts".into());
+    }
+    Ok(Advertise::Host(spec.host, spec.port))
 }
 
 fn check_advertise(ip: IpAddr) -> Result<IpAddr, String> {
@@ -453,8 +476,49 @@ mod tests {
         assert!(parse_group("239.1.2.3:5000").is_ok());
         assert!(parse_group("10.0.0.1:5000").is_err());
         assert!(parse_group("239.1.2.3:0").is_err());
-        assert_eq!(parse_advertise("192.0.2.1").unwrap().1, None);
-        assert_eq!(parse_advertise("192.0.2.1:99").unwrap().1, Some(99));
+        assert!(parse_group("[ff02::4c:1]:6776").unwrap().is_ipv6());
+        assert!(parse_group("[ff12::4c:1]:6776").is_ok());
+        assert!(parse_group("[fd00::1]:6776").is_err());
+        assert!(parse_group("ff02::1").is_err());
+        assert_eq!(
+            parse_advertise("[fd00::1]:7947"),
+            Ok(Advertise::Ip("fd00::1".parse().unwrap(), Some(7947)))
+        );
+        assert_eq!(
+            parse_advertise("fd00::1"),
+            Ok(Advertise::Ip("fd00::1".parse().unwrap(), None))
+        );
+        assert_eq!(
+            parse_advertise("[fd00::1]"),
+            Ok(Advertise::Ip("fd00::1".parse().unwrap(), None))
+        );
+        assert!(parse_advertise("[::]:1").is_err());
+        assert!(parse_advertise("[ff02::1]").is_err());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            parse_advertise("192.0.2.1"),
+            Ok(Advertise::Ip(ip("192.0.2.1"), None))
+        );
+        assert_eq!(
+            parse_advertise("192.0.2.1:99"),
+            Ok(Advertise::Ip(ip("192.0.2.1"), Some(99)))
+        );
+        assert_eq!(
+            parse_advertise("node1.example:99"),
+            Ok(Advertise::Host("node1.example".into(), Some(99)))
+        );
+        assert_eq!(
+            parse_advertise("node1"),
+            Ok(Advertise::Host("node1".into(), None))
+        );
+        assert!(parse_advertise("bad name").is_err());
+        // A scope id means nothing to other hosts: dropped (receivers scope
+        // a link-local address by the link they heard it on).
+        assert_eq!(
+            parse_advertise("[fe80::1%1]:9"),
+            Ok(Advertise::Ip(ip("fe80::1"), Some(9)))
+        );
+        assert!(parse_advertise("[fe80::1%lo]:9").is_err());
         assert!(parse_advertise("0.0.0.0").is_err());
         assert_eq!(
             parse_cidr("203.0.113.9/24").unwrap().to_string(),

@@ -51,6 +51,9 @@ struct Plan {
     args: RunArgs,
     name: String,
     interfaces: Vec<discovery::Interface>,
+    /// Every address of the chosen interfaces (both families), with its
+    /// prefix: the subnets of the address rule.
+    prefixes: Vec<(IpAddr, u8)>,
     socket: PathBuf,
     tags: Tags,
     keyring: Option<Keyring>,
@@ -79,8 +82,12 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
             }
         }
     };
-    let (interfaces, missing) =
-        netif::resolve(&args.interface).map_err(|e| format!("--interface: {e}"))?;
+    let netif::Resolved {
+        interfaces,
+        prefixes,
+        missing,
+    } = netif::resolve(&args.interface, args.group.is_ipv6())
+        .map_err(|e| format!("--interface: {e}"))?;
     for m in &missing {
         warn!("--interface: {m}; skipping it");
     }
@@ -99,7 +106,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
             "--socket-mode lets every local user use the control socket (send messages, stop the node, change keys); use 0660 and a group instead"
         );
     }
-    if let Some((ip, _)) = args.advertise {
+    if let Some(crate::config::Advertise::Ip(ip, _)) = args.advertise {
         if ip.is_loopback() && interfaces.iter().any(|i| !i.addr.is_loopback()) {
             warn!(advertise = %ip, "advertising a loopback address on a non-loopback interface: peers on other hosts cannot dial it");
         }
@@ -119,6 +126,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         args,
         name,
         interfaces,
+        prefixes,
         socket,
         tags,
         keyring,
@@ -457,6 +465,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         args,
         name,
         interfaces,
+        prefixes,
         socket: socket_path,
         tags,
         keyring,
@@ -479,7 +488,16 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
 
     // The first socket bound: an address this host cannot use is a
     // configuration error (exit 2), a port in use a runtime one (exit 1).
-    let listener = match TcpListener::bind(args.listen).await {
+    // The default wildcard `0.0.0.0` becomes `[::]` (both families) when
+    // the node discovers over IPv6, so that IPv6 peers can dial it.
+    let ipv6 = args.group.is_ipv6() || interfaces.iter().any(|i| i.addr.is_ipv6());
+    let listen_on = match args.listen {
+        SocketAddr::V4(l) if ipv6 && l.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, l.port()))
+        }
+        l => l,
+    };
+    let listener = match TcpListener::bind(listen_on).await {
         Ok(l) => l,
         Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
             return Err(StartError::Config(format!(
@@ -507,9 +525,13 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         }
     };
     let listen = listener.local_addr().context("listener address")?;
-    let advertise = args.advertise.map(|(ip, port): (IpAddr, Option<u16>)| {
-        SocketAddr::new(ip, port.unwrap_or(listen.port()))
-    });
+    // A listener on one address (not a wildcard) is dialled there: it is
+    // what the node advertises unless --advertise says otherwise (`--listen
+    // [::1]:0` with `--interface lo` must not advertise 127.0.0.1).
+    let advertise = match &args.advertise {
+        Some(a) => Some(advertise_addr(a, &interfaces, listen.port()).await?),
+        None => (!listen.ip().is_unspecified()).then_some(listen),
+    };
 
     let disc_cfg = discovery::Config {
         group: args.group,
@@ -535,27 +557,24 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     let multicast = !args.no_multicast;
     // With --no-multicast nothing is bound for discovery: the interfaces
     // still say what we advertise and which addresses are ours to dial.
-    let (bound, advertised, in_use, rule, disc_stats) = if multicast {
+    let (bound, advertised, in_use, disc_stats) = if multicast {
         let bound = discovery::bind(disc_cfg, local).context("discovery")?;
-        let (adv, ifs, rule, st) = (
-            bound.advertised(),
-            bound.interfaces(),
-            bound.addr_rule(),
-            bound.stats(),
-        );
-        (Some(bound), adv, ifs, rule, st)
+        let (adv, ifs, st) = (bound.advertised(), bound.interfaces(), bound.stats());
+        (Some(bound), adv, ifs, st)
     } else {
         let ifs = disc_cfg.interfaces.clone();
         let adv = ifs
             .iter()
-            .map(|i| advertise.unwrap_or_else(|| SocketAddr::from((i.addr, listen.port()))))
+            .map(|i| advertise.unwrap_or_else(|| i.socket_addr(listen.port())))
             .collect();
-        let rule = proto::addr_rule::AddrRule::new(
-            ifs.iter().map(|i| (i.addr, i.netmask)),
-            args.allow_advertise.iter().copied(),
-        );
-        (None, adv, ifs, rule, Arc::new(discovery::Stats::default()))
+        (None, adv, ifs, Arc::new(discovery::Stats::default()))
     };
+    // Addresses heard on links are judged against every address (both
+    // families) of the interfaces in use, like beacons are against theirs.
+    let rule = proto::addr_rule::AddrRule::from_prefixes(
+        prefixes.iter().copied(),
+        args.allow_advertise.iter().copied(),
+    );
     let remembered = match &state_dir {
         Some(dir) => match crate::statefile::load(dir) {
             Ok(addrs) => addrs,
@@ -739,6 +758,44 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         tracker,
         socket: socket_path,
     })
+}
+
+/// The address `--advertise` names: an IP address as given, or a host name
+/// resolved now (the hosts file, then DNS), taking its first address of the
+/// family of the first interface (else its first address). A name that does
+/// not resolve stops the start (exit 1: it may resolve later).
+async fn advertise_addr(
+    a: &crate::config::Advertise,
+    interfaces: &[discovery::Interface],
+    listen_port: u16,
+) -> Result<SocketAddr, StartError> {
+    use crate::config::Advertise;
+    let (host, port) = match a {
+        Advertise::Ip(ip, port) => return Ok(SocketAddr::new(*ip, port.unwrap_or(listen_port))),
+        Advertise::Host(host, port) => (host, port.unwrap_or(listen_port)),
+    };
+    let spec = crate::seeds::SeedSpec {
+        host: host.clone(),
+        port: Some(port),
+    };
+    let addrs = crate::seeds::task::resolve(&spec, listen_port)
+        .await
+        .map_err(|e| StartError::Start(anyhow::anyhow!("--advertise {host}: {e}")))?;
+    let usable: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|a| !a.ip().is_unspecified() && !a.ip().is_multicast())
+        .collect();
+    let v6 = interfaces.first().is_some_and(|i| i.addr.is_ipv6());
+    let chosen = usable
+        .iter()
+        .find(|a| a.is_ipv6() == v6)
+        .or(usable.first())
+        .copied()
+        .ok_or_else(|| {
+            StartError::Start(anyhow::anyhow!("--advertise {host}: no usable address"))
+        })?;
+    info!(%host, advertise = %chosen, "--advertise resolved");
+    Ok(chosen)
 }
 
 /// `--state-dir`, or the system node's default: root, with the default

@@ -32,10 +32,15 @@ pub struct SeedSpec {
 
 impl SeedSpec {
     /// Parses `HOST`, `HOST:PORT`, `IPV4[:PORT]`, `IPV6` or `[IPV6]:PORT`.
+    /// A link-local IPv6 address needs its link: `[fe80::1%eth0]:PORT` (or
+    /// the interface index, `%2`).
     pub fn parse(s: &str) -> Result<SeedSpec, String> {
         let s = s.trim();
         if s.is_empty() {
             return Err("a seed is HOST[:PORT]".into());
+        }
+        if let Some(spec) = Self::parse_scoped(s)? {
+            return Ok(spec);
         }
         if let Ok(sa) = s.parse::<SocketAddr>() {
             return Ok(SeedSpec {
@@ -80,11 +85,48 @@ impl SeedSpec {
         })
     }
 
-    /// `host:port` for the resolver (brackets around an IPv6 address).
+    /// `IPV6%SCOPE` forms, with or without brackets and port; the scope
+    /// (an interface name or index) is kept as an index in `host`.
+    fn parse_scoped(s: &str) -> Result<Option<SeedSpec>, String> {
+        let (inner, port) = match s.strip_prefix('[') {
+            Some(rest) => match rest.split_once(']') {
+                Some((inner, "")) => (inner, None),
+                Some((inner, tail)) => {
+                    let port = tail
+                        .strip_prefix(':')
+                        .and_then(|p| p.parse::<u16>().ok())
+                        .filter(|&p| p != 0)
+                        .ok_or_else(|| format!("{s:?}: the port must be 1-65535"))?;
+                    (inner, Some(port))
+                }
+                None => return Err(format!("{s:?}: no closing bracket")),
+            },
+            None => (s, None),
+        };
+        let Some((ip, scope)) = inner.split_once('%') else {
+            return Ok(None);
+        };
+        let ip: std::net::Ipv6Addr = ip
+            .parse()
+            .map_err(|_| format!("{s:?}: only an IPv6 address takes a %scope"))?;
+        let index = match scope.parse::<u32>() {
+            Ok(i) => i,
+            Err(_) => crate::netif::index_of(scope)
+                .ok_or_else(|| format!("{s:?}: no interface {scope:?} on this host"))?,
+        };
+        Ok(Some(SeedSpec {
+            host: format!("{ip}%{index}"),
+            port,
+        }))
+    }
+
+    /// `host:port` for the resolver (brackets around an IPv6 address, with
+    /// its scope id when it has one).
     pub fn target(&self, default_port: u16) -> String {
         let port = self.port.unwrap_or(default_port);
-        match self.host.parse::<IpAddr>() {
-            Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        let unscoped = self.host.split('%').next().unwrap_or_default();
+        match unscoped.parse::<IpAddr>() {
+            Ok(IpAddr::V6(_)) => format!("[{}]:{port}", self.host),
             _ => format!("{}:{port}", self.host),
         }
     }
@@ -321,6 +363,14 @@ mod tests {
         );
         assert_eq!(p("[::1]:9").unwrap().target(1), "[::1]:9");
         assert_eq!(p("::1").unwrap().target(6777), "[::1]:6777");
+        assert_eq!(p("[fe80::1%3]:9").unwrap().target(1), "[fe80::1%3]:9");
+        assert_eq!(p("[fe80::1%lo]").unwrap().host.split('%').count(), 2);
+        assert_eq!(p("fe80::1%3").unwrap().target(7), "[fe80::1%3]:7");
+        let scoped: SocketAddr = p("[fe80::1%3]:9").unwrap().target(1).parse().unwrap();
+        assert_eq!(scoped, "[fe80::1%3]:9".parse().unwrap());
+        assert!(p("[fe80::1%no-such-if0]:9").is_err());
+        assert!(p("[10.0.0.1%3]:9").is_err());
+        assert!(p("[fe80::1%3]:0").is_err());
         assert_eq!(p("fe80::1").unwrap().port, None);
         for bad in ["", "a:0", "a:x", "bad host", "a..b", ":9", "a:70000"] {
             assert!(p(bad).is_err(), "{bad:?}");
@@ -420,6 +470,10 @@ pub mod task {
         let port = spec.port.unwrap_or(default_port);
         if let Ok(ip) = spec.host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        // A scoped IPv6 address (`fe80::1%3`) keeps its scope id.
+        if let Ok(sa) = spec.target(default_port).parse::<SocketAddr>() {
+            return Ok(vec![sa]);
         }
         // The hosts file first, alone when it lists the name (the C
         // library's "files dns" order): the resolver below asks for AAAA and

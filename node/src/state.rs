@@ -14,7 +14,7 @@
 //! (the event is not even built).
 
 use std::collections::VecDeque;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -78,7 +78,7 @@ pub struct NodeState {
     /// TCP listen address (after binding).
     pub listen: SocketAddr,
     /// Multicast group.
-    pub group: SocketAddrV4,
+    pub group: SocketAddr,
     /// Multicast TTL.
     pub ttl: u32,
     /// Beacon interval.

@@ -3,248 +3,38 @@
 //! only inside those namespaces. Nothing touches the host's interfaces.
 //!
 //! Needs root and `ip` (iproute2). Where not root the test fails saying so,
-//! unless CONSTELLATION_SKIP_NETNS=1 is set.
+//! unless CONSTELLATION_SKIP_NETNS=1 is set. The lab is
+//! `support::netns::Lab`.
 
 mod support;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use support::{bin, wait_until, Daemon, TempDir};
+use support::netns::Lab;
+use support::{wait_until, Daemon, TempDir};
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("ip (iproute2) must be installed");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Namespaces created by one test, deleted on drop (daemons first).
-struct Lab {
-    prefix: String,
-    hosts: usize,
-    daemons: Vec<Option<Daemon>>,
-}
-
-impl Lab {
-    fn new(hosts: usize) -> Option<Lab> {
-        Self::with_split(hosts, hosts)
+/// `hosts` hosts at 10.77.0.i/24: hosts `1..=split` hang off bridge br0,
+/// the others off br1; the two bridges are joined by one trunk, so taking
+/// it down partitions the cluster without touching either side.
+fn lab(hosts: usize, split: usize) -> Option<Lab> {
+    let mut lab = Lab::new()?;
+    lab.bridge("br0");
+    lab.bridge("br1");
+    lab.join_bridges("br0", "br1");
+    for i in 1..=hosts {
+        let bridge = if i <= split { "br0" } else { "br1" };
+        lab.host(i, &format!("10.77.0.{i}/24"), bridge);
     }
-
-    /// Hosts `1..=split` hang off bridge br0, the others off br1; the two
-    /// bridges are joined by one veth pair (`trunk0`/`trunk1`), so taking
-    /// `trunk0` down partitions the cluster without touching either side.
-    fn with_split(hosts: usize, split: usize) -> Option<Lab> {
-        if std::env::var_os("CONSTELLATION_SKIP_NETNS").is_some_and(|v| v == "1") {
-            eprintln!("netns test skipped: CONSTELLATION_SKIP_NETNS=1");
-            return None;
-        }
-        let uid = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("Uid:"))
-                    .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
-            });
-        assert_eq!(
-            uid.as_deref(),
-            Some("0"),
-            "the netns tests need root (CI runs as root); set CONSTELLATION_SKIP_NETNS=1 to skip them"
-        );
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let prefix = format!("cst{}x{n}", std::process::id() % 100_000);
-        let lab = Lab {
-            prefix: prefix.clone(),
-            hosts,
-            daemons: Vec::new(),
-        };
-        let br = lab.ns_bridge();
-        ip(&["netns", "add", &br]);
-        for b in ["br0", "br1"] {
-            ip(&[
-                "-n",
-                &br,
-                "link",
-                "add",
-                b,
-                "type",
-                "bridge",
-                "mcast_snooping",
-                "0",
-            ]);
-            ip(&["-n", &br, "link", "set", b, "up"]);
-        }
-        ip(&[
-            "-n", &br, "link", "add", "trunk0", "type", "veth", "peer", "name", "trunk1",
-        ]);
-        ip(&["-n", &br, "link", "set", "trunk0", "master", "br0"]);
-        ip(&["-n", &br, "link", "set", "trunk1", "master", "br1"]);
-        ip(&["-n", &br, "link", "set", "trunk0", "up"]);
-        ip(&["-n", &br, "link", "set", "trunk1", "up"]);
-        for i in 1..=hosts {
-            let ns = lab.ns(i);
-            ip(&["netns", "add", &ns]);
-            ip(&["-n", &ns, "link", "set", "lo", "up"]);
-            let port = format!("p{i}");
-            ip(&[
-                "-n", &ns, "link", "add", "veth0", "type", "veth", "peer", "name", &port, "netns",
-                &br,
-            ]);
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.77.0.{i}/24"),
-                "dev",
-                "veth0",
-            ]);
-            ip(&["-n", &ns, "link", "set", "veth0", "up"]);
-            let bridge = if i <= split { "br0" } else { "br1" };
-            ip(&["-n", &br, "link", "set", &port, "master", bridge]);
-            ip(&["-n", &br, "link", "set", &port, "up"]);
-        }
-        Some(lab)
-    }
-
-    fn ns(&self, i: usize) -> String {
-        format!("{}-h{i}", self.prefix)
-    }
-
-    fn ns_bridge(&self) -> String {
-        format!("{}-br", self.prefix)
-    }
-
-    /// Starts a node inside host `i`'s namespace, on veth0 by name.
-    fn start(&mut self, dir: &Path, i: usize) {
-        let name = format!("h{i}");
-        let socket = dir.join(format!("{name}.sock"));
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns(i),
-                bin(),
-                "run",
-                "--name",
-                &name,
-                "--interface",
-                "veth0",
-            ])
-            .args(["--listen", "0.0.0.0:6777", "--socket"])
-            .arg(&socket)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn in netns");
-        // `ip netns exec` execs the daemon: this PID is the daemon's.
-        let d = Daemon {
-            child,
-            name,
-            socket,
-            log,
-        };
-        wait_until(Duration::from_secs(10), "control socket", || {
-            d.socket.exists()
-        });
-        if self.daemons.len() < i {
-            self.daemons.resize_with(i, || None);
-        }
-        self.daemons[i - 1] = Some(d);
-    }
-
-    fn node(&self, i: usize) -> &Daemon {
-        self.daemons[i - 1].as_ref().expect("started")
-    }
-
-    /// Cuts (or heals) the trunk between the two bridges.
-    fn trunk(&self, up: bool) {
-        ip(&[
-            "-n",
-            &self.ns_bridge(),
-            "link",
-            "set",
-            "trunk0",
-            if up { "up" } else { "down" },
-        ]);
-    }
-
-    /// Drops `percent`% of every packet entering every host (iptables).
-    fn loss(&self, percent: u32) {
-        for i in 1..=self.hosts {
-            let out = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &self.ns(i),
-                    "iptables",
-                    "-A",
-                    "INPUT",
-                    "-m",
-                    "statistic",
-                ])
-                .args([
-                    "--mode",
-                    "random",
-                    "--probability",
-                    &format!("0.{percent:02}"),
-                    "-j",
-                    "DROP",
-                ])
-                .output()
-                .expect("iptables must be installed for the loss test");
-            assert!(
-                out.status.success(),
-                "iptables: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-
-    fn link(&self, i: usize, up: bool) {
-        ip(&[
-            "-n",
-            &self.ns(i),
-            "link",
-            "set",
-            "veth0",
-            if up { "up" } else { "down" },
-        ]);
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        self.daemons.clear(); // kills the daemons
-        for i in 1..=self.hosts {
-            // Deleting a namespace also deletes its veth ends.
-            let _ = Command::new("ip")
-                .args(["netns", "del", &self.ns(i)])
-                .status();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.ns_bridge()])
-            .status();
-    }
+    Some(lab)
 }
 
 #[test]
 fn three_hosts_mesh_a_cut_host_fails_and_rejoins() {
-    let Some(mut lab) = Lab::new(3) else { return };
+    let Some(mut lab) = lab(3, 3) else { return };
     let dir = TempDir::new("netns");
     for i in 1..=3 {
-        lab.start(dir.path(), i);
+        lab.start(dir.path(), i, &[]);
     }
     let took = wait_until(Duration::from_secs(10), "3-host full mesh", || {
         (1..=3).all(|i| lab.node(i).linked() == 2)
@@ -290,12 +80,12 @@ fn states(d: &Daemon) -> std::collections::HashMap<String, (String, std::time::I
 
 #[test]
 fn partition_three_against_three_five_times_heals_each_time() {
-    let Some(mut lab) = Lab::with_split(6, 3) else {
+    let Some(mut lab) = lab(6, 3) else {
         return;
     };
     let dir = TempDir::new("part");
     for i in 1..=6 {
-        lab.start(dir.path(), i);
+        lab.start(dir.path(), i, &[]);
     }
     wait_until(Duration::from_secs(15), "6-host full mesh", || {
         (1..=6).all(|i| lab.node(i).linked() == 5)
@@ -360,12 +150,12 @@ fn no_false_failures_under_cpu_load_and_packet_loss() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
     let hosts = 16;
-    let Some(mut lab) = Lab::new(hosts) else {
+    let Some(mut lab) = lab(hosts, hosts) else {
         return;
     };
     let dir = TempDir::new("soak");
     for i in 1..=hosts {
-        lab.start(dir.path(), i);
+        lab.start(dir.path(), i, &[]);
     }
     wait_until(Duration::from_secs(30), "16-host full mesh", || {
         (1..=hosts).all(|i| lab.node(i).linked() == hosts - 1)
@@ -404,10 +194,10 @@ fn no_false_failures_under_cpu_load_and_packet_loss() {
 
 #[test]
 fn a_peer_cut_off_from_one_node_only_stays_alive_through_the_others() {
-    let Some(mut lab) = Lab::new(3) else { return };
+    let Some(mut lab) = lab(3, 3) else { return };
     let dir = TempDir::new("indirect");
     for i in 1..=3 {
-        lab.start(dir.path(), i);
+        lab.start(dir.path(), i, &[]);
     }
     wait_until(Duration::from_secs(10), "3-host full mesh", || {
         (1..=3).all(|i| lab.node(i).linked() == 2)

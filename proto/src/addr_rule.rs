@@ -10,9 +10,11 @@
 //!
 //! 1. never dialable, whatever the configuration: port 0, the unspecified
 //!    address, multicast, the limited broadcast `255.255.255.255` and the
-//!    directed broadcast of one of the node's own subnets; and a loopback
+//!    directed broadcast of one of the node's own subnets; a loopback
 //!    address said by a source that is not itself on loopback (another host's
-//!    loopback is not ours);
+//!    loopback is not ours); and an IPv6 link-local address without a scope
+//!    id (the discovery driver gives a link-local beacon address the scope of
+//!    the interface it arrived on);
 //! 2. dialable when the address is the one the datagram (or connection) came
 //!    from, or lies in the subnet of one of the node's interfaces (a loopback
 //!    interface stands for all of `127.0.0.0/8`), or in a CIDR the operator
@@ -27,7 +29,7 @@
 //! networks it was configured for.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::str::FromStr;
 
 /// The drop reason under which refused beacons are counted.
@@ -138,6 +140,33 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// `addr` without an IPv6 scope id (and flow info): what goes on the wire,
+/// since an interface index means nothing on another host.
+pub fn unscoped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(a) => SocketAddr::V6(SocketAddrV6::new(*a.ip(), a.port(), 0, 0)),
+        v4 => v4,
+    }
+}
+
+/// A link-local IPv6 `addr` heard from `source` (a datagram's source or a
+/// connection's peer address, scoped by the kernel to the interface it
+/// arrived on) takes the source's scope id: the peer is on that link. Any
+/// other address is returned as it is.
+pub fn scoped_like(addr: SocketAddr, source: SocketAddr) -> SocketAddr {
+    match (addr, source) {
+        (SocketAddr::V6(a), SocketAddr::V6(s)) if is_link_local6(*a.ip()) && s.scope_id() != 0 => {
+            SocketAddr::V6(SocketAddrV6::new(*a.ip(), a.port(), 0, s.scope_id()))
+        }
+        _ => addr,
+    }
+}
+
+/// `fe80::/10`, the IPv6 link-local unicast range.
+pub fn is_link_local6(ip: Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
+}
+
 fn mask4(prefix: u8) -> u32 {
     u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
 }
@@ -146,22 +175,27 @@ fn mask6(prefix: u8) -> u128 {
     u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
 }
 
-/// One of the node's own IPv4 subnets: an interface address and netmask.
+/// One of the node's own subnets: an interface address and its network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Subnet {
-    addr: Ipv4Addr,
-    mask: u32,
+    addr: IpAddr,
+    net: Cidr,
 }
 
 impl Subnet {
-    fn contains(&self, ip: Ipv4Addr) -> bool {
-        u32::from(ip) & self.mask == u32::from(self.addr) & self.mask
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.net.contains(ip)
     }
 
-    /// The directed broadcast address, for subnets that have one (/30 and
-    /// shorter: /31 and /32 have no host bits to spare).
+    /// The directed broadcast address, for IPv4 subnets that have one (/30
+    /// and shorter: /31 and /32 have no host bits to spare). IPv6 has no
+    /// broadcast.
     fn broadcast(&self) -> Option<Ipv4Addr> {
-        ((!self.mask).count_ones() >= 2).then(|| Ipv4Addr::from(u32::from(self.addr) | !self.mask))
+        let IpAddr::V4(net) = self.net.network() else {
+            return None;
+        };
+        let host = !mask4(self.net.prefix());
+        (host.count_ones() >= 2).then(|| Ipv4Addr::from(u32::from(net) | host))
     }
 }
 
@@ -173,7 +207,7 @@ pub enum Allowed {
     /// It lies in the subnet of the interface with this address.
     Subnet {
         /// That interface's address.
-        interface: Ipv4Addr,
+        interface: IpAddr,
     },
     /// It lies in this allow-listed network.
     AllowList(Cidr),
@@ -199,6 +233,10 @@ pub enum Refused {
     /// host's loopback is not reachable from here, ours is not theirs.
     #[error("loopback address from a non-loopback source")]
     LoopbackFromRemote,
+    /// An IPv6 link-local address (`fe80::/10`) without a scope id: which
+    /// link it is on is unknown, and the kernel cannot dial it.
+    #[error("IPv6 link-local address without a scope id")]
+    LinkLocalUnscoped,
     /// Neither the source address, nor in one of our interfaces' subnets,
     /// nor allow-listed: reaching it would take a route the node was not
     /// configured for.
@@ -216,22 +254,42 @@ pub struct AddrRule {
 }
 
 impl AddrRule {
-    /// The rule for a node on `interfaces` (address, netmask) with the
+    /// The rule for a node on IPv4 `interfaces` (address, netmask) with the
     /// operator's `allow` list. A loopback interface covers `127.0.0.0/8`
     /// whatever its netmask says.
     pub fn new(
         interfaces: impl IntoIterator<Item = (Ipv4Addr, Ipv4Addr)>,
         allow: impl IntoIterator<Item = Cidr>,
     ) -> Self {
+        Self::from_prefixes(
+            interfaces
+                .into_iter()
+                .map(|(a, m)| (IpAddr::V4(a), u32::from(m).leading_ones() as u8)),
+            allow,
+        )
+    }
+
+    /// The rule for a node on `interfaces` of either family (address,
+    /// prefix length) with the operator's `allow` list. An IPv4 loopback
+    /// interface covers `127.0.0.0/8` whatever its prefix says; a prefix too
+    /// long for the family is taken as a host route.
+    pub fn from_prefixes(
+        interfaces: impl IntoIterator<Item = (IpAddr, u8)>,
+        allow: impl IntoIterator<Item = Cidr>,
+    ) -> Self {
         let subnets = interfaces
             .into_iter()
-            .map(|(addr, netmask)| Subnet {
-                addr,
-                mask: if addr.is_loopback() {
-                    mask4(8)
-                } else {
-                    u32::from(netmask)
-                },
+            .map(|(addr, prefix)| {
+                let addr = canonical(addr);
+                let max = if addr.is_ipv4() { 32 } else { 128 };
+                let prefix = match addr {
+                    IpAddr::V4(a) if a.is_loopback() => 8,
+                    _ => prefix.min(max),
+                };
+                Subnet {
+                    addr,
+                    net: Cidr::new(addr, prefix).expect("prefix clamped to the family"),
+                }
             })
             .collect();
         AddrRule {
@@ -276,13 +334,16 @@ impl AddrRule {
         if ip.is_loopback() && !source.is_loopback() {
             return Err(Refused::LoopbackFromRemote);
         }
+        if let (IpAddr::V6(v6), SocketAddr::V6(sa)) = (ip, advertised) {
+            if is_link_local6(v6) && sa.scope_id() == 0 {
+                return Err(Refused::LinkLocalUnscoped);
+            }
+        }
         if ip == source {
             return Ok(Allowed::Source);
         }
-        if let IpAddr::V4(v4) = ip {
-            if let Some(s) = self.subnets.iter().find(|s| s.contains(v4)) {
-                return Ok(Allowed::Subnet { interface: s.addr });
-            }
+        if let Some(s) = self.subnets.iter().find(|s| s.contains(ip)) {
+            return Ok(Allowed::Subnet { interface: s.addr });
         }
         if let Some(c) = self.allow.iter().find(|c| c.contains(ip)) {
             return Ok(Allowed::AllowList(*c));
@@ -363,7 +424,7 @@ mod tests {
         assert_eq!(
             r.check(sa("10.1.2.50:6777"), src),
             Ok(Allowed::Subnet {
-                interface: Ipv4Addr::new(10, 1, 2, 3)
+                interface: IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))
             })
         );
         assert_eq!(
@@ -398,6 +459,66 @@ mod tests {
             r.check(sa("127.255.255.255:9"), src),
             Err(Refused::Broadcast)
         );
+    }
+
+    fn v6() -> AddrRule {
+        AddrRule::from_prefixes(
+            [(ip("fd00:6::1"), 64), (ip("fe80::1"), 64), (ip("::1"), 128)],
+            [],
+        )
+    }
+
+    #[test]
+    fn ipv6_subnets_link_local_scopes_and_loopback() {
+        let r = v6();
+        let src = ip("fd00:6::9");
+        assert_eq!(r.check(sa("[fd00:6::9]:6777"), src), Ok(Allowed::Source));
+        assert_eq!(
+            r.check(sa("[fd00:6::50]:6777"), src),
+            Ok(Allowed::Subnet {
+                interface: ip("fd00:6::1")
+            })
+        );
+        assert_eq!(
+            r.check(sa("[fd00:7::1]:6777"), src),
+            Err(Refused::Unroutable)
+        );
+        assert_eq!(
+            r.check(sa("[fe80::2]:6777"), ip("fe80::2")),
+            Err(Refused::LinkLocalUnscoped)
+        );
+        assert_eq!(
+            r.check(sa("[fe80::2%3]:6777"), ip("fe80::2")),
+            Ok(Allowed::Source)
+        );
+        assert!(r.check(sa("[fe80::7%3]:6777"), src).is_ok());
+        assert_eq!(
+            r.check(sa("[::1]:6777"), src),
+            Err(Refused::LoopbackFromRemote)
+        );
+        assert_eq!(r.check(sa("[::1]:6777"), ip("::1")), Ok(Allowed::Source));
+        assert_eq!(r.check(sa("[ff02::1]:6777"), src), Err(Refused::Multicast));
+        assert_eq!(r.check(sa("[::]:6777"), src), Err(Refused::Unspecified));
+        // IPv4 rules are untouched by IPv6 subnets, and the reverse.
+        assert_eq!(
+            r.check(sa("10.0.0.1:1"), ip("10.0.0.2")),
+            Err(Refused::Unroutable)
+        );
+        assert_eq!(
+            lan().check(sa("[fd00:6::50]:1"), src),
+            Err(Refused::Unroutable)
+        );
+        assert_eq!(
+            scoped_like(sa("[fe80::2]:6777"), sa("[fe80::2%4]:5000")),
+            sa("[fe80::2%4]:6777")
+        );
+        assert_eq!(
+            scoped_like(sa("[fd00:6::2]:6777"), sa("[fe80::2%4]:5000")),
+            sa("[fd00:6::2]:6777")
+        );
+        assert_eq!(unscoped(sa("[fe80::2%4]:6777")), sa("[fe80::2]:6777"));
+        assert!(is_link_local6("febf::1".parse().unwrap()));
+        assert!(!is_link_local6("fec0::1".parse().unwrap()));
     }
 
     #[test]
@@ -502,8 +623,7 @@ mod tests {
             match rule.check(SocketAddr::new(a, port), src) {
                 Ok(Allowed::Source) => prop_assert_eq!(c, canonical(src)),
                 Ok(Allowed::Subnet { interface }) => {
-                    let IpAddr::V4(v4) = c else { panic!("subnets are IPv4") };
-                    prop_assert!(rule.subnets.iter().any(|s| s.addr == interface && s.contains(v4)));
+                    prop_assert!(rule.subnets.iter().any(|s| s.addr == interface && s.contains(c)));
                 }
                 Ok(Allowed::AllowList(cidr)) => prop_assert!(cidr.contains(c) && rule.allow.contains(&cidr)),
                 Err(_) => {}

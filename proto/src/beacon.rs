@@ -94,7 +94,9 @@ pub struct Beacon {
     pub incarnation: Incarnation,
     /// Sender's human name.
     pub name: String,
-    /// The TCP data address peers should dial.
+    /// The TCP data address peers should dial: text on the wire
+    /// (`"192.0.2.10:6777"`, `"[fd00::1]:6777"`), always without an IPv6
+    /// scope id (the receiver scopes a link-local address itself).
     pub addr: SocketAddr,
     /// Announce, reply or leave.
     pub kind: BeaconKind,
@@ -278,7 +280,9 @@ impl Beacon {
             id: self.id,
             inc: self.incarnation,
             name: Cow::Borrowed(&self.name),
-            addr: self.addr,
+            // A scope id is an interface index of the sender's host: the
+            // receiver scopes a link-local address by where it arrived.
+            addr: crate::addr_rule::unscoped(self.addr),
             kind: Cow::Borrowed(self.kind.as_str()),
             digest: self.digest,
         };
@@ -317,7 +321,7 @@ impl Beacon {
             id: raw.id,
             incarnation: raw.inc,
             name: raw.name.into_owned(),
-            addr: raw.addr,
+            addr: crate::addr_rule::unscoped(raw.addr),
             kind,
             digest: raw.digest,
         })
@@ -384,6 +388,18 @@ pub(crate) mod tests {
             kind,
             digest: 0x1234,
         }
+    }
+
+    #[test]
+    fn ipv6_addresses_travel_as_text_without_their_scope() {
+        let mut b = sample(BeaconKind::Announce);
+        b.addr = "[fd00::1]:7947".parse().unwrap();
+        let bytes = b.encode().unwrap();
+        assert!(bytes.windows(14).any(|w| w == b"[fd00::1]:7947"));
+        assert_eq!(Beacon::decode(&bytes).unwrap(), b);
+        b.addr = "[fe80::1%7]:7947".parse().unwrap();
+        let back = Beacon::decode(&b.encode().unwrap()).unwrap();
+        assert_eq!(back.addr, "[fe80::1]:7947".parse().unwrap());
     }
 
     #[test]

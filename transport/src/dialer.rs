@@ -35,7 +35,8 @@ pub(crate) async fn run(
         Err(e) => Err(e),
     };
     match linked {
-        Ok(linked) => {
+        Ok(mut linked) => {
+            linked.remote.addr = crate::listener::rescoped(linked.remote.addr, addr);
             let handoff = Handoff {
                 linked,
                 outbound: true,

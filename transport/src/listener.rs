@@ -18,7 +18,10 @@ use crate::handshake::{self, Failure};
 use crate::inbox::{Handoff, ToActor};
 use crate::stats::Stats;
 
-/// Accepts until `cancel` fires. An essential subsystem: if it ends, the
+/// Accepts until `cancel` fires. The listener may be bound to an IPv4 or
+/// IPv6 address (`[::]` accepts both families on Linux unless
+/// `net.ipv6.bindv6only` is set; peers' link-local addresses come with
+/// their scope id). An essential subsystem: if it ends, the
 /// node ends.
 pub(crate) async fn run(
     listener: TcpListener,
@@ -36,7 +39,10 @@ pub(crate) async fn run(
             accepted = listener.accept() => accepted, // cancel-safe
         };
         let (stream, remote) = match accepted {
-            Ok(x) => x,
+            // A dual-stack `[::]` listener sees IPv4 peers as
+            // `::ffff:a.b.c.d`: name them as the IPv4 addresses they are,
+            // so that they match what beacons and seeds say.
+            Ok((stream, remote)) => (stream, canonical(remote)),
             Err(error) => {
                 // EMFILE and friends: back off briefly rather than spin.
                 warn!(%error, "accept failed");
@@ -54,7 +60,8 @@ pub(crate) async fn run(
             handshake::nodelay(&stream);
             let hs = Handshake::accept(now(), cfg.handshake());
             match handshake::run(stream, hs).await {
-                Ok(linked) => {
+                Ok(mut linked) => {
+                    linked.remote.addr = rescoped(linked.remote.addr, remote);
                     let handoff = Handoff {
                         linked,
                         outbound: false,
@@ -74,6 +81,18 @@ pub(crate) async fn run(
     }
 }
 
+/// `addr` with an IPv4-mapped IPv6 address turned into its IPv4 address.
+/// Any other address is kept as it is (with its scope id).
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, a.port())),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
 /// A refusal that is the peer's fault is counted, and logged loudly once
 /// per window of its kind; anything else (a peer that went away) quietly.
 fn log_failure(stats: &Stats, remote: SocketAddr, e: &Failure) {
@@ -84,5 +103,33 @@ fn log_failure(stats: &Stats, remote: SocketAddr, e: &Failure) {
             }
         }
         None => debug!(%remote, error = %e, "inbound handshake failed"),
+    }
+}
+
+/// The address a peer's hello advertises, with any IPv6 scope id it sent
+/// (an interface index of its own host) replaced by the connection's: a
+/// link-local address is on the link this connection runs over.
+pub(crate) fn rescoped(advertised: SocketAddr, connection: SocketAddr) -> SocketAddr {
+    proto::addr_rule::scoped_like(proto::addr_rule::unscoped(advertised), connection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_addresses_become_ipv4_and_scopes_are_kept() {
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(canonical(sa("[::ffff:10.0.0.1]:9")), sa("10.0.0.1:9"));
+        assert_eq!(canonical(sa("[fe80::1%3]:9")), sa("[fe80::1%3]:9"));
+        assert_eq!(canonical(sa("10.0.0.1:9")), sa("10.0.0.1:9"));
+        assert_eq!(
+            rescoped(sa("[fe80::2%7]:6777"), sa("[fe80::2%3]:4000")),
+            sa("[fe80::2%3]:6777")
+        );
+        assert_eq!(
+            rescoped(sa("[fd00::2]:6777"), sa("[fe80::2%3]:4000")),
+            sa("[fd00::2]:6777")
+        );
     }
 }

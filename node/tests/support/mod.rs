@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod multicast;
+pub mod netns;
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
