@@ -48,6 +48,13 @@ use crate::stats::Stats;
 /// them is right.
 const CONTROL_LANE: usize = 16;
 
+/// Most messages in one [`TransportEvent::Messages`].
+pub const MESSAGE_BATCH_LEN: usize = 256;
+/// A [`TransportEvent::Messages`] is closed once its payloads reach this
+/// many bytes: with one message per event, a slot of the node's channel
+/// held at most one message's payload; now at most this plus one.
+pub const MESSAGE_BATCH_BYTES: usize = 64 << 10;
+
 /// Per-link counters (application messages and their payload bytes).
 #[derive(Debug, Default)]
 pub struct LinkCounters {
@@ -258,6 +265,8 @@ pub(crate) fn spawn(
         env: env.clone(),
         cancel: cancel.clone(),
         apps: Vec::new(),
+        app_bytes: 0,
+        batch_hint: 1,
         // A link starts quiet: most links carry only pings and pongs.
         small_reads: reader::QUIET_AFTER,
     }));
