@@ -153,7 +153,7 @@ impl Reader {
     }
 
     /// Decodes every whole frame in the buffer, all heard at `now` (the
-    /// time of the read): application messages go straight to the node
+    /// time of the read): application messages go to the node in batches
     /// (the machine only notes that the peer was heard), every other frame
     /// to the machine, whose output is passed on. `Err` once the machine
     /// has closed, with why.
