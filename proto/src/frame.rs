@@ -111,9 +111,160 @@ pub struct PeerList {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppMessage {
     /// Free-form topic.
-    pub topic: String,
+    pub topic: Topic,
     /// Opaque payload (msgpack `bin`).
     pub payload: Bytes,
+}
+
+/// The topic of an application message: UTF-8 text (a msgpack `str` on the
+/// wire), cheap to make, clone and drop. Topics are short in practice, and
+/// a topic of at most [`Topic::INLINE`] bytes lives inside the value, so
+/// that neither sending nor receiving a message allocates for its topic
+/// (with a `String`, every message read from a link cost an allocation,
+/// and every message sent one in the sender). A longer topic is shared.
+#[derive(Clone)]
+pub struct Topic(TopicRepr);
+
+#[derive(Clone)]
+enum TopicRepr {
+    /// `len` bytes of UTF-8 at the start of `bytes`.
+    Inline { len: u8, bytes: [u8; Topic::INLINE] },
+    /// Longer than [`Topic::INLINE`].
+    Shared(std::sync::Arc<str>),
+}
+
+impl Topic {
+    /// Longest topic kept inline.
+    pub const INLINE: usize = 30;
+
+    /// The topic as text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            TopicRepr::Inline { len, bytes } => {
+                // Every constructor copies valid UTF-8 in: never the empty
+                // fallback.
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            TopicRepr::Shared(s) => s,
+        }
+    }
+
+    /// The topic's UTF-8 bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            TopicRepr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            TopicRepr::Shared(s) => s.as_bytes(),
+        }
+    }
+
+    /// A topic from bytes that must be UTF-8.
+    pub fn from_utf8(bytes: &[u8]) -> Result<Topic, std::str::Utf8Error> {
+        std::str::from_utf8(bytes).map(Topic::from)
+    }
+}
+
+impl Default for Topic {
+    fn default() -> Self {
+        Topic::from("")
+    }
+}
+
+impl From<&str> for Topic {
+    fn from(s: &str) -> Self {
+        match u8::try_from(s.len()) {
+            Ok(len) if s.len() <= Topic::INLINE => {
+                let mut bytes = [0u8; Topic::INLINE];
+                bytes[..s.len()].copy_from_slice(s.as_bytes());
+                Topic(TopicRepr::Inline { len, bytes })
+            }
+            _ => Topic(TopicRepr::Shared(s.into())),
+        }
+    }
+}
+
+impl From<String> for Topic {
+    fn from(s: String) -> Self {
+        if s.len() <= Topic::INLINE {
+            Topic::from(s.as_str())
+        } else {
+            Topic(TopicRepr::Shared(s.into()))
+        }
+    }
+}
+
+impl From<&String> for Topic {
+    fn from(s: &String) -> Self {
+        Topic::from(s.as_str())
+    }
+}
+
+impl From<Topic> for String {
+    fn from(t: Topic) -> Self {
+        t.as_str().to_owned()
+    }
+}
+
+impl std::ops::Deref for Topic {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Topic {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Topic {
+    fn eq(&self, other: &Topic) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Topic {}
+
+impl PartialEq<str> for Topic {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Topic {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for Topic {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.as_str().hash(h)
+    }
+}
+
+impl std::fmt::Debug for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Topic {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Topic {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Topic::from)
+    }
 }
 
 /// The sender is shutting down gracefully.
@@ -221,7 +372,7 @@ impl Message {
                 use rmp::encode::{write_bin, write_map_len, write_str};
                 write_map_len(w, 2)?;
                 write_str(w, "topic")?;
-                write_str(w, &m.topic)?;
+                write_str(w, m.topic.as_str())?;
                 write_str(w, "payload")?;
                 write_bin(w, &m.payload)?;
                 Ok(())
@@ -695,9 +846,8 @@ fn app_in_place(mut frame: BytesMut) -> Result<AppMessage, BytesMut> {
         return Err(frame);
     };
     let body = &frame[FRAME_HEADER..];
-    let topic = match std::str::from_utf8(&body[at.topic]) {
-        Ok(t) => t.to_owned(),
-        Err(_) => return Err(frame),
+    let Ok(topic) = Topic::from_utf8(&body[at.topic]) else {
+        return Err(frame);
     };
     frame.advance(FRAME_HEADER + at.payload.start);
     frame.truncate(at.payload.len());
@@ -915,7 +1065,7 @@ pub(crate) mod tests {
             Err(FrameError::TooLarge { max: 1024 })
         ));
         let big = Message::App(AppMessage {
-            topic: String::new(),
+            topic: Topic::default(),
             payload: Bytes::from(vec![0u8; 2048]),
         });
         assert!(matches!(
@@ -1067,7 +1217,7 @@ pub(crate) mod tests {
             ("\\PC{0,20}", proptest::collection::vec(any::<u8>(), 0..256)).prop_map(
                 |(topic, p)| {
                     Message::App(AppMessage {
-                        topic,
+                        topic: topic.into(),
                         payload: Bytes::from(p),
                     })
                 }
@@ -1085,15 +1235,33 @@ pub(crate) mod tests {
     proptest! {
         #[test]
         fn app_encoding_by_hand_is_what_serde_writes(topic in "\\PC{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let msg = AppMessage { topic, payload: Bytes::from(payload) };
+            let msg = AppMessage { topic: topic.into(), payload: Bytes::from(payload) };
             prop_assert_eq!(Message::App(msg.clone()).encode_body().unwrap(), rmp_serde::to_vec_named(&msg).unwrap());
+        }
+
+        /// A topic is its text whatever its length (inline or shared), and
+        /// serialises exactly as that text does.
+        #[test]
+        fn topic_is_its_text(text in "\\PC{0,40}") {
+            let t = Topic::from(text.as_str());
+            prop_assert_eq!(t.as_str(), text.as_str());
+            prop_assert_eq!(t.as_bytes(), text.as_bytes());
+            prop_assert_eq!(&t, &Topic::from(text.clone()));
+            prop_assert_eq!(t.clone(), t.clone());
+            prop_assert_eq!(format!("{t}"), text.clone());
+            prop_assert_eq!(format!("{t:?}"), format!("{text:?}"));
+            prop_assert_eq!(rmp_serde::to_vec_named(&t).unwrap(), rmp_serde::to_vec_named(&text).unwrap());
+            prop_assert_eq!(serde_json::to_string(&t).unwrap(), serde_json::to_string(&text).unwrap());
+            let back: Topic = rmp_serde::from_slice(&rmp_serde::to_vec_named(&text).unwrap()).unwrap();
+            prop_assert_eq!(&back, &t);
+            prop_assert_eq!(String::from(back), text);
         }
 
         /// The hand-written `App` frame is the general path's frame, at
         /// every size class of msgpack's markers.
         #[test]
         fn app_frame_by_hand_is_the_general_frame(topic_len in prop::sample::select(vec![0usize, 1, 31, 32, 255, 256, 300, 65535, 65536]), payload_len in prop::sample::select(vec![0usize, 1, 255, 256, 65535, 65536, 70000]), fill in any::<u8>()) {
-            let msg = AppMessage { topic: "é".repeat(topic_len / 2) + &"t".repeat(topic_len % 2), payload: Bytes::from(vec![fill; payload_len]) };
+            let msg = AppMessage { topic: ("é".repeat(topic_len / 2) + &"t".repeat(topic_len % 2)).into(), payload: Bytes::from(vec![fill; payload_len]) };
             let codec = FrameCodec::new(1 << 20);
             let mut fast = BytesMut::new();
             codec.encode_app(&msg, &mut fast).unwrap();
@@ -1113,7 +1281,7 @@ pub(crate) mod tests {
 
         #[test]
         fn app_fast_path_agrees_with_serde(topic in "\\PC{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let msg = AppMessage { topic, payload: Bytes::from(payload) };
+            let msg = AppMessage { topic: topic.into(), payload: Bytes::from(payload) };
             let body = rmp_serde::to_vec_named(&msg).unwrap();
             let frame = app_frame(&body).split_off(4);
             prop_assert_eq!(app_in_place(frame).ok(), Some(msg.clone()));
@@ -1193,7 +1361,7 @@ pub(crate) mod tests {
         /// decodes exactly what the general path decodes (or both refuse).
         #[test]
         fn prop_damaged_app_frames_agree(topic in "\\PC{0,20}", payload in proptest::collection::vec(any::<u8>(), 0..100), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
-            let msg = AppMessage { topic, payload: Bytes::from(payload) };
+            let msg = AppMessage { topic: topic.into(), payload: Bytes::from(payload) };
             let mut body = rmp_serde::to_vec_named(&msg).unwrap();
             let i = at.index(body.len());
             body[i] = byte;

@@ -632,7 +632,7 @@ async fn messages_arrive_in_order_in_bounded_batches() {
         let ab = a.transport.links().await.remove(0);
         let wait = a.transport.send_timeout();
         let big = |i: u32| AppMessage {
-            topic: format!("big{i}"),
+            topic: format!("big{i}").into(),
             payload: Bytes::from(vec![i as u8; 40 << 10]),
         };
         let sent: Vec<AppMessage> = (0..3000).map(app).chain((0..12).map(big)).collect();
