@@ -2,8 +2,8 @@
 //! beside its baseline measured in the same run (and the ratio).
 //!
 //! `cargo bench -p constellation-transport --bench link [-- --quick]`
-//! (`-- --profile-64B` runs only our link's 64-byte stream, silently, to
-//! be watched by a profiler).
+//! (`-- --profile-64B` or `-- --profile-64KiB` runs only our link's stream
+//! of that payload size, silently, to be watched by a profiler).
 //!
 //! The path measured is the transport's public API, the one every
 //! application message takes (`POST /v1/messages` ends in it): a
@@ -349,6 +349,12 @@ fn main() {
         // Only our link's 64-byte stream, for a profiler; prints nothing.
         for _ in 0..runs * 4 {
             transport_stream(None, 64, small);
+        }
+        return;
+    }
+    if std::env::args().any(|a| a == "--profile-64KiB") {
+        for _ in 0..runs * 4 {
+            transport_stream(None, 64 << 10, large);
         }
         return;
     }
