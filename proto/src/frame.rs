@@ -804,6 +804,11 @@ struct AppLayout {
 /// serde path, so that the wire contract is exactly serde's. The topic's
 /// bytes are not checked here: whoever makes a string of them does.
 fn app_layout(body: &[u8]) -> Option<AppLayout> {
+    app_layout_as_written(body).or_else(|| app_layout_general(body))
+}
+
+/// [`app_layout`] for any order of the two fields and any markers.
+fn app_layout_general(body: &[u8]) -> Option<AppLayout> {
     use rmp::decode::{read_bin_len, read_map_len, read_str_len};
     /// Skips `n` bytes; returns their range in `body`.
     fn take(body: &[u8], rd: &mut &[u8], n: usize) -> Option<std::ops::Range<usize>> {
@@ -834,6 +839,46 @@ fn app_layout(body: &[u8]) -> Option<AppLayout> {
     Some(AppLayout {
         topic: topic?,
         payload: payload?,
+    })
+}
+
+/// [`app_layout`] for the exact bytes [`FrameCodec::encode_app`] writes
+/// (`topic` first, shortest markers), matched without a parser loop;
+/// `None` for anything else, which the general reader then tries.
+fn app_layout_as_written(body: &[u8]) -> Option<AppLayout> {
+    /// A length of `n` big-endian bytes at `at`.
+    fn be(body: &[u8], at: usize, n: usize) -> Option<usize> {
+        let b = body.get(at..at + n)?;
+        Some(b.iter().fold(0usize, |v, &x| v << 8 | usize::from(x)))
+    }
+    const HEAD: &[u8] = b"\x82\xa5topic";
+    const PAYLOAD_KEY: &[u8] = b"\xa7payload";
+    if !body.starts_with(HEAD) {
+        return None;
+    }
+    let at = HEAD.len();
+    let (topic_len, topic_at) = match *body.get(at)? {
+        m @ 0xa0..=0xbf => (usize::from(m & 0x1f), at + 1),
+        0xd9 => (be(body, at + 1, 1)?, at + 2),
+        0xda => (be(body, at + 1, 2)?, at + 3),
+        0xdb => (be(body, at + 1, 4)?, at + 5),
+        _ => return None,
+    };
+    let key_at = topic_at.checked_add(topic_len)?;
+    let at = key_at.checked_add(PAYLOAD_KEY.len())?;
+    if body.get(key_at..at)? != PAYLOAD_KEY {
+        return None;
+    }
+    let (payload_len, payload_at) = match *body.get(at)? {
+        0xc4 => (be(body, at + 1, 1)?, at + 2),
+        0xc5 => (be(body, at + 1, 2)?, at + 3),
+        0xc6 => (be(body, at + 1, 4)?, at + 5),
+        _ => return None,
+    };
+    // The payload ends the body exactly.
+    (body.len().checked_sub(payload_at)? == payload_len).then_some(AppLayout {
+        topic: topic_at..key_at,
+        payload: payload_at..body.len(),
     })
 }
 
@@ -1286,6 +1331,24 @@ pub(crate) mod tests {
             let frame = app_frame(&body).split_off(4);
             prop_assert_eq!(app_in_place(frame).ok(), Some(msg.clone()));
             prop_assert_eq!(Message::decode_body(KIND_APP, &body).unwrap(), Message::App(msg));
+        }
+
+        /// The exact-bytes matcher answers for what this crate writes, and
+        /// wherever it answers, the general reader reads the same layout.
+        #[test]
+        fn app_layout_as_written_agrees(topic in "\\PC{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300), cut in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let msg = AppMessage { topic: topic.into(), payload: Bytes::from(payload) };
+            let body = rmp_serde::to_vec_named(&msg).unwrap();
+            let fast = app_layout_as_written(&body);
+            prop_assert!(fast.is_some());
+            prop_assert_eq!(fast, app_layout_general(&body));
+            let mut damaged = body.clone();
+            damaged[cut.index(body.len())] = byte;
+            if let Some(at) = app_layout_as_written(&damaged) {
+                prop_assert_eq!(Some(at), app_layout_general(&damaged));
+            }
+            let short = &body[..cut.index(body.len())];
+            prop_assert_eq!(app_layout_as_written(short), None);
         }
 
         #[test]
