@@ -23,6 +23,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
+/// A queue emptied with room for more than this many items gives its room
+/// back: a burst must not leave every link that saw one holding a full
+/// queue's worth of memory while idle.
+const KEEP_ROOM: usize = 256;
+
 /// Why [`Tx::try_send`] gave the item back.
 #[derive(Debug)]
 pub(crate) enum TrySendError<T> {
@@ -182,7 +187,7 @@ impl<T> Rx<T> {
     }
 
     fn take(&self, out: &mut Vec<T>, limit: usize, will_wait: bool) -> Option<usize> {
-        let (n, wake) = {
+        let (n, wake, room) = {
             let mut s = self.0.lock();
             if s.items.is_empty() {
                 if s.senders == 0 {
@@ -193,8 +198,11 @@ impl<T> Rx<T> {
             }
             let n = limit.min(s.items.len());
             out.extend(s.items.drain(..n));
-            (n, std::mem::take(&mut s.senders_wait))
+            let room = (s.items.is_empty() && s.items.capacity() > KEEP_ROOM)
+                .then(|| std::mem::take(&mut s.items));
+            (n, std::mem::take(&mut s.senders_wait), room)
         };
+        drop(room); // outside the lock
         if wake {
             self.0.to_senders.notify_waiters();
         }
@@ -278,5 +286,22 @@ mod tests {
         while rx.recv_many(&mut out, 16).await > 0 {}
         producer.await.unwrap();
         assert!(out.iter().copied().eq(0..10_000), "all, in order");
+    }
+
+    #[test]
+    fn an_emptied_queue_gives_back_the_room_of_a_burst() {
+        let (tx, mut rx) = channel::<u32>(1024);
+        for i in 0..1000 {
+            tx.try_send(i).unwrap();
+        }
+        let mut out = Vec::new();
+        assert_eq!(rx.try_recv_many(&mut out, 2000), Some(1000));
+        assert_eq!(rx.0.lock().items.capacity(), 0);
+        tx.try_send(1).unwrap();
+        assert_eq!(rx.try_recv_many(&mut out, 2000), Some(1));
+        assert!(
+            rx.0.lock().items.capacity() > 0,
+            "a small queue keeps its room"
+        );
     }
 }
