@@ -879,7 +879,7 @@ async fn post_message(
     }
     let state = &api.state;
     let msg = AppMessage {
-        topic: topic.to_string(),
+        topic: topic.into(),
         payload: Bytes::from(payload),
     };
     let wait = state.transport.send_timeout();

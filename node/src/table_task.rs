@@ -266,22 +266,26 @@ fn on_transport(
             state.queries.frame(id, msg);
             id
         }
-        TransportEvent::Message { id, msg } => {
+        TransportEvent::Messages { id, msgs } => {
             table.on_traffic(now, id);
-            state.messages_in.fetch_add(1, Ordering::Relaxed);
+            state
+                .messages_in
+                .fetch_add(msgs.len() as u64, Ordering::Relaxed);
             let from_name = table.get(&id).map(|p| p.name.clone());
-            // Built only when someone subscribes to /v1/events.
-            state.publish("message", || {
-                let b64 = base64::engine::general_purpose::STANDARD.encode(&msg.payload);
-                let text = std::str::from_utf8(&msg.payload).ok();
-                json!({
-                    "from": id.to_string(),
-                    "from_name": from_name,
-                    "topic": msg.topic,
-                    "payload": text,
-                    "payload_b64": b64,
-                })
-            });
+            for msg in msgs {
+                // Built only when someone subscribes to /v1/events.
+                state.publish("message", || {
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(&msg.payload);
+                    let text = std::str::from_utf8(&msg.payload).ok();
+                    json!({
+                        "from": id.to_string(),
+                        "from_name": from_name,
+                        "topic": msg.topic,
+                        "payload": text,
+                        "payload_b64": b64,
+                    })
+                });
+            }
             id
         }
     }

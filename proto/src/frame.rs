@@ -7,8 +7,7 @@
 //! ```
 //!
 //! `length` counts every byte after itself and is checked against the
-//! codec's maximum *before* anything is buffered ([`LengthDelimitedCodec`]
-//! does that). Bodies are msgpack maps with named fields; unknown fields are
+//! codec's maximum *before* anything is buffered. Bodies are msgpack maps with named fields; unknown fields are
 //! ignored. Unknown kinds and versions are typed errors. The tag (16 bytes,
 //! present iff `flags` has [`FLAG_TAGGED`]) is reserved for the cluster-secret
 //! mode, so that adding it changes no layout.
@@ -127,9 +126,160 @@ pub struct PeerList {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppMessage {
     /// Free-form topic.
-    pub topic: String,
+    pub topic: Topic,
     /// Opaque payload (msgpack `bin`).
     pub payload: Bytes,
+}
+
+/// The topic of an application message: UTF-8 text (a msgpack `str` on the
+/// wire), cheap to make, clone and drop. Topics are short in practice, and
+/// a topic of at most [`Topic::INLINE`] bytes lives inside the value, so
+/// that neither sending nor receiving a message allocates for its topic
+/// (with a `String`, every message read from a link cost an allocation,
+/// and every message sent one in the sender). A longer topic is shared.
+#[derive(Clone)]
+pub struct Topic(TopicRepr);
+
+#[derive(Clone)]
+enum TopicRepr {
+    /// `len` bytes of UTF-8 at the start of `bytes`.
+    Inline { len: u8, bytes: [u8; Topic::INLINE] },
+    /// Longer than [`Topic::INLINE`].
+    Shared(std::sync::Arc<str>),
+}
+
+impl Topic {
+    /// Longest topic kept inline.
+    pub const INLINE: usize = 30;
+
+    /// The topic as text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            TopicRepr::Inline { len, bytes } => {
+                // Every constructor copies valid UTF-8 in: never the empty
+                // fallback.
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            TopicRepr::Shared(s) => s,
+        }
+    }
+
+    /// The topic's UTF-8 bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            TopicRepr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            TopicRepr::Shared(s) => s.as_bytes(),
+        }
+    }
+
+    /// A topic from bytes that must be UTF-8.
+    pub fn from_utf8(bytes: &[u8]) -> Result<Topic, std::str::Utf8Error> {
+        std::str::from_utf8(bytes).map(Topic::from)
+    }
+}
+
+impl Default for Topic {
+    fn default() -> Self {
+        Topic::from("")
+    }
+}
+
+impl From<&str> for Topic {
+    fn from(s: &str) -> Self {
+        match u8::try_from(s.len()) {
+            Ok(len) if s.len() <= Topic::INLINE => {
+                let mut bytes = [0u8; Topic::INLINE];
+                bytes[..s.len()].copy_from_slice(s.as_bytes());
+                Topic(TopicRepr::Inline { len, bytes })
+            }
+            _ => Topic(TopicRepr::Shared(s.into())),
+        }
+    }
+}
+
+impl From<String> for Topic {
+    fn from(s: String) -> Self {
+        if s.len() <= Topic::INLINE {
+            Topic::from(s.as_str())
+        } else {
+            Topic(TopicRepr::Shared(s.into()))
+        }
+    }
+}
+
+impl From<&String> for Topic {
+    fn from(s: &String) -> Self {
+        Topic::from(s.as_str())
+    }
+}
+
+impl From<Topic> for String {
+    fn from(t: Topic) -> Self {
+        t.as_str().to_owned()
+    }
+}
+
+impl std::ops::Deref for Topic {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Topic {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Topic {
+    fn eq(&self, other: &Topic) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Topic {}
+
+impl PartialEq<str> for Topic {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Topic {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for Topic {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.as_str().hash(h)
+    }
+}
+
+impl std::fmt::Debug for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Topic {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Topic {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Topic::from)
+    }
 }
 
 /// The sender is shutting down gracefully.
@@ -245,7 +395,7 @@ impl Message {
                 use rmp::encode::{write_bin, write_map_len, write_str};
                 write_map_len(w, 2)?;
                 write_str(w, "topic")?;
-                write_str(w, &m.topic)?;
+                write_str(w, m.topic.as_str())?;
                 write_str(w, "payload")?;
                 write_bin(w, &m.payload)?;
                 Ok(())
@@ -407,9 +557,13 @@ pub fn check_hello(local: &Hello, remote: &Hello) -> Result<(), Reject> {
 /// seal covers up to a batch of small messages; a record is closed once its
 /// plaintext reaches [`RECORD_TARGET`] bytes. A plaintext frame on a secured
 /// link is an error.
+///
+/// Frames are split by hand rather than by a [`LengthDelimitedCodec`]: the
+/// split is stateless (the prefix stays in the buffer until the whole frame
+/// is there), and an application frame is cut once, straight to its
+/// payload, which a link reading thousands of frames per wake-up notices.
 #[derive(Debug)]
 pub struct FrameCodec {
-    inner: LengthDelimitedCodec,
     max: usize,
     secure: Option<Box<Sealing>>,
 }
@@ -439,15 +593,7 @@ impl Default for FrameCodec {
 impl FrameCodec {
     /// A codec refusing frames longer than `max` bytes (after the prefix).
     pub fn new(max: usize) -> Self {
-        let inner = LengthDelimitedCodec::builder()
-            .length_field_length(4)
-            .max_frame_length(max)
-            .new_codec();
-        FrameCodec {
-            inner,
-            max,
-            secure: None,
-        }
+        FrameCodec { max, secure: None }
     }
 
     /// A codec for one direction of a secured link.
@@ -485,6 +631,9 @@ impl FrameCodec {
     /// Appends one plaintext frame: the body is written in place after a
     /// length placeholder, then the length is filled in (no copy).
     fn encode_frame(&self, item: &Message, dst: &mut BytesMut) -> Result<(), FrameError> {
+        if let Message::App(m) = item {
+            return self.encode_app(m, dst);
+        }
         let start = dst.len();
         dst.reserve(4 + FRAME_HEADER + 64);
         dst.put_u32(0);
@@ -503,6 +652,67 @@ impl FrameCodec {
         }
         // Cannot truncate: len <= max, and max is a usize we chose well under 4 GiB.
         dst[start..start + 4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
+impl FrameCodec {
+    /// The hot path of [`FrameCodec::encode_frame`]: an `App` frame written
+    /// with `BufMut` calls alone, its size known before the first byte, so
+    /// that nothing is written (or truncated) for a frame over the limit.
+    /// Byte for byte what the general path writes (a property test checks
+    /// it): msgpack's shortest markers, `topic` then `payload`.
+    fn encode_app(&self, m: &AppMessage, dst: &mut BytesMut) -> Result<(), FrameError> {
+        let (topic, payload) = (m.topic.as_bytes(), &m.payload[..]);
+        let str_head = match topic.len() {
+            0..32 => 1,
+            32..256 => 2,
+            256..65536 => 3,
+            _ => 5,
+        };
+        let bin_head = match payload.len() {
+            0..256 => 2,
+            256..65536 => 3,
+            _ => 5,
+        };
+        // map(2), "topic", the topic, "payload", the payload.
+        let body = 1 + 6 + str_head + topic.len() + 8 + bin_head + payload.len();
+        let len = FRAME_HEADER + body;
+        if len > self.max {
+            return Err(FrameError::TooLarge { max: self.max });
+        }
+        dst.reserve(4 + len);
+        // Cannot truncate: len <= max, and max is a usize we chose well under 4 GiB.
+        dst.put_u32(len as u32);
+        dst.put_slice(&[VERSION, 0, KIND_APP, 0x82, 0xa5]);
+        dst.put_slice(b"topic");
+        match topic.len() {
+            n @ 0..32 => dst.put_u8(0xa0 | n as u8),
+            n @ 32..256 => dst.put_slice(&[0xd9, n as u8]),
+            n @ 256..65536 => {
+                dst.put_u8(0xda);
+                dst.put_u16(n as u16);
+            }
+            n => {
+                dst.put_u8(0xdb);
+                dst.put_u32(n as u32);
+            }
+        }
+        dst.put_slice(topic);
+        dst.put_u8(0xa7);
+        dst.put_slice(b"payload");
+        match payload.len() {
+            n @ 0..256 => dst.put_slice(&[0xc4, n as u8]),
+            n @ 256..65536 => {
+                dst.put_u8(0xc5);
+                dst.put_u16(n as u16);
+            }
+            n => {
+                dst.put_u8(0xc6);
+                dst.put_u32(n as u32);
+            }
+        }
+        dst.put_slice(payload);
         Ok(())
     }
 }
@@ -580,48 +790,72 @@ fn check_plain_header(frame: &[u8]) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// Decodes a whole plaintext frame that we own (header checked), so that an
-/// application payload can be sliced out of it instead of copied.
+/// Length (after the prefix) of the frame at the start of `src`, once it
+/// is all there: `Ok(None)` while the prefix or the frame is incomplete.
+/// The prefix is checked against `max` before anything is buffered.
+fn whole_frame(src: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
+    let Some(prefix) = src.first_chunk::<4>() else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(*prefix) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { max });
+    }
+    Ok((src.len() - 4 >= len).then_some(len))
+}
+
+/// Decodes a whole plaintext frame that we own (without its prefix), so
+/// that an application payload can be cut out of it instead of copied.
 fn decode_owned(frame: BytesMut) -> Result<Message, FrameError> {
     check_plain_header(&frame)?;
     let kind = frame[2];
     if kind != KIND_APP {
         return Message::decode_body(kind, &frame[FRAME_HEADER..]);
     }
-    let frame = frame.freeze();
-    match app_in_place(&frame) {
-        Some(m) => Ok(Message::App(m)),
-        None => Message::decode_body(kind, &frame[FRAME_HEADER..]),
+    match app_in_place(frame) {
+        Ok(m) => Ok(Message::App(m)),
+        Err(frame) => Message::decode_body(kind, &frame[FRAME_HEADER..]),
     }
 }
 
-/// The hot path: an `App` body as this crate writes it (a map holding just
-/// `topic` and `payload`, in any order) is read with `rmp`'s primitives and
-/// its payload sliced out of `frame` without a copy. Anything else (unknown
-/// fields, other encodings, garbage) returns `None` and takes the general
-/// serde path, so the wire contract is exactly the same.
-fn app_in_place(frame: &Bytes) -> Option<AppMessage> {
+/// Where the parts of an `App` body lie, as offsets into the body.
+#[derive(Debug, PartialEq, Eq)]
+struct AppLayout {
+    topic: std::ops::Range<usize>,
+    payload: std::ops::Range<usize>,
+}
+
+/// Reads an `App` body as this crate writes it (a map holding just `topic`
+/// and `payload`, in any order) with `rmp`'s primitives. Anything else
+/// (unknown fields, other encodings, garbage) is `None`, for the general
+/// serde path, so that the wire contract is exactly serde's. The topic's
+/// bytes are not checked here: whoever makes a string of them does.
+fn app_layout(body: &[u8]) -> Option<AppLayout> {
+    app_layout_as_written(body).or_else(|| app_layout_general(body))
+}
+
+/// [`app_layout`] for any order of the two fields and any markers.
+fn app_layout_general(body: &[u8]) -> Option<AppLayout> {
     use rmp::decode::{read_bin_len, read_map_len, read_str_len};
-    fn take<'a>(rd: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        let (head, tail) = (rd.get(..n)?, rd.get(n..)?);
-        *rd = tail;
-        Some(head)
+    /// Skips `n` bytes; returns their range in `body`.
+    fn take(body: &[u8], rd: &mut &[u8], n: usize) -> Option<std::ops::Range<usize>> {
+        let at = body.len() - rd.len();
+        *rd = rd.get(n..)?;
+        Some(at..at + n)
     }
-    let body = frame.get(FRAME_HEADER..)?;
     let mut rd: &[u8] = body;
     let (mut topic, mut payload) = (None, None);
     for _ in 0..read_map_len(&mut rd).ok()? {
         let klen = read_str_len(&mut rd).ok()? as usize;
-        match take(&mut rd, klen)? {
+        let key = take(body, &mut rd, klen)?;
+        match &body[key] {
             b"topic" if topic.is_none() => {
                 let len = read_str_len(&mut rd).ok()? as usize;
-                topic = Some(std::str::from_utf8(take(&mut rd, len)?).ok()?.to_owned());
+                topic = Some(take(body, &mut rd, len)?);
             }
             b"payload" if payload.is_none() => {
                 let len = read_bin_len(&mut rd).ok()? as usize;
-                let at = FRAME_HEADER + body.len() - rd.len();
-                take(&mut rd, len)?;
-                payload = Some(frame.slice(at..at + len));
+                payload = Some(take(body, &mut rd, len)?);
             }
             _ => return None,
         }
@@ -629,9 +863,69 @@ fn app_in_place(frame: &Bytes) -> Option<AppMessage> {
     if !rd.is_empty() {
         return None;
     }
-    Some(AppMessage {
+    Some(AppLayout {
         topic: topic?,
         payload: payload?,
+    })
+}
+
+/// [`app_layout`] for the exact bytes [`FrameCodec::encode_app`] writes
+/// (`topic` first, shortest markers), matched without a parser loop;
+/// `None` for anything else, which the general reader then tries.
+fn app_layout_as_written(body: &[u8]) -> Option<AppLayout> {
+    /// A length of `n` big-endian bytes at `at`.
+    fn be(body: &[u8], at: usize, n: usize) -> Option<usize> {
+        let b = body.get(at..at + n)?;
+        Some(b.iter().fold(0usize, |v, &x| v << 8 | usize::from(x)))
+    }
+    const HEAD: &[u8] = b"\x82\xa5topic";
+    const PAYLOAD_KEY: &[u8] = b"\xa7payload";
+    if !body.starts_with(HEAD) {
+        return None;
+    }
+    let at = HEAD.len();
+    let (topic_len, topic_at) = match *body.get(at)? {
+        m @ 0xa0..=0xbf => (usize::from(m & 0x1f), at + 1),
+        0xd9 => (be(body, at + 1, 1)?, at + 2),
+        0xda => (be(body, at + 1, 2)?, at + 3),
+        0xdb => (be(body, at + 1, 4)?, at + 5),
+        _ => return None,
+    };
+    let key_at = topic_at.checked_add(topic_len)?;
+    let at = key_at.checked_add(PAYLOAD_KEY.len())?;
+    if body.get(key_at..at)? != PAYLOAD_KEY {
+        return None;
+    }
+    let (payload_len, payload_at) = match *body.get(at)? {
+        0xc4 => (be(body, at + 1, 1)?, at + 2),
+        0xc5 => (be(body, at + 1, 2)?, at + 3),
+        0xc6 => (be(body, at + 1, 4)?, at + 5),
+        _ => return None,
+    };
+    // The payload ends the body exactly.
+    (body.len().checked_sub(payload_at)? == payload_len).then_some(AppLayout {
+        topic: topic_at..key_at,
+        payload: payload_at..body.len(),
+    })
+}
+
+/// The hot path: an `App` frame (header and body, the header checked) in
+/// the shape [`app_layout`] reads, with a UTF-8 topic, becomes its message,
+/// the payload cut out of `frame` in place (no copy, no further reference
+/// count). Anything else is handed back untouched.
+fn app_in_place(mut frame: BytesMut) -> Result<AppMessage, BytesMut> {
+    let Some(at) = frame.get(FRAME_HEADER..).and_then(app_layout) else {
+        return Err(frame);
+    };
+    let body = &frame[FRAME_HEADER..];
+    let Ok(topic) = Topic::from_utf8(&body[at.topic]) else {
+        return Err(frame);
+    };
+    frame.advance(FRAME_HEADER + at.payload.start);
+    frame.truncate(at.payload.len());
+    Ok(AppMessage {
+        topic,
+        payload: frame.freeze(),
     })
 }
 
@@ -649,11 +943,18 @@ impl Decoder for FrameCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
         let Some(sec) = &mut self.secure else {
-            return match self.inner.decode(src) {
-                Ok(Some(frame)) => decode_owned(frame).map(Some),
-                Ok(None) => Ok(None),
-                Err(e) => Err(length_error(e, self.max)),
+            let Some(len) = whole_frame(src, self.max)? else {
+                // Room for the rest of a frame whose prefix is here, so
+                // that the next read can complete it.
+                if let Some(prefix) = src.first_chunk::<4>() {
+                    let total = 4 + u32::from_be_bytes(*prefix) as usize;
+                    src.reserve(total - src.len());
+                }
+                return Ok(None);
             };
+            let mut frame = src.split_to(4 + len);
+            frame.advance(4);
+            return decode_owned(frame).map(Some);
         };
         if sec.opened.is_empty() {
             let record = match sec.records.decode(src) {
@@ -664,11 +965,12 @@ impl Decoder for FrameCodec {
             sec.open(record)?;
         }
         // Frames inside a record are whole: a partial one is an error.
-        match self.inner.decode(&mut sec.opened) {
-            Ok(Some(frame)) => decode_owned(frame).map(Some),
-            Ok(None) => Err(FrameError::Truncated),
-            Err(e) => Err(length_error(e, self.max)),
-        }
+        let Some(len) = whole_frame(&sec.opened, self.max)? else {
+            return Err(FrameError::Truncated);
+        };
+        let mut frame = sec.opened.split_to(4 + len);
+        frame.advance(4);
+        decode_owned(frame).map(Some)
     }
 }
 
@@ -858,7 +1160,7 @@ pub(crate) mod tests {
             Err(FrameError::TooLarge { max: 1024 })
         ));
         let big = Message::App(AppMessage {
-            topic: String::new(),
+            topic: Topic::default(),
             payload: Bytes::from(vec![0u8; 2048]),
         });
         assert!(matches!(
@@ -1062,7 +1364,7 @@ pub(crate) mod tests {
             ("\\PC{0,20}", proptest::collection::vec(any::<u8>(), 0..256)).prop_map(
                 |(topic, p)| {
                     Message::App(AppMessage {
-                        topic,
+                        topic: topic.into(),
                         payload: Bytes::from(p),
                     })
                 }
@@ -1080,23 +1382,81 @@ pub(crate) mod tests {
     proptest! {
         #[test]
         fn app_encoding_by_hand_is_what_serde_writes(topic in "\\PC{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let msg = AppMessage { topic, payload: Bytes::from(payload) };
+            let msg = AppMessage { topic: topic.into(), payload: Bytes::from(payload) };
             prop_assert_eq!(Message::App(msg.clone()).encode_body().unwrap(), rmp_serde::to_vec_named(&msg).unwrap());
+        }
+
+        /// A topic is its text whatever its length (inline or shared), and
+        /// serialises exactly as that text does.
+        #[test]
+        fn topic_is_its_text(text in "\\PC{0,40}") {
+            let t = Topic::from(text.as_str());
+            prop_assert_eq!(t.as_str(), text.as_str());
+            prop_assert_eq!(t.as_bytes(), text.as_bytes());
+            prop_assert_eq!(&t, &Topic::from(text.clone()));
+            prop_assert_eq!(t.clone(), t.clone());
+            prop_assert_eq!(format!("{t}"), text.clone());
+            prop_assert_eq!(format!("{t:?}"), format!("{text:?}"));
+            prop_assert_eq!(rmp_serde::to_vec_named(&t).unwrap(), rmp_serde::to_vec_named(&text).unwrap());
+            prop_assert_eq!(serde_json::to_string(&t).unwrap(), serde_json::to_string(&text).unwrap());
+            let back: Topic = rmp_serde::from_slice(&rmp_serde::to_vec_named(&text).unwrap()).unwrap();
+            prop_assert_eq!(&back, &t);
+            prop_assert_eq!(String::from(back), text);
+        }
+
+        /// The hand-written `App` frame is the general path's frame, at
+        /// every size class of msgpack's markers.
+        #[test]
+        fn app_frame_by_hand_is_the_general_frame(topic_len in prop::sample::select(vec![0usize, 1, 31, 32, 255, 256, 300, 65535, 65536]), payload_len in prop::sample::select(vec![0usize, 1, 255, 256, 65535, 65536, 70000]), fill in any::<u8>()) {
+            let msg = AppMessage { topic: ("é".repeat(topic_len / 2) + &"t".repeat(topic_len % 2)).into(), payload: Bytes::from(vec![fill; payload_len]) };
+            let codec = FrameCodec::new(1 << 20);
+            let mut fast = BytesMut::new();
+            codec.encode_app(&msg, &mut fast).unwrap();
+            let body = Message::App(msg.clone()).encode_body().unwrap();
+            let mut general = BytesMut::new();
+            general.put_u32((FRAME_HEADER + body.len()) as u32);
+            general.put_slice(&[VERSION, 0, KIND_APP]);
+            general.put_slice(&body);
+            prop_assert_eq!(&fast[..], &general[..]);
+            // And a limit one byte short refuses it without writing.
+            let short = FrameCodec::new(fast.len() - 5);
+            let mut out = BytesMut::from(&b"xy"[..]);
+            let refused = matches!(short.encode_app(&msg, &mut out), Err(FrameError::TooLarge { .. }));
+            prop_assert!(refused);
+            prop_assert_eq!(&out[..], b"xy");
         }
 
         #[test]
         fn app_fast_path_agrees_with_serde(topic in "\\PC{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let msg = AppMessage { topic, payload: Bytes::from(payload) };
+            let msg = AppMessage { topic: topic.into(), payload: Bytes::from(payload) };
             let body = rmp_serde::to_vec_named(&msg).unwrap();
-            let frame = app_frame(&body).split_off(4).freeze();
-            prop_assert_eq!(app_in_place(&frame), Some(msg.clone()));
+            let frame = app_frame(&body).split_off(4);
+            prop_assert_eq!(app_in_place(frame).ok(), Some(msg.clone()));
             prop_assert_eq!(Message::decode_body(KIND_APP, &body).unwrap(), Message::App(msg));
+        }
+
+        /// The exact-bytes matcher answers for what this crate writes, and
+        /// wherever it answers, the general reader reads the same layout.
+        #[test]
+        fn app_layout_as_written_agrees(topic in "\\PC{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300), cut in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let msg = AppMessage { topic: topic.into(), payload: Bytes::from(payload) };
+            let body = rmp_serde::to_vec_named(&msg).unwrap();
+            let fast = app_layout_as_written(&body);
+            prop_assert!(fast.is_some());
+            prop_assert_eq!(fast, app_layout_general(&body));
+            let mut damaged = body.clone();
+            damaged[cut.index(body.len())] = byte;
+            if let Some(at) = app_layout_as_written(&damaged) {
+                prop_assert_eq!(Some(at), app_layout_general(&damaged));
+            }
+            let short = &body[..cut.index(body.len())];
+            prop_assert_eq!(app_layout_as_written(short), None);
         }
 
         #[test]
         fn app_fast_path_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let frame = app_frame(&body).split_off(4).freeze();
-            if let Some(m) = app_in_place(&frame) {
+            let frame = app_frame(&body).split_off(4);
+            if let Ok(m) = app_in_place(frame) {
                 // Whatever it accepts, the general decoder accepts identically.
                 prop_assert_eq!(Message::decode_body(KIND_APP, &body).unwrap(), Message::App(m));
             }
@@ -1111,6 +1471,72 @@ pub(crate) mod tests {
             codec.encode(m.clone(), &mut buf).unwrap();
             prop_assert_eq!(codec.decode(&mut buf).unwrap(), Some(m));
             prop_assert!(buf.is_empty());
+        }
+
+        /// A stream of frames arriving in arbitrary pieces decodes to the
+        /// same messages: the split keeps no state between calls.
+        #[test]
+        fn prop_stream_in_pieces(ms in proptest::collection::vec(arb_message(), 1..8), cuts in proptest::collection::vec(1usize..200, 1..40)) {
+            let mut codec = FrameCodec::default();
+            let mut wire = BytesMut::new();
+            for m in &ms {
+                codec.encode(m.clone(), &mut wire).unwrap();
+            }
+            let (mut buf, mut got, mut cut) = (BytesMut::new(), Vec::new(), cuts.iter().cycle());
+            while !wire.is_empty() || !buf.is_empty() {
+                let n = (*cut.next().unwrap()).min(wire.len());
+                buf.extend_from_slice(&wire.split_to(n));
+                while let Some(m) = codec.decode(&mut buf).unwrap() {
+                    got.push(m);
+                }
+                if wire.is_empty() {
+                    break;
+                }
+            }
+            prop_assert_eq!(got, ms);
+            prop_assert!(buf.is_empty());
+        }
+
+        /// The hand-made split agrees with tokio-util's length-delimited
+        /// codec on any bytes: the same frames, "need more" at the same
+        /// point, and a too-large prefix refused as such.
+        #[test]
+        fn prop_split_agrees_with_length_delimited(data in proptest::collection::vec(any::<u8>(), 0..600), max in 0usize..300) {
+            let mut ldc = LengthDelimitedCodec::builder().length_field_length(4).max_frame_length(max).new_codec();
+            let (mut a, mut b) = (BytesMut::from(&data[..]), BytesMut::from(&data[..]));
+            loop {
+                let ours = whole_frame(&a, max);
+                let theirs = ldc.decode(&mut b);
+                match (ours, theirs) {
+                    (Ok(Some(len)), Ok(Some(frame))) => {
+                        let mine = a.split_to(4 + len);
+                        prop_assert_eq!(&mine[4..], &frame[..]);
+                    }
+                    (Ok(None), Ok(None)) => break,
+                    (Err(FrameError::TooLarge { .. }), Err(e)) => {
+                        prop_assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+                        break;
+                    }
+                    (ours, theirs) => prop_assert!(false, "{ours:?} vs {theirs:?}"),
+                }
+            }
+        }
+
+        /// App frames damaged anywhere: the fast path never panics, and
+        /// decodes exactly what the general path decodes (or both refuse).
+        #[test]
+        fn prop_damaged_app_frames_agree(topic in "\\PC{0,20}", payload in proptest::collection::vec(any::<u8>(), 0..100), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let msg = AppMessage { topic: topic.into(), payload: Bytes::from(payload) };
+            let mut body = rmp_serde::to_vec_named(&msg).unwrap();
+            let i = at.index(body.len());
+            body[i] = byte;
+            let fast = FrameCodec::default().decode(&mut app_frame(&body));
+            let general = Message::decode_body(KIND_APP, &body);
+            match (fast, general) {
+                (Ok(Some(f)), Ok(g)) => prop_assert_eq!(f, g),
+                (Err(_), Err(_)) => {}
+                (f, g) => prop_assert!(false, "fast {f:?} vs general {g:?}"),
+            }
         }
 
         #[test]

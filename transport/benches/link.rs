@@ -2,11 +2,14 @@
 //! beside its baseline measured in the same run (and the ratio).
 //!
 //! `cargo bench -p constellation-transport --bench link [-- --quick]`
+//! (`-- --profile-64B` or `-- --profile-64KiB` runs only our link's stream
+//! of that payload size, silently, to be watched by a profiler).
 //!
 //! The path measured is the transport's public API, the one every
 //! application message takes (`POST /v1/messages` ends in it): a
 //! `LinkHandle::send_app` on one node, the link's writer task, TCP, the
-//! peer's reader task, and a `TransportEvent::Message` on its event channel.
+//! peer's reader task, and a `TransportEvent::Messages` on its event
+//! channel, whose messages the consumer takes one by one.
 //! The baseline is the least a Rust program can do for the same bytes: a
 //! raw `tokio_util` `Framed` pair with a length-delimited codec over the same
 //! loopback TCP, writes batched as our writer batches them. In both, each
@@ -48,6 +51,8 @@ struct Node {
     id: NodeId,
     addr: SocketAddr,
     cancel: CancellationToken,
+    /// Messages of the last batch not yet taken.
+    pending: std::vec::IntoIter<AppMessage>,
 }
 
 async fn node(name: &str, key: Option<&Key>) -> Node {
@@ -76,6 +81,7 @@ async fn node(name: &str, key: Option<&Key>) -> Node {
         id,
         addr,
         cancel,
+        pending: Vec::new().into_iter(),
     }
 }
 
@@ -114,8 +120,11 @@ async fn wait_link(n: &mut Node) {
 
 async fn next_message(n: &mut Node) -> AppMessage {
     loop {
+        if let Some(msg) = n.pending.next() {
+            return msg;
+        }
         match tokio::time::timeout(WAIT, n.events.recv()).await {
-            Ok(Some(TransportEvent::Message { msg, .. })) => return msg,
+            Ok(Some(TransportEvent::Messages { msgs, .. })) => n.pending = msgs.into_iter(),
             Ok(Some(_)) => {}
             other => panic!("message stream stalled: {other:?}"),
         }
@@ -336,6 +345,19 @@ fn main() {
         (5, 200_000, 2_000, 5_000)
     };
     let key = Key::generate();
+    if std::env::args().any(|a| a == "--profile-64B") {
+        // Only our link's 64-byte stream, for a profiler; prints nothing.
+        for _ in 0..runs * 4 {
+            transport_stream(None, 64, small);
+        }
+        return;
+    }
+    if std::env::args().any(|a| a == "--profile-64KiB") {
+        for _ in 0..runs * 4 {
+            transport_stream(None, 64 << 10, large);
+        }
+        return;
+    }
 
     // Throughput: alternate the three variants run by run, median of runs.
     for (bench, size, count) in [("msgs_64B", 64usize, small), ("mb_64KiB", 64 << 10, large)] {

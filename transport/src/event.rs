@@ -64,12 +64,19 @@ pub enum TransportEvent {
         /// The frame.
         msg: proto::query::QueryMessage,
     },
-    /// An application message arrived.
-    Message {
+    /// Application messages arrived from one peer: those of one read of
+    /// its link, in the order they were sent (one event per message would
+    /// cost the node a channel hop per message; a batch costs one per
+    /// read). Never empty. A batch holds at most
+    /// [`MESSAGE_BATCH_LEN`](crate::MESSAGE_BATCH_LEN) messages and, besides
+    /// its last message, less than
+    /// [`MESSAGE_BATCH_BYTES`](crate::MESSAGE_BATCH_BYTES) of payload, so
+    /// that the node's bounded channel still bounds what it holds.
+    Messages {
         /// Sender.
         id: NodeId,
-        /// The message.
-        msg: AppMessage,
+        /// The messages, oldest first.
+        msgs: Vec<AppMessage>,
     },
 }
 

@@ -23,7 +23,9 @@ use tokio::time::{timeout, Instant};
 use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use transport::{Config, SendError, Transport, TransportEvent};
+use transport::{
+    Config, SendError, Transport, TransportEvent, MESSAGE_BATCH_BYTES, MESSAGE_BATCH_LEN,
+};
 
 /// Bound on any single wait of these tests (virtual time in paused tests).
 const WAIT: Duration = Duration::from_secs(10);
@@ -172,23 +174,28 @@ async fn two_transports_link_up_and_exchange_messages_both_ways() {
         for i in 0..200 {
             ab.handle.send_app(app(i), wait).await.unwrap();
         }
-        for i in 0..200 {
-            let (from, msg) = b
+        let mut got = Vec::new();
+        while got.len() < 200 {
+            let (from, msgs) = b
                 .next("message", |ev| match ev {
-                    TransportEvent::Message { id, msg } => Some((id, msg)),
+                    TransportEvent::Messages { id, msgs } => Some((id, msgs)),
                     _ => None,
                 })
                 .await;
+            assert!(!msgs.is_empty(), "a batch is never empty");
+            got.extend(msgs.into_iter().map(|m| (from, m)));
+        }
+        for (i, (from, msg)) in (0..200).zip(got) {
             assert_eq!((from, msg), (a.id, app(i)), "in order, intact");
         }
         ba.handle.send_app(app(7), wait).await.unwrap();
         let back = a
             .next("reply", |ev| match ev {
-                TransportEvent::Message { msg, .. } => Some(msg),
+                TransportEvent::Messages { msgs, .. } => Some(msgs),
                 _ => None,
             })
             .await;
-        assert_eq!(back, app(7));
+        assert_eq!(back, vec![app(7)]);
 
         // Counters, and the RTT on both ends: the dialer measures it, the
         // acceptor learns it from the dialer's pings.
@@ -606,6 +613,71 @@ async fn a_dialer_flooded_by_its_peer_keeps_pinging() {
     assert!(flood.await.unwrap() > 0);
 }
 
+/// Messages arrive in batches (one event per read, not per message), in
+/// the order sent, and no batch exceeds the documented bounds.
+#[tokio::test]
+async fn messages_arrive_in_order_in_bounded_batches() {
+    for secured in [false, true] {
+        let key = Key::generate();
+        let secret = |c: &mut Config| {
+            if secured {
+                c.keyring = keyring(&key);
+            }
+        };
+        let mut a = Node::start("a", secret).await;
+        let mut b = Node::start("b", secret).await;
+        assert!(a.transport.dial(b.id, b.addr));
+        a.link_up().await;
+        b.link_up().await;
+        let ab = a.transport.links().await.remove(0);
+        let wait = a.transport.send_timeout();
+        let big = |i: u32| AppMessage {
+            topic: format!("big{i}").into(),
+            payload: Bytes::from(vec![i as u8; 40 << 10]),
+        };
+        let sent: Vec<AppMessage> = (0..3000).map(app).chain((0..12).map(big)).collect();
+        let sender = {
+            let (handle, sent) = (ab.handle.clone(), sent.clone());
+            tokio::spawn(async move {
+                for m in sent {
+                    handle.send_app(m, wait).await.unwrap();
+                }
+            })
+        };
+        let (mut got, mut batches) = (Vec::new(), 0usize);
+        while got.len() < sent.len() {
+            let (from, msgs) = b
+                .next("messages", |ev| match ev {
+                    TransportEvent::Messages { id, msgs } => Some((id, msgs)),
+                    _ => None,
+                })
+                .await;
+            assert_eq!(from, a.id);
+            assert!(!msgs.is_empty(), "a batch is never empty");
+            assert!(msgs.len() <= MESSAGE_BATCH_LEN, "{} messages", msgs.len());
+            let before_last: usize = msgs[..msgs.len() - 1].iter().map(|m| m.payload.len()).sum();
+            assert!(
+                before_last < MESSAGE_BATCH_BYTES,
+                "{before_last} bytes before the last"
+            );
+            batches += 1;
+            got.extend(msgs);
+        }
+        sender.await.unwrap();
+        assert!(
+            got == sent,
+            "every message, in order, intact (secured: {secured})"
+        );
+        assert!(
+            batches < 3000,
+            "{batches} events for {} messages",
+            sent.len()
+        );
+        a.stop().await;
+        b.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_saturated_dialer_keeps_pinging_and_its_link_stays_up() {
     // The dialer sends without pause for several link timeouts; its peer
@@ -626,7 +698,7 @@ async fn a_saturated_dialer_keeps_pinging_and_its_link_stays_up() {
         let mut got = 0u64;
         while let Some(ev) = b.events.recv().await {
             match ev {
-                TransportEvent::Message { .. } => got += 1,
+                TransportEvent::Messages { msgs, .. } => got += msgs.len() as u64,
                 TransportEvent::LinkDown { reason, .. } => panic!("b lost the link: {reason}"),
                 _ => {}
             }

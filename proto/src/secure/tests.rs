@@ -344,7 +344,7 @@ fn a_batch_shares_records_and_arrives_whole_and_in_order() {
     let batch: Vec<Message> = (0..200u32)
         .map(|i| {
             Message::App(AppMessage {
-                topic: format!("t{i}"),
+                topic: format!("t{i}").into(),
                 payload: Bytes::from(vec![i as u8; 1000]),
             })
         })

@@ -8,8 +8,10 @@
 //!   slow: backpressure), and hands the machine's pings and pongs to the
 //!   writer. Its one timer is the machine's next deadline.
 //! - The **writer** owns the write half and the encoder, and drains two
-//!   bounded queues: the link's queue (application messages, peer lists and
-//!   the final goodbye or reject, in the order they were sent) and a short
+//!   bounded queues: the link's queue (application messages, peer lists
+//!   and the final goodbye or reject, in the order they were sent; a queue
+//!   of its own, `queue`, costing one lock per message sent and one per
+//!   batch taken) and a short
 //!   control lane for the reader's pings and pongs, which never wait behind
 //!   a full queue of data. Everything ready is encoded into one reused
 //!   buffer and written at once: one syscall (and on a secured link one
@@ -23,6 +25,7 @@
 //! poll, and these are the hottest futures of a node; their log lines name
 //! the peer instead.
 
+mod queue;
 mod reader;
 mod writer;
 
@@ -47,6 +50,13 @@ use crate::stats::Stats;
 /// pong per ping: it only fills when the writer is stuck, and then skipping
 /// them is right.
 const CONTROL_LANE: usize = 16;
+
+/// Most messages in one [`TransportEvent::Messages`].
+pub const MESSAGE_BATCH_LEN: usize = 256;
+/// A [`TransportEvent::Messages`] is closed once its payloads reach this
+/// many bytes: with one message per event, a slot of the node's channel
+/// held at most one message's payload; now at most this plus one.
+pub const MESSAGE_BATCH_BYTES: usize = 64 << 10;
 
 /// Per-link counters (application messages and their payload bytes).
 #[derive(Debug, Default)]
@@ -107,7 +117,7 @@ impl Shared {
 /// Cheap, cloneable handle to one link's writer.
 #[derive(Clone, Debug)]
 pub struct LinkHandle {
-    pub(crate) tx: mpsc::Sender<Outbound>,
+    pub(crate) tx: queue::Tx<Outbound>,
     pub(crate) cancel: CancellationToken,
     pub(crate) shared: Arc<Shared>,
     /// Counters of this link.
@@ -122,8 +132,8 @@ impl LinkHandle {
         // Fast path without a timer: there is room in the queue.
         let msg = match self.tx.try_send(Outbound::App(msg)) {
             Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(SendError::Closed),
-            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+            Err(queue::TrySendError::Closed(_)) => return Err(SendError::Closed),
+            Err(queue::TrySendError::Full(msg)) => msg,
         };
         match timeout(wait, self.tx.send(msg)).await {
             Ok(Ok(())) => Ok(()),
@@ -226,7 +236,7 @@ pub(crate) fn spawn(
         linked,
     } = spec;
     let (rd, wr) = linked.stream.into_split(); // owned halves, no lock between them
-    let (tx, rx) = mpsc::channel(env.queue);
+    let (tx, rx) = queue::channel(env.queue);
     let (control_tx, control_rx) = mpsc::channel(CONTROL_LANE);
     let cancel = parent.child_token();
     let shared = Arc::new(Shared::default());
@@ -258,6 +268,8 @@ pub(crate) fn spawn(
         env: env.clone(),
         cancel: cancel.clone(),
         apps: Vec::new(),
+        app_bytes: 0,
+        batch_hint: 1,
         // A link starts quiet: most links carry only pings and pongs.
         small_reads: reader::QUIET_AFTER,
     }));

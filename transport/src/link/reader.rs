@@ -16,14 +16,15 @@ use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::{add, Cause, Env, LinkCounters, Shared};
+use super::{add, Cause, Env, LinkCounters, Shared, MESSAGE_BATCH_BYTES, MESSAGE_BATCH_LEN};
 use crate::config::now;
 use crate::event::TransportEvent;
 use crate::inbox::{LinkClosed, ToActor};
 
 /// Most frames decoded before their events are delivered: bounds the
-/// pending messages whatever the size of a read.
-const DECODE_BATCH: usize = 256;
+/// pending messages whatever the size of a read (and so the length of a
+/// batch of messages).
+const DECODE_BATCH: usize = MESSAGE_BATCH_LEN;
 /// Room made in the read buffer of a busy link: one read takes up to this
 /// much, so a stream of small frames costs one syscall per few hundred
 /// frames.
@@ -51,8 +52,14 @@ pub(super) struct Reader {
     pub counters: Arc<LinkCounters>,
     pub env: Arc<Env>,
     pub cancel: CancellationToken,
-    /// Application messages decoded and not yet delivered.
+    /// Application messages decoded and not yet delivered: the next
+    /// [`TransportEvent::Messages`]. Handed over whole, so it has no
+    /// capacity between batches (an idle link holds none).
     pub apps: Vec<AppMessage>,
+    /// Their payload bytes.
+    pub app_bytes: usize,
+    /// The length of the last batch: the room the next one starts with.
+    pub batch_hint: usize,
     /// Reads in a row that brought little (see [`QUIET_AFTER`]).
     pub small_reads: u32,
 }
@@ -146,7 +153,7 @@ impl Reader {
     }
 
     /// Decodes every whole frame in the buffer, all heard at `now` (the
-    /// time of the read): application messages go straight to the node
+    /// time of the read): application messages go to the node in batches
     /// (the machine only notes that the peer was heard), every other frame
     /// to the machine, whose output is passed on. `Err` once the machine
     /// has closed, with why.
@@ -158,13 +165,24 @@ impl Reader {
                     Ok(Some(Message::App(msg))) => {
                         frames += 1;
                         msgs += 1;
-                        bytes += msg.payload.len() as u64;
+                        let len = msg.payload.len();
+                        bytes += len as u64;
+                        if self.apps.capacity() == 0 {
+                            self.apps.reserve(self.batch_hint);
+                        }
                         self.apps.push(msg);
+                        self.app_bytes += len;
+                        if self.app_bytes >= MESSAGE_BATCH_BYTES {
+                            self.flush_apps(now).await?;
+                        }
                     }
                     Ok(Some(frame)) => {
                         frames += 1;
                         self.flush_apps(now).await?;
                         self.machine.on_frame(now, frame);
+                        // Its output goes before any later message, so
+                        // the node sees the link's frames in their order.
+                        self.pass_on().await?;
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -188,22 +206,24 @@ impl Reader {
         }
     }
 
-    /// Delivers the application messages decoded so far, in order, unless
-    /// the link has closed meanwhile.
+    /// Delivers the application messages decoded so far, in order and in
+    /// one event, unless the link has closed meanwhile.
     async fn flush_apps(&mut self, now: Instant) -> Result<(), CloseReason> {
+        self.app_bytes = 0;
         if self.apps.is_empty() || !self.machine.on_data(now) {
             self.apps.clear();
             return Ok(());
         }
-        let mut apps = std::mem::take(&mut self.apps);
-        for msg in apps.drain(..) {
-            // The fast path stays synchronous: no future is built per message.
-            let event = TransportEvent::Message { id: self.peer, msg };
-            if let Err(full) = self.env.events.try_send(event) {
-                self.deliver(full).await?;
-            }
+        let msgs = std::mem::take(&mut self.apps);
+        self.batch_hint = msgs.len();
+        let event = TransportEvent::Messages {
+            id: self.peer,
+            msgs,
+        };
+        // The fast path stays synchronous: no future is built.
+        if let Err(full) = self.env.events.try_send(event) {
+            self.deliver(full).await?;
         }
-        self.apps = apps; // keeps its capacity
         Ok(())
     }
 
@@ -224,7 +244,10 @@ impl Reader {
         }
         while let Some(event) = self.machine.poll_event() {
             let event = match event {
-                LinkEvent::App(msg) => TransportEvent::Message { id: self.peer, msg },
+                LinkEvent::App(msg) => TransportEvent::Messages {
+                    id: self.peer,
+                    msgs: vec![msg],
+                },
                 LinkEvent::Peers(list) => TransportEvent::Peers {
                     id: self.peer,
                     list,

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures::FutureExt;
 use proto::frame::{FrameCodec, FrameError};
 use proto::{Message, NodeId};
 use tokio::io::AsyncWriteExt;
@@ -38,7 +37,7 @@ pub(super) struct Writer {
     /// Secured links seal each written group as records.
     pub secured: bool,
     /// The link's queue.
-    pub queue: mpsc::Receiver<Outbound>,
+    pub queue: super::queue::Rx<Outbound>,
     /// Pings and pongs from the reader.
     pub control: mpsc::Receiver<Message>,
     pub shared: Arc<Shared>,
@@ -121,7 +120,7 @@ impl Writer {
                 control.push(frame);
             }
             if batch.is_empty() && queue_open {
-                if let Some(n) = self.queue.recv_many(&mut batch, WRITE_BATCH).now_or_never() {
+                if let Some(n) = self.queue.try_recv_many(&mut batch, WRITE_BATCH) {
                     queue_open = n > 0;
                 }
             }
