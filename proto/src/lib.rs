@@ -35,6 +35,7 @@ pub mod frame;
 pub mod id;
 pub mod link;
 pub mod membership;
+pub mod overlay;
 pub mod secure;
 pub mod stats;
 mod wire;
