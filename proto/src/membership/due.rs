@@ -64,10 +64,20 @@ pub(super) fn keys(cfg: &Config, p: &Peer) -> Keys {
 }
 
 /// The ordered index. See the module docs.
+///
+/// Silence deadlines move later with every frame heard (the most frequent
+/// input), so their set is lazy: it holds one entry per live id at or
+/// *before* its true deadline, and an entry found stale when it comes first
+/// is moved to the true deadline then. Traffic thus costs a map update, not
+/// a removal and an insertion in the ordered set.
 #[derive(Debug, Default)]
 pub(super) struct Due {
+    /// Lower bounds of silence deadlines (see above); `in_silence` says
+    /// which entry each id has here.
     silence: BTreeSet<(Instant, NodeId)>,
+    in_silence: HashMap<NodeId, Instant>,
     timer: BTreeSet<(Instant, NodeId)>,
+    /// The true keys.
     keys: HashMap<NodeId, Keys>,
     /// Entries not confirmed yet (for the table's `unlinked` list).
     pending: BTreeSet<NodeId>,
@@ -92,20 +102,28 @@ impl Due {
                 Some(k) => self.keys.insert(id, k),
                 None => self.keys.remove(&id),
             };
-            if let Some(old) = old {
-                if let Some(t) = old.silence {
-                    self.silence.remove(&(t, id));
-                }
-                if let Some(t) = old.timer {
+            let old_timer = old.and_then(|k| k.timer);
+            let new_timer = new.and_then(|k| k.timer);
+            if old_timer != new_timer {
+                if let Some(t) = old_timer {
                     self.timer.remove(&(t, id));
                 }
-            }
-            if let Some(new) = new {
-                if let Some(t) = new.silence {
-                    self.silence.insert((t, id));
-                }
-                if let Some(t) = new.timer {
+                if let Some(t) = new_timer {
                     self.timer.insert((t, id));
+                }
+            }
+            let silence = new.and_then(|k| k.silence);
+            match (self.in_silence.get(&id).copied(), silence) {
+                (Some(held), Some(t)) if held <= t => {} // still a lower bound
+                (held, t) => {
+                    if let Some(h) = held {
+                        self.silence.remove(&(h, id));
+                        self.in_silence.remove(&id);
+                    }
+                    if let Some(t) = t {
+                        self.silence.insert((t, id));
+                        self.in_silence.insert(id, t);
+                    }
                 }
             }
             if peers.get(&id).is_some_and(|p| !p.confirmed) {
@@ -117,8 +135,44 @@ impl Due {
         self.dirty = dirty; // keep the allocation
     }
 
+    /// Moves stale silence entries at or before `until` (or, when `None`,
+    /// at the first entry's instant) to their true deadlines, until none is
+    /// stale: then the first entry is the true earliest deadline, and every
+    /// entry at or before `until` is true.
+    fn settle_silence(&mut self, until: Option<Instant>) {
+        loop {
+            let Some(bound) = until.or_else(|| self.silence.first().map(|&(t, _)| t)) else {
+                return;
+            };
+            let stale: Vec<(Instant, NodeId)> = self
+                .silence
+                .iter()
+                .take_while(|(t, _)| *t <= bound)
+                .filter(|&&(t, id)| self.keys.get(&id).and_then(|k| k.silence) != Some(t))
+                .copied()
+                .collect();
+            if stale.is_empty() {
+                return;
+            }
+            for (t, id) in stale {
+                self.move_silence(t, id);
+            }
+        }
+    }
+
+    /// Replaces the entry `(held, id)` by the id's true silence deadline.
+    fn move_silence(&mut self, held: Instant, id: NodeId) {
+        self.silence.remove(&(held, id));
+        self.in_silence.remove(&id);
+        if let Some(t) = self.keys.get(&id).and_then(|k| k.silence) {
+            self.silence.insert((t, id));
+            self.in_silence.insert(id, t);
+        }
+    }
+
     /// The earliest silence deadline and the earliest timer deadline.
-    pub fn first(&self) -> (Option<Instant>, Option<Instant>) {
+    pub fn first(&mut self) -> (Option<Instant>, Option<Instant>) {
+        self.settle_silence(None);
         (
             self.silence.first().map(|&(t, _)| t),
             self.timer.first().map(|&(t, _)| t),
@@ -126,7 +180,8 @@ impl Due {
     }
 
     /// Ids whose silence or timer deadline is at or before `now`, sorted.
-    pub fn due(&self, now: Instant) -> Vec<NodeId> {
+    pub fn due(&mut self, now: Instant) -> Vec<NodeId> {
+        self.settle_silence(Some(now));
         let mut ids = Vec::new();
         for set in [&self.silence, &self.timer] {
             ids.extend(set.iter().take_while(|(t, _)| *t <= now).map(|&(_, id)| id));
@@ -163,11 +218,32 @@ impl Due {
             "an entry is missing from the deadline index"
         );
         for (id, p) in peers {
+            let k = keys(cfg, p);
             assert_eq!(
                 self.keys.get(id),
-                Some(&keys(cfg, p)),
+                Some(&k),
                 "deadline index out of date for {id:?}: an input changed it without touching it"
             );
+            let held = self.in_silence.get(id).copied();
+            assert_eq!(
+                held.is_some(),
+                k.silence.is_some(),
+                "silence entry of {id:?}"
+            );
+            assert!(
+                held <= k.silence,
+                "a silence entry after the deadline of {id:?}"
+            );
+            assert!(held.is_none_or(|h| self.silence.contains(&(h, *id))));
+            assert!(k.timer.is_none_or(|t| self.timer.contains(&(t, *id))));
         }
+        assert_eq!(self.silence.len(), self.in_silence.len());
+        assert_eq!(
+            self.timer.len(),
+            peers
+                .values()
+                .filter(|p| keys(cfg, p).timer.is_some())
+                .count()
+        );
     }
 }
