@@ -94,6 +94,11 @@ impl Overlay {
         self.members.contains_key(&id)
     }
 
+    /// The members, in no particular order.
+    pub fn members(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.members.keys().copied()
+    }
+
     /// Adds a member; false if it already was one.
     pub fn insert(&mut self, id: NodeId) -> bool {
         if self.members.insert(id, ()).is_some() {
