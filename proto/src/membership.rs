@@ -1179,12 +1179,14 @@ impl PeerTable {
         let mut probes = Vec::new();
         let due = self.due.get_mut();
         due.refresh(&cfg, &self.peers);
-        let mut unlinked: Vec<String> = due
-            .pending()
-            .filter_map(|id| self.peers.get(id))
-            .filter(|p| now.saturating_duration_since(p.since) >= UNLINKED_AFTER)
-            .map(|p| p.name.clone())
-            .collect();
+        // Recomputed only when it may have changed: the pending set did,
+        // or one of its entries has just been heard for UNLINKED_AFTER.
+        let unlinked: Option<Vec<String>> = due.unlinked(now, UNLINKED_AFTER).map(|ids| {
+            ids.iter()
+                .filter_map(|id| self.peers.get(id))
+                .map(|p| p.name.clone())
+                .collect()
+        });
         // Only entries with a deadline at or before `now` can change here.
         for id in due.due(now) {
             due.touch(id);
@@ -1237,10 +1239,12 @@ impl PeerTable {
                 }
             }
         }
-        unlinked.sort_unstable();
-        unlinked.dedup();
-        unlinked.truncate(UNLINKED_SHOWN);
-        self.unlinked = unlinked;
+        if let Some(mut unlinked) = unlinked {
+            unlinked.sort_unstable();
+            unlinked.dedup();
+            unlinked.truncate(UNLINKED_SHOWN);
+            self.unlinked = unlinked;
+        }
         for id in suspected {
             self.emit(id, EventKind::Suspect);
         }

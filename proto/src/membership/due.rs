@@ -19,7 +19,8 @@
 //! [`PeerTable::on_tick`]: super::PeerTable::on_tick
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::Instant;
+
+use std::time::{Duration, Instant};
 
 use super::{Config, LinkState, Peer, PeerState, PeerTable};
 use crate::id::NodeId;
@@ -79,8 +80,14 @@ pub(super) struct Due {
     timer: BTreeSet<(Instant, NodeId)>,
     /// The true keys.
     keys: HashMap<NodeId, Keys>,
-    /// Entries not confirmed yet (for the table's `unlinked` list).
-    pending: BTreeSet<NodeId>,
+    /// Entries not confirmed yet, with their `since` (for the table's
+    /// `unlinked` list).
+    pending: HashMap<NodeId, Instant>,
+    /// The `unlinked` list must be recomputed at the next tick at or after
+    /// this (`None`: only when `pending` changes).
+    unlinked_until: Option<Instant>,
+    /// `pending` changed since the `unlinked` list was computed.
+    pending_changed: bool,
     /// Ids changed since the last refresh.
     dirty: Vec<NodeId>,
 }
@@ -126,11 +133,12 @@ impl Due {
                     }
                 }
             }
-            if peers.get(&id).is_some_and(|p| !p.confirmed) {
-                self.pending.insert(id);
-            } else {
-                self.pending.remove(&id);
-            }
+            let since = peers.get(&id).filter(|p| !p.confirmed).map(|p| p.since);
+            let was = match since {
+                Some(t) => self.pending.insert(id, t),
+                None => self.pending.remove(&id),
+            };
+            self.pending_changed |= was != since;
         }
         self.dirty = dirty; // keep the allocation
     }
@@ -203,9 +211,27 @@ impl Due {
         ids
     }
 
-    /// Entries not confirmed yet.
-    pub fn pending(&self) -> impl Iterator<Item = &NodeId> {
-        self.pending.iter()
+    /// The pending entries heard for at least `after` as of `now`, when
+    /// that set may differ from the last time this returned `Some`;
+    /// `None` when it cannot have changed (so the table's scan of every
+    /// pending entry happens only when it matters).
+    pub fn unlinked(&mut self, now: Instant, after: Duration) -> Option<Vec<NodeId>> {
+        if !self.pending_changed && self.unlinked_until.is_none_or(|t| now < t) {
+            return None;
+        }
+        self.pending_changed = false;
+        let mut next = None;
+        let mut old = Vec::new();
+        for (&id, &since) in &self.pending {
+            if now.saturating_duration_since(since) >= after {
+                old.push(id);
+            } else {
+                let at = since + after;
+                next = Some(next.map_or(at, |n: Instant| n.min(at)));
+            }
+        }
+        self.unlinked_until = next;
+        Some(old)
     }
 
     /// Debug builds: the index matches a recomputation from every entry.
