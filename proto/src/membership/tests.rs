@@ -942,7 +942,7 @@ fn unlinked_lists_pending_entries_heard_for_a_while_as_of_each_tick() {
     let mut t = table();
     let t0 = Instant::now();
     let ms = Duration::from_millis;
-    let mut unlinked_at = |t: &mut PeerTable, at: Duration| {
+    let unlinked_at = |t: &mut PeerTable, at: Duration| {
         // Both keep beaconing: they stay pending, never silent.
         t.on_beacon(t0 + at, &beacon(HIGH, 1, BeaconKind::Announce));
         if at >= ms(2000) {
