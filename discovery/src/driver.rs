@@ -33,9 +33,10 @@ const OUTBOUND_QUEUE: usize = 256;
 /// Receive buffer: a whole datagram of any size, so oversize ones are seen
 /// (and counted) as such rather than silently truncated.
 const RECV_BUF: usize = 65_536;
-/// How often group membership is re-asserted on every interface. An
-/// interface that went away and came back (a container network reconnect)
-/// loses its memberships; joining again is harmless when still joined.
+/// How often group membership is re-asserted on every interface (at the
+/// first beacon this long after the last time). An interface that went away
+/// and came back (a container network reconnect) loses its memberships;
+/// joining again is harmless when still joined.
 const REJOIN_EVERY: Duration = Duration::from_secs(1);
 /// How long shutdown waits for the leave beacons to be written.
 const LEAVE_FLUSH: Duration = Duration::from_millis(500);
@@ -537,10 +538,12 @@ impl Bound {
                     }
                     let jitter = rand::thread_rng().gen_range(0.9..1.1);
                     next_beacon = Instant::now() + interval.mul_f64(jitter);
-                }
-                () = sleep_until(next_rejoin) => {
-                    self.rejoin();
-                    next_rejoin = Instant::now() + REJOIN_EVERY;
+                    // Rides on the beacon's wake-up rather than a timer of
+                    // its own: a lone node wakes once per beacon interval.
+                    if Instant::now() >= next_rejoin {
+                        self.rejoin();
+                        next_rejoin = Instant::now() + REJOIN_EVERY;
+                    }
                 }
                 () = sleep_until(next_prune) => {
                     sources.prune(now_std());

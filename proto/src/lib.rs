@@ -37,6 +37,7 @@ pub mod frame;
 pub mod id;
 pub mod link;
 pub mod membership;
+pub mod overlay;
 pub mod query;
 pub mod secure;
 pub mod stats;

@@ -73,7 +73,7 @@
 //! Invariant: one entry per id; one confirmed entry per name, or two while
 //! they are in conflict; the local node never has an entry.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -85,6 +85,8 @@ use rand::{Rng, SeedableRng};
 use crate::beacon::{Beacon, BeaconKind};
 use crate::frame::{Hello, PeerList, PeerRecord};
 use crate::id::{tags_digest, Incarnation, NodeId, Tags};
+
+mod due;
 
 /// Timing settings of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -435,6 +437,9 @@ pub struct PeerTable {
     /// The deadline last handed to the driver by `next_deadline`, until the
     /// tick it asked for.
     armed: Cell<Option<Instant>>,
+    /// When each entry next needs attention, ordered (see `due.rs`). In a
+    /// `RefCell` because `next_deadline` (`&self`) refreshes it first.
+    due: RefCell<due::Due>,
     /// While set, silence-based verdicts wait (we were late ourselves).
     grace_until: Option<Instant>,
     /// How often our own lateness was noticed.
@@ -464,6 +469,7 @@ impl PeerTable {
             rivals: HashSet::new(),
             pending: 0,
             armed: Cell::new(None),
+            due: RefCell::default(),
             grace_until: None,
             stalls: 0,
             refused_pending: 0,
@@ -558,6 +564,12 @@ impl PeerTable {
         }
     }
 
+    /// Marks `id` for the deadline index: every input calls it for each
+    /// entry it may change, before changing it.
+    fn touch(&mut self, id: NodeId) {
+        self.due.get_mut().touch(id);
+    }
+
     /// Notices our own lateness: an input past the deadline we asked for.
     fn note_input(&mut self, now: Instant) {
         let Some(armed) = self.armed.get() else {
@@ -593,6 +605,7 @@ impl PeerTable {
     /// If it was in a conflict, the other claimants of its name carry on: a
     /// lone survivor is a normal entry again and holds the name.
     fn remove(&mut self, id: NodeId) {
+        self.touch(id);
         let Some(p) = self.peers.get(&id) else {
             return;
         };
@@ -683,6 +696,7 @@ impl PeerTable {
         if b.id == self.local {
             return;
         }
+        self.touch(b.id);
         self.note_input(now);
         let first_dial = self.first_dial_at(b.id, now);
         let Some(p) = self.peers.get_mut(&b.id) else {
@@ -789,6 +803,7 @@ impl PeerTable {
         }
         self.note_input(now);
         let id = hello.id;
+        self.touch(id);
         let mut events = Vec::with_capacity(2);
         let mut rival = None;
         if !self.peers.get(&id).is_some_and(|p| p.confirmed) {
@@ -949,6 +964,7 @@ impl PeerTable {
         if r.id == self.local {
             return;
         }
+        self.touch(r.id);
         let first_dial = self.first_dial_at(r.id, now);
         if let Some(p) = self.peers.get_mut(&r.id) {
             if r.incarnation > p.incarnation && p.link == LinkState::Down {
@@ -982,6 +998,7 @@ impl PeerTable {
 
     /// The link to `id` closed. `graceful` when a goodbye preceded it.
     pub fn on_link_down(&mut self, now: Instant, id: NodeId, graceful: bool) {
+        self.touch(id);
         self.note_input(now);
         let first_dial = self.first_dial_at(id, now);
         let grace = self.in_grace(now);
@@ -1021,6 +1038,7 @@ impl PeerTable {
 
     /// A dial to `id` ended without a link.
     pub fn on_dial_failed(&mut self, now: Instant, id: NodeId, why: DialFailure) {
+        self.touch(id);
         self.note_input(now);
         let Some(p) = self.peers.get_mut(&id) else {
             return;
@@ -1064,6 +1082,7 @@ impl PeerTable {
 
     /// The peer said goodbye on its link.
     pub fn on_goodbye(&mut self, now: Instant, id: NodeId) {
+        self.touch(id);
         self.note_input(now);
         let Some(p) = self.peers.get_mut(&id) else {
             return;
@@ -1095,6 +1114,7 @@ impl PeerTable {
         id: NodeId,
         prune: bool,
     ) -> Result<(), ForceLeaveError> {
+        self.touch(id);
         let Some(p) = self.peers.get_mut(&id) else {
             return Err(ForceLeaveError::Unknown);
         };
@@ -1130,6 +1150,7 @@ impl PeerTable {
 
     /// Any other frame arrived from `id` on its link.
     pub fn on_traffic(&mut self, now: Instant, id: NodeId) {
+        self.touch(id);
         self.note_input(now);
         let Some(p) = self.peers.get_mut(&id) else {
             return;
@@ -1194,6 +1215,7 @@ impl PeerTable {
     /// that left stays left.
     pub fn on_vouch(&mut self, now: Instant, id: NodeId, incarnation: Incarnation, age: Duration) {
         let cfg = self.cfg;
+        self.touch(id);
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
@@ -1233,11 +1255,22 @@ impl PeerTable {
         let mut failed = Vec::new();
         let mut suspected = Vec::new();
         let mut probes = Vec::new();
-        let mut unlinked = Vec::new();
-        for p in self.peers.values_mut() {
-            if !p.confirmed && now.saturating_duration_since(p.since) >= UNLINKED_AFTER {
-                unlinked.push(p.name.clone());
-            }
+        let due = self.due.get_mut();
+        due.refresh(&cfg, &self.peers);
+        // Recomputed only when it may have changed: the pending set did,
+        // or one of its entries has just been heard for UNLINKED_AFTER.
+        let unlinked: Option<Vec<String>> = due.unlinked(now, UNLINKED_AFTER).map(|ids| {
+            ids.iter()
+                .filter_map(|id| self.peers.get(id))
+                .map(|p| p.name.clone())
+                .collect()
+        });
+        // Only entries with a deadline at or before `now` can change here.
+        for id in due.due(now) {
+            due.touch(id);
+            let Some(p) = self.peers.get_mut(&id) else {
+                continue;
+            };
             match p.state {
                 PeerState::Alive | PeerState::Suspect => {
                     let silence = now.saturating_duration_since(p.last_evidence());
@@ -1284,10 +1317,12 @@ impl PeerTable {
                 }
             }
         }
-        unlinked.sort_unstable();
-        unlinked.dedup();
-        unlinked.truncate(UNLINKED_SHOWN);
-        self.unlinked = unlinked;
+        if let Some(mut unlinked) = unlinked {
+            unlinked.sort_unstable();
+            unlinked.dedup();
+            unlinked.truncate(UNLINKED_SHOWN);
+            self.unlinked = unlinked;
+        }
         for id in suspected {
             self.emit(id, EventKind::Suspect);
         }
@@ -1339,13 +1374,19 @@ impl PeerTable {
     /// Turns due dials into actions (live peers, and failed or left ones
     /// that a beacon asked us to try).
     fn schedule(&mut self, now: Instant) {
-        for p in self.peers.values_mut() {
+        let due = self.due.get_mut();
+        due.refresh(&self.cfg, &self.peers);
+        for id in due.timers_due(now) {
+            let Some(p) = self.peers.get_mut(&id) else {
+                continue;
+            };
             if p.link != LinkState::Down {
                 continue;
             }
             if p.next_dial.is_some_and(|t| t <= now) {
                 p.next_dial = None;
                 p.link = LinkState::Connecting;
+                due.touch(id);
                 self.actions.push_back(Action::Dial {
                     id: p.id,
                     addr: p.addr,
@@ -1356,37 +1397,17 @@ impl PeerTable {
 
     /// When [`PeerTable::on_tick`] must next be called, if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let cfg = &self.cfg;
+        let mut due = self.due.borrow_mut();
+        due.refresh(&self.cfg, &self.peers);
+        #[cfg(debug_assertions)]
+        due.check(&self.cfg, &self.peers);
+        let (silence, timer) = due.first();
         // Silence verdicts wait out a grace period after our own lateness.
-        let judged = |t: Instant| self.grace_until.map_or(t, |g| t.max(g));
-        let next = self
-            .peers
-            .values()
-            .map(|p| match p.state {
-                PeerState::Alive | PeerState::Suspect => {
-                    let mut t = p.last_evidence() + Self::dead_after(cfg, p);
-                    if p.state == PeerState::Alive && !p.degraded() {
-                        t = t.min(p.last_evidence() + cfg.suspect_after);
-                    }
-                    let mut t = judged(t);
-                    if let Some(probe) = p.next_probe.filter(|_| p.link != LinkState::Up) {
-                        t = t.min(probe);
-                    }
-                    match p.next_dial.filter(|_| p.link == LinkState::Down) {
-                        Some(d) => t.min(d),
-                        None => t,
-                    }
-                }
-                PeerState::Failed | PeerState::Left => {
-                    let reap = p.since + cfg.tombstone_ttl;
-                    let t = p.next_probe.map_or(reap, |t| t.min(reap));
-                    match p.next_dial.filter(|_| p.link == LinkState::Down) {
-                        Some(d) => t.min(d),
-                        None => t,
-                    }
-                }
-            })
-            .min();
+        let silence = silence.map(|t| self.grace_until.map_or(t, |g| t.max(g)));
+        let next = match (silence, timer) {
+            (Some(s), Some(t)) => Some(s.min(t)),
+            (s, t) => s.or(t),
+        };
         self.armed.set(next);
         next
     }

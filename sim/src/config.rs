@@ -56,6 +56,9 @@ pub struct SimConfig {
     /// Keep every traced item in memory (tests comparing traces), not only
     /// the trace's hash.
     pub record_trace: bool,
+    /// Bounded overlay: each node dials only its `proto::overlay`
+    /// neighbours (about this many); `None` is today's full mesh.
+    pub max_links: Option<usize>,
 }
 
 impl SimConfig {
@@ -70,6 +73,7 @@ impl SimConfig {
             secured: false,
             flags: DaemonFlags::default(),
             record_trace: false,
+            max_links: None,
         }
     }
 }
@@ -101,6 +105,8 @@ pub struct Settings {
     pub limits: Limits,
     /// The cluster keys in secured mode.
     pub keyring: Option<Keyring>,
+    /// Bounded overlay (see [`SimConfig::max_links`]).
+    pub max_links: Option<usize>,
 }
 
 impl Settings {
@@ -138,6 +144,7 @@ impl Settings {
                 ..Limits::default()
             },
             keyring,
+            max_links: None,
         }
     }
 

@@ -56,7 +56,8 @@ struct Args {
     /// The seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// converge, crash, leave, silent, partition, pause, restart, or all.
+    /// converge, crash, leave, silent, partition, pause, restart, or all;
+    /// or overlay (with --max-links; not part of all).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Links in the cluster-secret mode (Noise handshake, sealed records).
@@ -77,6 +78,11 @@ struct Args {
     /// How long the node of `pause` stays paused.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pause_for: Duration,
+    /// Bounded overlay: each node dials only its ring neighbours (about K
+    /// links; a full mesh up to K + 1 nodes). With it, `--scenario overlay`
+    /// reports what reaches every node without a full mesh.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=1024))]
+    max_links: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +98,7 @@ fn main() -> ExitCode {
     let names: Vec<&str> = match args.scenario.as_str() {
         "all" => SCENARIOS.to_vec(),
         one if SCENARIOS.contains(&one) => vec![one],
+        "overlay" => vec!["overlay"],
         other => {
             eprintln!(
                 "constellation-sim: unknown scenario {other:?} (one of {}, or all)",
@@ -111,12 +118,17 @@ fn main() -> ExitCode {
             dead_after: args.dead_after,
             ..DaemonFlags::default()
         },
+        max_links: args.max_links.map(|k| k as usize),
         ..SimConfig::new(args.nodes as usize, args.seed)
     };
     let mut params = Params::new(cfg, Duration::from_secs_f64(args.seconds));
     params.partition_for = args.partition_for;
     params.pause_for = args.pause_for;
     for name in names {
+        if name == "overlay" {
+            println!("{}", sim::scenario::overlay(&params));
+            continue;
+        }
         match sim::scenario::run(name, &params) {
             Some(report) => match serde_json::to_string(&report) {
                 Ok(line) => println!("{line}"),

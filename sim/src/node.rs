@@ -21,7 +21,7 @@
 //! the glue sorts them, so that a run depends on its seed only (see
 //! `drain`). Any order is one the daemon could have produced.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -37,7 +37,8 @@ use proto::link::{
     resolve_duplicate, Duplicate, Established, Handshake, HandshakeConfig, Link, LinkConfig,
     LinkEvent, LocalClose, RejectCode, Role,
 };
-use proto::membership::{Action, DialFailure, Event, PeerTable};
+use proto::membership::{Action, DialFailure, Event, EventKind, LinkState, PeerTable};
+use proto::overlay::Overlay;
 use proto::{FrameCodec, FrameError, Hello, Message, NodeId};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -219,6 +220,26 @@ pub struct Node {
     started: Instant,
     /// Inputs that arrived while paused, in order.
     pub(crate) deferred: Vec<Input>,
+    /// Bounded overlay mode (`--max-links`): who to link to.
+    overlay: Option<OverlayState>,
+}
+
+/// How often, at most, a node recomputes its neighbours after its member
+/// set changed (virtual time; a cold start changes it with every beacon).
+const OVERLAY_EVERY: Duration = Duration::from_millis(20);
+
+/// A node's neighbour selection in overlay mode. The table still asks to
+/// dial every member it learns of; dials to members that are not
+/// neighbours are held (the table sees them as in progress, so it neither
+/// redials nor judges the missing link) and made when the member becomes a
+/// neighbour.
+struct OverlayState {
+    rings: Overlay,
+    want: BTreeSet<NodeId>,
+    held: BTreeMap<NodeId, SocketAddr>,
+    dirty: bool,
+    next_at: Option<Instant>,
+    table_len: usize,
 }
 
 /// What a new process needs to know about itself.
@@ -282,6 +303,80 @@ impl Node {
             report_timer: Timer::default(),
             started: now,
             deferred: Vec::new(),
+            overlay: s.max_links.map(|k| OverlayState {
+                rings: Overlay::new(k),
+                want: BTreeSet::new(),
+                held: BTreeMap::new(),
+                dirty: true,
+                next_at: None,
+                table_len: 0,
+            }),
+        }
+    }
+
+    /// The neighbours this node wants (overlay mode), or `None` (full mesh).
+    pub fn neighbours(&self) -> Option<&BTreeSet<NodeId>> {
+        self.overlay.as_ref().map(|o| &o.want)
+    }
+
+    /// Ids of current links.
+    pub fn linked(&self) -> impl Iterator<Item = &NodeId> {
+        self.links.keys()
+    }
+
+    /// Overlay mode: recomputes the neighbours if the member set changed
+    /// (at most every [`OVERLAY_EVERY`]), then makes the held dials to
+    /// members that became neighbours.
+    fn refresh_overlay(&mut self, cx: &mut Cx, membership_changed: bool) {
+        let Some(o) = self.overlay.as_mut() else {
+            return;
+        };
+        let len = self.table.len();
+        if membership_changed || len != o.table_len {
+            o.dirty = true;
+            o.table_len = len;
+        }
+        if !o.dirty || o.next_at.is_some_and(|t| cx.now < t) {
+            return;
+        }
+        o.dirty = false;
+        o.next_at = Some(cx.now + OVERLAY_EVERY);
+        let mut live: HashSet<NodeId> = self
+            .table
+            .peers()
+            .filter(|p| p.is_live())
+            .map(|p| p.id)
+            .collect();
+        live.insert(self.id);
+        let gone: Vec<NodeId> = o.rings.members().filter(|id| !live.contains(id)).collect();
+        for id in gone {
+            o.rings.remove(id);
+        }
+        for id in live {
+            o.rings.insert(id);
+        }
+        o.want = o.rings.want_links(self.id);
+        let table = &self.table;
+        let due: Vec<(NodeId, SocketAddr)> = o
+            .held
+            .iter()
+            .filter(|(id, _)| o.want.contains(id))
+            .map(|(id, a)| (*id, *a))
+            .collect();
+        o.held.retain(|id, _| {
+            !o.want.contains(id)
+                && table
+                    .get(id)
+                    .is_some_and(|p| p.link == LinkState::Connecting)
+        });
+        for (id, addr) in due {
+            if self
+                .table
+                .get(&id)
+                .is_some_and(|p| p.link == LinkState::Connecting)
+            {
+                self.dial(cx, id, addr);
+            }
         }
     }
 
@@ -477,9 +572,31 @@ impl Node {
             });
         }
         actions.sort_by(|a, b| action_key(a).cmp(&action_key(b)));
+        let changed = cx.events[first..].iter().any(|(_, e)| {
+            matches!(
+                e.kind,
+                EventKind::Joined
+                    | EventKind::Restarted
+                    | EventKind::Failed
+                    | EventKind::Left
+                    | EventKind::Recovered
+                    | EventKind::Reaped
+            )
+        });
+        self.refresh_overlay(cx, changed);
         for a in actions {
             match a {
-                Action::Dial { id, addr } => self.dial(cx, id, addr),
+                // A peer we had a link with is redialed whatever the
+                // overlay says: a refused redial is how a crash is seen.
+                Action::Dial { id, addr } => match self.overlay.as_mut() {
+                    Some(o)
+                        if !o.want.contains(&id)
+                            && !self.table.get(&id).is_some_and(|p| p.confirmed()) =>
+                    {
+                        o.held.insert(id, addr);
+                    }
+                    _ => self.dial(cx, id, addr),
+                },
                 Action::Send { to, list } => self.send_list(cx, to, list),
             }
         }

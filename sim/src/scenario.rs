@@ -351,3 +351,155 @@ fn report(
         trace_hash: format!("{:016x}", obs.trace_hash()),
     }
 }
+
+/// Virtual time between two checks of the overlay scenario's conditions
+/// (each looks at every table: too costly after every event).
+const OVERLAY_POLL: Duration = Duration::from_millis(5);
+
+/// Runs `w` until `done` holds, checking every [`OVERLAY_POLL`]; returns
+/// the instant of the first check at which it held.
+fn poll_until(w: &mut World, end: Instant, done: impl Fn(&World) -> bool) -> Option<Instant> {
+    loop {
+        if done(w) {
+            return Some(w.now());
+        }
+        if w.now() >= end {
+            return None;
+        }
+        let next = (w.now() + OVERLAY_POLL).min(end);
+        w.run_until(next, |_| false);
+    }
+}
+
+/// Per running node: (links, live entries about running nodes, confirmed
+/// live entries about running nodes).
+fn overlay_counts(w: &World, n: u32) -> Vec<(usize, usize, usize)> {
+    let running: std::collections::HashSet<proto::NodeId> = w.live_ids().into_iter().collect();
+    (0..n)
+        .filter_map(|s| w.node(s))
+        .map(|node| {
+            let live = node
+                .table
+                .peers()
+                .filter(|p| p.is_live() && running.contains(&p.id));
+            let (mut known, mut confirmed) = (0, 0);
+            for p in live {
+                known += 1;
+                confirmed += usize::from(p.confirmed());
+            }
+            (node.links(), known, confirmed)
+        })
+        .collect()
+}
+
+/// Min, mean and max of `v`, as JSON.
+fn spread(v: impl Iterator<Item = usize>) -> Value {
+    let v: Vec<usize> = v.collect();
+    let sum: usize = v.iter().sum();
+    json!({
+        "min": v.iter().min(),
+        "mean": (!v.is_empty()).then(|| (sum as f64 / v.len() as f64 * 10.0).round() / 10.0),
+        "max": v.iter().max(),
+    })
+}
+
+/// The `overlay` scenario (`--max-links K`, run by name only): a cold start
+/// in which each node links only to its `proto::overlay` neighbours, then
+/// one `kill -9`. Membership knowledge (a table entry, confirmed or not)
+/// must reach every node without a full mesh; the figures show whether it
+/// does, and what the peer table still needs a link for.
+pub fn overlay(p: &Params) -> Value {
+    let wall = Instant::now();
+    let mut w = World::new(p.cfg.clone());
+    let t0 = w.now();
+    let end = t0 + p.seconds;
+    let n = p.cfg.nodes as u32;
+    let k = p.cfg.max_links.unwrap_or(usize::MAX);
+    let full = k.min(n as usize - 1);
+    let mut pick = StdRng::seed_from_u64(p.cfg.seed ^ 0x5eed_5ce0);
+    w.apply(&Op::StartAll {
+        spread: p.start_spread,
+    });
+    // Stops at the first node that misses someone (most checks fail fast).
+    let all_known = |w: &World| {
+        let running: std::collections::HashSet<proto::NodeId> = w.live_ids().into_iter().collect();
+        running.len() == n as usize
+            && (0..n).filter_map(|s| w.node(s)).all(|node| {
+                node.table
+                    .peers()
+                    .filter(|p| p.is_live() && running.contains(&p.id))
+                    .count()
+                    == n as usize - 1
+            })
+    };
+    // Half the run at most for the cold start, so that the crash happens.
+    let cold_end = (t0 + p.seconds / 2).min(end);
+    let known = poll_until(&mut w, cold_end, all_known);
+    let linked = poll_until(&mut w, cold_end, |w| {
+        w.live_ids().len() == n as usize
+            && (0..n)
+                .filter_map(|s| w.node(s))
+                .all(|node| node.links() >= full)
+    });
+    w.run_until((w.now() + p.settle).min(end), |_| false);
+    let sent0 = w.sent_total().total();
+    let idle_from = w.now();
+    w.run_until((idle_from + p.settle).min(end), |_| false);
+    let idle_s = (w.now() - idle_from).as_secs_f64();
+    let idle =
+        (idle_s > 0.0).then(|| (w.sent_total().total() - sent0) as f64 / f64::from(n) / idle_s);
+    let counts = overlay_counts(&w, n);
+    let mut out = json!({
+        "scenario": "overlay",
+        "nodes": n,
+        "max_links": p.cfg.max_links,
+        "seed": p.cfg.seed,
+        "loss": p.cfg.loss,
+        "all_known_ms": known.map(|t| ms(t - t0)),
+        "all_linked_ms": linked.map(|t| ms(t - t0)),
+        "links": spread(counts.iter().map(|c| c.0)),
+        "known": spread(counts.iter().map(|c| c.1)),
+        "confirmed": spread(counts.iter().map(|c| c.2)),
+        "idle_msgs_per_node_per_s": idle,
+    });
+    // One crash: its neighbours see it at once (reset, refused redial);
+    // everyone else only when its entry falls silent.
+    let victim = pick.gen_range(0..n);
+    if let Some(id) = w.observer().id(victim) {
+        let watchers: Vec<u32> = (0..n)
+            .filter(|&s| {
+                w.node(s)
+                    .is_some_and(|node| node.linked().any(|l| *l == id))
+            })
+            .collect();
+        let crashed = w.now();
+        w.apply(&Op::Crash(victim));
+        let not_live = |w: &World, s: u32| {
+            w.node(s)
+                .is_none_or(|node| node.table.get(&id).is_none_or(|p| !p.is_live()))
+        };
+        let by_neighbours = poll_until(&mut w, end, |w| watchers.iter().all(|&s| not_live(w, s)));
+        let by_all = poll_until(&mut w, end, |w| (0..n).all(|s| not_live(w, s)));
+        let repaired = poll_until(&mut w, end, |w| {
+            (0..n)
+                .filter_map(|s| w.node(s))
+                .all(|node| node.links() >= full.min(n as usize - 2))
+        });
+        out["crash_neighbours"] = json!(watchers.len());
+        out["crash_seen_by_neighbours_ms"] = json!(by_neighbours.map(|t| ms(t - crashed)));
+        out["crash_known_by_all_ms"] = json!(by_all.map(|t| ms(t - crashed)));
+        out["repaired_ms"] = json!(repaired.map(|t| ms(t - crashed)));
+    }
+    w.run_until(end, |_| false);
+    let counts = overlay_counts(&w, n);
+    out["links_at_end"] = spread(counts.iter().map(|c| c.0));
+    out["false_failures"] = json!(w.observer().false_failures());
+    out["false_suspicions"] = json!(w.observer().false_suspicions());
+    out["sent"] = json!(w.sent_total());
+    out["msgs_per_node_per_s"] =
+        json!(w.sent_total().total() as f64 / f64::from(n) / p.seconds.as_secs_f64());
+    out["trace_hash"] = json!(format!("{:016x}", w.observer().trace_hash()));
+    out["virtual_s"] = json!(p.seconds.as_secs_f64());
+    out["wall_ms"] = json!((wall.elapsed().as_secs_f64() * 1e4).round() / 10.0);
+    out
+}

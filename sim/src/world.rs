@@ -79,7 +79,8 @@ pub struct World {
 impl World {
     /// A world of `cfg.nodes` hosts, none running yet.
     pub fn new(cfg: SimConfig) -> World {
-        let s = Settings::from_flags(&cfg.flags, cfg.secured);
+        let mut s = Settings::from_flags(&cfg.flags, cfg.secured);
+        s.max_links = cfg.max_links;
         let base = Instant::now(); // the origin of virtual time; never read again
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let offsets = (0..cfg.nodes)

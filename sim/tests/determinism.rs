@@ -144,3 +144,29 @@ fn peer_table_probe_helpers_follow_the_seed_only() {
         assert_eq!(probes(t0), first);
     }
 }
+
+/// The overlay mode is as reproducible: one seed, one report (but for the
+/// wall time), at 5 % loss with a cluster larger than the link bound.
+#[test]
+fn an_overlay_run_is_a_function_of_its_seed() {
+    let run = |seed: u64| {
+        let p = sim::Params::new(
+            SimConfig {
+                loss: 0.05,
+                max_links: Some(4),
+                ..SimConfig::new(24, seed)
+            },
+            Duration::from_secs(4),
+        );
+        let mut r = sim::scenario::overlay(&p);
+        r.as_object_mut().expect("an object").remove("wall_ms");
+        r
+    };
+    let (a, b) = (run(5), run(5));
+    assert_eq!(a, b);
+    assert_ne!(a["trace_hash"], run(6)["trace_hash"]);
+    assert!(
+        a["links"]["max"].as_u64() < Some(23),
+        "not a full mesh: {a}"
+    );
+}

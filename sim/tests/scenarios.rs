@@ -276,3 +276,30 @@ fn the_secured_mode_converges_and_detects_a_crash() {
     w.apply_all(&[Op::Crash(victim), Op::RunFor(Duration::from_secs(1))]);
     assert!(w.observer().seen_by_all(watch).expect("seen") <= 100 * MS);
 }
+
+/// Bounded overlay (`--max-links 8`) at 64 nodes: every node still knows
+/// every other (by beacon here), holds links to about 8 neighbours only,
+/// and a crash is seen by its neighbours in milliseconds, by everyone once
+/// its beacons stop. Non-neighbours stay unconfirmed entries: the peer table
+/// confirms a member only over a link of its own (what is left to build).
+#[test]
+fn overlay_bounds_links_and_its_observers_see_a_crash_at_once() {
+    let p = sim::Params::new(
+        SimConfig {
+            max_links: Some(8),
+            ..SimConfig::new(64, 3)
+        },
+        Duration::from_secs(8),
+    );
+    let r = sim::scenario::overlay(&p);
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {r}"));
+    assert!(f("all_known_ms") < 1000.0, "{r}");
+    assert!(r["links"]["min"].as_u64() >= Some(8), "{r}");
+    assert!(r["links"]["mean"].as_f64() <= Some(16.0), "{r}");
+    assert!(f("crash_neighbours") >= 8.0, "{r}");
+    assert!(f("crash_seen_by_neighbours_ms") < 100.0, "{r}");
+    assert!(f("crash_known_by_all_ms") < 4000.0, "{r}");
+    assert_eq!(r["false_failures"], 0, "{r}");
+    // Far fewer messages than the full mesh's 63 links per node.
+    assert!(f("idle_msgs_per_node_per_s") < 150.0, "{r}");
+}

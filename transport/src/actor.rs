@@ -202,7 +202,9 @@ impl Actor {
                     ToActor::Closed(c) => self.closed(c).await,
                 },
                 Some(cmd) = cmd_rx.recv() => self.on_command(cmd),
-                _ = report.tick() => self.report_liveness(),
+                // No links, nothing to report: the timer is not polled, so
+                // a node without peers does not wake for it.
+                _ = report.tick(), if !self.links.is_empty() => self.report_liveness(),
             }
         }
         // Goodbye on every link, concurrently, bounded.

@@ -1019,3 +1019,28 @@ fn force_leave_marks_a_failed_peer_left_refuses_a_live_one_and_prunes_on_request
     assert_eq!(events(&mut t), vec![EventKind::Reaped]);
     assert!(t.get(&HIGH).is_none());
 }
+
+#[test]
+fn unlinked_lists_pending_entries_heard_for_a_while_as_of_each_tick() {
+    let mut t = table();
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let unlinked_at = |t: &mut PeerTable, at: Duration| {
+        // Both keep beaconing: they stay pending, never silent.
+        t.on_beacon(t0 + at, &beacon(HIGH, 1, BeaconKind::Announce));
+        if at >= ms(2000) {
+            t.on_beacon(t0 + at, &beacon(LOW, 1, BeaconKind::Announce));
+        }
+        t.on_tick(t0 + at);
+        t.unlinked().to_vec()
+    };
+    for s in 0..5 {
+        assert!(unlinked_at(&mut t, ms(1000 * s)).is_empty());
+    }
+    assert!(unlinked_at(&mut t, ms(4999)).is_empty());
+    assert_eq!(unlinked_at(&mut t, ms(5000)), ["n900"]);
+    assert_eq!(unlinked_at(&mut t, ms(6000)), ["n900"]);
+    assert_eq!(unlinked_at(&mut t, ms(7000)), ["n100", "n900"]);
+    t.on_link_up(t0 + ms(7100), &hello(HIGH, 1));
+    assert_eq!(unlinked_at(&mut t, ms(7200)), ["n100"]);
+}
