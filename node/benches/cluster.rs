@@ -28,9 +28,10 @@
 //! - `tags_change` (16 nodes): from `PATCH /v1/self/tags` on one node until
 //!   every other emitted `peer_updated` with the new value. `query` (16
 //!   nodes): from `POST /v1/queries` until its stream's `done` line with
-//!   all 16 answered (each node's answerer follows `/v1/events` and posts the
-//!   payload back, like a `cat` handler). Baseline for both: a broadcast
-//!   message to the same nodes in the same cluster.
+//!   all 16 answered by each node's `query:bench=/bin/cat` handler;
+//!   `query_api_answerer`: the same, each node's answerer a program that
+//!   follows `/v1/events` and posts the payload back. Baseline for all
+//!   three: a broadcast message to the same nodes in the same cluster.
 //!
 //! Every node runs on interface lo with TTL 0 on a group of its own; every
 //! process is killed when the benchmark ends.
@@ -384,8 +385,16 @@ async fn converge_seed_bench(n: usize, runs: usize) {
 
 /// A cluster of `n` nodes, all with one fresh cluster key when `secured`.
 async fn start_cluster_with(n: usize, tag: &str, secured: bool) -> Cluster {
+    start_cluster_args(n, tag, secured, &[]).await
+}
+
+/// Like [`start_cluster_with`], every node also given `extra` flags.
+async fn start_cluster_args(n: usize, tag: &str, secured: bool, extra: &[&str]) -> Cluster {
     let dir = std::env::temp_dir().join(format!("cst-bench-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
+    if !extra.is_empty() {
+        std::fs::write(dir.join("extra.args"), extra.join("\n") + "\n").expect("args");
+    }
     let secret = secured.then(|| {
         use std::os::unix::fs::PermissionsExt;
         let path = dir.join("cluster.key");
@@ -1143,7 +1152,8 @@ async fn wait_mesh(c: &Cluster) {
 
 /// Runtime tags and queries at `n` nodes (see the module docs).
 async fn automation(n: usize, runs: usize) {
-    let c = start_cluster(n, "auto").await;
+    // Every node answers `bench` queries with a `cat` handler.
+    let c = start_cluster_args(n, "auto", false, &["--handler", "query:bench=/bin/cat"]).await;
     let all = sockets(&c);
     let s1 = all[0].clone();
     let client = Client::new(&s1);
@@ -1175,12 +1185,25 @@ async fn automation(n: usize, runs: usize) {
         base.clone(),
     );
 
-    // Answerers: every node, echoing the payload back.
+    let mut xs = Vec::new();
+    for r in 0..runs {
+        xs.push(query_ms(&client, "bench", &format!("q{r}"), n).await);
+    }
+    report(
+        "query",
+        json!({"n": n, "answered": n, "answerer": "handler query:bench=/bin/cat", "system": "constellationd"}),
+        xs,
+        "broadcast message to the same nodes",
+        base.clone(),
+    );
+
+    // The same with answerers that are programs following /v1/events,
+    // echoing the payload back over the API.
     let (mut qrx, _qtasks) = subscribe(&all).await;
     let answer_socks = all.clone();
     let answerer = tokio::spawn(async move {
         while let Some((i, v)) = qrx.recv().await {
-            if v["type"] != "query" {
+            if v["type"] != "query" || v["name"] != "bench_api" {
                 continue;
             }
             let id = v["id"].as_str().unwrap_or("").to_string();
@@ -1195,8 +1218,25 @@ async fn automation(n: usize, runs: usize) {
     });
     let mut xs = Vec::new();
     for r in 0..runs {
+        xs.push(query_ms(&client, "bench_api", &format!("q{r}"), n).await);
+    }
+    answerer.abort();
+    report(
+        "query_api_answerer",
+        json!({"n": n, "answered": n, "answerer": "a program following /v1/events, echoing", "system": "constellationd"}),
+        xs,
+        "broadcast message to the same nodes",
+        base,
+    );
+}
+
+/// One query `name` with `payload` asked through `client`: ms from the
+/// POST until its `done` line, which must count `n` answers, each the
+/// payload.
+async fn query_ms(client: &Client, name: &str, payload: &str, n: usize) -> f64 {
+    {
         let t0 = Instant::now();
-        let body = json!({"name": "bench", "payload": format!("q{r}"), "timeout_ms": 5000});
+        let body = json!({"name": name, "payload": payload, "timeout_ms": 5000});
         let bytes = serde_json::to_vec(&body).expect("json");
         let resp = client
             .request(Method::POST, "/v1/queries", bytes.into())
@@ -1212,20 +1252,15 @@ async fn automation(n: usize, runs: usize) {
             while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
                 let v: Value = serde_json::from_slice(&line).unwrap_or_default();
+                if v["type"] == "answer" {
+                    assert_eq!(v["payload"], payload, "an echo: {v}");
+                }
                 if v["type"] == "done" {
                     done = v;
                 }
             }
         }
         assert_eq!(done["answered"], json!(n), "every node answered: {done}");
-        xs.push(t0.elapsed().as_secs_f64() * 1000.0);
+        t0.elapsed().as_secs_f64() * 1000.0
     }
-    answerer.abort();
-    report(
-        "query",
-        json!({"n": n, "answered": n, "answerer": "a program following /v1/events, echoing", "system": "constellationd"}),
-        xs,
-        "broadcast message to the same nodes",
-        base,
-    );
 }

@@ -329,11 +329,12 @@ pub struct RunArgs {
     pub max_frame: u64,
 
     /// Run PROGRAM on events, `[EVENTS=]PROGRAM [ARG...]`: EVENTS a comma
-    /// list of event types (peer_joined, peer_failed, ..., message) or
-    /// message:TOPIC, every event without it; PROGRAM a path, then
+    /// list of event types (peer_joined, peer_failed, ..., message),
+    /// message:TOPIC or query:NAME (answers queries NAME with its standard
+    /// output), every event but queries without it; PROGRAM a path, then
     /// whitespace-separated arguments (no shell). It reads the event's JSON
-    /// on standard input; see the README for its environment. Repeatable;
-    /// the environment variable holds one handler.
+    /// (for a query: its payload) on standard input; see the README for its
+    /// environment. Repeatable; the environment variable holds one handler.
     #[arg(long, env = "CONSTELLATION_HANDLER", value_parser = crate::handlers::parse_handler, value_name = "[EVENTS=]PROGRAM")]
     pub handler: Vec<crate::handlers::HandlerSpec>,
 

@@ -237,6 +237,7 @@ pub fn main(args: RunArgs, source: Option<Source>) -> ExitCode {
             source,
             handlers: node.handlers.clone(),
             socket: node.socket.clone(),
+            state: node.state.clone(),
         };
         let mut watch = BeaconWatch::default();
         let mut sample_every =
@@ -313,10 +314,12 @@ fn log_finding(state: &NodeState, finding: Finding) {
 ///   keys (`handler`, `handler-concurrency`, `handler-backlog`,
 ///   `handler-timeout`): runs in progress finish, new events see the new
 ///   handlers.
-/// - Every other key that changed (tags included: peers learn tags from the
-///   hello of a link, and there is no way yet to tell them again) is named
-///   in a warning: it takes effect at the next restart. It stays "changed"
-///   for later reloads until then.
+/// - `tag` applies at once, as `PATCH /v1/self/tags` does: the new tags
+///   are the configured ones (runtime changes stay laid over them), and
+///   every linked peer gets this node's record again and reports
+///   `peer_updated`, with no link flap and no restart seen.
+/// - Every other key that changed is named in a warning: it takes effect
+///   at the next restart. It stays "changed" for later reloads until then.
 /// - A file that cannot be read or parsed, or holds a bad value, changes
 ///   nothing and is reported with the reason.
 ///
@@ -330,10 +333,13 @@ pub struct Reloader {
     handlers: crate::handlers::Control,
     /// The control socket (for the handlers' environment).
     socket: PathBuf,
+    /// The node (its tags, and its links to tell of them).
+    state: Arc<NodeState>,
 }
 
 /// Keys a reload applies while the node runs.
-pub const LIVE_KEYS: [&str; 6] = [
+pub const LIVE_KEYS: [&str; 7] = [
+    "tag",
     "log-level",
     "log-format",
     "handler",
@@ -369,6 +375,10 @@ impl Reloader {
                 for key in &live {
                     let ok = match key.as_str() {
                         k if k.starts_with("handler") => true,
+                        "tag" => {
+                            apply_tags(&self.state, &args);
+                            true
+                        }
                         "log-level" => match self.log.set_level(args.log_level) {
                             Ok(()) => true,
                             Err(error) => {
@@ -401,6 +411,22 @@ impl Reloader {
             }
         }
         notify::ready("reloaded");
+    }
+}
+
+/// New configured tags from a reload, told to every linked peer.
+fn apply_tags(state: &NodeState, args: &RunArgs) {
+    {
+        let configured: Tags = args.tag.iter().cloned().collect();
+        let (tags, version, changed) = state.tags.set_configured(configured);
+        if changed {
+            let sent_to = state.send_self_record(state.linked());
+            info!(tags = ?tags, version, sent_to, "tags changed by config reload");
+            state.publish(
+                "self_updated",
+                || serde_json::json!({ "tags": tags, "tags_version": version }),
+            );
+        }
     }
 }
 

@@ -1,9 +1,10 @@
 //! Event handlers: programs the node runs on cluster events (`--handler`).
 //!
 //! A handler is `[EVENTS=]PROGRAM [ARG...]`. `EVENTS` is a comma list of
-//! event types ([`EVENT_TYPES`], e.g. `peer_joined,peer_failed`) or
-//! `message:TOPIC` (messages on one topic); without it the handler gets
-//! every event. `PROGRAM` is a path (or a name looked up in `PATH` at
+//! event types ([`EVENT_TYPES`], e.g. `peer_joined,peer_failed`),
+//! `message:TOPIC` (messages on one topic) or `query:NAME` (queries of
+//! that name, which the handler answers); without it the handler gets
+//! every event but queries. `PROGRAM` is a path (or a name looked up in `PATH` at
 //! start) followed by whitespace-separated arguments: there is no shell, no
 //! quoting, no expansion. Both are checked when the flag (or the config
 //! file key) is parsed, so an unknown event type, a missing program or one
@@ -11,7 +12,10 @@
 //!
 //! The contract with the program (also in the README):
 //! - standard input: the event's JSON object, exactly the line
-//!   `/v1/events` would stream (newline included), then end of file;
+//!   `/v1/events` would stream (newline included), then end of file; for
+//!   a `query:NAME` handler, the query's raw payload instead (as Serf
+//!   gives it: `cat` answers with the payload), the rest of the query in
+//!   the environment;
 //! - environment: the node's own, plus the `CONSTELLATION_*` variables of
 //!   [`event_env`];
 //! - at most `--handler-concurrency` programs run at once; events wait in a
@@ -25,6 +29,12 @@
 //!   [`LOG_WINDOW`], then a count); standard output is read and discarded
 //!   past [`CAPTURE_MAX`] bytes, so a flood of output never blocks it or
 //!   fills memory.
+//! - a `query:NAME` handler answers with its standard output when it exits
+//!   with status 0 and the output fits a query answer ([`ANSWER_MAX`]
+//!   bytes); it is killed at the query's timeout if that comes before
+//!   `--handler-timeout`. A failure, a timeout or an oversize output gives
+//!   no answer (counted as failed or timed out, and logged). The first
+//!   answer counts: a second handler for the same name is refused.
 //!
 //! The dispatcher is one task, a subscriber of the [`EventBus`] like a
 //! `/v1/events` client: the bus never waits for it (events it cannot take
@@ -72,6 +82,11 @@ pub const IO_GRACE: Duration = Duration::from_millis(200);
 pub const LOG_LINES: u32 = 5;
 /// ...of this length; the rest are counted and the count logged.
 pub const LOG_WINDOW: Duration = Duration::from_secs(10);
+/// The largest answer a `query:NAME` handler may give: the query engine's
+/// own bound on answers (a longer output gives no answer).
+pub const ANSWER_MAX: usize = proto::query::Limits::DEFAULT_MAX_PAYLOAD;
+/// The event type of a query this node should answer.
+pub const QUERY_EVENT: &str = "query";
 
 /// The event types a handler may name (those of the event stream, less the
 /// stream's own `subscribed` and `dropped`).
@@ -96,6 +111,8 @@ pub enum Filter {
     Kind(String),
     /// Messages on this topic (`message:TOPIC`).
     Topic(String),
+    /// Queries of this name (`query:NAME`), answered by the handler.
+    Query(String),
 }
 
 /// One `--handler` value, checked.
@@ -131,34 +148,63 @@ impl HandlerSpec {
         })
     }
 
-    /// Whether an event of type `kind` (a message on `topic`) runs this.
+    /// Whether an event of type `kind` runs this; `topic` is a message's
+    /// topic or a query's name. A query runs only the handlers that name
+    /// it (their output is an answer), never a catch-all one.
     pub fn matches(&self, kind: &str, topic: Option<&str>) -> bool {
+        if kind == QUERY_EVENT {
+            return self
+                .events
+                .iter()
+                .any(|f| matches!(f, Filter::Query(n) if topic == Some(n.as_str())));
+        }
         self.events.is_empty()
             || self.events.iter().any(|f| match f {
                 Filter::Kind(k) => k == kind,
                 Filter::Topic(t) => kind == "message" && topic == Some(t.as_str()),
+                Filter::Query(_) => false,
             })
+    }
+
+    /// Whether this handler answers queries (names a `query:NAME`).
+    pub fn answers_queries(&self) -> bool {
+        self.events.iter().any(|f| matches!(f, Filter::Query(_)))
     }
 }
 
 fn is_event_list(list: &str) -> bool {
     !list.is_empty()
         && !list.contains(char::is_whitespace)
-        && list
-            .split(',')
-            .all(|item| item.starts_with("message:") || !item.contains('/'))
+        && list.split(',').all(|item| {
+            item.starts_with("message:") || item.starts_with("query:") || !item.contains('/')
+        })
 }
 
 fn parse_events(list: &str) -> Result<Vec<Filter>, String> {
     list.split(',')
-        .map(|item| match item.strip_prefix("message:") {
-            Some("") => Err("message: needs a topic (message:TOPIC)".to_string()),
-            Some(topic) => Ok(Filter::Topic(topic.to_string())),
-            None if EVENT_TYPES.contains(&item) => Ok(Filter::Kind(item.to_string())),
-            None => Err(format!(
-                "unknown event type {item:?} (one of {}, or message:TOPIC)",
-                EVENT_TYPES.join(", ")
-            )),
+        .map(|item| {
+            if let Some(name) = item.strip_prefix("query:") {
+                return match name {
+                    "" => Err("query: needs a name (query:NAME)".to_string()),
+                    n if n.len() > proto::query::MAX_NAME => Err(format!(
+                        "query name longer than {} bytes",
+                        proto::query::MAX_NAME
+                    )),
+                    n if n.starts_with(proto::query::INTERNAL_PREFIX) => {
+                        Err(format!("query names starting with '_' are reserved: {n:?}"))
+                    }
+                    n => Ok(Filter::Query(n.to_string())),
+                };
+            }
+            match item.strip_prefix("message:") {
+                Some("") => Err("message: needs a topic (message:TOPIC)".to_string()),
+                Some(topic) => Ok(Filter::Topic(topic.to_string())),
+                None if EVENT_TYPES.contains(&item) => Ok(Filter::Kind(item.to_string())),
+                None => Err(format!(
+                    "unknown event type {item:?} (one of {}, message:TOPIC or query:NAME)",
+                    EVENT_TYPES.join(", ")
+                )),
+            }
         })
         .collect()
 }
@@ -298,9 +344,23 @@ pub fn spawn(
 #[derive(Debug)]
 struct Job {
     handler: Arc<HandlerSpec>,
+    /// Its standard input: the event line, or a query's payload.
     event: Bytes,
     env: Vec<(&'static str, String)>,
     kind: String,
+    /// For a query: where its answer goes.
+    answer: Option<Answer>,
+}
+
+/// The query a run answers.
+#[derive(Debug, Clone)]
+struct Answer {
+    /// `ORIGIN-N`.
+    id: String,
+    /// The query's own deadline (the run is killed there if that is
+    /// sooner than the handler timeout: a later answer is refused anyway).
+    deadline: tokio::time::Instant,
+    queries: crate::query::QueryHandle,
 }
 
 /// How a run ended.
@@ -312,6 +372,9 @@ enum Outcome {
     Exited { status: ExitStatus, stderr: Vec<u8> },
     /// It was killed at the timeout.
     TimedOut { stderr: Vec<u8> },
+    /// A query handler that exited with status 0 but gave no usable
+    /// answer (more than [`ANSWER_MAX`] bytes, or output left open).
+    NoAnswer { why: String },
 }
 
 /// What the dispatcher logs about a run.
@@ -414,12 +477,23 @@ struct Head {
     at: String,
     #[serde(default)]
     peer: Option<PeerHead>,
+    /// A message's sender id (a string), or a query's asker (`{id, name}`).
     #[serde(default)]
-    from: Option<String>,
+    from: Option<serde_json::Value>,
     #[serde(default)]
     from_name: Option<String>,
     #[serde(default)]
     topic: Option<String>,
+}
+
+/// The fields of a `query` event line a query handler needs.
+#[derive(Debug, Deserialize)]
+struct QueryHead {
+    id: String,
+    name: String,
+    payload_b64: String,
+    #[serde(default)]
+    timeout_ms: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -442,9 +516,16 @@ struct PeerHead {
 /// | `CONSTELLATION_PEER_NAME`, `CONSTELLATION_PEER_ID` | the peer (for a message: its sender; the name may be empty) |
 /// | `CONSTELLATION_PEER_STATE`, `CONSTELLATION_PEER_ADDR` | peer events only |
 /// | `CONSTELLATION_TOPIC` | messages only |
+/// | `CONSTELLATION_QUERY_ID`, `CONSTELLATION_QUERY_NAME` | queries only (the peer is the asker) |
+/// | `CONSTELLATION_QUERY_TIMEOUT_MS` | queries only: ms left to answer when the event was published |
 ///
 /// A value holding a NUL byte (possible only in a topic) is left out.
-fn event_env(state: &NodeState, socket: &Path, head: &Head) -> Vec<(&'static str, String)> {
+fn event_env(
+    state: &NodeState,
+    socket: &Path,
+    head: &Head,
+    query: Option<&QueryHead>,
+) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("CONSTELLATION_EVENT", head.kind.clone()),
         ("CONSTELLATION_EVENT_AT", head.at.clone()),
@@ -461,15 +542,30 @@ fn event_env(state: &NodeState, socket: &Path, head: &Head) -> Vec<(&'static str
             ("CONSTELLATION_PEER_ADDR", p.addr.clone()),
         ]);
     }
-    if let Some(from) = &head.from {
-        env.push(("CONSTELLATION_PEER_ID", from.clone()));
-        env.push((
-            "CONSTELLATION_PEER_NAME",
-            head.from_name.clone().unwrap_or_default(),
-        ));
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    match &head.from {
+        Some(serde_json::Value::String(id)) => {
+            env.push(("CONSTELLATION_PEER_ID", id.clone()));
+            env.push((
+                "CONSTELLATION_PEER_NAME",
+                head.from_name.clone().unwrap_or_default(),
+            ));
+        }
+        Some(node @ serde_json::Value::Object(_)) => {
+            env.push(("CONSTELLATION_PEER_ID", text(&node["id"])));
+            env.push(("CONSTELLATION_PEER_NAME", text(&node["name"])));
+        }
+        _ => {}
     }
     if let Some(t) = &head.topic {
         env.push(("CONSTELLATION_TOPIC", t.clone()));
+    }
+    if let Some(q) = query {
+        env.extend([
+            ("CONSTELLATION_QUERY_ID", q.id.clone()),
+            ("CONSTELLATION_QUERY_NAME", q.name.clone()),
+            ("CONSTELLATION_QUERY_TIMEOUT_MS", q.timeout_ms.to_string()),
+        ]);
     }
     env.retain(|(_, v)| !v.contains('\0'));
     env
@@ -492,9 +588,25 @@ fn enqueue(
             return;
         }
     };
+    // A query: its name is what handlers match, its payload their input.
+    let query = if head.kind == QUERY_EVENT {
+        match query_input(&line) {
+            Ok(q) => Some(q),
+            Err(error) => {
+                warn!(%error, "query event not understood; no handler run");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let topic = match &query {
+        Some((q, _)) => Some(q.name.as_str()),
+        None => head.topic.as_deref(),
+    };
     let mut env = None;
     for h in &cfg.handlers {
-        if !h.matches(&head.kind, head.topic.as_deref()) {
+        if !h.matches(&head.kind, topic) {
             continue;
         }
         if queue.len() >= cfg.backlog {
@@ -508,15 +620,40 @@ fn enqueue(
             continue;
         }
         let env = env
-            .get_or_insert_with(|| event_env(state, &cfg.socket, &head))
+            .get_or_insert_with(|| {
+                event_env(state, &cfg.socket, &head, query.as_ref().map(|q| &q.0))
+            })
             .clone();
+        let (event, answer) = match &query {
+            Some((q, payload)) => (
+                payload.clone(),
+                Some(Answer {
+                    id: q.id.clone(),
+                    deadline: tokio::time::Instant::from_std(now)
+                        + Duration::from_millis(q.timeout_ms),
+                    queries: state.queries.clone(),
+                }),
+            ),
+            None => (line.clone(), None),
+        };
         queue.push_back(Job {
             handler: h.clone(),
-            event: line.clone(),
+            event,
             env,
             kind: head.kind.clone(),
+            answer,
         });
     }
+}
+
+/// A query event's fields and its payload, decoded.
+fn query_input(line: &[u8]) -> Result<(QueryHead, Bytes), String> {
+    use base64::Engine as _;
+    let q: QueryHead = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(&q.payload_b64)
+        .map_err(|e| format!("payload_b64: {e}"))?;
+    Ok((q, Bytes::from(payload)))
 }
 
 /// Counts and logs one finished run.
@@ -549,6 +686,10 @@ fn record(stats: &Stats, f: &Finished, budget: &mut LogBudget, now: Instant) {
                     %program, event = %f.kind, took_ms, stderr = %excerpt(stderr), unlogged,
                     "handler timed out and was killed"
                 ),
+                Outcome::NoAnswer { why } => warn!(
+                    %program, event = %f.kind, %why, unlogged,
+                    "query handler gave no answer"
+                ),
             }
         }
     }
@@ -567,8 +708,32 @@ fn excerpt(stderr: &[u8]) -> String {
 /// Runs one job to its end: start, feed, read, wait, kill at the timeout.
 async fn execute(job: Job, timeout: Duration) -> Finished {
     let started = tokio::time::Instant::now();
-    let deadline = started + timeout;
-    let outcome = run_program(&job, deadline).await;
+    let mut deadline = started + timeout;
+    if let Some(a) = &job.answer {
+        deadline = deadline.min(a.deadline);
+    }
+    let (outcome, stdout) = run_program(&job, deadline).await;
+    let outcome = match (&job.answer, outcome) {
+        (Some(a), Outcome::Exited { status, stderr }) if status.success() => {
+            match stdout {
+                (_, None) => Outcome::NoAnswer {
+                    why: "its output was still open after it exited".into(),
+                },
+                (_, Some(len)) if len > ANSWER_MAX => Outcome::NoAnswer {
+                    why: format!("{len} bytes of output, more than an answer's {ANSWER_MAX}"),
+                },
+                (kept, Some(_)) => {
+                    // Refused only when the query is already answered (another
+                    // handler) or over: the run itself succeeded.
+                    if let Err(error) = a.queries.respond(&a.id, Bytes::from(kept)).await {
+                        debug!(id = %a.id, %error, "query handler answer refused");
+                    }
+                    Outcome::Exited { status, stderr }
+                }
+            }
+        }
+        (_, outcome) => outcome,
+    };
     Finished {
         program: job.handler.program.clone(),
         kind: job.kind,
@@ -577,7 +742,13 @@ async fn execute(job: Job, timeout: Duration) -> Finished {
     }
 }
 
-async fn run_program(job: &Job, deadline: tokio::time::Instant) -> Outcome {
+/// Runs the program; also returns its standard output (kept up to
+/// [`ANSWER_MAX`] bytes for a query, [`CAPTURE_MAX`] otherwise) and its
+/// full length (none: not read to its end).
+async fn run_program(
+    job: &Job,
+    deadline: tokio::time::Instant,
+) -> (Outcome, (Vec<u8>, Option<usize>)) {
     let mut cmd = tokio::process::Command::new(&job.handler.program);
     cmd.args(&job.handler.args)
         .envs(job.env.iter().map(|(k, v)| (OsString::from(k), v)))
@@ -588,12 +759,17 @@ async fn run_program(job: &Job, deadline: tokio::time::Instant) -> Outcome {
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return Outcome::NotStarted(e),
+        Err(e) => return (Outcome::NotStarted(e), (Vec::new(), None)),
+    };
+    let out_max = if job.answer.is_some() {
+        ANSWER_MAX
+    } else {
+        CAPTURE_MAX
     };
     let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let mut err_buf = Vec::new();
     let mut out_buf = Vec::new();
-    let status = {
+    let (status, out_len) = {
         let feed = async {
             if let Some(mut stdin) = stdin {
                 // A program that does not read its input closes the pipe
@@ -606,30 +782,31 @@ async fn run_program(job: &Job, deadline: tokio::time::Instant) -> Outcome {
         let io = async {
             tokio::join!(
                 feed,
-                capture(stdout, &mut out_buf),
-                capture(stderr, &mut err_buf)
+                capture(stdout, &mut out_buf, out_max),
+                capture(stderr, &mut err_buf, CAPTURE_MAX)
             )
         };
         tokio::pin!(io);
-        let mut io_done = false;
+        let mut io_done = None;
         let status = loop {
             tokio::select! {
                 // `Child::wait` is cancel-safe; `io` is polled by reference.
                 status = child.wait() => break Some(status),
-                _ = &mut io, if !io_done => io_done = true,
+                ((), out, _) = &mut io, if io_done.is_none() => io_done = Some(out),
                 () = tokio::time::sleep_until(deadline) => break None,
             }
         };
-        if status.is_some() && !io_done {
+        if status.is_some() && io_done.is_none() {
             // Exited, but a child of its own may hold the pipes.
             let grace = (tokio::time::Instant::now() + IO_GRACE).min(deadline);
-            if tokio::time::timeout_at(grace, &mut io).await.is_err() {
-                debug!("handler pipes still open after it exited; abandoned");
+            match tokio::time::timeout_at(grace, &mut io).await {
+                Ok(((), out, _)) => io_done = Some(out),
+                Err(_) => debug!("handler pipes still open after it exited; abandoned"),
             }
         }
-        status
+        (status, io_done)
     };
-    match status {
+    let outcome = match status {
         Some(Ok(status)) => Outcome::Exited {
             status,
             stderr: err_buf,
@@ -645,18 +822,22 @@ async fn run_program(job: &Job, deadline: tokio::time::Instant) -> Outcome {
             }
             Outcome::TimedOut { stderr: err_buf }
         }
-    }
+    };
+    (outcome, (out_buf, out_len))
 }
 
-/// Reads `pipe` to its end, keeping the first [`CAPTURE_MAX`] bytes.
-async fn capture(pipe: Option<impl AsyncRead + Unpin>, keep: &mut Vec<u8>) {
-    let Some(mut pipe) = pipe else { return };
+/// Reads `pipe` to its end, keeping the first `max` bytes; returns how
+/// many it read in all.
+async fn capture(pipe: Option<impl AsyncRead + Unpin>, keep: &mut Vec<u8>, max: usize) -> usize {
+    let Some(mut pipe) = pipe else { return 0 };
     let mut buf = [0u8; 8192];
+    let mut total = 0usize;
     loop {
         match pipe.read(&mut buf).await {
-            Ok(0) | Err(_) => return, // end of output either way
+            Ok(0) | Err(_) => return total, // end of output either way
             Ok(n) => {
-                let room = CAPTURE_MAX.saturating_sub(keep.len());
+                total = total.saturating_add(n);
+                let room = max.saturating_sub(keep.len());
                 keep.extend_from_slice(&buf[..n.min(room)]);
             }
         }
@@ -778,15 +959,44 @@ mod tests {
         let any_message = HandlerSpec::parse("message=/bin/x").unwrap();
         assert!(any_message.matches("message", Some("t")));
 
+        let query = HandlerSpec::parse("query:app/load,peer_left=/bin/cat").unwrap();
+        assert_eq!(query.events[0], Filter::Query("app/load".into()));
+        assert!(query.answers_queries());
+        assert!(query.matches("query", Some("app/load")));
+        assert!(!query.matches("query", Some("other")));
+        assert!(!query.matches("message", Some("app/load")));
+        assert!(query.matches("peer_left", None));
+        // A catch-all handler never answers queries.
+        assert!(!all.matches("query", Some("app/load")) && !all.answers_queries());
+
         for (bad, want) in [
             ("peer_joind=/bin/x", "unknown event type \"peer_joind\""),
             ("message:=/bin/x", "needs a topic"),
+            ("query:=/bin/x", "needs a name"),
+            ("query:_keys=/bin/x", "reserved"),
             ("peer_joined=", "expected [EVENTS=]PROGRAM"),
             ("   ", "expected [EVENTS=]PROGRAM"),
         ] {
             let err = HandlerSpec::parse(bad).unwrap_err();
             assert!(err.contains(want), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_query_event_gives_its_payload_and_every_event_parses() {
+        let line = br#"{"type":"query","at":"t","id":"7-3","name":"echo","from":{"id":"7","name":"n1"},"payload":"hi","payload_b64":"aGk=","timeout_ms":900}"#;
+        let (q, payload) = query_input(line).unwrap();
+        assert_eq!((q.id.as_str(), q.name.as_str()), ("7-3", "echo"));
+        assert_eq!((&payload[..], q.timeout_ms), (&b"hi"[..], 900));
+        // The head of a query event (its `from` an object) parses too, as
+        // does a message's (`from` a string).
+        let head: Head = serde_json::from_slice(line).unwrap();
+        assert_eq!(head.kind, "query");
+        let msg = br#"{"type":"message","at":"t","from":"7","from_name":"n1","topic":"x"}"#;
+        let head: Head = serde_json::from_slice(msg).unwrap();
+        assert_eq!(head.topic.as_deref(), Some("x"));
+        let bad = br#"{"type":"query","id":"7-3","name":"echo","payload_b64":"%%"}"#;
+        assert!(query_input(bad).unwrap_err().contains("payload_b64"));
     }
 
     #[test]

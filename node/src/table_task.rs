@@ -176,9 +176,13 @@ fn on_transport(
             }
             // The address the peer advertises is what we redial: the same
             // rule as for beacons, with the connection's source as the
-            // datagram's. A refused one is replaced by the source's IP.
+            // datagram's. A refused one is replaced by the source's IP
+            // (with the connection's scope, for a link-local source).
             if let Err(e) = rule.check(hello.addr, remote.ip()) {
-                let fixed = std::net::SocketAddr::new(remote.ip(), hello.addr.port());
+                let fixed = proto::addr_rule::scoped_like(
+                    SocketAddr::new(remote.ip(), hello.addr.port()),
+                    remote,
+                );
                 if state.transport.stats().drops.record(now, "address") {
                     warn!(peer = %hello.name, advertised = %hello.addr, using = %fixed, error = %e, "advertised address refused");
                 }

@@ -1,4 +1,5 @@
-//! This node's tags, changeable at runtime (`PATCH /v1/self/tags`).
+//! This node's tags, changeable at runtime (`PATCH /v1/self/tags`, and a
+//! SIGHUP reload of the config file's `tag` key: [`LocalTags::set_configured`]).
 //!
 //! The node starts with the configured tags (`--tag`, the config file),
 //! with the runtime changes kept in the state directory laid over them

@@ -464,3 +464,79 @@ fn remove_marks_a_failed_node_left_everywhere_refuses_a_live_one_and_prunes() {
         assert_eq!(d.linked(), 2);
     }
 }
+
+/// The lines of a `query --json` run, which must succeed.
+fn query_lines(d: &Daemon, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["query"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = d.cli(&all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn query_handlers_answer_with_their_output_and_a_failing_one_gives_no_answer() {
+    let dir = TempDir::new("auto-qhandler");
+    for program in ["/bin/cat", "/bin/false"] {
+        assert!(std::path::Path::new(program).exists(), "{program} needed");
+    }
+    let handlers = |_| {
+        ["query:echo=/bin/cat", "query:fail=/bin/false"]
+            .iter()
+            .flat_map(|h| ["--handler".to_string(), h.to_string()])
+            .collect()
+    };
+    let nodes = mesh(&dir, 3, handlers);
+
+    // Every node (the asker too) runs `cat` on the payload: 3 answers, each
+    // the payload, and the summary comes as soon as the last one is in.
+    let payload = "hello \u{e9}\n{\"x\": 1}";
+    let lines = query_lines(&nodes[0], &["echo", payload, "--timeout", "10s"]);
+    let answers: Vec<&Value> = lines.iter().filter(|l| l["type"] == "answer").collect();
+    assert_eq!(answers.len(), 3, "{lines:?}");
+    for a in &answers {
+        assert_eq!(a["payload"], payload, "{a}");
+    }
+    let mut from: Vec<&str> = answers
+        .iter()
+        .map(|a| a["from"]["name"].as_str().unwrap())
+        .collect();
+    from.sort();
+    assert_eq!(from, ["n1", "n2", "n3"]);
+    let done = lines.last().unwrap();
+    assert_eq!(
+        (&done["type"], &done["answered"], &done["timed_out"]),
+        (&"done".into(), &3.into(), &Value::Array(vec![])),
+        "{done}"
+    );
+
+    // A handler that fails answers nothing; the asker counts every node as
+    // not answering, and each node counts the failed run.
+    let lines = query_lines(&nodes[0], &["fail", "x", "--timeout", "1500ms"]);
+    let done = lines.last().unwrap();
+    assert_eq!(
+        (&done["acked"], &done["answered"]),
+        (&3.into(), &0.into()),
+        "{done}"
+    );
+    assert_eq!(done["timed_out"].as_array().unwrap().len(), 3, "{done}");
+    for d in &nodes {
+        wait_until(LIMIT, &format!("{}: failed run counted", d.name), || {
+            support::self_info(&d.socket)["handlers"]["failed"] == 1
+        });
+        let info = support::self_info(&d.socket);
+        assert_eq!(info["handlers"]["succeeded"], 1, "the echo run: {info}");
+        assert_eq!(
+            info["counters"]["queries"]["answered"], 1,
+            "the echo answer only: {info}"
+        );
+    }
+}

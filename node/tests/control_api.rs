@@ -382,6 +382,10 @@ fn metrics_parse_strictly_and_keep_their_names() {
         "links_refused",
         "handler_started",
         "handler_runs",
+        "queries_asked",
+        "queries_delivered",
+        "queries_answered",
+        "queries_discarded",
     ];
     let mut want: Vec<(String, &str)> = gauges
         .iter()

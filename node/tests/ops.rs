@@ -200,7 +200,7 @@ fn the_packaged_example_config_parses_with_every_key() {
 }
 
 #[test]
-fn sighup_reloads_the_log_level_names_what_needs_a_restart_and_keeps_links() {
+fn sighup_reloads_the_log_level_and_tags_names_what_needs_a_restart_and_keeps_links() {
     let dir = TempDir::new("reload");
     let group = unique_group();
     let cfg = dir.path().join("a.toml");
@@ -218,6 +218,8 @@ fn sighup_reloads_the_log_level_names_what_needs_a_restart_and_keeps_links() {
     });
     let before = self_info(&b.socket);
     let inc_before = b.peers()[0]["incarnation"].clone();
+    assert_eq!(b.peers()[0]["tags"]["role"], "db");
+    let mut events = support::EventStream::open(&b.socket).expect("subscribe");
 
     write(
         &cfg,
@@ -228,15 +230,43 @@ fn sighup_reloads_the_log_level_names_what_needs_a_restart_and_keeps_links() {
         a.log_text().contains("config reloaded")
     });
     let log = a.log_text();
-    assert!(log.contains("applied=log-level=debug"), "{log}");
+    assert!(log.contains("log-level=debug"), "{log}");
+    assert!(log.contains("tag=role=web"), "{log}");
     let warned = log
         .lines()
         .find(|l| l.contains("only take effect at the next restart"))
         .unwrap_or_else(|| panic!("restart warning: {log}"));
     assert!(
-        warned.contains("WARN") && warned.contains("beacon-interval") && warned.contains("tag"),
+        warned.contains("WARN") && warned.contains("beacon-interval") && !warned.contains("tag"),
         "{warned}"
     );
+    // The new tags reach b live, as an update of a, and nothing else
+    // happens to a on the way.
+    let mut seen = Vec::new();
+    loop {
+        let e = events
+            .next()
+            .unwrap_or_else(|| panic!("stream ended before peer_updated: {seen:?}"));
+        let hit = e["type"] == "peer_updated" && e["peer"]["tags"]["role"] == "web";
+        seen.push(e);
+        if hit {
+            break;
+        }
+    }
+    for e in &seen {
+        assert!(
+            ![
+                "link_down",
+                "link_up",
+                "peer_restarted",
+                "peer_failed",
+                "peer_left"
+            ]
+            .contains(&e["type"].as_str().unwrap_or_default()),
+            "{seen:?}"
+        );
+    }
+    assert_eq!(b.peers()[0]["tags"]["role"], "web");
     assert_eq!(get_json(&a.socket, "/v1/log-level")["level"], "debug");
     assert_eq!(a.wait_exit(Duration::ZERO), None, "still running");
 

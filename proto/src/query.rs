@@ -157,10 +157,16 @@ pub struct Limits {
     pub max_seen: usize,
 }
 
+impl Limits {
+    /// [`Limits::max_payload`] by default (answerers outside the engine,
+    /// such as query handlers, bound their output by it).
+    pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024;
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_payload: 64 * 1024,
+            max_payload: Self::DEFAULT_MAX_PAYLOAD,
             max_outstanding: 64,
             max_timeout: Duration::from_secs(300),
             max_seen: 4096,

@@ -60,6 +60,7 @@ pub struct Snapshot {
     beacons_dropped: BTreeMap<&'static str, u64>,
     links_refused: BTreeMap<&'static str, u64>,
     handlers: proto::control::HandlerCounters,
+    queries: proto::control::QueryCounts,
 }
 
 impl Snapshot {
@@ -112,6 +113,7 @@ impl Snapshot {
             beacons_dropped: d.drops.snapshot(),
             links_refused: t.drops.snapshot(),
             handlers: s.handlers.snapshot(),
+            queries: s.queries.counters.snapshot(),
         }
     }
 }
@@ -222,6 +224,13 @@ impl Snapshot {
             ("timed_out", h.timed_out),
             ("dropped", h.dropped),
         ]);
+        let q = &self.queries;
+        let discarded = BTreeMap::from([
+            ("duplicate", q.duplicates),
+            ("oversize", q.oversize),
+            ("late", q.late),
+            ("queue_full", q.dropped),
+        ]);
         vec![
             Family::gauge("peers", "Peers by state.").by("state", &self.peers),
             Family::gauge("links_up", "Data links up.").value(self.links_up),
@@ -284,6 +293,18 @@ impl Snapshot {
             .by("outcome", &runs),
             Family::gauge("handler_running", "Handler programs running.").value(h.running),
             Family::gauge("handler_queued", "Handler runs waiting for a slot.").value(h.queued),
+            Family::counter("queries_asked", "Queries asked by this node.").value(q.asked),
+            Family::counter(
+                "queries_delivered",
+                "Queries received that this node matched.",
+            )
+            .value(q.delivered),
+            Family::counter("queries_answered", "Answers this node gave.").value(q.answered),
+            Family::counter(
+                "queries_discarded",
+                "Query frames, answers or progress items discarded, by reason.",
+            )
+            .by("reason", &discarded),
         ]
     }
 }
@@ -302,7 +323,7 @@ mod tests {
 
     /// What the hand-written exposition printed for these values before
     /// this module (copied from a running node, labels added), then the
-    /// handler families.
+    /// handler and query families.
     const BEFORE: &str = r#"# HELP constellation_peers Peers by state.
 # TYPE constellation_peers gauge
 constellation_peers{state="alive"} 1
@@ -392,6 +413,21 @@ constellation_handler_running 0
 # HELP constellation_handler_queued Handler runs waiting for a slot.
 # TYPE constellation_handler_queued gauge
 constellation_handler_queued 0
+# HELP constellation_queries_asked_total Queries asked by this node.
+# TYPE constellation_queries_asked_total counter
+constellation_queries_asked_total 2
+# HELP constellation_queries_delivered_total Queries received that this node matched.
+# TYPE constellation_queries_delivered_total counter
+constellation_queries_delivered_total 3
+# HELP constellation_queries_answered_total Answers this node gave.
+# TYPE constellation_queries_answered_total counter
+constellation_queries_answered_total 1
+# HELP constellation_queries_discarded_total Query frames, answers or progress items discarded, by reason.
+# TYPE constellation_queries_discarded_total counter
+constellation_queries_discarded_total{reason="duplicate"} 4
+constellation_queries_discarded_total{reason="late"} 0
+constellation_queries_discarded_total{reason="oversize"} 0
+constellation_queries_discarded_total{reason="queue_full"} 0
 "#;
 
     #[test]
@@ -422,6 +458,13 @@ constellation_handler_queued 0
                 failed: 1,
                 timed_out: 1,
                 dropped: 7,
+                ..Default::default()
+            },
+            queries: proto::control::QueryCounts {
+                asked: 2,
+                delivered: 3,
+                answered: 1,
+                duplicates: 4,
                 ..Default::default()
             },
             ..Snapshot::default()
