@@ -248,8 +248,14 @@ fn on_transport(
             // Membership records name addresses to dial: the address rule
             // applies (the reporter's own address standing for the source),
             // widened to what the node's interfaces route to.
-            if let Some(from) = table.get(&id).map(|p| p.addr.ip()) {
+            if let Some(reporter) = table.get(&id).map(|p| p.addr) {
+                let from = reporter.ip();
                 let wall = wall_ms();
+                // Scope ids never cross the wire: a link-local address is
+                // on the link the report came over.
+                for r in &mut list.peers {
+                    r.addr = proto::addr_rule::scoped_like(r.addr, reporter);
+                }
                 list.peers.retain(|r| {
                     // The sender's own record (a runtime tag change) names
                     // no address to dial: the link is there already.
