@@ -566,6 +566,8 @@ pub fn check_hello(local: &Hello, remote: &Hello) -> Result<(), Reject> {
 pub struct FrameCodec {
     max: usize,
     secure: Option<Box<Sealing>>,
+    /// The topic of the last application message decoded.
+    last_topic: Option<Topic>,
 }
 
 /// The secured half of a [`FrameCodec`].
@@ -593,7 +595,11 @@ impl Default for FrameCodec {
 impl FrameCodec {
     /// A codec refusing frames longer than `max` bytes (after the prefix).
     pub fn new(max: usize) -> Self {
-        FrameCodec { max, secure: None }
+        FrameCodec {
+            max,
+            secure: None,
+            last_topic: None,
+        }
     }
 
     /// A codec for one direction of a secured link.
@@ -632,7 +638,7 @@ impl FrameCodec {
     /// length placeholder, then the length is filled in (no copy).
     fn encode_frame(&self, item: &Message, dst: &mut BytesMut) -> Result<(), FrameError> {
         if let Message::App(m) = item {
-            return self.encode_app(m, dst);
+            return self.write_app(m, dst);
         }
         let start = dst.len();
         dst.reserve(4 + FRAME_HEADER + 64);
@@ -657,12 +663,23 @@ impl FrameCodec {
 }
 
 impl FrameCodec {
+    /// Appends one application frame, as [`Encoder::encode`] of
+    /// `Message::App` does, without a `Message` around it (a writer with a
+    /// queue of messages encodes them straight from it). On a secured link
+    /// it is sealed alone: batches there go through `Encoder<Vec<Message>>`.
+    pub fn encode_app(&mut self, m: &AppMessage, dst: &mut BytesMut) -> Result<(), FrameError> {
+        match self.secure {
+            None => self.write_app(m, dst),
+            Some(_) => self.encode(vec![Message::App(m.clone())], dst),
+        }
+    }
+
     /// The hot path of [`FrameCodec::encode_frame`]: an `App` frame written
     /// with `BufMut` calls alone, its size known before the first byte, so
     /// that nothing is written (or truncated) for a frame over the limit.
     /// Byte for byte what the general path writes (a property test checks
     /// it): msgpack's shortest markers, `topic` then `payload`.
-    fn encode_app(&self, m: &AppMessage, dst: &mut BytesMut) -> Result<(), FrameError> {
+    fn write_app(&self, m: &AppMessage, dst: &mut BytesMut) -> Result<(), FrameError> {
         let (topic, payload) = (m.topic.as_bytes(), &m.payload[..]);
         let str_head = match topic.len() {
             0..32 => 1,
@@ -714,6 +731,25 @@ impl FrameCodec {
         }
         dst.put_slice(payload);
         Ok(())
+    }
+}
+
+/// One frame as [`FrameCodec::decode_next`] returns it.
+#[derive(Debug)]
+pub enum Decoded {
+    /// An application message: the hot path, unboxed.
+    App(AppMessage),
+    /// Any other frame.
+    Frame(Box<Message>),
+}
+
+impl Decoded {
+    /// The frame as a [`Message`].
+    pub fn into_message(self) -> Message {
+        match self {
+            Decoded::App(m) => Message::App(m),
+            Decoded::Frame(m) => *m,
+        }
     }
 }
 
@@ -804,18 +840,12 @@ fn whole_frame(src: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
     Ok((src.len() - 4 >= len).then_some(len))
 }
 
-/// Decodes a whole plaintext frame that we own (without its prefix), so
-/// that an application payload can be cut out of it instead of copied.
-fn decode_owned(frame: BytesMut) -> Result<Message, FrameError> {
-    check_plain_header(&frame)?;
-    let kind = frame[2];
-    if kind != KIND_APP {
-        return Message::decode_body(kind, &frame[FRAME_HEADER..]);
-    }
-    match app_in_place(frame) {
-        Ok(m) => Ok(Message::App(m)),
-        Err(frame) => Message::decode_body(kind, &frame[FRAME_HEADER..]),
-    }
+/// Decodes a whole plaintext frame (without its prefix) that the fast path
+/// ([`app_at_front`]) did not take: every frame but an application message
+/// in the shape this crate writes, through serde.
+fn decode_owned(frame: &[u8]) -> Result<Decoded, FrameError> {
+    check_plain_header(frame)?;
+    Message::decode_body(frame[2], &frame[FRAME_HEADER..]).map(|m| Decoded::Frame(Box::new(m)))
 }
 
 /// Where the parts of an `App` body lie, as offsets into the body.
@@ -909,24 +939,37 @@ fn app_layout_as_written(body: &[u8]) -> Option<AppLayout> {
     })
 }
 
-/// The hot path: an `App` frame (header and body, the header checked) in
-/// the shape [`app_layout`] reads, with a UTF-8 topic, becomes its message,
-/// the payload cut out of `frame` in place (no copy, no further reference
-/// count). Anything else is handed back untouched.
-fn app_in_place(mut frame: BytesMut) -> Result<AppMessage, BytesMut> {
-    let Some(at) = frame.get(FRAME_HEADER..).and_then(app_layout) else {
-        return Err(frame);
+/// The hot path: the whole frame of `len` bytes after the prefix at the
+/// front of `buf`, if it is an `App` frame with a valid plaintext header in
+/// the shape [`app_layout`] reads and a UTF-8 topic, becomes its message:
+/// the frame leaves `buf` and the payload is cut out of it in place (no
+/// copy). Anything else is `None`, and `buf` is untouched.
+///
+/// `last` is the topic of the link's previous message: a stream of
+/// messages mostly shares one, which is then neither checked nor copied
+/// again.
+fn app_at_front(buf: &mut BytesMut, len: usize, last: &mut Option<Topic>) -> Option<AppMessage> {
+    let frame = buf.get(4..4 + len)?;
+    let [version, flags, KIND_APP, ..] = *frame else {
+        return None;
     };
+    if version != VERSION || flags & FLAG_TAGGED != 0 {
+        return None; // the general path says why
+    }
     let body = &frame[FRAME_HEADER..];
-    let Ok(topic) = Topic::from_utf8(&body[at.topic]) else {
-        return Err(frame);
+    let at = app_layout(body)?;
+    let bytes = &body[at.topic];
+    let topic = match last {
+        Some(t) if t.as_bytes() == bytes => t.clone(),
+        _ => {
+            let t = Topic::from_utf8(bytes).ok()?;
+            *last = Some(t.clone());
+            t
+        }
     };
-    frame.advance(FRAME_HEADER + at.payload.start);
-    frame.truncate(at.payload.len());
-    Ok(AppMessage {
-        topic,
-        payload: frame.freeze(),
-    })
+    buf.advance(4 + FRAME_HEADER + at.payload.start);
+    let payload = buf.split_to(at.payload.len()).freeze();
+    Some(AppMessage { topic, payload })
 }
 
 fn length_error(e: std::io::Error, max: usize) -> FrameError {
@@ -937,11 +980,12 @@ fn length_error(e: std::io::Error, max: usize) -> FrameError {
     }
 }
 
-impl Decoder for FrameCodec {
-    type Item = Message;
-    type Error = FrameError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
+impl FrameCodec {
+    /// [`Decoder::decode`] without wrapping an application message in a
+    /// [`Message`]: the link's reader takes thousands per wake-up, and a
+    /// `Message` is several times the size of an [`AppMessage`], moved at
+    /// each step. Every other frame comes boxed (they are rare).
+    pub fn decode_next(&mut self, src: &mut BytesMut) -> Result<Option<Decoded>, FrameError> {
         let Some(sec) = &mut self.secure else {
             let Some(len) = whole_frame(src, self.max)? else {
                 // Room for the rest of a frame whose prefix is here, so
@@ -952,9 +996,11 @@ impl Decoder for FrameCodec {
                 }
                 return Ok(None);
             };
-            let mut frame = src.split_to(4 + len);
-            frame.advance(4);
-            return decode_owned(frame).map(Some);
+            if let Some(m) = app_at_front(src, len, &mut self.last_topic) {
+                return Ok(Some(Decoded::App(m)));
+            }
+            let frame = src.split_to(4 + len);
+            return decode_owned(&frame[4..]).map(Some);
         };
         if sec.opened.is_empty() {
             let record = match sec.records.decode(src) {
@@ -968,9 +1014,20 @@ impl Decoder for FrameCodec {
         let Some(len) = whole_frame(&sec.opened, self.max)? else {
             return Err(FrameError::Truncated);
         };
-        let mut frame = sec.opened.split_to(4 + len);
-        frame.advance(4);
-        decode_owned(frame).map(Some)
+        if let Some(m) = app_at_front(&mut sec.opened, len, &mut self.last_topic) {
+            return Ok(Some(Decoded::App(m)));
+        }
+        let frame = sec.opened.split_to(4 + len);
+        decode_owned(&frame[4..]).map(Some)
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Message;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
+        Ok(self.decode_next(src)?.map(Decoded::into_message))
     }
 }
 
@@ -1176,6 +1233,56 @@ pub(crate) mod tests {
         buf.put_slice(&[VERSION, 0, KIND_APP]);
         buf.put_slice(body);
         buf
+    }
+
+    /// [`app_at_front`] on one `App` frame of `body`, with no topic
+    /// remembered: the message, and nothing left behind.
+    fn fast_path(body: &[u8]) -> Option<AppMessage> {
+        let mut buf = app_frame(body);
+        let len = buf.len() - 4;
+        let m = app_at_front(&mut buf, len, &mut None)?;
+        assert!(buf.is_empty(), "the whole frame is taken");
+        Some(m)
+    }
+
+    /// Messages whose topics repeat, change and come back: the stream
+    /// [`a_remembered_topic_never_leaks_into_the_next_message`] sends.
+    pub(crate) fn topic_stream() -> Vec<Message> {
+        let topics = [
+            "a",
+            "a",
+            "bb",
+            "",
+            "a",
+            "é",
+            "long-topic-past-the-inline-limit-of-thirty",
+            "a",
+        ];
+        topics
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                Message::App(AppMessage {
+                    topic: (*t).into(),
+                    payload: Bytes::from(vec![i as u8; i]),
+                })
+            })
+            .collect()
+    }
+
+    /// The remembered topic is only a shortcut: a stream whose topics
+    /// repeat, change and come back decodes to exactly what was sent (the
+    /// secured case is in `secure/tests.rs`).
+    #[test]
+    fn a_remembered_topic_never_leaks_into_the_next_message() {
+        let (mut enc, mut dec) = (FrameCodec::default(), FrameCodec::default());
+        let mut buf = BytesMut::new();
+        enc.encode(topic_stream(), &mut buf).unwrap();
+        let mut got = Vec::new();
+        while let Some(m) = dec.decode(&mut buf).unwrap() {
+            got.push(m);
+        }
+        assert_eq!(got, topic_stream());
     }
 
     #[test]
@@ -1409,7 +1516,7 @@ pub(crate) mod tests {
         #[test]
         fn app_frame_by_hand_is_the_general_frame(topic_len in prop::sample::select(vec![0usize, 1, 31, 32, 255, 256, 300, 65535, 65536]), payload_len in prop::sample::select(vec![0usize, 1, 255, 256, 65535, 65536, 70000]), fill in any::<u8>()) {
             let msg = AppMessage { topic: ("é".repeat(topic_len / 2) + &"t".repeat(topic_len % 2)).into(), payload: Bytes::from(vec![fill; payload_len]) };
-            let codec = FrameCodec::new(1 << 20);
+            let mut codec = FrameCodec::new(1 << 20);
             let mut fast = BytesMut::new();
             codec.encode_app(&msg, &mut fast).unwrap();
             let body = Message::App(msg.clone()).encode_body().unwrap();
@@ -1419,7 +1526,7 @@ pub(crate) mod tests {
             general.put_slice(&body);
             prop_assert_eq!(&fast[..], &general[..]);
             // And a limit one byte short refuses it without writing.
-            let short = FrameCodec::new(fast.len() - 5);
+            let mut short = FrameCodec::new(fast.len() - 5);
             let mut out = BytesMut::from(&b"xy"[..]);
             let refused = matches!(short.encode_app(&msg, &mut out), Err(FrameError::TooLarge { .. }));
             prop_assert!(refused);
@@ -1430,8 +1537,7 @@ pub(crate) mod tests {
         fn app_fast_path_agrees_with_serde(topic in "\\PC{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..300)) {
             let msg = AppMessage { topic: topic.into(), payload: Bytes::from(payload) };
             let body = rmp_serde::to_vec_named(&msg).unwrap();
-            let frame = app_frame(&body).split_off(4);
-            prop_assert_eq!(app_in_place(frame).ok(), Some(msg.clone()));
+            prop_assert_eq!(fast_path(&body), Some(msg.clone()));
             prop_assert_eq!(Message::decode_body(KIND_APP, &body).unwrap(), Message::App(msg));
         }
 
@@ -1455,8 +1561,7 @@ pub(crate) mod tests {
 
         #[test]
         fn app_fast_path_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let frame = app_frame(&body).split_off(4);
-            if let Ok(m) = app_in_place(frame) {
+            if let Some(m) = fast_path(&body) {
                 // Whatever it accepts, the general decoder accepts identically.
                 prop_assert_eq!(Message::decode_body(KIND_APP, &body).unwrap(), Message::App(m));
             }

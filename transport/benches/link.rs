@@ -20,6 +20,13 @@
 //! - `mb_64KiB`: MB/s (10^6 bytes of payload), 64 KiB payloads.
 //! - `rtt`: round trip of a 64-byte message echoed by the peer, p50 and p99.
 //!
+//! The streams also report each end's CPU time per message
+//! (`cpu_ns_per_msg`, from the thread's own run time), and
+//! `cpu_ratio_to_baseline`: the baseline's busier end against ours, the
+//! throughput ratio of a machine where each end has a core to itself. On a
+//! machine shared with other work the wall-clock ratio swings with what
+//! else runs; this one much less.
+//!
 //! Each is measured without and with a cluster secret (Noise handshake,
 //! ChaCha20-Poly1305 on every frame); the secured figure is also reported
 //! against the plaintext one.
@@ -90,6 +97,24 @@ fn app(payload: &Bytes) -> AppMessage {
         topic: "b".into(),
         payload: payload.clone(),
     }
+}
+
+/// CPU time this thread has run, in ns (Linux's `/proc/thread-self/schedstat`;
+/// 0 where there is none). A stream's figure on a machine shared with other
+/// work: its wall time depends on who else runs, its CPU time much less.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One stream: its wall time, and the CPU time of each end's thread.
+#[derive(Clone, Copy)]
+struct Run {
+    secs: f64,
+    send_cpu_ns: u64,
+    recv_cpu_ns: u64,
 }
 
 /// Runs `f` on a thread of its own with a single-threaded runtime, as each
@@ -170,35 +195,41 @@ fn transport_pair<T: Send + 'static>(
     out
 }
 
-/// Sends `count` messages of `size` bytes a → b; returns seconds from the
-/// first send until b has received the last.
-fn transport_stream(key: Option<&Key>, size: usize, count: usize) -> f64 {
+/// Sends `count` messages of `size` bytes a → b: seconds from the first
+/// send until b has received the last, and each end's CPU time.
+fn transport_stream(key: Option<&Key>, size: usize, count: usize) -> Run {
     let (t0_tx, t0_rx) = std::sync::mpsc::channel::<Instant>();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Instant>();
-    transport_pair(
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<(Instant, u64)>();
+    let (done, send_cpu_ns) = transport_pair(
         key.cloned(),
         move |mut b, _ba| {
             Box::pin(async move {
+                let cpu0 = thread_cpu_ns();
                 for _ in 0..count {
                     next_message(&mut b).await;
                 }
-                let _ = done_tx.send(Instant::now());
+                let _ = done_tx.send((Instant::now(), thread_cpu_ns() - cpu0));
             })
         },
         move |a, ab| {
             Box::pin(async move {
                 let _events_open = a; // its event channel must outlive the stream
                 let payload = Bytes::from(vec![0x5a; size]);
+                let cpu0 = thread_cpu_ns();
                 t0_tx.send(Instant::now()).unwrap();
                 for _ in 0..count {
                     ab.send_app(app(&payload), WAIT).await.expect("send");
                 }
-                done_rx.await.expect("receiver finished")
+                let done = done_rx.await.expect("receiver finished");
+                (done, thread_cpu_ns() - cpu0)
             })
         },
-    )
-    .duration_since(t0_rx.recv().unwrap())
-    .as_secs_f64()
+    );
+    Run {
+        secs: done.0.duration_since(t0_rx.recv().unwrap()).as_secs_f64(),
+        send_cpu_ns,
+        recv_cpu_ns: done.1,
+    }
 }
 
 /// Round trips of a 64-byte message a → b → a; returns each in µs.
@@ -261,21 +292,23 @@ fn raw_pair<T: Send + 'static>(
 }
 
 /// The baseline stream: feed, flushing every [`BATCH`] frames.
-fn raw_stream(size: usize, count: usize) -> f64 {
+fn raw_stream(size: usize, count: usize) -> Run {
     let (t0_tx, t0_rx) = std::sync::mpsc::channel::<Instant>();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Instant>();
-    raw_pair(
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<(Instant, u64)>();
+    let (done, send_cpu_ns) = raw_pair(
         move |mut rx| {
             Box::pin(async move {
+                let cpu0 = thread_cpu_ns();
                 for _ in 0..count {
                     rx.next().await.expect("open").expect("frame");
                 }
-                let _ = done_tx.send(Instant::now());
+                let _ = done_tx.send((Instant::now(), thread_cpu_ns() - cpu0));
             })
         },
         move |mut tx| {
             Box::pin(async move {
                 let payload = Bytes::from(vec![0x5a; size]);
+                let cpu0 = thread_cpu_ns();
                 t0_tx.send(Instant::now()).unwrap();
                 for i in 0..count {
                     tx.feed(payload.clone()).await.unwrap();
@@ -284,12 +317,16 @@ fn raw_stream(size: usize, count: usize) -> f64 {
                     }
                 }
                 SinkExt::<Bytes>::flush(&mut tx).await.unwrap();
-                done_rx.await.expect("receiver finished")
+                let done = done_rx.await.expect("receiver finished");
+                (done, thread_cpu_ns() - cpu0)
             })
         },
-    )
-    .duration_since(t0_rx.recv().unwrap())
-    .as_secs_f64()
+    );
+    Run {
+        secs: done.0.duration_since(t0_rx.recv().unwrap()).as_secs_f64(),
+        send_cpu_ns,
+        recv_cpu_ns: done.1,
+    }
 }
 
 fn raw_rtt(count: usize) -> Vec<f64> {
@@ -375,21 +412,33 @@ fn main() {
             }
         };
         let unit = if size == 64 { "msgs_per_s" } else { "mb_per_s" };
-        let (raw, plain, secured) = (
-            rate(median(raw)),
-            rate(median(plain)),
-            rate(median(secured)),
-        );
+        let wall = |runs: &[Run]| rate(median(runs.iter().map(|r| r.secs).collect()));
+        // CPU per message of each end (median of runs), and the rate the
+        // busier end allows with a core to itself: the throughput a quiet
+        // machine shows, whatever else shares this one.
+        let cpu = |runs: &[Run]| {
+            let per = |f: fn(&Run) -> u64| {
+                median(runs.iter().map(|r| f(r) as f64 / count as f64).collect())
+            };
+            let (send, recv) = (per(|r| r.send_cpu_ns), per(|r| r.recv_cpu_ns));
+            (json!({"send": r3(send), "recv": r3(recv)}), send.max(recv))
+        };
+        let ((raw_cpu, raw_busy), (plain_cpu, plain_busy), (sec_cpu, sec_busy)) =
+            (cpu(&raw), cpu(&plain), cpu(&secured));
+        let (raw, plain, secured) = (wall(&raw), wall(&plain), wall(&secured));
         emit(json!({
             "bench": format!("link_{bench}"), "unit": unit, "messages": count, "payload_bytes": size, "runs": runs,
             "value": r3(plain), "baseline": "raw tokio Framed TCP pair", "baseline_value": r3(raw),
             "ratio_to_baseline": r3(plain / raw),
+            "cpu_ns_per_msg": plain_cpu, "baseline_cpu_ns_per_msg": raw_cpu,
+            "cpu_ratio_to_baseline": r3(raw_busy / plain_busy),
         }));
         emit(json!({
             "bench": format!("link_{bench}_secret"), "unit": unit, "messages": count, "payload_bytes": size, "runs": runs,
             "value": r3(secured), "baseline": "the same link without a secret", "baseline_value": r3(plain),
             "ratio_to_baseline": r3(secured / plain),
             "raw_framed_value": r3(raw), "ratio_to_raw": r3(secured / raw),
+            "cpu_ns_per_msg": sec_cpu, "cpu_ratio_to_baseline": r3(plain_busy / sec_busy),
         }));
     }
 

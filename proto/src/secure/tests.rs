@@ -5,7 +5,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use super::*;
 use crate::beacon::tests::{arb_beacon, sample};
 use crate::beacon::BeaconKind;
-use crate::frame::tests::{arb_message, hello};
+use crate::frame::tests::{arb_message, hello, topic_stream};
 use crate::frame::{AppMessage, FrameCodec, FrameError, Message, DEFAULT_MAX_FRAME};
 
 const NOW: u64 = 1_764_000_000_000;
@@ -187,6 +187,23 @@ fn handshake(
     let (got, dial) = init.finish(&m2)?;
     assert_eq!(got, welcome);
     Ok((dial, acc))
+}
+
+/// A secured link's decoder remembers topics as a plain one does, and
+/// never hands one to the wrong message.
+#[test]
+fn a_secured_stream_of_changing_topics_decodes_as_sent() {
+    let k = Key::generate();
+    let (dial, acc) = handshake(&k, &ring(&[&k])).unwrap();
+    let mut out = FrameCodec::secured(DEFAULT_MAX_FRAME, dial.send);
+    let mut inn = FrameCodec::secured(DEFAULT_MAX_FRAME, acc.recv);
+    let mut buf = BytesMut::new();
+    out.encode(topic_stream(), &mut buf).unwrap();
+    let mut got = Vec::new();
+    while let Some(m) = inn.decode(&mut buf).unwrap() {
+        got.push(m);
+    }
+    assert_eq!(got, topic_stream());
 }
 
 #[test]

@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use proto::frame::{AppMessage, FrameCodec, FrameError};
+use proto::frame::{AppMessage, Decoded, FrameCodec, FrameError};
 use proto::link::{CloseReason, Link, LinkEvent, LocalClose};
 use proto::{Message, NodeId};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc::{self, error::TrySendError};
-use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -161,8 +160,8 @@ impl Reader {
         loop {
             let (mut frames, mut msgs, mut bytes) = (0usize, 0u64, 0u64);
             while !self.machine.is_closed() && frames < DECODE_BATCH {
-                match self.decoder.decode(&mut self.buf) {
-                    Ok(Some(Message::App(msg))) => {
+                match self.decoder.decode_next(&mut self.buf) {
+                    Ok(Some(Decoded::App(msg))) => {
                         frames += 1;
                         msgs += 1;
                         let len = msg.payload.len();
@@ -176,10 +175,10 @@ impl Reader {
                             self.flush_apps(now).await?;
                         }
                     }
-                    Ok(Some(frame)) => {
+                    Ok(Some(Decoded::Frame(frame))) => {
                         frames += 1;
                         self.flush_apps(now).await?;
-                        self.machine.on_frame(now, frame);
+                        self.machine.on_frame(now, *frame);
                         // Its output goes before any later message, so
                         // the node sees the link's frames in their order.
                         self.pass_on().await?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use proto::frame::{FrameCodec, FrameError};
+use proto::frame::{AppMessage, FrameCodec, FrameError};
 use proto::{Message, NodeId};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -133,12 +133,14 @@ impl Writer {
                 if ends {
                     continue; // nothing follows a farewell
                 }
-                let frame = match item {
-                    Outbound::App(m) => Message::App(m),
-                    Outbound::Frame(f) => *f,
-                };
-                ends = matches!(frame, Message::Goodbye(_) | Message::Reject(_));
-                self.stage(&mut g, frame);
+                match item {
+                    Outbound::App(m) if !self.secured => self.stage_app(&mut g, &m),
+                    Outbound::App(m) => self.stage(&mut g, Message::App(m)),
+                    Outbound::Frame(f) => {
+                        ends = matches!(*f, Message::Goodbye(_) | Message::Reject(_));
+                        self.stage(&mut g, *f);
+                    }
+                }
                 if g.staged >= WRITE_CHUNK && !self.flush(&mut g).await? {
                     return Ok(Stop::Cancelled);
                 }
@@ -170,6 +172,22 @@ impl Writer {
                 g.n_frames += 1;
                 g.n_apps += apps;
                 g.app_bytes += bytes;
+            }
+            Err(error) => self.unencodable(1, &error),
+        }
+    }
+
+    /// [`Writer::stage`] of an application message on a plaintext link:
+    /// encoded straight from the queue's item, never moved into a
+    /// [`Message`] (several times its size).
+    fn stage_app(&mut self, g: &mut Group, m: &AppMessage) {
+        let bytes = m.payload.len();
+        g.staged += bytes + 64;
+        match self.encoder.encode_app(m, &mut g.out) {
+            Ok(()) => {
+                g.n_frames += 1;
+                g.n_apps += 1;
+                g.app_bytes += bytes as u64;
             }
             Err(error) => self.unencodable(1, &error),
         }
