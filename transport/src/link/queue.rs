@@ -9,7 +9,8 @@
 //! message): here a send is one uncontended lock and nothing else unless
 //! the writer sleeps, where tokio's channel pays five atomic operations per
 //! message (permit, slot, ready bit, and the receiver's waker twice). The
-//! writer takes a whole batch under one lock.
+//! writer takes everything queued at once, by swapping buffers with the
+//! queue under the lock: no item is moved.
 //!
 //! Wake-ups: each side says, under the lock, that it is about to sleep
 //! (`writer_waits`, `senders_wait`), and the other side wakes it after
@@ -179,14 +180,18 @@ impl<T> Drop for Rx<T> {
 }
 
 impl<T> Rx<T> {
-    /// Moves up to `limit` queued items into `out` without waiting:
-    /// `Some(n)` with `n > 0` items, `Some(0)` when the queue is empty and
-    /// every sender gone, `None` when it is just empty.
-    pub(crate) fn try_recv_many(&mut self, out: &mut Vec<T>, limit: usize) -> Option<usize> {
-        self.take(out, limit, false)
+    /// Takes every queued item into `out`, which must be empty, without
+    /// waiting: `Some(n)` with `n > 0` items, `Some(0)` when the queue is
+    /// empty and every sender gone, `None` when it is just empty.
+    pub(crate) fn try_recv_all(&mut self, out: &mut VecDeque<T>) -> Option<usize> {
+        self.take(out, false)
     }
 
-    fn take(&self, out: &mut Vec<T>, limit: usize, will_wait: bool) -> Option<usize> {
+    /// The whole queue changes hands: `out` (empty) and the queue's
+    /// buffer are swapped under the lock, so that taking costs the same for
+    /// one item or a thousand, and no item is moved.
+    fn take(&self, out: &mut VecDeque<T>, will_wait: bool) -> Option<usize> {
+        debug_assert!(out.is_empty(), "the receiver takes into an empty buffer");
         let (n, wake, room) = {
             let mut s = self.0.lock();
             if s.items.is_empty() {
@@ -194,13 +199,18 @@ impl<T> Rx<T> {
                     return Some(0);
                 }
                 s.writer_waits |= will_wait;
+                // Idle: the room a burst left is given back.
+                let room = (s.items.capacity() > KEEP_ROOM).then(|| std::mem::take(&mut s.items));
+                drop(s);
+                drop(room); // outside the lock
                 return None;
             }
-            let n = limit.min(s.items.len());
-            out.extend(s.items.drain(..n));
-            let room = (s.items.is_empty() && s.items.capacity() > KEEP_ROOM)
+            std::mem::swap(&mut s.items, out);
+            // The buffer handed to the queue keeps its room unless a burst
+            // grew it and it would now sit idle in the queue.
+            let room = (s.items.capacity() > KEEP_ROOM && out.len() <= KEEP_ROOM)
                 .then(|| std::mem::take(&mut s.items));
-            (n, std::mem::take(&mut s.senders_wait), room)
+            (out.len(), std::mem::take(&mut s.senders_wait), room)
         };
         drop(room); // outside the lock
         if wake {
@@ -209,15 +219,15 @@ impl<T> Rx<T> {
         Some(n)
     }
 
-    /// Moves up to `limit` queued items into `out`, waiting while the queue
+    /// Takes every queued item into `out` (empty), waiting while the queue
     /// is empty; 0 once it is empty and every sender gone. Cancel-safe:
     /// items leave the queue only in the poll that returns them.
-    pub(crate) async fn recv_many(&mut self, out: &mut Vec<T>, limit: usize) -> usize {
+    pub(crate) async fn recv_all(&mut self, out: &mut VecDeque<T>) -> usize {
         loop {
             let more = self.0.to_writer.notified();
             tokio::pin!(more);
             more.as_mut().enable();
-            if let Some(n) = self.take(out, limit, true) {
+            if let Some(n) = self.take(out, true) {
                 return n;
             }
             more.await;
@@ -239,8 +249,10 @@ mod tests {
         // A waiting send completes once the receiver makes room.
         let tx2 = tx.clone();
         let waiting = tokio::spawn(async move { tx2.send(3).await });
-        let mut out = Vec::new();
-        assert_eq!(rx.recv_many(&mut out, 10).await, 2);
+        let mut got = Vec::new();
+        let mut out = VecDeque::new();
+        assert_eq!(rx.recv_all(&mut out).await, 2);
+        got.extend(out.drain(..));
         assert_eq!(
             tokio::time::timeout(Duration::from_secs(10), waiting)
                 .await
@@ -248,14 +260,16 @@ mod tests {
                 .unwrap(),
             Ok(())
         );
-        assert_eq!(rx.recv_many(&mut out, 10).await, 1);
-        assert_eq!(out, [1, 2, 3]);
-        assert_eq!(rx.try_recv_many(&mut out, 10), None);
+        assert_eq!(rx.recv_all(&mut out).await, 1);
+        got.extend(out.drain(..));
+        assert_eq!(got, [1, 2, 3]);
+        assert_eq!(rx.try_recv_all(&mut out), None);
         // Every sender gone: the receiver sees the end after the last item.
         tx.try_send(4).unwrap();
         drop(tx);
-        assert_eq!(rx.recv_many(&mut out, 10).await, 1);
-        assert_eq!(rx.recv_many(&mut out, 10).await, 0);
+        assert_eq!(rx.recv_all(&mut out).await, 1);
+        out.clear();
+        assert_eq!(rx.recv_all(&mut out).await, 0);
 
         // Receiver gone: senders see it, waiting or not.
         let (tx, rx) = channel::<u32>(1);
@@ -282,10 +296,12 @@ mod tests {
                 }
             }
         });
-        let mut out = Vec::new();
-        while rx.recv_many(&mut out, 16).await > 0 {}
+        let (mut got, mut out) = (Vec::new(), VecDeque::new());
+        while rx.recv_all(&mut out).await > 0 {
+            got.extend(out.drain(..));
+        }
         producer.await.unwrap();
-        assert!(out.iter().copied().eq(0..10_000), "all, in order");
+        assert!(got.iter().copied().eq(0..10_000), "all, in order");
     }
 
     #[test]
@@ -294,14 +310,21 @@ mod tests {
         for i in 0..1000 {
             tx.try_send(i).unwrap();
         }
-        let mut out = Vec::new();
-        assert_eq!(rx.try_recv_many(&mut out, 2000), Some(1000));
+        // The writer takes the burst whole; the queue keeps the writer's
+        // empty buffer.
+        let mut out = VecDeque::new();
+        assert_eq!(rx.try_recv_all(&mut out), Some(1000));
         assert_eq!(rx.0.lock().items.capacity(), 0);
+        // At the next take the writer hands back the burst's buffer: with
+        // little queued, the queue does not keep it.
+        out.clear();
         tx.try_send(1).unwrap();
-        assert_eq!(rx.try_recv_many(&mut out, 2000), Some(1));
-        assert!(
-            rx.0.lock().items.capacity() > 0,
-            "a small queue keeps its room"
-        );
+        assert_eq!(rx.try_recv_all(&mut out), Some(1));
+        assert!(rx.0.lock().items.capacity() <= KEEP_ROOM);
+        // A queue found empty gives back whatever room it holds.
+        let mut grown = VecDeque::with_capacity(2000);
+        std::mem::swap(&mut rx.0.lock().items, &mut grown);
+        assert_eq!(rx.try_recv_all(&mut VecDeque::new()), None);
+        assert_eq!(rx.0.lock().items.capacity(), 0, "idle: no room kept");
     }
 }

@@ -1,5 +1,6 @@
 //! The writer loop of a link: the only code that writes its socket.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,9 +19,12 @@ use super::{add, Cause, LinkCounters, Outbound, Shared};
 use crate::config::now;
 use crate::stats::Stats;
 
-/// Most queued messages taken at once: the batch that shares one write
+/// Most queued messages written at once: the batch that shares one write
 /// (and on a secured link one seal), as `PROTOCOL.md` documents.
 const WRITE_BATCH: usize = 64;
+/// The writer's buffer of taken messages gives its room back once idle
+/// if a burst grew it past this many.
+const KEEP_ITEMS: usize = 256;
 /// Most encoded bytes held before they are written, so that a batch of
 /// large messages is written in pieces instead of buffered whole.
 const WRITE_CHUNK: usize = 256 << 10;
@@ -93,7 +97,9 @@ pub(super) async fn run(mut w: Writer) {
 
 impl Writer {
     async fn write_loop(&mut self) -> std::io::Result<Stop> {
-        let mut batch: Vec<Outbound> = Vec::with_capacity(WRITE_BATCH);
+        // What the writer took from the queue (all of it, at once) and has
+        // not written yet.
+        let mut batch: VecDeque<Outbound> = VecDeque::new();
         let mut control: Vec<Message> = Vec::new();
         let mut g = Group {
             // Grows with the batches it carries (up to `KEEP_BUF`); most
@@ -106,33 +112,38 @@ impl Writer {
             app_bytes: 0,
             held: (0, 0, 0),
         };
+        // False once every handle is gone (after what they queued).
+        let mut queue_open = true;
         loop {
-            let mut queue_open = true;
-            // Every arm is cancel-safe (`recv`, `recv_many`, `cancelled`).
-            tokio::select! {
-                biased;
-                () = self.cancel.cancelled() => return Ok(Stop::Cancelled),
-                Some(frame) = self.control.recv() => control.push(frame),
-                n = self.queue.recv_many(&mut batch, WRITE_BATCH) => queue_open = n > 0,
+            if batch.is_empty() && queue_open {
+                if let Some(n) = self.queue.try_recv_all(&mut batch) {
+                    queue_open = n > 0;
+                }
+            }
+            if batch.is_empty() && queue_open && control.is_empty() {
+                // Nothing to write: a burst's room goes back before sleeping.
+                if batch.capacity() > KEEP_ITEMS {
+                    batch = VecDeque::new();
+                }
+                // Every arm is cancel-safe (`recv`, `recv_all`, `cancelled`).
+                tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => return Ok(Stop::Cancelled),
+                    Some(frame) = self.control.recv() => control.push(frame),
+                    n = self.queue.recv_all(&mut batch) => queue_open = n > 0,
+                }
             }
             // Take what else is ready, without waiting.
             while let Ok(frame) = self.control.try_recv() {
                 control.push(frame);
             }
-            if batch.is_empty() && queue_open {
-                if let Some(n) = self.queue.try_recv_many(&mut batch, WRITE_BATCH) {
-                    queue_open = n > 0;
-                }
-            }
             // Pings and pongs first: small, and their timing is measured.
             for frame in control.drain(..) {
                 self.stage(&mut g, frame);
             }
-            let mut ends = !queue_open; // every handle is gone
-            for item in batch.drain(..) {
-                if ends {
-                    continue; // nothing follows a farewell
-                }
+            let mut ends = !queue_open && batch.is_empty(); // every handle is gone
+            let take = batch.len().min(WRITE_BATCH);
+            for item in batch.drain(..take) {
                 match item {
                     Outbound::App(m) if !self.secured => self.stage_app(&mut g, &m),
                     Outbound::App(m) => self.stage(&mut g, Message::App(m)),
@@ -140,6 +151,9 @@ impl Writer {
                         ends = matches!(*f, Message::Goodbye(_) | Message::Reject(_));
                         self.stage(&mut g, *f);
                     }
+                }
+                if ends {
+                    break; // nothing follows a farewell
                 }
                 if g.staged >= WRITE_CHUNK && !self.flush(&mut g).await? {
                     return Ok(Stop::Cancelled);
