@@ -38,44 +38,28 @@ fn main() {
     FrameCodec::default().encode(msg, &mut out).expect("frame");
     println!("\nframe ({} bytes):", out.len());
     dump(&out);
-    // Membership over links: one record of the push-pull (or of a change).
-    let mut out = BytesMut::new();
-    let msg = Message::Peers(PeerList {
-        peers: vec![PeerRecord {
-            id: NodeId(0x5d1c_0a3e_77b2_4e19_a0c4_6f3d_2b81_9e05),
-            incarnation: 1_795_642_109_412,
-            name: "node2".into(),
-            addr: "192.0.2.11:6777".parse().expect("addr"),
-            state: "alive".into(),
-            age_ms: None,
-            tags: [("role".to_string(), "db".to_string())]
-                .into_iter()
-                .collect(),
-            tags_version: 0,
-        }],
-    });
-    FrameCodec::default().encode(msg, &mut out).expect("frame");
-    println!("\npeers frame ({} bytes):", out.len());
-    dump(&out);
-    // A runtime tag change: the node's own record, tags version 1.
-    let mut out = BytesMut::new();
-    let msg = Message::Peers(PeerList {
-        peers: vec![PeerRecord {
-            id: NodeId(0x5d1c_0a3e_77b2_4e19_a0c4_6f3d_2b81_9e05),
-            incarnation: 1_795_642_109_412,
-            name: "node2".into(),
-            addr: "192.0.2.11:6777".parse().expect("addr"),
-            state: "alive".into(),
-            age_ms: None,
-            tags: [("role".to_string(), "web".to_string())]
-                .into_iter()
-                .collect(),
-            tags_version: 1,
-        }],
-    });
-    FrameCodec::default().encode(msg, &mut out).expect("frame");
-    println!("\ntags change ({} bytes):", out.len());
-    dump(&out);
+    // Membership over links: one record of the push-pull (or of a change),
+    // then a runtime tag change (the node's own record, tags version 1).
+    for (title, role, tags_version) in [("peers frame", "db", 0), ("tags change", "web", 1)] {
+        let mut out = BytesMut::new();
+        let msg = Message::Peers(PeerList {
+            peers: vec![PeerRecord {
+                id: NodeId(0x5d1c_0a3e_77b2_4e19_a0c4_6f3d_2b81_9e05),
+                incarnation: 1_795_642_109_412,
+                name: "node2".into(),
+                addr: "192.0.2.11:6777".parse().expect("addr"),
+                state: "alive".into(),
+                age_ms: None,
+                tags: [("role".to_string(), role.to_string())]
+                    .into_iter()
+                    .collect(),
+                tags_version,
+            }],
+        });
+        FrameCodec::default().encode(msg, &mut out).expect("frame");
+        println!("\n{title} ({} bytes):", out.len());
+        dump(&out);
+    }
     // A query and its answer.
     let origin = NodeId(0x3f2a_9c41_0b7e_4d2f_8a61_5c3e_9d0f_1b27);
     let mut out = BytesMut::new();

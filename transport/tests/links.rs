@@ -400,6 +400,21 @@ async fn handshake(stream: &mut TcpStream, mut hs: Handshake) -> (Established, B
     }
 }
 
+/// A peer driven by hand that `a` dials (as node 77): the accepted
+/// stream, after the handshake, with the link's state and leftover bytes.
+async fn dialed_by(a: &Node) -> (TcpStream, Established, BytesMut) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    assert!(a.transport.dial(NodeId(77), addr));
+    let (mut stream, _) = listener.accept().await.unwrap();
+    let (est, buf) = handshake(
+        &mut stream,
+        Handshake::accept(Instant::now().into_std(), peer_cfg(addr)),
+    )
+    .await;
+    (stream, est, buf)
+}
+
 fn peer_cfg(addr: SocketAddr) -> HandshakeConfig {
     HandshakeConfig {
         local: hello(NodeId(77), "peer", addr),
@@ -434,15 +449,7 @@ async fn the_dialer_pings_at_once_then_every_interval_and_carries_the_rtt() {
         c.link_timeout = Duration::from_secs(5);
     })
     .await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    assert!(a.transport.dial(NodeId(77), addr));
-    let (mut stream, _) = listener.accept().await.unwrap();
-    let (mut est, mut buf) = handshake(
-        &mut stream,
-        Handshake::accept(Instant::now().into_std(), peer_cfg(addr)),
-    )
-    .await;
+    let (mut stream, mut est, mut buf) = dialed_by(&a).await;
 
     let mut pings = Vec::new();
     while pings.len() < 5 {
@@ -522,15 +529,7 @@ async fn a_peer_that_stops_reading_stalls_its_senders_and_loses_the_link() {
         c.link_timeout = Duration::from_secs(60);
     })
     .await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    assert!(a.transport.dial(NodeId(77), addr));
-    let (mut stream, _) = listener.accept().await.unwrap();
-    let (_est, _buf) = handshake(
-        &mut stream,
-        Handshake::accept(Instant::now().into_std(), peer_cfg(addr)),
-    )
-    .await;
+    let (stream, _est, _buf) = dialed_by(&a).await;
     a.link_up().await;
     let link = a.transport.links().await.remove(0);
     // The peer reads nothing more: the socket buffers fill, then the queue.
@@ -565,15 +564,7 @@ async fn a_dialer_flooded_by_its_peer_keeps_pinging() {
         c.link_timeout = Duration::from_secs(30);
     })
     .await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    assert!(a.transport.dial(NodeId(77), addr));
-    let (mut stream, _) = listener.accept().await.unwrap();
-    let (mut est, mut buf) = handshake(
-        &mut stream,
-        Handshake::accept(Instant::now().into_std(), peer_cfg(addr)),
-    )
-    .await;
+    let (stream, mut est, mut buf) = dialed_by(&a).await;
     a.link_up().await;
     let (mut rd, mut wr) = stream.into_split();
     // One write of many small frames, again and again, for a second.
