@@ -21,7 +21,9 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Bound on a TCP connect.
     pub connect_timeout: Duration,
-    /// Per-link outbound queue, in messages.
+    /// Per-link outbound queue, in messages. The link's writer takes the
+    /// whole queue at once, so a link holds at most twice this many
+    /// messages not yet written: those queued, and those taken.
     pub queue: usize,
     /// How long an application send waits for queue room before the link is
     /// judged stuck and dropped.
