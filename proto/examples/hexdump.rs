@@ -52,6 +52,7 @@ fn main() {
                 .into_iter()
                 .collect(),
             tags_version: 0,
+            by: None,
         }],
     });
     FrameCodec::default().encode(msg, &mut out).expect("frame");
@@ -71,6 +72,7 @@ fn main() {
                 .into_iter()
                 .collect(),
             tags_version: 1,
+            by: None,
         }],
     });
     FrameCodec::default().encode(msg, &mut out).expect("frame");

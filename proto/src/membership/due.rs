@@ -37,12 +37,16 @@ pub(super) struct Keys {
 /// Computes the keys of `p`: the per-entry term of the deadline, exactly as
 /// a scan over every entry would compute it.
 pub(super) fn keys(cfg: &Config, p: &Peer) -> Keys {
-    let dial = p.next_dial.filter(|_| p.link == LinkState::Down);
+    let dial = p
+        .next_dial
+        .filter(|_| p.link == LinkState::Down && p.may_dial());
     let min = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
     match p.state {
+        // Known through the overlay only: nothing of its own is due.
+        PeerState::Alive | PeerState::Suspect if p.remote() => Keys::default(),
         PeerState::Alive | PeerState::Suspect => {
             let mut t = p.last_evidence() + PeerTable::dead_after(cfg, p);
             if p.state == PeerState::Alive && !p.degraded() {
@@ -50,7 +54,9 @@ pub(super) fn keys(cfg: &Config, p: &Peer) -> Keys {
             }
             let probe = p.next_probe.filter(|_| p.link != LinkState::Up);
             Keys {
-                silence: Some(t),
+                // Once this observer's silence alert is out (overlay mode),
+                // the verdict waits for another observer's.
+                silence: (!p.alerted).then_some(t),
                 timer: min(probe, dial),
             }
         }

@@ -654,6 +654,7 @@ fn probes_are_answered_with_link_evidence_only() {
         age_ms: None,
         tags: Tags::new(),
         tags_version: 0,
+        by: None,
     };
     t.on_peer_list(
         now,
@@ -684,6 +685,7 @@ fn member(id: NodeId, inc: u64, state: &str) -> PeerRecord {
         age_ms: None,
         tags: Tags::new(),
         tags_version: 0,
+        by: None,
     }
 }
 
@@ -944,6 +946,7 @@ fn tagged(id: NodeId, inc: u64, version: u64, role: &str) -> PeerList {
         peers: vec![PeerRecord {
             tags: [("role".to_string(), role.to_string())].into(),
             tags_version: version,
+            by: None,
             ..member(id, inc, "alive")
         }],
     }
