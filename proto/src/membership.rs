@@ -1030,7 +1030,7 @@ impl PeerTable {
                 list: PeerList { peers: vec![r] },
             });
         }
-        self.share(id, news);
+        self.share(id, news, !was_up);
     }
 
     /// Membership over links: a peer `id` whose link just brought news (it
@@ -1038,12 +1038,23 @@ impl PeerTable {
     /// confirmed live entry), and every other linked peer gets its record:
     /// each change crosses each link once. A node that knows only one other
     /// (a seed) thereby learns of all, and all learn of it.
-    fn share(&mut self, id: NodeId, news: bool) {
-        // Only news is worth a view: a relink (the same life of a peer we
-        // knew) has missed nothing it cannot learn from its own links, and
-        // pushing the whole view on every link-up made a cold start cost
-        // N^3 records.
-        if !news {
+    ///
+    /// Overlay mode: every new link (`fresh`) gets the view, news or not: a
+    /// node whose links were cut may have missed joins and refutations that
+    /// no other path will bring it again, since each change crosses each
+    /// link once. With about K links per node this costs K views per node,
+    /// not N. Verdicts (tombstones) are not part of it: after a partition
+    /// heals, one side's verdicts on silence are about members alive on the
+    /// other, and would fail them there before they could refute. A node
+    /// cut off from the overlay while a verdict spread therefore keeps the
+    /// member listed until it is heard of again (a limit of this version).
+    fn share(&mut self, id: NodeId, news: bool, fresh: bool) {
+        let overlay = self.cfg.overlay.is_some();
+        // Only news is worth a view in a full mesh: a relink (the same life
+        // of a peer we knew) has missed nothing it cannot learn from its own
+        // links, and pushing the whole view on every link-up made a cold
+        // start cost N^3 records.
+        if !news && !(overlay && fresh) {
             return;
         }
         let mut view: Vec<PeerRecord> = self
@@ -1058,6 +1069,9 @@ impl PeerTable {
                 to: id,
                 list: PeerList { peers: view },
             });
+        }
+        if !news {
+            return;
         }
         let Some(change) = self.peers.get(&id).map(member_record) else {
             return;
