@@ -310,6 +310,15 @@ impl Peer {
             && self.lost_at.is_none()
     }
 
+    /// Whether this node judges it on silence (and probes for it): always in
+    /// a full mesh, and for pending entries (forgotten when silent); in
+    /// overlay mode only while its link is up or after the link was lost
+    /// without a goodbye. A neighbour whose first link is still being made
+    /// is not judged: its silence so far says nothing about it.
+    fn judged(&self) -> bool {
+        !self.overlay || !self.confirmed || self.link == LinkState::Up || self.lost_at.is_some()
+    }
+
     /// Whether the table may dial it: always in a full mesh; in overlay
     /// mode only a neighbour, or a peer whose link was lost without a
     /// goodbye (a refused redial is how a crash is seen).
@@ -322,7 +331,7 @@ impl Peer {
     /// up): one bad path, not a dead node. Never for a [`Peer::remote`]
     /// member, which is not expected to have a link.
     pub fn degraded(&self) -> bool {
-        if self.link == LinkState::Up || !self.is_live() || self.remote() {
+        if self.link == LinkState::Up || !self.is_live() || !self.judged() {
             return false;
         }
         self.since_loss(self.last_beacon) || self.since_loss(self.vouched_at)
@@ -955,6 +964,7 @@ impl PeerTable {
         // told, so that it refutes with a higher incarnation that the
         // overlay carries to everyone (the same life at the same
         // incarnation never overrides a verdict elsewhere).
+        let (was_lost, was_state) = (p.lost_at.is_some(), p.state);
         let tell_failed = (p.overlay
             && p.state == PeerState::Failed
             && hello.incarnation <= p.incarnation)
@@ -1004,6 +1014,11 @@ impl PeerTable {
         p.next_dial = None;
         p.dial_attempts = 0;
         let was_up = p.link == LinkState::Up;
+        // Overlay mode: the catch-up view goes over a new link to a peer
+        // whose last link was lost without a goodbye, or that was suspect
+        // or failed here (either side may have been cut off), not over each
+        // link that merely replaces a closed surplus one.
+        let troubled = was_lost || was_state != PeerState::Alive;
         p.link = LinkState::Up;
         if !was_up {
             events.push(EventKind::LinkUp);
@@ -1030,7 +1045,7 @@ impl PeerTable {
                 list: PeerList { peers: vec![r] },
             });
         }
-        self.share(id, news, !was_up);
+        self.share(id, news, !was_up && troubled);
     }
 
     /// Membership over links: a peer `id` whose link just brought news (it
@@ -1039,11 +1054,11 @@ impl PeerTable {
     /// each change crosses each link once. A node that knows only one other
     /// (a seed) thereby learns of all, and all learn of it.
     ///
-    /// Overlay mode: every new link (`fresh`) gets the view, news or not: a
-    /// node whose links were cut may have missed joins and refutations that
-    /// no other path will bring it again, since each change crosses each
-    /// link once. With about K links per node this costs K views per node,
-    /// not N. Verdicts (tombstones) are not part of it: after a partition
+    /// Overlay mode: a new link after trouble (`fresh`: the last link was
+    /// lost without a goodbye, or the peer was suspect or failed here) gets
+    /// the view, news or not: a node whose links were cut may have missed
+    /// joins and refutations that no other path will bring it again, since
+    /// each change crosses each link once. Verdicts (tombstones) are not part of it: after a partition
     /// heals, one side's verdicts on silence are about members alive on the
     /// other, and would fail them there before they could refute. A node
     /// cut off from the overlay while a verdict spread therefore keeps the
@@ -1423,8 +1438,8 @@ impl PeerTable {
             };
             match p.state {
                 PeerState::Alive | PeerState::Suspect => {
-                    if p.remote() {
-                        continue; // the overlay judges it (see `Peer::remote`)
+                    if !p.judged() {
+                        continue; // the overlay judges it (see `Peer::judged`)
                     }
                     let silence = now.saturating_duration_since(p.last_evidence());
                     let dead = judge && silence >= Self::dead_after(&cfg, p);

@@ -230,6 +230,15 @@ pub struct Node {
 /// set changed (virtual time; a cold start changes it with every beacon).
 const OVERLAY_EVERY: Duration = Duration::from_millis(20);
 
+/// Overlay mode: the group's beacons per beacon interval (see
+/// `Node::beacon_scale`).
+const BEACON_GROUP: usize = 32;
+
+/// Overlay mode: how often, at most, the ring members are recomputed from
+/// the whole table (pending entries that were forgotten raise no event);
+/// in between, the events of each input update them.
+const FULL_EVERY: Duration = Duration::from_secs(1);
+
 /// How often a node looks for links that neither end wants any more.
 const TRIM_EVERY: Duration = Duration::from_millis(250);
 
@@ -249,8 +258,10 @@ struct OverlayState {
     /// Members whose events may have changed their place in the rings.
     changed: BTreeSet<NodeId>,
     /// The table's size changed (a pending entry came or went, which
-    /// raises no event): the ring members are recomputed from the table.
+    /// raises no event): the ring members are recomputed from the table,
+    /// at most every [`FULL_EVERY`].
     full: bool,
+    next_full: Option<Instant>,
     next_at: Option<Instant>,
     next_trim: Option<Instant>,
     table_len: usize,
@@ -322,6 +333,7 @@ impl Node {
                 want: BTreeSet::new(),
                 changed: BTreeSet::new(),
                 full: true,
+                next_full: None,
                 next_at: None,
                 next_trim: None,
                 table_len: 0,
@@ -363,7 +375,9 @@ impl Node {
             o.full = true;
             o.table_len = len;
         }
-        let recompute = (o.full || !o.changed.is_empty()) && o.next_at.is_none_or(|t| cx.now >= t);
+        let full_due = o.full && o.next_full.is_none_or(|t| cx.now >= t);
+        let recompute =
+            (full_due || !o.changed.is_empty()) && o.next_at.is_none_or(|t| cx.now >= t);
         let trim = o.next_trim.is_none_or(|t| cx.now >= t);
         if !recompute && !trim {
             return;
@@ -372,22 +386,21 @@ impl Node {
             o.next_at = Some(cx.now + OVERLAY_EVERY);
             let table = &self.table;
             let live = |id: &NodeId| table.get(id).is_some_and(|p| p.is_live());
-            if o.full {
+            for id in std::mem::take(&mut o.changed) {
+                if live(&id) {
+                    o.rings.insert(id);
+                } else {
+                    o.rings.remove(id);
+                }
+            }
+            if o.full && o.next_full.is_none_or(|t| cx.now >= t) {
                 let mut members: Vec<NodeId> =
                     table.peers().filter(|p| p.is_live()).map(|p| p.id).collect();
                 members.push(self.id);
                 o.rings.set_members(members);
-            } else {
-                for id in std::mem::take(&mut o.changed) {
-                    if live(&id) {
-                        o.rings.insert(id);
-                    } else {
-                        o.rings.remove(id);
-                    }
-                }
+                o.full = false;
+                o.next_full = Some(cx.now + FULL_EVERY);
             }
-            o.full = false;
-            o.changed.clear();
             let want = o.rings.want_links(self.id);
             if want != o.want {
                 o.want = want;
@@ -424,6 +437,19 @@ impl Node {
             }
             self.flush_link(cx, conn);
         }
+    }
+
+    /// Overlay mode: how much longer than `beacon_interval` this node waits
+    /// between beacons, so that the group's total beacon rate stays about
+    /// [`BEACON_GROUP`] per interval whatever its size (RTCP's rule: each
+    /// member's interval grows with the members it knows). Membership
+    /// travels over the overlay; beacons are for discovery. 1 in a full
+    /// mesh.
+    fn beacon_scale(&self) -> f64 {
+        if self.overlay.is_none() {
+            return 1.0;
+        }
+        ((self.table.len() + 1) as f64 / BEACON_GROUP as f64).max(1.0)
     }
 
     /// Number of current links.
@@ -496,9 +522,8 @@ impl Node {
                 TimerKind::Beacon => {
                     self.beacon(cx, BeaconKind::Announce, None);
                     let jitter = cx.rng.gen_range(0.9..1.1);
-                    let at = self
-                        .beacon_timer
-                        .set(Some(now + cx.s.beacon_interval.mul_f64(jitter)));
+                    let every = cx.s.beacon_interval.mul_f64(jitter * self.beacon_scale());
+                    let at = self.beacon_timer.set(Some(now + every));
                     self.schedule(cx, TimerKind::Beacon, at);
                 }
                 TimerKind::Prune => {
@@ -570,6 +595,11 @@ impl Node {
             return;
         }
         self.table_input(cx, |t, now| t.on_beacon(now, beacon));
+        if let Some(o) = self.overlay.as_mut() {
+            // A newcomer heard by beacon takes its place in the rings (the
+            // table says nothing of pending entries).
+            o.changed.insert(beacon.id);
+        }
     }
 
     // ---- membership (node/src/membership.rs) ----

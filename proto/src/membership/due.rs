@@ -45,8 +45,12 @@ pub(super) fn keys(cfg: &Config, p: &Peer) -> Keys {
         (a, b) => a.or(b),
     };
     match p.state {
-        // Known through the overlay only: nothing of its own is due.
-        PeerState::Alive | PeerState::Suspect if p.remote() => Keys::default(),
+        // Known through the overlay (or a neighbour whose first link is
+        // being made): no silence of its own, only its dial.
+        PeerState::Alive | PeerState::Suspect if !p.judged() => Keys {
+            silence: None,
+            timer: dial,
+        },
         PeerState::Alive | PeerState::Suspect => {
             let mut t = p.last_evidence() + PeerTable::dead_after(cfg, p);
             if p.state == PeerState::Alive && !p.degraded() {

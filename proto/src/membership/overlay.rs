@@ -80,8 +80,9 @@ impl PeerTable {
     /// Overlay mode: the members this node wants links with (its overlay
     /// neighbours, recomputed by the driver when the member set changes).
     /// A neighbour is dialed (the lower id at once, the higher after
-    /// `dial_fallback`) and watched from now on; a member that is no longer
-    /// one is not redialed, and once its link is gone it is remote. Without
+    /// `dial_fallback`) and judged on silence once its link is up; a member
+    /// that is no longer one is not redialed, and once its link is gone it
+    /// is remote. Without
     /// `Config::overlay` this does nothing.
     pub fn set_neighbours(&mut self, now: Instant, ids: impl IntoIterator<Item = NodeId>) {
         if self.cfg.overlay.is_none() {
@@ -100,14 +101,9 @@ impl PeerTable {
                 continue;
             };
             p.wanted = wanted;
-            if wanted && p.is_live() && p.link == LinkState::Down {
-                // Watched from now: its silence counts from here, not from
-                // whenever this node last happened to hear of it.
-                p.last_seen = p.last_seen.max(now);
-                if p.next_dial.is_none() {
-                    p.next_dial = Some(first);
-                    p.dial_attempts = 0;
-                }
+            if wanted && p.is_live() && p.link == LinkState::Down && p.next_dial.is_none() {
+                p.next_dial = Some(first);
+                p.dial_attempts = 0;
             }
         }
         self.schedule(now);
