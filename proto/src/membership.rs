@@ -965,10 +965,9 @@ impl PeerTable {
         // overlay carries to everyone (the same life at the same
         // incarnation never overrides a verdict elsewhere).
         let (was_lost, was_state) = (p.lost_at.is_some(), p.state);
-        let tell_failed = (p.overlay
-            && p.state == PeerState::Failed
-            && hello.incarnation <= p.incarnation)
-            .then(|| member_record(p));
+        let tell_failed =
+            (p.overlay && p.state == PeerState::Failed && hello.incarnation <= p.incarnation)
+                .then(|| member_record(p));
         let mut overlay_news = false;
         if hello.incarnation > p.incarnation {
             p.incarnation = hello.incarnation;
@@ -1069,7 +1068,7 @@ impl PeerTable {
         // of a peer we knew) has missed nothing it cannot learn from its own
         // links, and pushing the whole view on every link-up made a cold
         // start cost N^3 records.
-        if !news && !(overlay && fresh) {
+        if !(news || (overlay && fresh)) {
             return;
         }
         let mut view: Vec<PeerRecord> = self

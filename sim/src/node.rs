@@ -394,8 +394,11 @@ impl Node {
                 }
             }
             if o.full && o.next_full.is_none_or(|t| cx.now >= t) {
-                let mut members: Vec<NodeId> =
-                    table.peers().filter(|p| p.is_live()).map(|p| p.id).collect();
+                let mut members: Vec<NodeId> = table
+                    .peers()
+                    .filter(|p| p.is_live())
+                    .map(|p| p.id)
+                    .collect();
                 members.push(self.id);
                 o.rings.set_members(members);
                 o.full = false;

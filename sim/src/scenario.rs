@@ -533,9 +533,7 @@ pub fn overlay(p: &Params) -> Value {
     if let Some(watch) = watch_all(&mut w, EventKind::Left, leaver) {
         w.apply(&Op::Leave(leaver));
         let until = (w.now() + p.settle).min(end);
-        poll_until(&mut w, until, |w| {
-            w.observer().seen_by_all(watch).is_some()
-        });
+        poll_until(&mut w, until, |w| w.observer().seen_by_all(watch).is_some());
         out["leave_seen_by_all_ms"] = json!(w.observer().seen_by_all(watch).map(ms));
     }
     w.run_until((w.now() + p.settle).min(end), |_| false);

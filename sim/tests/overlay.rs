@@ -213,7 +213,10 @@ fn a_50_50_partition_is_seen_and_heals_to_one_table() {
     // observers' alerts; a node cut off from its own side while the
     // verdicts spread keeps the far side listed until the heal).
     let all = a.len() * b.len();
-    assert!(seen * 100 >= all * 90, "{seen} of {all} pairs failed both ways");
+    assert!(
+        seen * 100 >= all * 90,
+        "{seen} of {all} pairs failed both ways"
+    );
     w.apply(&Op::Heal);
     let healed = w.now();
     let back = w

@@ -67,8 +67,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use super::{
-    member_record, record, Action, EventKind, LinkState, PeerList, PeerRecord, PeerState,
-    PeerTable,
+    member_record, record, Action, EventKind, LinkState, PeerList, PeerRecord, PeerState, PeerTable,
 };
 use crate::frame::Hello;
 use crate::id::{tags_digest, Incarnation, NodeId};
@@ -248,10 +247,7 @@ impl PeerTable {
                 self.emit(r.id, kind);
             }
             self.relay_state(Some(from), r.id);
-        } else if r.incarnation == p.incarnation
-            && r.tags_version > p.tags_version
-            && p.is_live()
-        {
+        } else if r.incarnation == p.incarnation && r.tags_version > p.tags_version && p.is_live() {
             p.tags_version = r.tags_version;
             p.digest = tags_digest(&r.tags);
             if p.tags != r.tags {

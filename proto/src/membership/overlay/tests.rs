@@ -11,9 +11,7 @@ use proptest::prelude::*;
 use crate::beacon::{Beacon, BeaconKind};
 use crate::frame::{Hello, PeerList, PeerRecord, VERSION};
 use crate::id::{NodeId, Tags};
-use crate::membership::{
-    Action, Config, DialFailure, EventKind, LinkState, PeerState, PeerTable,
-};
+use crate::membership::{Action, Config, DialFailure, EventKind, LinkState, PeerState, PeerTable};
 
 const LOCAL: NodeId = NodeId(500);
 
@@ -135,7 +133,10 @@ fn a_record_confirms_only_over_a_confirmed_linked_peer() {
         },
     );
     t.on_peer_list(t0, pending, &list(vec![member(x, 1, "alive")]));
-    assert!(t.get(&x).is_none(), "a pending peer's word confirms nothing");
+    assert!(
+        t.get(&x).is_none(),
+        "a pending peer's word confirms nothing"
+    );
     assert!(events(&mut t).is_empty());
     // A confirmed neighbour's word confirms.
     t.set_neighbours(t0, [n]);
@@ -352,18 +353,22 @@ fn the_word_of_a_member_never_displaces_a_name_heard_on_our_link() {
     );
 }
 
+/// One fact carried over a link: (subject, incarnation, state, observer).
+type Fact = (NodeId, u64, String, Option<NodeId>);
+
 /// A small overlay of tables, linked along `edges`, delivering every send
 /// in order until none is left (bounded).
 struct Mesh {
     tables: BTreeMap<NodeId, PeerTable>,
     /// (from, to) -> records carried, per (subject, state, by).
-    carried: BTreeMap<(NodeId, NodeId), Vec<(NodeId, u64, String, Option<NodeId>)>>,
+    carried: BTreeMap<(NodeId, NodeId), Vec<Fact>>,
 }
 
 impl Mesh {
     fn new(t0: Instant, n: u128, edges: &BTreeSet<(u128, u128)>) -> Mesh {
-        let mut tables: BTreeMap<NodeId, PeerTable> =
-            (1..=n).map(|i| (NodeId(i), overlay_table(NodeId(i)))).collect();
+        let mut tables: BTreeMap<NodeId, PeerTable> = (1..=n)
+            .map(|i| (NodeId(i), overlay_table(NodeId(i))))
+            .collect();
         for (&id, t) in tables.iter_mut() {
             let nb: Vec<NodeId> = edges
                 .iter()
@@ -424,8 +429,9 @@ fn arb_graph() -> impl Strategy<Value = (u128, BTreeSet<(u128, u128)>)> {
         // A ring (connected) plus random chords.
         let chords = proptest::collection::btree_set((1..=n, 1..=n), 0..(n as usize * 2));
         (Just(n), chords).prop_map(|(n, chords)| {
-            let mut edges: BTreeSet<(u128, u128)> =
-                (1..=n).map(|i| (i.min(i % n + 1), i.max(i % n + 1))).collect();
+            let mut edges: BTreeSet<(u128, u128)> = (1..=n)
+                .map(|i| (i.min(i % n + 1), i.max(i % n + 1)))
+                .collect();
             edges.extend(
                 chords
                     .into_iter()
