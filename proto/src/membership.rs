@@ -123,6 +123,11 @@ pub struct Config {
     /// module docs). `None` (the default): a full mesh, every rule as
     /// before.
     pub overlay: Option<usize>,
+    /// Overlay mode: how long relayed news waits to be batched with more
+    /// (one `peers` frame per link per batch). Zero sends at once; a few
+    /// milliseconds bound the frames per node during a cold start's flood
+    /// of joins, whatever N, at that much latency per hop.
+    pub relay_batch: Duration,
 }
 
 impl Default for Config {
@@ -136,6 +141,7 @@ impl Default for Config {
             backoff_max: Duration::from_secs(5),
             tombstone_ttl: Duration::from_secs(600),
             overlay: None,
+            relay_batch: Duration::ZERO,
         }
     }
 }
@@ -528,6 +534,10 @@ pub struct PeerTable {
     outbox: Vec<(Option<NodeId>, PeerRecord)>,
     /// Overlay mode: how often this node refuted a report of its failure.
     refutations: u64,
+    /// Overlay mode: the latest `now` of any input, and when the queued
+    /// relays are due (see [`Config::relay_batch`]).
+    clock: Option<Instant>,
+    relay_due: Option<Instant>,
 }
 
 impl PeerTable {
@@ -556,6 +566,8 @@ impl PeerTable {
             local_record: None,
             outbox: Vec::new(),
             refutations: 0,
+            clock: None,
+            relay_due: None,
         }
     }
 
@@ -646,7 +658,12 @@ impl PeerTable {
 
     /// Drains one pending action.
     pub fn poll_action(&mut self) -> Option<Action> {
-        if !self.outbox.is_empty() {
+        let due = match (self.relay_due, self.clock) {
+            (Some(d), Some(c)) => d <= c,
+            _ => true,
+        };
+        if !self.outbox.is_empty() && due {
+            self.relay_due = None;
             self.flush_relays();
         }
         self.actions.pop_front()
@@ -668,6 +685,7 @@ impl PeerTable {
 
     /// Notices our own lateness: an input past the deadline we asked for.
     fn note_input(&mut self, now: Instant) {
+        self.clock = Some(self.clock.map_or(now, |c| c.max(now)));
         let Some(armed) = self.armed.get() else {
             return;
         };
@@ -1092,7 +1110,7 @@ impl PeerTable {
         };
         if self.cfg.overlay.is_some() {
             // Batched with the input's other news, once per link.
-            self.outbox.push((Some(id), change));
+            self.queue_relay(Some(id), change);
             return;
         }
         let mut linked: Vec<NodeId> = self
@@ -1588,10 +1606,14 @@ impl PeerTable {
         let (silence, timer) = due.first();
         // Silence verdicts wait out a grace period after our own lateness.
         let silence = silence.map(|t| self.grace_until.map_or(t, |g| t.max(g)));
-        let next = match (silence, timer) {
+        let mut next = match (silence, timer) {
             (Some(s), Some(t)) => Some(s.min(t)),
             (s, t) => s.or(t),
         };
+        // Batched relays are due on a tick too.
+        if let Some(r) = self.relay_due.filter(|_| !self.outbox.is_empty()) {
+            next = Some(next.map_or(r, |n| n.min(r)));
+        }
         self.armed.set(next);
         next
     }

@@ -143,8 +143,19 @@ impl PeerTable {
             return;
         }
         if let Some(p) = self.peers.get(&id).filter(|p| p.confirmed) {
-            self.outbox.push((except, member_record(p)));
+            let r = member_record(p);
+            self.queue_relay(except, r);
         }
+    }
+
+    /// Queues `r` for every link but `except`'s, due [`Config::relay_batch`]
+    /// after the first queued record of the batch.
+    pub(super) fn queue_relay(&mut self, except: Option<NodeId>, r: PeerRecord) {
+        if self.relay_due.is_none() {
+            let now = self.clock;
+            self.relay_due = now.map(|c| c + self.cfg.relay_batch);
+        }
+        self.outbox.push((except, r));
     }
 
     /// This node's own silence alert about `id` (overlay mode).
@@ -156,7 +167,7 @@ impl PeerTable {
             by: Some(self.local),
             ..record(p, PeerState::Suspect.as_str(), None)
         };
-        self.outbox.push((None, r));
+        self.queue_relay(None, r);
     }
 
     /// Turns the queued relays into one `peers` frame per linked peer:
@@ -316,7 +327,7 @@ impl PeerTable {
         }
         p.alerts.push(by);
         let enough = p.alerts.len() >= ALERTS_TO_FAIL;
-        self.outbox.push((Some(from), r.clone()));
+        self.queue_relay(Some(from), r.clone());
         if enough {
             self.fail_on_alerts(now, r.id);
         }
@@ -425,7 +436,7 @@ impl PeerTable {
         me.incarnation = r.incarnation + 1;
         self.refutations += 1;
         let mine = me.clone();
-        self.outbox.push((None, mine));
+        self.queue_relay(None, mine);
     }
 }
 
