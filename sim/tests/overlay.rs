@@ -242,3 +242,36 @@ fn an_overlay_world_is_a_function_of_its_seed() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn silent_loss_under_loss_is_seen_without_false_failures() {
+    let n = 64;
+    let mut w = world(n, 19, 0.05, 8);
+    one_table(&mut w, Duration::from_secs(10));
+    w.apply(&Op::RunFor(Duration::from_secs(2)));
+    let victim = 12;
+    let id = w.observer().id(victim).unwrap();
+    let observers = others(&w, victim);
+    let now = w.now();
+    let watch = w
+        .observer_mut()
+        .watch(EventKind::Failed, now, [id], observers);
+    let rest: Vec<u32> = (0..n as u32).filter(|s| *s != victim).collect();
+    w.apply_all(&[
+        Op::Partition(vec![vec![victim], rest]),
+        Op::RunFor(Duration::from_secs(4)),
+    ]);
+    let seen = w.observer().seen_by_all(watch).expect("silent loss seen");
+    let dead_after = w.settings().table.dead_after;
+    assert!(
+        seen <= dead_after + 600 * MS,
+        "silent loss known by all after {seen:?}"
+    );
+    w.apply(&Op::Heal);
+    let healed = w.now();
+    w.run_until(healed + Duration::from_secs(10), |w| {
+        w.observer().one_table()
+    })
+    .expect("one table again");
+    assert_eq!(failures(&w), vec![]);
+}
