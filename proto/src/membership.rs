@@ -1610,8 +1610,13 @@ impl PeerTable {
             (Some(s), Some(t)) => Some(s.min(t)),
             (s, t) => s.or(t),
         };
-        // Batched relays are due on a tick too.
-        if let Some(r) = self.relay_due.filter(|_| !self.outbox.is_empty()) {
+        // Batched relays are due on a tick too (those due already go with
+        // the next `poll_action`).
+        let later = |r: &Instant| self.clock.is_none_or(|c| *r > c);
+        if let Some(r) = self
+            .relay_due
+            .filter(|r| !self.outbox.is_empty() && later(r))
+        {
             next = Some(next.map_or(r, |n| n.min(r)));
         }
         self.armed.set(next);
