@@ -900,7 +900,7 @@ fn stays_consistent(cfg: Config, inputs: Vec<(u64, Input)>) -> Result<(), TestCa
                     t.set_neighbours(
                         now,
                         (0..6u128)
-                            .filter(|i| (now - t0).as_millis() as u128 % (i + 2) == 0)
+                            .filter(|i| (now - t0).as_millis() % (i + 2) == 0)
                             .map(NodeId),
                     );
                     t.on_tick(now);
