@@ -67,7 +67,7 @@ fn failures(w: &World) -> Vec<sim::FalseVerdict> {
 fn cold_start_reaches_one_table_with_bounded_degree() {
     let mut w = world(96, 11, 0.0, 8);
     let took = one_table(&mut w, Duration::from_secs(5));
-    assert!(took < Duration::from_secs(2), "one table after {took:?}");
+    assert!(took < 500 * MS, "one table after {took:?}");
     // Surplus links are closed once settled.
     w.apply(&Op::RunFor(Duration::from_secs(3)));
     let (mean, max) = degree(&w);
@@ -81,7 +81,7 @@ fn cold_start_reaches_one_table_with_bounded_degree() {
 fn cold_start_under_loss_has_no_false_failures() {
     let mut w = world(64, 12, 0.05, 6);
     let took = one_table(&mut w, Duration::from_secs(10));
-    assert!(took < Duration::from_secs(5), "one table after {took:?}");
+    assert!(took < Duration::from_secs(2), "one table after {took:?}");
     w.apply(&Op::RunFor(Duration::from_secs(8)));
     assert!(w.observer().one_table());
     assert_eq!(failures(&w), vec![]);

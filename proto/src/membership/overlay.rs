@@ -78,8 +78,8 @@ pub const ALERTS_TO_FAIL: usize = 2;
 impl PeerTable {
     /// Overlay mode: the members this node wants links with (its overlay
     /// neighbours, recomputed by the driver when the member set changes).
-    /// A neighbour is dialed (the lower id at once, the higher after
-    /// `dial_fallback`) and judged on silence once its link is up; a member
+    /// A neighbour is dialed at once (by whichever end wants it; crossing
+    /// dials are settled by the duplicate rule) and judged on silence once its link is up; a member
     /// that is no longer one is not redialed, and once its link is gone it
     /// is remote. Without
     /// `Config::overlay` this does nothing.
@@ -94,14 +94,19 @@ impl PeerTable {
         self.wanted = new;
         for id in changed {
             self.touch(id);
-            let first = self.first_dial_at(id, now);
             let wanted = self.wanted.contains(&id);
             let Some(p) = self.peers.get_mut(&id) else {
                 continue;
             };
             p.wanted = wanted;
-            if wanted && p.is_live() && p.link == LinkState::Down && p.next_dial.is_none() {
-                p.next_dial = Some(first);
+            if wanted && p.is_live() && p.link == LinkState::Down {
+                // Whoever wants the link dials it now, whichever id is
+                // lower: the other end may not want it (views differ for a
+                // moment, fill-ins are one-sided), and crossing dials are
+                // settled by the duplicate rule.
+                if p.next_dial.is_none_or(|t| t > now) {
+                    p.next_dial = Some(now);
+                }
                 p.dial_attempts = 0;
             }
         }
