@@ -266,6 +266,7 @@ pub fn self_record(
         age_ms: None,
         tags,
         tags_version: version,
+        by: None,
     }
 }
 

@@ -54,6 +54,7 @@ fn main() {
                     .into_iter()
                     .collect(),
                 tags_version,
+                by: None,
             }],
         });
         FrameCodec::default().encode(msg, &mut out).expect("frame");

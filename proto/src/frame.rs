@@ -109,6 +109,13 @@ pub struct PeerRecord {
     /// nodes neither send nor read it).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tags_version: u64,
+    /// In a silence alert (`state` `suspect`, overlay mode): the observer
+    /// whose own links and beacons stopped hearing the peer. Alerts from
+    /// different observers are counted apart; a failure decided on silence
+    /// takes more than one. Omitted otherwise (older nodes neither send nor
+    /// read it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<NodeId>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -1120,6 +1127,7 @@ pub(crate) mod tests {
                     age_ms: Some(12),
                     tags: Tags::new(),
                     tags_version: 0,
+                    by: None,
                 }],
             }),
             Message::App(AppMessage {
@@ -1409,6 +1417,7 @@ pub(crate) mod tests {
                     .take((incarnation % 2) as usize)
                     .collect(),
                 tags_version: incarnation % 3,
+                by: None,
             });
         let query = (
             any::<u128>(),

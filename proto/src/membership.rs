@@ -72,6 +72,15 @@
 //!
 //! Invariant: one entry per id; one confirmed entry per name, or two while
 //! they are in conflict; the local node never has an entry.
+//!
+//! ## Bounded overlay
+//! With [`Config::overlay`] set, the node links only to the neighbours its
+//! driver names ([`PeerTable::set_neighbours`]) and membership travels over
+//! the overlay: a record relayed by a confirmed, linked member confirms, each
+//! change is relayed once per link, a failure on silence takes two
+//! observers' alerts, and a node reported failed refutes. The rules, and why
+//! hearsay from a member may be trusted, are in `membership/overlay.rs`.
+//! Without it, every rule above holds unchanged.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -87,6 +96,7 @@ use crate::frame::{Hello, PeerList, PeerRecord};
 use crate::id::{tags_digest, Incarnation, NodeId, Tags};
 
 mod due;
+mod overlay;
 
 /// Timing settings of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +117,17 @@ pub struct Config {
     pub backoff_max: Duration,
     /// How long failed and left entries are kept before being reaped.
     pub tombstone_ttl: Duration,
+    /// Bounded overlay: `Some(max_links)` when this node links to a bounded
+    /// set of neighbours (named by the driver, [`PeerTable::set_neighbours`])
+    /// and membership travels over the overlay (see "Bounded overlay" in the
+    /// module docs). `None` (the default): a full mesh, every rule as
+    /// before.
+    pub overlay: Option<usize>,
+    /// Overlay mode: how long relayed news waits to be batched with more
+    /// (one `peers` frame per link per batch). Zero sends at once; a few
+    /// milliseconds bound the frames per node during a cold start's flood
+    /// of joins, whatever N, at that much latency per hop.
+    pub relay_batch: Duration,
 }
 
 impl Default for Config {
@@ -119,6 +140,8 @@ impl Default for Config {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             tombstone_ttl: Duration::from_secs(600),
+            overlay: None,
+            relay_batch: Duration::ZERO,
         }
     }
 }
@@ -219,6 +242,17 @@ pub struct Peer {
     confirmed: bool,
     /// Another live process claims this peer's name (its address).
     pub conflict: Option<SocketAddr>,
+    /// The table runs in overlay mode (copied from the configuration, so
+    /// that the entry's deadlines stay a function of the entry).
+    overlay: bool,
+    /// Overlay mode: the driver named it a neighbour (a link is wanted).
+    wanted: bool,
+    /// Overlay mode: this node's own silence verdict about the current
+    /// incarnation has been sent as an alert.
+    alerted: bool,
+    /// Overlay mode: the observers whose silence alerts about the current
+    /// incarnation arrived (this node included once it alerted), each once.
+    alerts: Vec<NodeId>,
 }
 
 impl Peer {
@@ -251,6 +285,10 @@ impl Peer {
             dial_attempts: 0,
             confirmed: false,
             conflict: None,
+            overlay: false,
+            wanted: false,
+            alerted: false,
+            alerts: Vec::new(),
         }
     }
 
@@ -264,11 +302,42 @@ impl Peer {
         self.confirmed
     }
 
+    /// Overlay mode: a confirmed member this node has no link with and
+    /// does not watch itself (not a neighbour, no link lost without a
+    /// goodbye): known through the overlay only. It has no silence deadline,
+    /// no probes and no dials; it stays as it is until the overlay brings a
+    /// verdict (`failed`, `left`) or a newer incarnation. Its `link` is
+    /// `down` and its `rtt` absent by design, not by fault.
+    pub fn remote(&self) -> bool {
+        self.overlay
+            && self.confirmed
+            && !self.wanted
+            && self.link == LinkState::Down
+            && self.lost_at.is_none()
+    }
+
+    /// Whether this node judges it on silence (and probes for it): always in
+    /// a full mesh, and for pending entries (forgotten when silent); in
+    /// overlay mode only while its link is up or after the link was lost
+    /// without a goodbye. A neighbour whose first link is still being made
+    /// is not judged: its silence so far says nothing about it.
+    fn judged(&self) -> bool {
+        !self.overlay || !self.confirmed || self.link == LinkState::Up || self.lost_at.is_some()
+    }
+
+    /// Whether the table may dial it: always in a full mesh; in overlay
+    /// mode only a neighbour, or a peer whose link was lost without a
+    /// goodbye (a refused redial is how a crash is seen).
+    fn may_dial(&self) -> bool {
+        !self.overlay || self.wanted || self.lost_at.is_some()
+    }
+
     /// Link down while beacons still arrive, or while other nodes report
     /// hearing from it (after the link was lost, or when no link ever came
-    /// up): one bad path, not a dead node.
+    /// up): one bad path, not a dead node. Never for a [`Peer::remote`]
+    /// member, which is not expected to have a link.
     pub fn degraded(&self) -> bool {
-        if self.link == LinkState::Up || !self.is_live() {
+        if self.link == LinkState::Up || !self.is_live() || !self.judged() {
             return false;
         }
         self.since_loss(self.last_beacon) || self.since_loss(self.vouched_at)
@@ -454,6 +523,21 @@ pub struct PeerTable {
     events: VecDeque<Event>,
     actions: VecDeque<Action>,
     rng: StdRng,
+    /// Overlay mode: the neighbours the driver named last.
+    wanted: HashSet<NodeId>,
+    /// Overlay mode: this node's own record (from [`PeerTable::set_local`]);
+    /// a refutation raises its incarnation.
+    local_record: Option<PeerRecord>,
+    /// Overlay mode: records to relay, each with the peer it came from
+    /// (which is not sent it back); batched per link when actions are
+    /// polled.
+    outbox: Vec<(Option<NodeId>, PeerRecord)>,
+    /// Overlay mode: how often this node refuted a report of its failure.
+    refutations: u64,
+    /// Overlay mode: the latest `now` of any input, and when the queued
+    /// relays are due (see [`Config::relay_batch`]).
+    clock: Option<Instant>,
+    relay_due: Option<Instant>,
 }
 
 impl PeerTable {
@@ -478,7 +562,28 @@ impl PeerTable {
             events: VecDeque::new(),
             actions: VecDeque::new(),
             rng: StdRng::seed_from_u64(seed),
+            wanted: HashSet::new(),
+            local_record: None,
+            outbox: Vec::new(),
+            refutations: 0,
+            clock: None,
+            relay_due: None,
         }
+    }
+
+    /// A new entry, with the table's overlay flags.
+    fn new_peer(
+        &self,
+        id: NodeId,
+        name: &str,
+        incarnation: Incarnation,
+        addr: SocketAddr,
+        now: Instant,
+    ) -> Peer {
+        let mut p = Peer::new(id, name, incarnation, addr, now);
+        p.overlay = self.cfg.overlay.is_some();
+        p.wanted = self.wanted.contains(&id);
+        p
     }
 
     /// The settings.
@@ -553,6 +658,14 @@ impl PeerTable {
 
     /// Drains one pending action.
     pub fn poll_action(&mut self) -> Option<Action> {
+        let due = match (self.relay_due, self.clock) {
+            (Some(d), Some(c)) => d <= c,
+            _ => true,
+        };
+        if !self.outbox.is_empty() && due {
+            self.relay_due = None;
+            self.flush_relays();
+        }
         self.actions.pop_front()
     }
 
@@ -572,6 +685,7 @@ impl PeerTable {
 
     /// Notices our own lateness: an input past the deadline we asked for.
     fn note_input(&mut self, now: Instant) {
+        self.clock = Some(self.clock.map_or(now, |c| c.max(now)));
         let Some(armed) = self.armed.get() else {
             return;
         };
@@ -703,7 +817,7 @@ impl PeerTable {
             if b.kind == BeaconKind::Leave || !self.admit_pending() {
                 return; // never knew it, or no room
             }
-            let mut p = Peer::new(b.id, &b.name, b.incarnation, b.addr, now);
+            let mut p = self.new_peer(b.id, &b.name, b.incarnation, b.addr, now);
             p.last_beacon = Some(now);
             p.digest = b.digest;
             p.next_dial = Some(first_dial);
@@ -739,6 +853,17 @@ impl PeerTable {
             return;
         }
         p.last_beacon = Some(now);
+        if restarted && p.overlay {
+            // Overlay mode: a newer life is learnt over links and the
+            // overlay, where each change is relayed once; a beacon is a
+            // claim and changes no incarnation. A neighbour is dialed.
+            if p.link == LinkState::Down {
+                p.next_dial = Some(now);
+                p.dial_attempts = 0;
+            }
+            self.schedule(now);
+            return;
+        }
         if p.state == PeerState::Failed || p.state == PeerState::Left {
             // A beacon alone never revives a failed peer (nor a left one,
             // under a new incarnation): it may be replayed or forged. A link
@@ -764,6 +889,7 @@ impl PeerTable {
             p.next_dial = None;
             let id = p.id;
             self.emit(id, EventKind::Left);
+            self.relay_state(None, id);
             self.settle();
             return;
         }
@@ -823,10 +949,11 @@ impl PeerTable {
             if self.peers.contains_key(&id) {
                 self.pending -= 1;
             }
-            let p = self
-                .peers
-                .entry(id)
-                .or_insert_with(|| Peer::new(id, &hello.name, hello.incarnation, hello.addr, now));
+            if !self.peers.contains_key(&id) {
+                let p = self.new_peer(id, &hello.name, hello.incarnation, hello.addr, now);
+                self.peers.insert(id, p);
+            }
+            let p = self.peers.get_mut(&id).expect("inserted above");
             p.confirmed = true;
             p.name.clone_from(&hello.name);
             p.incarnation = hello.incarnation;
@@ -850,11 +977,29 @@ impl PeerTable {
             .peers
             .get_mut(&id)
             .expect("the entry was confirmed above");
+        // Overlay mode: a peer this table holds as failed, that comes back
+        // in the same life, was judged on others' word or on silence; it is
+        // told, so that it refutes with a higher incarnation that the
+        // overlay carries to everyone (the same life at the same
+        // incarnation never overrides a verdict elsewhere).
+        let (was_lost, was_state) = (p.lost_at.is_some(), p.state);
+        let tell_failed =
+            (p.overlay && p.state == PeerState::Failed && hello.incarnation <= p.incarnation)
+                .then(|| member_record(p));
+        let mut overlay_news = false;
         if hello.incarnation > p.incarnation {
             p.incarnation = hello.incarnation;
             p.tags_version = 0;
-            events.push(EventKind::Restarted);
+            if p.overlay {
+                // The same id at a higher incarnation: a refutation, not a
+                // new life (a restart comes with a new id).
+                overlay_news = true;
+            } else {
+                events.push(EventKind::Restarted);
+            }
         }
+        p.alerted = false;
+        p.alerts.clear();
         // A handshake carries the tags the peer started with: within one
         // life, tags changed at runtime (a versioned record) are newer.
         let hello_tags = p.tags_version == 0;
@@ -886,6 +1031,11 @@ impl PeerTable {
         p.next_dial = None;
         p.dial_attempts = 0;
         let was_up = p.link == LinkState::Up;
+        // Overlay mode: the catch-up view goes over a new link to a peer
+        // whose last link was lost without a goodbye, or that was suspect
+        // or failed here (either side may have been cut off), not over each
+        // link that merely replaces a closed surplus one.
+        let troubled = was_lost || was_state != PeerState::Alive;
         p.link = LinkState::Up;
         if !was_up {
             events.push(EventKind::LinkUp);
@@ -899,13 +1049,20 @@ impl PeerTable {
             }
             self.emit(h, EventKind::Updated);
         }
-        let news = events
-            .iter()
-            .any(|k| matches!(k, EventKind::Joined | EventKind::Restarted));
+        let news = overlay_news
+            || events
+                .iter()
+                .any(|k| matches!(k, EventKind::Joined | EventKind::Restarted));
         for kind in events {
             self.emit(id, kind);
         }
-        self.share(id, news);
+        if let Some(r) = tell_failed {
+            self.actions.push_back(Action::Send {
+                to: id,
+                list: PeerList { peers: vec![r] },
+            });
+        }
+        self.share(id, news, !was_up && troubled);
     }
 
     /// Membership over links: a peer `id` whose link just brought news (it
@@ -913,12 +1070,23 @@ impl PeerTable {
     /// confirmed live entry), and every other linked peer gets its record:
     /// each change crosses each link once. A node that knows only one other
     /// (a seed) thereby learns of all, and all learn of it.
-    fn share(&mut self, id: NodeId, news: bool) {
-        // Only news is worth a view: a relink (the same life of a peer we
-        // knew) has missed nothing it cannot learn from its own links, and
-        // pushing the whole view on every link-up made a cold start cost
-        // N^3 records.
-        if !news {
+    ///
+    /// Overlay mode: a new link after trouble (`fresh`: the last link was
+    /// lost without a goodbye, or the peer was suspect or failed here) gets
+    /// the view, news or not: a node whose links were cut may have missed
+    /// joins and refutations that no other path will bring it again, since
+    /// each change crosses each link once. Verdicts (tombstones) are not part of it: after a partition
+    /// heals, one side's verdicts on silence are about members alive on the
+    /// other, and would fail them there before they could refute. A node
+    /// cut off from the overlay while a verdict spread therefore keeps the
+    /// member listed until it is heard of again (a limit of this version).
+    fn share(&mut self, id: NodeId, news: bool, fresh: bool) {
+        let overlay = self.cfg.overlay.is_some();
+        // Only news is worth a view in a full mesh: a relink (the same life
+        // of a peer we knew) has missed nothing it cannot learn from its own
+        // links, and pushing the whole view on every link-up made a cold
+        // start cost N^3 records.
+        if !(news || (overlay && fresh)) {
             return;
         }
         let mut view: Vec<PeerRecord> = self
@@ -934,9 +1102,17 @@ impl PeerTable {
                 list: PeerList { peers: view },
             });
         }
+        if !news {
+            return;
+        }
         let Some(change) = self.peers.get(&id).map(member_record) else {
             return;
         };
+        if self.cfg.overlay.is_some() {
+            // Batched with the input's other news, once per link.
+            self.queue_relay(Some(id), change);
+            return;
+        }
         let mut linked: Vec<NodeId> = self
             .peers
             .values()
@@ -987,7 +1163,7 @@ impl PeerTable {
         if !self.admit_pending() {
             return;
         }
-        let mut p = Peer::new(r.id, &r.name, r.incarnation, r.addr, now);
+        let mut p = self.new_peer(r.id, &r.name, r.incarnation, r.addr, now);
         p.tags.clone_from(&r.tags);
         p.tags_version = r.tags_version;
         p.digest = tags_digest(&r.tags);
@@ -1057,6 +1233,8 @@ impl PeerTable {
             p.since = now;
             p.next_dial = None;
             self.emit(id, EventKind::Failed);
+            // Hard evidence: one observer's verdict is enough (overlay).
+            self.relay_state(None, id);
             self.settle();
             return;
         }
@@ -1099,6 +1277,7 @@ impl PeerTable {
         p.next_dial = None;
         p.lost_at = None;
         self.emit(id, EventKind::Left);
+        self.relay_state(None, id);
         self.settle();
     }
 
@@ -1193,6 +1372,7 @@ impl PeerTable {
                 (RECORD_ALIVE, Some(age_ms)) => {
                     self.on_vouch(now, r.id, r.incarnation, Duration::from_millis(age_ms))
                 }
+                (_, None) if self.cfg.overlay.is_some() => self.hear(now, from, r),
                 ("alive" | "suspect", None) => self.learn(now, r),
                 _ => {}
             }
@@ -1251,6 +1431,8 @@ impl PeerTable {
         }
         let judge = !self.in_grace(now);
         let cfg = self.cfg;
+        let local = self.local;
+        let mut alerts = Vec::new();
         let mut reaped = Vec::new();
         let mut failed = Vec::new();
         let mut suspected = Vec::new();
@@ -1273,8 +1455,24 @@ impl PeerTable {
             };
             match p.state {
                 PeerState::Alive | PeerState::Suspect => {
+                    if !p.judged() {
+                        continue; // the overlay judges it (see `Peer::judged`)
+                    }
                     let silence = now.saturating_duration_since(p.last_evidence());
-                    if judge && silence >= Self::dead_after(&cfg, p) {
+                    let dead = judge && silence >= Self::dead_after(&cfg, p);
+                    // Overlay mode: a verdict on silence is this observer's
+                    // alert; it takes two observers' (see `overlay.rs`).
+                    let alone = p.overlay && p.confirmed && {
+                        if dead && !p.alerted {
+                            p.alerted = true;
+                            if !p.alerts.contains(&local) {
+                                p.alerts.push(local);
+                            }
+                            alerts.push(p.id);
+                        }
+                        p.alerts.len() < overlay::ALERTS_TO_FAIL
+                    };
+                    if dead && !alone {
                         p.state = PeerState::Failed;
                         p.since = now;
                         p.next_dial = None;
@@ -1326,9 +1524,13 @@ impl PeerTable {
         for id in suspected {
             self.emit(id, EventKind::Suspect);
         }
+        for id in alerts {
+            self.alert(id);
+        }
         for id in failed {
             if self.peers.get(&id).is_some_and(|p| p.confirmed) {
                 self.emit(id, EventKind::Failed);
+                self.relay_state(None, id);
             } else {
                 self.remove(id); // a pending entry that fell silent: forgotten
             }
@@ -1380,7 +1582,7 @@ impl PeerTable {
             let Some(p) = self.peers.get_mut(&id) else {
                 continue;
             };
-            if p.link != LinkState::Down {
+            if p.link != LinkState::Down || !p.may_dial() {
                 continue;
             }
             if p.next_dial.is_some_and(|t| t <= now) {
@@ -1404,10 +1606,19 @@ impl PeerTable {
         let (silence, timer) = due.first();
         // Silence verdicts wait out a grace period after our own lateness.
         let silence = silence.map(|t| self.grace_until.map_or(t, |g| t.max(g)));
-        let next = match (silence, timer) {
+        let mut next = match (silence, timer) {
             (Some(s), Some(t)) => Some(s.min(t)),
             (s, t) => s.or(t),
         };
+        // Batched relays are due on a tick too (those due already go with
+        // the next `poll_action`).
+        let later = |r: &Instant| self.clock.is_none_or(|c| *r > c);
+        if let Some(r) = self
+            .relay_due
+            .filter(|r| !self.outbox.is_empty() && later(r))
+        {
+            next = Some(next.map_or(r, |n| n.min(r)));
+        }
         self.armed.set(next);
         next
     }
@@ -1442,6 +1653,7 @@ fn record(p: &Peer, state: &str, age: Option<Duration>) -> PeerRecord {
         age_ms: age.map(|a| a.as_millis() as u64),
         tags: Tags::new(),
         tags_version: 0,
+        by: None,
     }
 }
 

@@ -13,6 +13,16 @@
 //! - `discovery::sources::SourceTable` and `discovery::budget::Budget`,
 //!   which classify beacons and bound replies and new identities.
 //!
+//! With `SimConfig::max_links` (`--max-links K`) the nodes run the bounded
+//! overlay instead: the peer table in its overlay mode
+//! (`proto::membership::Config::overlay`: confirmation through a confirmed
+//! neighbour, relay once per link, two observers for a failure on silence,
+//! refutation), and a driver that computes each node's `proto::overlay`
+//! neighbours, tells the table, closes links neither end wants
+//! (`reject{not-neighbour}`) and scales each node's beacon interval with
+//! the members it knows (the group sends about 32 beacons per interval).
+//! The daemon does not run that driver yet.
+//!
 //! There is no second implementation of the protocol. What the daemon's
 //! drivers do around those machines (`node/src/membership.rs`,
 //! `transport/`, `discovery/src/driver.rs`) is re-done as thin synchronous

@@ -21,7 +21,7 @@
 //! the glue sorts them, so that a run depends on its seed only (see
 //! `drain`). Any order is one the daemon could have produced.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -37,7 +37,7 @@ use proto::link::{
     resolve_duplicate, Duplicate, Established, Handshake, HandshakeConfig, Link, LinkConfig,
     LinkEvent, LocalClose, RejectCode, Role,
 };
-use proto::membership::{Action, DialFailure, Event, EventKind, LinkState, PeerTable};
+use proto::membership::{Action, DialFailure, Event, EventKind, PeerTable};
 use proto::overlay::Overlay;
 use proto::{FrameCodec, FrameError, Hello, Message, NodeId};
 use rand::rngs::StdRng;
@@ -152,6 +152,8 @@ impl End {
 struct Current {
     conn: ConnId,
     dialer: NodeId,
+    /// When it was established.
+    since: Instant,
     /// When a frame last arrived (the link's `heard_us` counter).
     heard: Option<Instant>,
     /// `heard` as of the last liveness report.
@@ -228,17 +230,40 @@ pub struct Node {
 /// set changed (virtual time; a cold start changes it with every beacon).
 const OVERLAY_EVERY: Duration = Duration::from_millis(20);
 
-/// A node's neighbour selection in overlay mode. The table still asks to
-/// dial every member it learns of; dials to members that are not
-/// neighbours are held (the table sees them as in progress, so it neither
-/// redials nor judges the missing link) and made when the member becomes a
-/// neighbour.
+/// Overlay mode: the group's beacons per beacon interval (see
+/// `Node::beacon_scale`).
+const BEACON_GROUP: usize = 32;
+
+/// Overlay mode: how often, at most, the ring members are recomputed from
+/// the whole table (pending entries that were forgotten raise no event);
+/// in between, the events of each input update them.
+const FULL_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a node looks for links that neither end wants any more.
+const TRIM_EVERY: Duration = Duration::from_millis(250);
+
+/// A link is closed as "not a neighbour" only once it has been up this
+/// long: views of the member set differ for a moment after each change,
+/// and a link closed at once would be redialed at once.
+const LINK_SETTLE: Duration = Duration::from_secs(1);
+
+/// A node's neighbour selection in overlay mode. The ring members are the
+/// table's live entries (pending ones included: a newcomer heard by beacon
+/// must be placed before anyone confirms it) and this node. The table is
+/// told the neighbours ([`PeerTable::set_neighbours`]) and dials only
+/// those; links that neither end wants are closed ("not a neighbour").
 struct OverlayState {
     rings: Overlay,
     want: BTreeSet<NodeId>,
-    held: BTreeMap<NodeId, SocketAddr>,
-    dirty: bool,
+    /// Members whose events may have changed their place in the rings.
+    changed: BTreeSet<NodeId>,
+    /// The table's size changed (a pending entry came or went, which
+    /// raises no event): the ring members are recomputed from the table,
+    /// at most every [`FULL_EVERY`].
+    full: bool,
+    next_full: Option<Instant>,
     next_at: Option<Instant>,
+    next_trim: Option<Instant>,
     table_len: usize,
 }
 
@@ -306,12 +331,23 @@ impl Node {
             overlay: s.max_links.map(|k| OverlayState {
                 rings: Overlay::new(k),
                 want: BTreeSet::new(),
-                held: BTreeMap::new(),
-                dirty: true,
+                changed: BTreeSet::new(),
+                full: true,
+                next_full: None,
                 next_at: None,
+                next_trim: None,
                 table_len: 0,
             }),
         }
+        .with_local_record()
+    }
+
+    /// Overlay mode: the table learns who it is, so that it can refute.
+    fn with_local_record(mut self) -> Node {
+        if self.overlay.is_some() {
+            self.table.set_local(&self.hs_cfg.local);
+        }
+        self
     }
 
     /// The neighbours this node wants (overlay mode), or `None` (full mesh).
@@ -324,60 +360,99 @@ impl Node {
         self.links.keys()
     }
 
-    /// Overlay mode: recomputes the neighbours if the member set changed
-    /// (at most every [`OVERLAY_EVERY`]), then makes the held dials to
-    /// members that became neighbours.
-    fn refresh_overlay(&mut self, cx: &mut Cx, membership_changed: bool) {
+    /// Overlay mode: updates the ring members from the events of the last
+    /// input (`changed`) or, when the table's size changed, from the whole
+    /// table (at most every [`OVERLAY_EVERY`]); tells the table its
+    /// neighbours; and every [`TRIM_EVERY`] closes links that neither end
+    /// wants.
+    fn refresh_overlay(&mut self, cx: &mut Cx, changed: impl Iterator<Item = NodeId>) {
         let Some(o) = self.overlay.as_mut() else {
             return;
         };
+        o.changed.extend(changed);
         let len = self.table.len();
-        if membership_changed || len != o.table_len {
-            o.dirty = true;
+        if len != o.table_len {
+            o.full = true;
             o.table_len = len;
         }
-        if !o.dirty || o.next_at.is_some_and(|t| cx.now < t) {
+        let full_due = o.full && o.next_full.is_none_or(|t| cx.now >= t);
+        let recompute =
+            (full_due || !o.changed.is_empty()) && o.next_at.is_none_or(|t| cx.now >= t);
+        let trim = o.next_trim.is_none_or(|t| cx.now >= t);
+        if !recompute && !trim {
             return;
         }
-        o.dirty = false;
-        o.next_at = Some(cx.now + OVERLAY_EVERY);
-        let mut live: HashSet<NodeId> = self
-            .table
-            .peers()
-            .filter(|p| p.is_live())
-            .map(|p| p.id)
-            .collect();
-        live.insert(self.id);
-        let gone: Vec<NodeId> = o.rings.members().filter(|id| !live.contains(id)).collect();
-        for id in gone {
-            o.rings.remove(id);
-        }
-        for id in live {
-            o.rings.insert(id);
-        }
-        o.want = o.rings.want_links(self.id);
-        let table = &self.table;
-        let due: Vec<(NodeId, SocketAddr)> = o
-            .held
-            .iter()
-            .filter(|(id, _)| o.want.contains(id))
-            .map(|(id, a)| (*id, *a))
-            .collect();
-        o.held.retain(|id, _| {
-            !o.want.contains(id)
-                && table
-                    .get(id)
-                    .is_some_and(|p| p.link == LinkState::Connecting)
-        });
-        for (id, addr) in due {
-            if self
-                .table
-                .get(&id)
-                .is_some_and(|p| p.link == LinkState::Connecting)
-            {
-                self.dial(cx, id, addr);
+        if recompute {
+            o.next_at = Some(cx.now + OVERLAY_EVERY);
+            let table = &self.table;
+            let live = |id: &NodeId| table.get(id).is_some_and(|p| p.is_live());
+            for id in std::mem::take(&mut o.changed) {
+                if live(&id) {
+                    o.rings.insert(id);
+                } else {
+                    o.rings.remove(id);
+                }
+            }
+            if o.full && o.next_full.is_none_or(|t| cx.now >= t) {
+                let mut members: Vec<NodeId> = table
+                    .peers()
+                    .filter(|p| p.is_live())
+                    .map(|p| p.id)
+                    .collect();
+                members.push(self.id);
+                o.rings.set_members(members);
+                o.full = false;
+                o.next_full = Some(cx.now + FULL_EVERY);
+            }
+            let want = o.rings.want_links(self.id);
+            if want != o.want {
+                o.want = want;
+                self.table.set_neighbours(cx.now, o.want.iter().copied());
             }
         }
+        let Some(o) = self.overlay.as_mut() else {
+            return;
+        };
+        if !trim {
+            return;
+        }
+        o.next_trim = Some(cx.now + TRIM_EVERY);
+        // Links neither end wants: not ours, and by the rings as this node
+        // sees them, not the other's either.
+        let surplus: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(id, cur)| {
+                !o.want.contains(id)
+                    && cur.since + LINK_SETTLE <= cx.now
+                    && o.rings.contains(**id)
+                    && !o.rings.want_links(**id).contains(&self.id)
+            })
+            .map(|(_, cur)| cur.conn)
+            .collect();
+        for conn in surplus {
+            if let Some(End {
+                state: EndState::Open { link, .. },
+                ..
+            }) = self.ends.get_mut(&conn)
+            {
+                link.close(cx.now, LocalClose::NotNeighbour);
+            }
+            self.flush_link(cx, conn);
+        }
+    }
+
+    /// Overlay mode: how much longer than `beacon_interval` this node waits
+    /// between beacons, so that the group's total beacon rate stays about
+    /// [`BEACON_GROUP`] per interval whatever its size (RTCP's rule: each
+    /// member's interval grows with the members it knows). Membership
+    /// travels over the overlay; beacons are for discovery. 1 in a full
+    /// mesh.
+    fn beacon_scale(&self) -> f64 {
+        if self.overlay.is_none() {
+            return 1.0;
+        }
+        ((self.table.len() + 1) as f64 / BEACON_GROUP as f64).max(1.0)
     }
 
     /// Number of current links.
@@ -450,9 +525,8 @@ impl Node {
                 TimerKind::Beacon => {
                     self.beacon(cx, BeaconKind::Announce, None);
                     let jitter = cx.rng.gen_range(0.9..1.1);
-                    let at = self
-                        .beacon_timer
-                        .set(Some(now + cx.s.beacon_interval.mul_f64(jitter)));
+                    let every = cx.s.beacon_interval.mul_f64(jitter * self.beacon_scale());
+                    let at = self.beacon_timer.set(Some(now + every));
                     self.schedule(cx, TimerKind::Beacon, at);
                 }
                 TimerKind::Prune => {
@@ -524,6 +598,11 @@ impl Node {
             return;
         }
         self.table_input(cx, |t, now| t.on_beacon(now, beacon));
+        if let Some(o) = self.overlay.as_mut() {
+            // A newcomer heard by beacon takes its place in the rings (the
+            // table says nothing of pending entries).
+            o.changed.insert(beacon.id);
+        }
     }
 
     // ---- membership (node/src/membership.rs) ----
@@ -560,6 +639,28 @@ impl Node {
         }
         // Stable: the events of one peer keep their order.
         cx.events[first..].sort_by_key(|(_, e)| e.id);
+        let changed: Vec<NodeId> = cx.events[first..]
+            .iter()
+            .filter(|(_, e)| {
+                matches!(
+                    e.kind,
+                    EventKind::Joined
+                        | EventKind::Restarted
+                        | EventKind::Failed
+                        | EventKind::Left
+                        | EventKind::Recovered
+                        | EventKind::Reaped
+                )
+            })
+            .map(|(_, e)| e.id)
+            .collect();
+        self.refresh_overlay(cx, changed.into_iter());
+        // Telling the table its neighbours may have queued dials.
+        let again = cx.events.len();
+        while let Some(ev) = self.table.poll_event() {
+            cx.events.push((self.slot, ev));
+        }
+        cx.events[again..].sort_by_key(|(_, e)| e.id);
         let mut actions = Vec::new();
         while let Some(a) = self.table.poll_action() {
             actions.push(match a {
@@ -572,31 +673,20 @@ impl Node {
             });
         }
         actions.sort_by(|a, b| action_key(a).cmp(&action_key(b)));
-        let changed = cx.events[first..].iter().any(|(_, e)| {
-            matches!(
-                e.kind,
-                EventKind::Joined
-                    | EventKind::Restarted
-                    | EventKind::Failed
-                    | EventKind::Left
-                    | EventKind::Recovered
-                    | EventKind::Reaped
-            )
-        });
-        self.refresh_overlay(cx, changed);
+        // A refutation raised our incarnation: later handshakes and
+        // beacons carry it.
+        if let Some(inc) = self.table.local_incarnation() {
+            if inc != self.incarnation {
+                self.incarnation = inc;
+                self.hs_cfg.local.incarnation = inc;
+            }
+        }
         for a in actions {
             match a {
-                // A peer we had a link with is redialed whatever the
-                // overlay says: a refused redial is how a crash is seen.
-                Action::Dial { id, addr } => match self.overlay.as_mut() {
-                    Some(o)
-                        if !o.want.contains(&id)
-                            && !self.table.get(&id).is_some_and(|p| p.confirmed()) =>
-                    {
-                        o.held.insert(id, addr);
-                    }
-                    _ => self.dial(cx, id, addr),
-                },
+                // In overlay mode the table asks only for its neighbours
+                // and for peers whose link was lost (a refused redial is
+                // how a crash is seen).
+                Action::Dial { id, addr } => self.dial(cx, id, addr),
                 Action::Send { to, list } => self.send_list(cx, to, list),
             }
         }
@@ -804,6 +894,7 @@ impl Node {
             Current {
                 conn,
                 dialer,
+                since: cx.now,
                 heard: None,
                 reported: None,
             },

@@ -405,9 +405,14 @@ fn spread(v: impl Iterator<Item = usize>) -> Value {
 
 /// The `overlay` scenario (`--max-links K`, run by name only): a cold start
 /// in which each node links only to its `proto::overlay` neighbours, then
-/// one `kill -9`. Membership knowledge (a table entry, confirmed or not)
-/// must reach every node without a full mesh; the figures show whether it
-/// does, and what the peer table still needs a link for.
+/// one `kill -9`, one graceful leave and one silent loss (a partition of
+/// one for `partition_for`, then healed), each of a different node.
+/// Membership must reach every node without a full mesh: `all_known_ms`
+/// (every table has an entry, confirmed or not, for every node),
+/// `one_table_ms` (every table lists every node confirmed and live),
+/// `crash_seen_by_all_ms`, `leave_seen_by_all_ms`, `silent_loss_ms` (every
+/// other table emitted the verdict), `heal_one_table_ms`, and the degree
+/// (`links`) and message rates.
 pub fn overlay(p: &Params) -> Value {
     let wall = Instant::now();
     let mut w = World::new(p.cfg.clone());
@@ -434,6 +439,9 @@ pub fn overlay(p: &Params) -> Value {
     };
     // Half the run at most for the cold start, so that the crash happens.
     let cold_end = (t0 + p.seconds / 2).min(end);
+    let one = w.run_until(cold_end, |w| {
+        w.observer().live() == u64::from(n) && w.observer().one_table()
+    });
     let known = poll_until(&mut w, cold_end, all_known);
     let linked = poll_until(&mut w, cold_end, |w| {
         w.live_ids().len() == n as usize
@@ -456,6 +464,7 @@ pub fn overlay(p: &Params) -> Value {
         "seed": p.cfg.seed,
         "loss": p.cfg.loss,
         "all_known_ms": known.map(|t| ms(t - t0)),
+        "one_table_ms": one.map(|t| ms(t - t0)),
         "all_linked_ms": linked.map(|t| ms(t - t0)),
         "links": spread(counts.iter().map(|c| c.0)),
         "known": spread(counts.iter().map(|c| c.1)),
@@ -473,6 +482,13 @@ pub fn overlay(p: &Params) -> Value {
             })
             .collect();
         let crashed = w.now();
+        let others: Vec<proto::NodeId> = (0..n)
+            .filter(|&s| s != victim)
+            .filter_map(|s| w.observer().id(s))
+            .collect();
+        let watch = w
+            .observer_mut()
+            .watch(EventKind::Failed, crashed, [id], others);
         w.apply(&Op::Crash(victim));
         let not_live = |w: &World, s: u32| {
             w.node(s)
@@ -485,10 +501,52 @@ pub fn overlay(p: &Params) -> Value {
                 .filter_map(|s| w.node(s))
                 .all(|node| node.links() >= full.min(n as usize - 2))
         });
+        let seen = w.observer().seen_by_all(watch);
+        out["crash_seen_by_all_ms"] = json!(seen.map(ms));
         out["crash_neighbours"] = json!(watchers.len());
         out["crash_seen_by_neighbours_ms"] = json!(by_neighbours.map(|t| ms(t - crashed)));
         out["crash_known_by_all_ms"] = json!(by_all.map(|t| ms(t - crashed)));
         out["repaired_ms"] = json!(repaired.map(|t| ms(t - crashed)));
+    }
+    // A graceful leave, then a silent loss, of two other running nodes.
+    let running = |w: &World, pick: &mut StdRng| loop {
+        let s = pick.gen_range(0..n);
+        if w.node(s).is_some() {
+            break s;
+        }
+    };
+    w.run_until((w.now() + p.settle).min(end), |_| false);
+    let leaver = running(&w, &mut pick);
+    let mut silent = running(&w, &mut pick);
+    while silent == leaver {
+        silent = running(&w, &mut pick);
+    }
+    let watch_all = |w: &mut World, kind: EventKind, who: u32| {
+        let id = w.observer().id(who)?;
+        let others: Vec<proto::NodeId> = (0..n)
+            .filter(|&s| s != who && w.node(s).is_some())
+            .filter_map(|s| w.observer().id(s))
+            .collect();
+        let now = w.now();
+        Some(w.observer_mut().watch(kind, now, [id], others))
+    };
+    if let Some(watch) = watch_all(&mut w, EventKind::Left, leaver) {
+        w.apply(&Op::Leave(leaver));
+        let until = (w.now() + p.settle).min(end);
+        poll_until(&mut w, until, |w| w.observer().seen_by_all(watch).is_some());
+        out["leave_seen_by_all_ms"] = json!(w.observer().seen_by_all(watch).map(ms));
+    }
+    w.run_until((w.now() + p.settle).min(end), |_| false);
+    if let Some(watch) = watch_all(&mut w, EventKind::Failed, silent) {
+        let rest: Vec<u32> = (0..n).filter(|&s| s != silent).collect();
+        let cut = w.now();
+        w.apply(&Op::Partition(vec![vec![silent], rest]));
+        w.run_until((cut + p.partition_for).min(end), |_| false);
+        out["silent_loss_ms"] = json!(w.observer().seen_by_all(watch).map(ms));
+        w.apply(&Op::Heal);
+        let healed = w.now();
+        let back = w.run_until(end, |w| w.observer().one_table());
+        out["heal_one_table_ms"] = json!(back.map(|t| ms(t - healed)));
     }
     w.run_until(end, |_| false);
     let counts = overlay_counts(&w, n);

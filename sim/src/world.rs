@@ -81,6 +81,13 @@ impl World {
     pub fn new(cfg: SimConfig) -> World {
         let mut s = Settings::from_flags(&cfg.flags, cfg.secured);
         s.max_links = cfg.max_links;
+        // The peer table's overlay mode goes with the driver's.
+        s.table.overlay = cfg.max_links;
+        if cfg.max_links.is_some() {
+            // Relays wait up to 5 ms to travel together: the frames per
+            // node of a cold start's flood stay bounded as N grows.
+            s.table.relay_batch = std::time::Duration::from_millis(5);
+        }
         let base = Instant::now(); // the origin of virtual time; never read again
         let mut rng = StdRng::seed_from_u64(cfg.seed);
         let offsets = (0..cfg.nodes)

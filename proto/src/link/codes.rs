@@ -24,6 +24,10 @@ pub enum RejectCode {
     /// A link between the two nodes already exists and this one lost the
     /// tie-break (`"duplicate"`). Not an error: the other link carries on.
     Duplicate,
+    /// Bounded overlay: neither node wants this link any more
+    /// (`"not-neighbour"`). Not an error and no sign of trouble: both
+    /// stay members, known to each other through the overlay.
+    NotNeighbour,
     /// A code this build does not know, kept verbatim.
     Other(String),
 }
@@ -36,6 +40,7 @@ impl RejectCode {
             RejectCode::Cluster => "cluster",
             RejectCode::SelfDial => "self",
             RejectCode::Duplicate => "duplicate",
+            RejectCode::NotNeighbour => "not-neighbour",
             RejectCode::Other(s) => s,
         }
     }
@@ -47,7 +52,7 @@ impl RejectCode {
             RejectCode::Version => "version",
             RejectCode::Cluster => "cluster",
             RejectCode::SelfDial => "self",
-            RejectCode::Duplicate | RejectCode::Other(_) => "rejected",
+            RejectCode::Duplicate | RejectCode::NotNeighbour | RejectCode::Other(_) => "rejected",
         }
     }
 }
@@ -59,6 +64,7 @@ impl From<&str> for RejectCode {
             "cluster" => RejectCode::Cluster,
             "self" => RejectCode::SelfDial,
             "duplicate" => RejectCode::Duplicate,
+            "not-neighbour" => RejectCode::NotNeighbour,
             other => RejectCode::Other(other.to_owned()),
         }
     }

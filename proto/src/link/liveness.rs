@@ -41,6 +41,9 @@ pub enum LocalClose {
     /// This link lost the tie-break against another link between the same
     /// two nodes: the peer gets `reject{duplicate}`.
     Duplicate,
+    /// Bounded overlay: neither node wants this link any more; the peer
+    /// gets `reject{not-neighbour}`, which raises no suspicion.
+    NotNeighbour,
     /// The peer stopped reading and our queue to it stayed full.
     Stalled,
     /// The node stopped taking the link's messages.
@@ -60,6 +63,10 @@ impl LocalClose {
                 code: RejectCode::Duplicate,
                 detail: "a link between these nodes already exists".into(),
             })),
+            LocalClose::NotNeighbour => Some(Message::Reject(Reject {
+                code: RejectCode::NotNeighbour,
+                detail: "neither node is a neighbour of the other in the overlay".into(),
+            })),
             LocalClose::Stalled | LocalClose::Stopping | LocalClose::Dropped => None,
         }
     }
@@ -70,6 +77,7 @@ impl fmt::Display for LocalClose {
         f.write_str(match self {
             LocalClose::Shutdown => "closed: shutdown",
             LocalClose::Duplicate => "closed: duplicate link",
+            LocalClose::NotNeighbour => "closed: not a neighbour",
             LocalClose::Stalled => "closed: the peer stopped reading",
             LocalClose::Stopping => "closed: node stopping",
             LocalClose::Dropped => "closed",
@@ -126,8 +134,13 @@ impl CloseReason {
     pub fn is_graceful(&self) -> bool {
         match self {
             CloseReason::Goodbye(_) => true,
-            CloseReason::Rejected { code, .. } => *code == RejectCode::Duplicate,
-            CloseReason::Local(l) => matches!(l, LocalClose::Shutdown | LocalClose::Duplicate),
+            CloseReason::Rejected { code, .. } => {
+                matches!(code, RejectCode::Duplicate | RejectCode::NotNeighbour)
+            }
+            CloseReason::Local(l) => matches!(
+                l,
+                LocalClose::Shutdown | LocalClose::Duplicate | LocalClose::NotNeighbour
+            ),
             CloseReason::Silent(_)
             | CloseReason::Eof
             | CloseReason::Io(_)

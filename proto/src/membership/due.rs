@@ -37,12 +37,20 @@ pub(super) struct Keys {
 /// Computes the keys of `p`: the per-entry term of the deadline, exactly as
 /// a scan over every entry would compute it.
 pub(super) fn keys(cfg: &Config, p: &Peer) -> Keys {
-    let dial = p.next_dial.filter(|_| p.link == LinkState::Down);
+    let dial = p
+        .next_dial
+        .filter(|_| p.link == LinkState::Down && p.may_dial());
     let min = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
     match p.state {
+        // Known through the overlay (or a neighbour whose first link is
+        // being made): no silence of its own, only its dial.
+        PeerState::Alive | PeerState::Suspect if !p.judged() => Keys {
+            silence: None,
+            timer: dial,
+        },
         PeerState::Alive | PeerState::Suspect => {
             let mut t = p.last_evidence() + PeerTable::dead_after(cfg, p);
             if p.state == PeerState::Alive && !p.degraded() {
@@ -50,7 +58,9 @@ pub(super) fn keys(cfg: &Config, p: &Peer) -> Keys {
             }
             let probe = p.next_probe.filter(|_| p.link != LinkState::Up);
             Keys {
-                silence: Some(t),
+                // Once this observer's silence alert is out (overlay mode),
+                // the verdict waits for another observer's.
+                silence: (!p.alerted).then_some(t),
                 timer: min(probe, dial),
             }
         }

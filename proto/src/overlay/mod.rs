@@ -208,22 +208,21 @@ impl Overlay {
     /// The members that watch `me`: its predecessor on every ring (or every
     /// other member while the overlay is a full mesh).
     pub fn observers(&self, me: NodeId) -> BTreeSet<NodeId> {
-        if self.members.len().saturating_sub(1) <= self.max_links {
-            return self
-                .members
-                .keys()
-                .filter(|&&id| id != me)
-                .copied()
-                .collect();
-        }
-        (0..self.rings.len())
-            .map(|r| self.walk(r, me, 1, false))
-            .filter(|&id| id != me)
-            .collect()
+        self.ring_neighbours(me, false)
     }
 
-    /// The members `me` watches: its successor on every ring.
+    /// The members `me` watches: its successor on every ring (or every
+    /// other member while the overlay is a full mesh).
     pub fn subjects(&self, me: NodeId) -> BTreeSet<NodeId> {
+        self.ring_neighbours(me, true)
+    }
+
+    /// `me`'s adjacent member on every ring, one step `forward`
+    /// (successors: its subjects) or back (predecessors: its observers).
+    /// While the overlay is a full mesh, every other member is both. The
+    /// two directions are one walk: observers and subjects differ only in
+    /// which way it goes.
+    pub fn ring_neighbours(&self, me: NodeId, forward: bool) -> BTreeSet<NodeId> {
         if self.members.len().saturating_sub(1) <= self.max_links {
             return self
                 .members
@@ -233,7 +232,7 @@ impl Overlay {
                 .collect();
         }
         (0..self.rings.len())
-            .map(|r| self.walk(r, me, 1, true))
+            .map(|r| self.walk(r, me, 1, forward))
             .filter(|&id| id != me)
             .collect()
     }
