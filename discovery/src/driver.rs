@@ -18,7 +18,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,6 +132,11 @@ pub struct Config {
     /// The cluster secret: when set, every beacon sent is sealed and only
     /// sealed, authenticated, fresh beacons are accepted.
     pub keyring: Option<SharedKeyring>,
+    /// How many members the node knows besides itself, kept current by the
+    /// caller (the peer table's confirmed live members): what paces our
+    /// beacons and replies ([`crate::pacing`]). `None`: the identities
+    /// heard by beacon, which anyone on the group can inflate.
+    pub members: Option<Arc<AtomicUsize>>,
 }
 
 /// What this node says about itself in beacons.
@@ -625,8 +630,8 @@ impl Bound {
                 // The only timer this loop arms: everything periodic below
                 // rides on it.
                 which = clock.next() => {
-                    // Paced by the members heard (ourselves included).
-                    let interval = pacing::interval(configured, sources.identities() + 1);
+                    // Paced by the members we know (ourselves included).
+                    let interval = pacing::interval(configured, self.members(&sources));
                     let ext = self.extensions(interval);
                     for i in 0..self.ifaces.len() {
                         self.queue(&out_tx, (BeaconKind::Announce, &ext), i, self.cfg.group);
@@ -656,11 +661,11 @@ impl Bound {
                     // answer it, chosen by hash, not all of them.
                     if beacon.kind == BeaconKind::Announce
                         && verdict == Verdict::New
-                        && pacing::answers(self.local.id, beacon.id, sources.identities() + 1)
+                        && pacing::answers(self.local.id, beacon.id, self.answerers(&sources))
                         && sources.should_reply(now, src, configured)
                     {
                         if budget.replies.try_take(now) {
-                            let interval = pacing::interval(configured, sources.identities() + 1);
+                            let interval = pacing::interval(configured, self.members(&sources));
                             let ext = self.extensions(interval);
                             self.queue(&out_tx, (BeaconKind::Reply, &ext), self.iface_for(src), src);
                         } else if stats.drops.record(now, "reply_budget") {
@@ -675,7 +680,7 @@ impl Bound {
         }
 
         // Graceful: tell everyone we leave, then let the writer drain.
-        let interval = pacing::interval(configured, sources.identities() + 1);
+        let interval = pacing::interval(configured, self.members(&sources));
         let ext = self.extensions(interval);
         for i in 0..self.ifaces.len() {
             self.queue(&out_tx, (BeaconKind::Leave, &ext), i, self.cfg.group);
@@ -687,6 +692,26 @@ impl Bound {
         }
         tasks.wait().await;
         info!("discovery stopped");
+    }
+
+    /// The members of the group as far as this node knows, itself included.
+    fn members(&self, sources: &SourceTable) -> usize {
+        let others = match &self.cfg.members {
+            Some(known) => known.load(Ordering::Relaxed),
+            None => sources.identities(),
+        };
+        others.saturating_add(1)
+    }
+
+    /// The members that may answer a newcomer's first announce: all we
+    /// know but the newcomer. The peer table does not hold it yet (so
+    /// ourselves are added); the beacon count already does (so it stands
+    /// in for us).
+    fn answerers(&self, sources: &SourceTable) -> usize {
+        match &self.cfg.members {
+            Some(known) => known.load(Ordering::Relaxed).saturating_add(1),
+            None => sources.identities(),
+        }
     }
 
     /// What our beacons carry besides the basics at `interval`: the
@@ -958,6 +983,7 @@ mod tests {
             limits: Limits::default(),
             allow_advertise: Vec::new(),
             keyring: None,
+            members: None,
         }
     }
 

@@ -584,6 +584,9 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         None => (!listen.ip().is_unspecified()).then_some(listen),
     };
 
+    // The peer table's confirmed live members, which pace discovery's
+    // beacons and replies (the table task keeps it current).
+    let members = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let disc_cfg = discovery::Config {
         group: args.group,
         interfaces,
@@ -596,6 +599,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         },
         keyring: keyring.clone(),
         allow_advertise: args.allow_advertise.clone(),
+        members: Some(members.clone()),
     };
     let local = discovery::LocalIdentity {
         id,
@@ -779,6 +783,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
             seeds: seed_tx,
             remember: remember_tx,
             commands: Some(table_commands_rx),
+            members: Some(members),
         },
         cancel.clone(),
     ));

@@ -5,7 +5,7 @@
 //! clock), then mirrors every change into the read-model, logs it, publishes
 //! it on the event bus, and turns the table's actions into dials.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -139,6 +139,9 @@ pub struct Hooks {
     pub remember: Option<watch::Sender<BTreeSet<SocketAddr>>>,
     /// Operator commands (force-leave), from [`NodeState::table_commands`].
     pub commands: Option<mpsc::Receiver<TableCommand>>,
+    /// Where the number of confirmed live members is kept for discovery,
+    /// which paces its beacons and replies by it.
+    pub members: Option<Arc<AtomicUsize>>,
 }
 
 /// An operator's command for the peer table.
@@ -377,6 +380,15 @@ fn drain(table: &mut PeerTable, state: &NodeState, hooks: &Hooks) {
             EventKind::Updated | EventKind::LinkDown | EventKind::Reaped => {}
         }
         state.publish(ev.kind.as_str(), || json!({ "peer": peer_json(&p, now) }));
+    }
+    if let (true, Some(members)) = (membership_changed, &hooks.members) {
+        // Only on a change of membership: a scan of the table, not one per
+        // event.
+        let live = table
+            .peers()
+            .filter(|p| p.confirmed() && p.is_live())
+            .count();
+        members.store(live, Ordering::Relaxed);
     }
     if let (true, Some(remember)) = (membership_changed, &hooks.remember) {
         let set = remembered(table);
