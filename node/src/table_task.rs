@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use proto::addr_rule::AddrRule;
 use proto::id::check_incarnation;
-use proto::membership::{Action, DialFailure, EventKind, ForceLeaveError, PeerTable};
+use proto::membership::{Action, DialFailure, EventKind, ForceLeaveError, LinkState, PeerTable};
 use proto::Message;
 use proto::NodeId;
 use serde_json::json;
@@ -216,6 +216,13 @@ fn on_transport(
                 info!(peer = %p.name, id = %id.short(), addr = %p.addr, %reason, "link down");
             }
             table.on_link_down(now, id, graceful || goodbye);
+            if let Some(seeds) = &hooks.seeds {
+                if !table.peers().any(|p| p.link == LinkState::Up) {
+                    // Best effort: a full queue means the seed task wakes
+                    // anyway, and it looks at the links on every wake-up.
+                    let _ = seeds.try_send(SeedEvent::Isolated);
+                }
+            }
             id
         }
         TransportEvent::DialFailed {
