@@ -562,23 +562,23 @@ impl Bound {
             while let Some(out) = out_rx.recv().await {
                 // Never waits: see the module docs ("Wake-ups").
                 match socks[out.iface].get_ref().send_to(&out.datagram, out.to) {
-                    Ok(_) if out.reply => wstats.replies_sent.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) if out.reply => {
+                        wstats.replies_sent.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(_) => {
-                        let n = wstats.beacons_sent.fetch_add(1, Ordering::Relaxed);
+                        wstats.beacons_sent.fetch_add(1, Ordering::Relaxed);
                         drain_echo(&group, &echo_tx, &wstats, &mut buf);
-                        n
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         // The kernel's send buffer is full: a queue, not a
-                        // broken interface.
+                        // broken interface (a beacon is best-effort).
                         wstats.drops.record(now_std(), "send_queue_full");
-                        0
                     }
                     Err(error) => {
                         debug!(to = %out.to, %error, "beacon send failed");
-                        wstats.send_errors.fetch_add(1, Ordering::Relaxed)
+                        wstats.send_errors.fetch_add(1, Ordering::Relaxed);
                     }
-                };
+                }
             }
         });
 
@@ -865,8 +865,8 @@ struct BeaconClock {
 }
 
 impl BeaconClock {
-    /// The first beacon at `first`, the second one interval-less after it
-    /// (re-armed properly when the first fires).
+    /// Both timers at `first`: the first beacon goes out then, and
+    /// [`BeaconClock::rearm`] spaces out the ones after it.
     fn new(first: Instant) -> Self {
         BeaconClock {
             timers: [Box::pin(sleep_until(first)), Box::pin(sleep_until(first))],
