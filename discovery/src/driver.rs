@@ -1,27 +1,45 @@
 //! The UDP driver: socket setup, reader tasks, writer task, main loop.
+//!
+//! ## Wake-ups
+//! An idle node should cost next to nothing, so the driver arms a timer
+//! only for what is due and lets the rest ride on the beacon's wake-up:
+//! the multicast rejoin, the pruning of silent sources and the counters'
+//! round notification ([`Stats::beacon_round`]) all happen when a beacon is
+//! sent, never on timers of their own. The sockets are registered with the
+//! runtime for *readability only* and written without waiting (a UDP send
+//! does not block but for a full send buffer, which drops the datagram and
+//! counts it): a socket registered for writability too would report
+//! "writable" again after every send and wake the node for nothing. Right
+//! after a multicast send the writer reads what the group socket holds
+//! (on Linux our own looped-back beacon is already there when the send
+//! returns), so hearing ourselves costs no wake-up of its own either.
 
+use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use proto::addr_rule::{self, AddrRule, Cidr};
-use proto::beacon::{Beacon, BeaconKind};
-use proto::secure::{open_beacon, seal_beacon, ReplayGuard, SendClock, SharedKeyring};
+use proto::beacon::{Beacon, BeaconKind, Extensions};
+use proto::secure::{open_beacon_with, seal_beacon_with, ReplayGuard, SendClock, SharedKeyring};
 use proto::stats::Tally;
 use proto::{Incarnation, NodeId};
 use rand::Rng;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
-use tokio::time::{sleep_until, Instant};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::budget::Budget;
+use crate::pacing;
 use crate::sources::{Limits, SourceTable, Verdict};
 
 /// Raw datagrams waiting for the main loop. A flood beyond this is dropped
@@ -40,6 +58,14 @@ const RECV_BUF: usize = 65_536;
 const REJOIN_EVERY: Duration = Duration::from_secs(1);
 /// How long shutdown waits for the leave beacons to be written.
 const LEAVE_FLUSH: Duration = Duration::from_millis(500);
+/// Most datagrams the writer reads from the group socket after one
+/// multicast send (our own echo, and whatever else is waiting): bounded so
+/// that a flood is left to the reader and its admission, not the writer.
+const ECHO_DRAIN: usize = 16;
+
+/// A UDP socket registered with the runtime for readability only (see the
+/// module docs: "Wake-ups").
+type Sock = Arc<AsyncFd<UdpSocket>>;
 
 /// One interface to send beacons on and join the group on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +117,9 @@ pub struct Config {
     pub interfaces: Vec<Interface>,
     /// Multicast TTL (0 keeps beacons on this host).
     pub ttl: u32,
-    /// Mean beacon interval (each wait is jittered by ±10%).
+    /// Mean beacon interval (each wait is jittered by ±10%) while the group
+    /// is small; it grows with the group (see [`crate::pacing`]). Also what
+    /// a peer's beacon without an interval is assumed to announce at.
     pub interval: Duration,
     /// Cluster name; other clusters' beacons are dropped and counted.
     pub cluster: String,
@@ -104,6 +132,11 @@ pub struct Config {
     /// The cluster secret: when set, every beacon sent is sealed and only
     /// sealed, authenticated, fresh beacons are accepted.
     pub keyring: Option<SharedKeyring>,
+    /// How many members the node knows besides itself, kept current by the
+    /// caller (the peer table's confirmed live members): what paces our
+    /// beacons and replies ([`crate::pacing`]). `None`: the identities
+    /// heard by beacon, which anyone on the group can inflate.
+    pub members: Option<Arc<AtomicUsize>>,
 }
 
 /// What this node says about itself in beacons.
@@ -136,6 +169,10 @@ pub enum DiscoveryEvent {
         beacon: Beacon,
         /// How it relates to what we knew of its source.
         verdict: Verdict,
+        /// The interval its sender announces at, as this node believes it
+        /// ([`pacing::assumed`]): [`Config::interval`] unless the beacon
+        /// said it is longer. Silence shorter than a few of these is normal.
+        interval: Duration,
     },
 }
 
@@ -154,6 +191,14 @@ pub struct Stats {
     pub loops_back: AtomicBool,
     /// Own multicast beacons heard back (to notice loopback stopping).
     pub own_heard: AtomicU64,
+    /// The current mean beacon interval in ms ([`crate::pacing::interval`]
+    /// of the members heard); 0 before the first beacon.
+    pub interval_ms: AtomicU64,
+    /// Notified (all current waiters) each time a round of announces has
+    /// been queued: whatever samples these counters can ride on the
+    /// beacon's wake-up instead of a timer of its own. Nothing is stored
+    /// for a waiter that was not waiting.
+    pub beacon_round: Notify,
     /// Dropped datagrams by reason: the decoder's reasons, `cluster`,
     /// `conflict`, `stale`, `rate_limited` and `queue_full` (inbound);
     /// `address` (the advertised address fails the address rule);
@@ -187,8 +232,8 @@ pub enum DiscoveryError {
 pub struct Bound {
     cfg: Config,
     local: LocalIdentity,
-    group: Arc<UdpSocket>,
-    ifaces: Vec<(Interface, Arc<UdpSocket>)>,
+    group: Sock,
+    ifaces: Vec<(Interface, Sock)>,
     rule: AddrRule,
     stats: Arc<Stats>,
     send_clock: Mutex<SendClock>,
@@ -247,7 +292,7 @@ fn join(group_sock: &Socket, group: SocketAddr, iface: &Interface) -> io::Result
     }
 }
 
-fn send_socket(iface: &Interface, ttl: u32) -> io::Result<UdpSocket> {
+fn send_socket(iface: &Interface, ttl: u32) -> io::Result<Sock> {
     let s = match iface.addr {
         IpAddr::V4(a) => {
             let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
@@ -268,7 +313,36 @@ fn send_socket(iface: &Interface, ttl: u32) -> io::Result<UdpSocket> {
     s.set_nonblocking(true)?;
     // Its own port: the source address of our datagrams identifies us.
     s.bind(&iface.socket_addr(0).into())?;
-    UdpSocket::from_std(s.into())
+    readable(s.into())
+}
+
+/// Registers a (non-blocking) socket with the runtime for readability only.
+///
+/// `tokio::net::UdpSocket` always registers for writability too, which is
+/// what we must avoid here (see the module docs, "Wake-ups"); `AsyncFd` is
+/// the one way to choose. Its safe constructor is deprecated because a
+/// wrapped object might hand out a descriptor it does not own, which could
+/// be closed and reused under the registration: a `std::net::UdpSocket`
+/// owns its descriptor for its whole life and always returns the same one,
+/// so that cannot happen, and the replacement is `unsafe`, which this crate
+/// forbids.
+#[allow(deprecated)]
+fn readable(s: UdpSocket) -> io::Result<Sock> {
+    AsyncFd::with_interest(s, Interest::READABLE).map(Arc::new)
+}
+
+/// Receives one datagram: waits until the socket is readable, then reads
+/// without blocking. Cancel-safe: a datagram is either returned or left in
+/// the socket.
+async fn recv_from(sock: &AsyncFd<UdpSocket>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    loop {
+        let mut ready = sock.readable().await?;
+        match ready.try_io(|s| s.get_ref().recv_from(buf)) {
+            Ok(got) => return got,
+            // Read by someone else first (the writer's echo drain): wait again.
+            Err(_would_block) => continue,
+        }
+    }
 }
 
 /// Creates the group socket and one send socket per usable interface.
@@ -290,7 +364,7 @@ pub fn bind(cfg: Config, local: LocalIdentity) -> Result<Bound, DiscoveryError> 
         let joined = join(&group, cfg.group, iface);
         let sock = joined.and_then(|()| send_socket(iface, cfg.ttl));
         match sock {
-            Ok(sock) => ifaces.push((iface.clone(), Arc::new(sock))),
+            Ok(sock) => ifaces.push((iface.clone(), sock)),
             Err(error) => {
                 warn!(interface = %iface.name, addr = %iface.addr, %error, "skipping interface");
                 errors.push(format!("{} ({}): {error}", iface.name, iface.addr));
@@ -304,11 +378,10 @@ pub fn bind(cfg: Config, local: LocalIdentity) -> Result<Bound, DiscoveryError> 
             errors.join("; ")
         }));
     }
-    let group =
-        UdpSocket::from_std(group.into()).map_err(|source| DiscoveryError::GroupSocket {
-            group: cfg.group,
-            source,
-        })?;
+    let group = readable(group.into()).map_err(|source| DiscoveryError::GroupSocket {
+        group: cfg.group,
+        source,
+    })?;
     // The interfaces actually in use decide which addresses are ours to dial.
     let rule = AddrRule::from_prefixes(
         ifaces.iter().map(|(i, _)| (i.addr, i.prefix)),
@@ -317,14 +390,19 @@ pub fn bind(cfg: Config, local: LocalIdentity) -> Result<Bound, DiscoveryError> 
     let bound = Bound {
         cfg,
         local,
-        group: Arc::new(group),
+        group,
         ifaces,
         rule,
         stats: Arc::new(Stats::default()),
         send_clock: Mutex::new(SendClock::default()),
     };
+    // Fail now, not in the loop; with the longest interval the beacon may
+    // ever carry, so that growing never makes it too large.
+    let longest = Extensions {
+        interval: Some(pacing::MAX_ADVERTISED),
+    };
     for i in 0..bound.ifaces.len() {
-        bound.datagram(BeaconKind::Announce, i)?; // fail now, not in the loop
+        bound.datagram(BeaconKind::Announce, i, &longest)?;
     }
     Ok(bound)
 }
@@ -373,7 +451,7 @@ impl Bound {
     pub fn send_addrs(&self) -> Vec<SocketAddr> {
         self.ifaces
             .iter()
-            .filter_map(|(_, s)| s.local_addr().ok())
+            .filter_map(|(_, s)| s.get_ref().local_addr().ok())
             .collect()
     }
 
@@ -386,7 +464,12 @@ impl Bound {
     /// The datagram of a beacon of `kind` for interface `i` (advertising
     /// that interface's address). With a cluster secret it is sealed afresh
     /// (new nonce, new send time) under the primary key at every call.
-    fn datagram(&self, kind: BeaconKind, i: usize) -> Result<Bytes, proto::BeaconError> {
+    fn datagram(
+        &self,
+        kind: BeaconKind,
+        i: usize,
+        ext: &Extensions,
+    ) -> Result<Bytes, proto::BeaconError> {
         let beacon = Beacon {
             cluster: self.cfg.cluster.clone(),
             id: self.local.id,
@@ -397,7 +480,7 @@ impl Bound {
             digest: self.local.digest,
         };
         let Some(ring) = &self.cfg.keyring else {
-            return beacon.encode();
+            return beacon.encode_with(ext);
         };
         let key = ring
             .read()
@@ -409,13 +492,19 @@ impl Bound {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .stamp(wall_ms());
-        seal_beacon(&key, &beacon, sent, rand::random())
+        seal_beacon_with(&key, &beacon, ext, sent, rand::random())
     }
 
     /// Queues a beacon of `kind` on interface `i` to `to`; counts a drop
     /// when the writer's queue is full.
-    fn queue(&self, out_tx: &mpsc::Sender<Outgoing>, kind: BeaconKind, i: usize, to: SocketAddr) {
-        let datagram = match self.datagram(kind, i) {
+    fn queue(
+        &self,
+        out_tx: &mpsc::Sender<Outgoing>,
+        (kind, ext): (BeaconKind, &Extensions),
+        i: usize,
+        to: SocketAddr,
+    ) {
+        let datagram = match self.datagram(kind, i, ext) {
             Ok(d) => d,
             Err(error) => {
                 // Checked in `bind`; only a keyring edit could change it.
@@ -460,27 +549,41 @@ impl Bound {
     pub async fn run(self, events: mpsc::Sender<DiscoveryEvent>, cancel: CancellationToken) {
         let tasks = TaskTracker::new();
         let stats = self.stats.clone();
+        // Readers and the writer's echo drain: raw datagrams into one
+        // bounded queue.
+        let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(INBOUND_QUEUE);
         // Writer: the only code that sends.
         let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTBOUND_QUEUE);
-        let socks: Vec<Arc<UdpSocket>> = self.ifaces.iter().map(|(_, s)| s.clone()).collect();
-        let wstats = stats.clone();
+        let socks: Vec<Sock> = self.ifaces.iter().map(|(_, s)| s.clone()).collect();
+        let (wstats, group, echo_tx) = (stats.clone(), self.group.clone(), in_tx.clone());
         let writer = tasks.spawn(async move {
+            let mut buf = vec![0u8; RECV_BUF];
             // Ends when every sender is gone, after draining (leave beacons).
             while let Some(out) = out_rx.recv().await {
-                match socks[out.iface].send_to(&out.datagram, out.to).await {
-                    Ok(_) if out.reply => wstats.replies_sent.fetch_add(1, Ordering::Relaxed),
-                    Ok(_) => wstats.beacons_sent.fetch_add(1, Ordering::Relaxed),
+                // Never waits: see the module docs ("Wake-ups").
+                match socks[out.iface].get_ref().send_to(&out.datagram, out.to) {
+                    Ok(_) if out.reply => {
+                        wstats.replies_sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {
+                        wstats.beacons_sent.fetch_add(1, Ordering::Relaxed);
+                        drain_echo(&group, &echo_tx, &wstats, &mut buf);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // The kernel's send buffer is full: a queue, not a
+                        // broken interface (a beacon is best-effort).
+                        wstats.drops.record(now_std(), "send_queue_full");
+                    }
                     Err(error) => {
                         debug!(to = %out.to, %error, "beacon send failed");
-                        wstats.send_errors.fetch_add(1, Ordering::Relaxed)
+                        wstats.send_errors.fetch_add(1, Ordering::Relaxed);
                     }
-                };
+                }
             }
         });
 
-        // Readers: one per socket, raw datagrams into one bounded queue.
-        let (in_tx, mut in_rx) = mpsc::channel::<Incoming>(INBOUND_QUEUE);
-        let mut readers: Vec<Arc<UdpSocket>> = vec![self.group.clone()];
+        // Readers: one per socket.
+        let mut readers: Vec<Sock> = vec![self.group.clone()];
         readers.extend(self.ifaces.iter().map(|(_, s)| s.clone()));
         for sock in readers {
             let (tx, cancel, stats) = (in_tx.clone(), cancel.clone(), stats.clone());
@@ -489,18 +592,10 @@ impl Bound {
                 loop {
                     let got = tokio::select! {
                         () = cancel.cancelled() => break,
-                        got = sock.recv_from(&mut buf) => got, // cancel-safe
+                        got = recv_from(&sock, &mut buf) => got, // cancel-safe
                     };
                     match got {
-                        Ok((n, src)) => {
-                            let item = Incoming {
-                                data: Bytes::copy_from_slice(&buf[..n]),
-                                src,
-                            };
-                            if tx.try_send(item).is_err() {
-                                stats.drops.record(now_std(), "queue_full");
-                            }
-                        }
+                        Ok((n, src)) => forward(&tx, &stats, &buf[..n], src),
                         // ICMP errors of earlier sends surface here; transient.
                         Err(error) => debug!(%error, "datagram receive failed"),
                     }
@@ -517,10 +612,10 @@ impl Bound {
             now_std(),
         );
         let mut replay = ReplayGuard::default();
-        let mut next_beacon = Instant::now(); // announce at once
+        let mut clock = BeaconClock::new(Instant::now()); // announce at once
         let mut next_prune = Instant::now() + self.cfg.limits.forget_after;
         let mut next_rejoin = Instant::now() + REJOIN_EVERY;
-        let interval = self.cfg.interval;
+        let configured = self.cfg.interval;
         info!(
             group = %self.cfg.group,
             interfaces = ?self.ifaces.iter().map(|(i, _)| &i.name).collect::<Vec<_>>(),
@@ -532,34 +627,47 @@ impl Bound {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                () = sleep_until(next_beacon) => {
+                // The only timer this loop arms: everything periodic below
+                // rides on it.
+                which = clock.next() => {
+                    // Paced by the members we know (ourselves included).
+                    let interval = pacing::interval(configured, self.members(&sources));
+                    let ext = self.extensions(interval);
                     for i in 0..self.ifaces.len() {
-                        self.queue(&out_tx, BeaconKind::Announce, i, self.cfg.group);
+                        self.queue(&out_tx, (BeaconKind::Announce, &ext), i, self.cfg.group);
                     }
+                    stats.interval_ms.store(interval.as_millis() as u64, Ordering::Relaxed);
+                    stats.beacon_round.notify_waiters();
+                    let now = Instant::now();
                     let jitter = rand::thread_rng().gen_range(0.9..1.1);
-                    next_beacon = Instant::now() + interval.mul_f64(jitter);
-                    // Rides on the beacon's wake-up rather than a timer of
-                    // its own: a lone node wakes once per beacon interval.
-                    if Instant::now() >= next_rejoin {
+                    clock.rearm(which, now, interval.mul_f64(jitter));
+                    if now >= next_rejoin {
                         self.rejoin();
-                        next_rejoin = Instant::now() + REJOIN_EVERY;
+                        next_rejoin = now + REJOIN_EVERY;
                     }
-                }
-                () = sleep_until(next_prune) => {
-                    sources.prune(now_std());
-                    next_prune = Instant::now() + self.cfg.limits.forget_after;
+                    // Late by up to one interval, which only delays
+                    // forgetting (a full table prunes on admission anyway).
+                    if now >= next_prune {
+                        sources.prune(now.into_std());
+                        next_prune = now + self.cfg.limits.forget_after;
+                    }
                 }
                 item = in_rx.recv() => {
                     let Some(item) = item else { break };
                     let now = now_std();
                     let Some(ev) = self.classify(now, &mut sources, &mut budget, &mut replay, &own, item) else { continue };
                     let DiscoveryEvent::Beacon { src, ref beacon, verdict, .. } = ev;
+                    // A newcomer's first announce: about REPLIERS members
+                    // answer it, chosen by hash, not all of them.
                     if beacon.kind == BeaconKind::Announce
                         && verdict == Verdict::New
-                        && sources.should_reply(now, src, interval)
+                        && pacing::answers(self.local.id, beacon.id, self.answerers(&sources))
+                        && sources.should_reply(now, src, configured)
                     {
                         if budget.replies.try_take(now) {
-                            self.queue(&out_tx, BeaconKind::Reply, self.iface_for(src), src);
+                            let interval = pacing::interval(configured, self.members(&sources));
+                            let ext = self.extensions(interval);
+                            self.queue(&out_tx, (BeaconKind::Reply, &ext), self.iface_for(src), src);
                         } else if stats.drops.record(now, "reply_budget") {
                             warn!(%src, "reply budget spent: not answering every newcomer (further refusals are counted, not logged)");
                         }
@@ -572,8 +680,10 @@ impl Bound {
         }
 
         // Graceful: tell everyone we leave, then let the writer drain.
+        let interval = pacing::interval(configured, self.members(&sources));
+        let ext = self.extensions(interval);
         for i in 0..self.ifaces.len() {
-            self.queue(&out_tx, BeaconKind::Leave, i, self.cfg.group);
+            self.queue(&out_tx, (BeaconKind::Leave, &ext), i, self.cfg.group);
         }
         drop(out_tx);
         tasks.close();
@@ -584,11 +694,44 @@ impl Bound {
         info!("discovery stopped");
     }
 
+    /// The members of the group as far as this node knows, itself included.
+    fn members(&self, sources: &SourceTable) -> usize {
+        let others = match &self.cfg.members {
+            Some(known) => known.load(Ordering::Relaxed),
+            None => sources.identities(),
+        };
+        others.saturating_add(1)
+    }
+
+    /// The members that may answer a newcomer's first announce: all we
+    /// know but the newcomer. The peer table does not hold it yet (so
+    /// ourselves are added); the beacon count already does (so it stands
+    /// in for us).
+    fn answerers(&self, sources: &SourceTable) -> usize {
+        match &self.cfg.members {
+            Some(known) => known.load(Ordering::Relaxed).saturating_add(1),
+            None => sources.identities(),
+        }
+    }
+
+    /// What our beacons carry besides the basics at `interval`: the
+    /// interval itself only while it is scaled, so that a small group's
+    /// beacons are byte-for-byte those of builds without pacing.
+    fn extensions(&self, interval: Duration) -> Extensions {
+        Extensions {
+            interval: pacing::advertised(self.cfg.interval, interval),
+        }
+    }
+
     /// Joins the group again on every interface; "already joined" is the
     /// usual answer and is fine.
     fn rejoin(&self) {
         for (iface, _) in &self.ifaces {
-            match join(&socket2::SockRef::from(&*self.group), self.cfg.group, iface) {
+            match join(
+                &socket2::SockRef::from(self.group.get_ref()),
+                self.cfg.group,
+                iface,
+            ) {
                 Ok(()) => info!(interface = %iface.name, "multicast membership restored"),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
                 Err(error) => {
@@ -622,13 +765,13 @@ impl Bound {
             }
         };
         let opened = match &self.cfg.keyring {
-            None => Beacon::decode(&item.data).map(|b| (b, None)),
+            None => Beacon::decode_with(&item.data).map(|(b, ext)| (b, ext, None)),
             Some(ring) => {
                 let ring = ring.read().unwrap_or_else(|e| e.into_inner());
-                open_beacon(&ring, &item.data).map(|(b, sent)| (b, Some(sent)))
+                open_beacon_with(&ring, &item.data).map(|(b, ext, sent)| (b, ext, Some(sent)))
             }
         };
-        let (mut beacon, sent) = match opened {
+        let (mut beacon, ext, sent) = match opened {
             Ok(b) => b,
             Err(error) => {
                 drop(error);
@@ -695,13 +838,102 @@ impl Bound {
             }
             _ => {}
         }
+        // Its silence is judged by the interval it says it keeps.
+        let interval = pacing::assumed(self.cfg.interval, ext.interval);
+        sources.note_interval(src, interval);
         stats.beacons_received.fetch_add(1, Ordering::Relaxed);
         Some(DiscoveryEvent::Beacon {
             at: now,
             src,
             beacon,
             verdict,
+            interval,
         })
+    }
+}
+
+/// The beacon timer, armed one round ahead.
+///
+/// Two timers take turns: while one waits for the next beacon, the other
+/// already waits for the one after it. Tokio's timer driver writes to its
+/// wake-up descriptor whenever a task arms a timer earlier than every timer
+/// it holds, even from the runtime's own thread, and that costs the node an
+/// extra wake-up; re-arming at each beacon a timer that is later than one
+/// already armed never does. Which of the two fires is all that differs.
+struct BeaconClock {
+    timers: [Pin<Box<Sleep>>; 2],
+}
+
+impl BeaconClock {
+    /// Both timers at `first`: the first beacon goes out then, and
+    /// [`BeaconClock::rearm`] spaces out the ones after it.
+    fn new(first: Instant) -> Self {
+        BeaconClock {
+            timers: [Box::pin(sleep_until(first)), Box::pin(sleep_until(first))],
+        }
+    }
+
+    /// Waits for the next beacon; returns which timer it was. Cancel-safe
+    /// (only polls timers).
+    fn next(&mut self) -> impl Future<Output = usize> + '_ {
+        std::future::poll_fn(|cx| {
+            // The earlier one first, so that two timers due together
+            // fire in order.
+            let mut order = [0, 1];
+            if self.timers[1].deadline() < self.timers[0].deadline() {
+                order.swap(0, 1);
+            }
+            for i in order {
+                if self.timers[i].as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(i);
+                }
+            }
+            std::task::Poll::Pending
+        })
+    }
+
+    /// Timer `fired` fired at `now`: the other one is the next beacon, this
+    /// one is re-armed `gap` after it. The other one is re-armed too if it
+    /// is already due (the first round, or a stall): the next beacon then
+    /// comes `gap` after this one, never two at once.
+    fn rearm(&mut self, fired: usize, now: Instant, gap: Duration) {
+        let other = 1 - fired;
+        if self.timers[other].deadline() <= now {
+            self.timers[other].as_mut().reset(now + gap);
+        }
+        let after = self.timers[other].deadline() + gap;
+        self.timers[fired].as_mut().reset(after);
+    }
+}
+
+/// Hands one received datagram to the main loop; counts a drop when its
+/// queue is full.
+fn forward(tx: &mpsc::Sender<Incoming>, stats: &Stats, data: &[u8], src: SocketAddr) {
+    let item = Incoming {
+        data: Bytes::copy_from_slice(data),
+        src,
+    };
+    if tx.try_send(item).is_err() {
+        stats.drops.record(now_std(), "queue_full");
+    }
+}
+
+/// Reads what the group socket holds right after a multicast send, without
+/// waiting: our own echo is usually there already, and reading it before
+/// the runtime polls again spares the node a wake-up per beacon. Whatever
+/// is not there yet is read by the group socket's reader as usual.
+fn drain_echo(
+    group: &AsyncFd<UdpSocket>,
+    tx: &mpsc::Sender<Incoming>,
+    stats: &Stats,
+    buf: &mut [u8],
+) {
+    for _ in 0..ECHO_DRAIN {
+        match group.get_ref().recv_from(buf) {
+            Ok((n, src)) => forward(tx, stats, &buf[..n], src),
+            // Nothing (more) waiting, or an error the reader will see too.
+            Err(_) => break,
+        }
     }
 }
 
@@ -715,4 +947,99 @@ fn wall_ms() -> u64 {
 /// The driver's clock, from tokio so that paused-time tests control it.
 fn now_std() -> std::time::Instant {
     Instant::now().into_std()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn lo() -> Interface {
+        Interface {
+            name: "lo".into(),
+            addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            prefix: 8,
+            index: 0,
+        }
+    }
+
+    /// A group and port of this test's own (a free port, so that parallel
+    /// tests and other processes do not hear each other).
+    fn unique_group() -> SocketAddr {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port")
+            .port();
+        SocketAddr::from(([239, 255, 91, (port % 250) as u8 + 1], port))
+    }
+
+    fn config(group: SocketAddr) -> Config {
+        Config {
+            group,
+            interfaces: vec![lo()],
+            ttl: 0,
+            interval: Duration::from_millis(50),
+            cluster: "t".into(),
+            limits: Limits::default(),
+            allow_advertise: Vec::new(),
+            keyring: None,
+            members: None,
+        }
+    }
+
+    fn identity(id: u128) -> LocalIdentity {
+        LocalIdentity {
+            id: NodeId(id),
+            incarnation: 1,
+            name: format!("n{id}"),
+            data_port: 7000 + id as u16,
+            advertise: None,
+            digest: 0,
+        }
+    }
+
+    /// Two nodes on loopback hear each other (events) and themselves (the
+    /// echo the writer reads right after sending), and each round of
+    /// announces is notified with the interval in use.
+    #[tokio::test]
+    async fn nodes_hear_each_other_and_their_own_echo() {
+        let group = unique_group();
+        let cancel = CancellationToken::new();
+        let mut rxs = Vec::new();
+        let mut stats = Vec::new();
+        for id in [1, 2] {
+            let Ok(bound) = bind(config(group), identity(id)) else {
+                eprintln!("no multicast on loopback here: skipped");
+                return;
+            };
+            stats.push(bound.stats());
+            let (tx, rx) = mpsc::channel(64);
+            rxs.push(rx);
+            tokio::spawn(bound.run(tx, cancel.clone()));
+        }
+        let heard = async {
+            for (i, rx) in rxs.iter_mut().enumerate() {
+                let Some(DiscoveryEvent::Beacon {
+                    beacon, interval, ..
+                }) = rx.recv().await
+                else {
+                    panic!("discovery ended");
+                };
+                assert_ne!(beacon.id, NodeId(i as u128 + 1), "own beacon as an event");
+                // Two members: unscaled, so the interval is the configured one.
+                assert_eq!(interval, Duration::from_millis(50));
+            }
+            for s in &stats {
+                while s.own_heard.load(Ordering::Relaxed) == 0 {
+                    s.beacon_round.notified().await;
+                }
+                assert_eq!(s.interval_ms.load(Ordering::Relaxed), 50);
+                assert!(s.loops_back.load(Ordering::Relaxed));
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), heard)
+            .await
+            .expect("both nodes heard within 10 s");
+        cancel.cancel();
+    }
 }

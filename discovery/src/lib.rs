@@ -3,7 +3,8 @@
 //! This crate is the UDP *driver*. It owns the sockets and the beacon timer;
 //! the decisions about datagrams live in the sans-IO [`sources`] module
 //! (demultiplexing by source address, flood limiting, identity conflicts),
-//! the node-wide [`budget`] of replies and new peers, `proto::addr_rule`
+//! the node-wide [`budget`] of replies and new peers, the [`pacing`] of
+//! beacons and replies as the group grows, `proto::addr_rule`
 //! (which advertised addresses may be dialled) and, further up, in `proto::membership` (the peer table), which this crate
 //! feeds through a channel of [`DiscoveryEvent`]s.
 //!
@@ -32,6 +33,7 @@
 
 pub mod budget;
 mod driver;
+pub mod pacing;
 pub mod sources;
 
 pub use driver::{

@@ -18,6 +18,11 @@
 //!
 //! The same identity heard from different IPs is a multi-homed node, not a
 //! conflict.
+//!
+//! Silence is judged against the interval each source announces at: a
+//! source whose beacon said its interval is scaled (see [`crate::pacing`])
+//! keeps its identity, and its entry, for [`crate::pacing::SILENT_INTERVALS`]
+//! of its own intervals if that is longer than the configured allowances.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +31,7 @@ use std::time::{Duration, Instant};
 use proto::{Incarnation, NodeId};
 
 use crate::budget::{Rate, TokenBucket};
+use crate::pacing::silence_allowance;
 
 /// Flood-limiting and bookkeeping settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -115,6 +121,9 @@ struct Source {
     last_seen: Instant,
     bucket: TokenBucket,
     last_reply: Option<Instant>,
+    /// The interval this source last said it announces at; zero until one
+    /// is noted (the configured allowances apply as they are).
+    interval: Duration,
 }
 
 impl Source {
@@ -130,7 +139,19 @@ impl Source {
                 now,
             ),
             last_reply: None,
+            interval: Duration::ZERO,
         }
+    }
+
+    /// How long this source may be silent before it no longer holds its
+    /// identity against another source.
+    fn stale_after(&self, limits: &Limits) -> Duration {
+        silence_allowance(limits.stale_after, self.interval)
+    }
+
+    /// How long this source may be silent before it is forgotten.
+    fn forget_after(&self, limits: &Limits) -> Duration {
+        silence_allowance(limits.forget_after, self.interval)
     }
 }
 
@@ -160,6 +181,22 @@ impl SourceTable {
     /// True when no source is tracked.
     pub fn is_empty(&self) -> bool {
         self.by_src.is_empty()
+    }
+
+    /// Number of distinct identities heard (and not yet forgotten): the
+    /// members of the multicast group besides this node, as far as beacons
+    /// tell. The pacing of our own beacons and replies follows it.
+    pub fn identities(&self) -> usize {
+        self.holder.len()
+    }
+
+    /// Records the interval `src` says it announces at (the receiver's
+    /// [`crate::pacing::assumed`] value of its beacon): its silence is
+    /// judged by it from now on. Nothing for an unknown source.
+    pub fn note_interval(&mut self, src: SocketAddr, interval: Duration) {
+        if let Some(s) = self.by_src.get_mut(&src) {
+            s.interval = interval;
+        }
     }
 
     /// Whether a datagram from `src` at `now` may be processed at all
@@ -204,21 +241,22 @@ impl SourceTable {
         id: NodeId,
         incarnation: Incarnation,
     ) -> Verdict {
-        let stale_after = self.limits.stale_after;
         let previous = self.by_src.get(&src).and_then(|s| s.speaks_for);
         match self.holder.get(&id).copied() {
             Some(holder) if holder != src => {
                 let held = self.by_src.get(&holder).and_then(|s| {
                     s.speaks_for
                         .filter(|(hid, _)| *hid == id)
-                        .map(|(_, inc)| (inc, s.last_seen))
+                        .map(|(_, inc)| (inc, s.last_seen, s.stale_after(&self.limits)))
                 });
                 match held {
-                    Some((inc, _)) if incarnation < inc => Verdict::Stale,
-                    Some((inc, _)) if incarnation > inc => {
+                    Some((inc, ..)) if incarnation < inc => Verdict::Stale,
+                    Some((inc, ..)) if incarnation > inc => {
                         Verdict::Restarted { from: Some(holder) }
                     }
-                    Some((_, seen)) if now.saturating_duration_since(seen) >= stale_after => {
+                    Some((_, seen, stale_after))
+                        if now.saturating_duration_since(seen) >= stale_after =>
+                    {
                         Verdict::Moved { from: holder }
                     }
                     Some(_) if holder.ip() == src.ip() => Verdict::Conflict { holder },
@@ -293,12 +331,13 @@ impl SourceTable {
         }
     }
 
-    /// Forgets sources silent for `forget_after`.
+    /// Forgets sources silent for `forget_after` (or for longer, if their
+    /// interval asks for it; see [`SourceTable::note_interval`]).
     pub fn prune(&mut self, now: Instant) {
-        let forget = self.limits.forget_after;
+        let limits = self.limits;
         let holder = &mut self.holder;
         self.by_src.retain(|src, s| {
-            let keep = now.saturating_duration_since(s.last_seen) < forget;
+            let keep = now.saturating_duration_since(s.last_seen) < s.forget_after(&limits);
             if !keep {
                 if let Some((id, _)) = s.speaks_for {
                     if holder.get(&id) == Some(src) {
@@ -431,6 +470,45 @@ mod tests {
         // Once they are silent long enough, room is made.
         assert!(s.admit(t0 + lim.forget_after, addr(2, 1)));
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn a_source_with_a_longer_interval_is_judged_by_it() {
+        let t0 = Instant::now();
+        let lim = Limits::default();
+        let mut s = SourceTable::new(lim);
+        s.on_beacon(t0, addr(1, 1000), NodeId(1), 1);
+        s.on_beacon(t0, addr(1, 3000), NodeId(3), 1);
+        assert_eq!(s.identities(), 2);
+        // Announcing every 5 s: 3 s of silence is normal, so a second
+        // source of the same identity on that IP is still a conflict.
+        s.note_interval(addr(1, 1000), Duration::from_secs(5));
+        let later = t0 + lim.stale_after;
+        assert_eq!(
+            s.on_beacon(later, addr(1, 2000), NodeId(1), 1),
+            Verdict::Conflict {
+                holder: addr(1, 1000)
+            }
+        );
+        assert_eq!(
+            s.on_beacon(t0 + Duration::from_secs(15), addr(1, 2000), NodeId(1), 1),
+            Verdict::Moved {
+                from: addr(1, 1000)
+            }
+        );
+        // Forgotten after three of its own intervals when that is longer
+        // than `forget_after`; a default source after `forget_after`.
+        let mut s = SourceTable::new(lim);
+        s.on_beacon(t0, addr(1, 1000), NodeId(1), 1);
+        s.on_beacon(t0, addr(1, 2000), NodeId(2), 1);
+        s.note_interval(addr(1, 1000), Duration::from_secs(40));
+        s.prune(t0 + lim.forget_after);
+        assert_eq!((s.len(), s.identities()), (1, 1));
+        s.prune(t0 + Duration::from_secs(120));
+        assert_eq!((s.len(), s.identities()), (0, 0));
+        // Unknown sources note nothing.
+        s.note_interval(addr(9, 9), Duration::from_secs(40));
+        assert!(s.is_empty());
     }
 
     proptest! {

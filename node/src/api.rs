@@ -784,6 +784,7 @@ fn self_info(state: &NodeState) -> NodeInfo {
         },
         warnings: warnings(state, uptime),
         multicast: state.multicast,
+        beacon_interval_ms: n(&d.interval_ms),
         seeds: state.seeds.lock().map(|s| s.clone()).unwrap_or_default(),
         state_dir: state.state_dir.as_ref().map(|d| d.display().to_string()),
         handlers: state.handlers.snapshot(),

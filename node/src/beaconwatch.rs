@@ -2,8 +2,10 @@
 //! and the node's own multicast that stops looping back (multicast blocked,
 //! interface down). Until now only `status` showed either.
 //!
-//! Sans-IO: the daemon samples the counters every [`window`] and feeds them
-//! to [`BeaconWatch::on_sample`] with `now`; the answer is what to log.
+//! Sans-IO: the daemon samples the counters every [`window`] (counted in
+//! beacon rounds, on the beacon's own wake-up: the watch arms no timer) and
+//! feeds them to [`BeaconWatch::on_sample`] with `now`; the answer is what
+//! to log.
 //! Each kind of warning is logged when the problem appears and then at most
 //! once per [`LOG_EVERY`] while it lasts; a recovery is logged once.
 

@@ -783,6 +783,7 @@ mod tests {
             },
             warnings: vec![e()],
             multicast: true,
+            beacon_interval_ms: 0,
             seeds: Vec::new(),
             state_dir: None,
             handlers: Default::default(),

@@ -239,10 +239,9 @@ pub fn main(args: RunArgs, source: Option<Source>) -> ExitCode {
             socket: node.socket.clone(),
             state: node.state.clone(),
         };
-        let mut watch = BeaconWatch::default();
-        let mut sample_every =
-            tokio::time::interval(beaconwatch::window(node.state.beacon_interval));
-        sample_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if node.state.multicast {
+            tokio::spawn(watch_beacons(node.state.clone(), cancel.clone()));
+        }
         loop {
             tokio::select! {
                 signal = signals.next() => match signal {
@@ -256,18 +255,6 @@ pub fn main(args: RunArgs, source: Option<Source>) -> ExitCode {
                     info!("shutdown requested");
                     break;
                 }
-                _ = sample_every.tick(), if node.state.multicast => {
-                    let d = &node.state.discovery;
-                    let sample = beaconwatch::Sample {
-                        sent: d.beacons_sent.load(Ordering::Relaxed),
-                        send_errors: d.send_errors.load(Ordering::Relaxed),
-                        own_heard: d.own_heard.load(Ordering::Relaxed),
-                    };
-                    let now = tokio::time::Instant::now().into_std();
-                    for finding in watch.on_sample(now, sample) {
-                        log_finding(&node.state, finding);
-                    }
-                }
             }
         }
         notify::stopping();
@@ -280,6 +267,44 @@ pub fn main(args: RunArgs, source: Option<Source>) -> ExitCode {
         Err(e) => {
             eprintln!("constellationd: {e}");
             e.exit_code()
+        }
+    }
+}
+
+/// Feeds discovery's counters to the beacon watch every few beacon rounds
+/// ([`beaconwatch::window`] of the current interval), woken by the rounds
+/// themselves: the watch costs no timer and no wake-up of its own, and it
+/// stops with the beacons (a node without multicast never starts it).
+async fn watch_beacons(state: Arc<NodeState>, cancel: CancellationToken) {
+    let d = &state.discovery;
+    let mut watch = BeaconWatch::default();
+    // Rounds left until the next sample; the first round is the baseline.
+    let mut left = 0u32;
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            () = d.beacon_round.notified() => {}
+        }
+        if left > 1 {
+            left -= 1;
+            continue;
+        }
+        let interval = match d.interval_ms.load(Ordering::Relaxed) {
+            0 => state.beacon_interval,
+            ms => Duration::from_millis(ms),
+        };
+        // As many rounds as fit the window (at least one).
+        let rounds = beaconwatch::window(interval).as_secs_f64() / interval.as_secs_f64().max(1e-3);
+        left = rounds.round().clamp(1.0, 1e6) as u32;
+        let sample = beaconwatch::Sample {
+            sent: d.beacons_sent.load(Ordering::Relaxed),
+            send_errors: d.send_errors.load(Ordering::Relaxed),
+            own_heard: d.own_heard.load(Ordering::Relaxed),
+        };
+        let now = tokio::time::Instant::now().into_std();
+        for finding in watch.on_sample(now, sample) {
+            log_finding(&state, finding);
         }
     }
 }
@@ -559,6 +584,9 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         None => (!listen.ip().is_unspecified()).then_some(listen),
     };
 
+    // The peer table's confirmed live members, which pace discovery's
+    // beacons and replies (the table task keeps it current).
+    let members = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let disc_cfg = discovery::Config {
         group: args.group,
         interfaces,
@@ -571,6 +599,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         },
         keyring: keyring.clone(),
         allow_advertise: args.allow_advertise.clone(),
+        members: Some(members.clone()),
     };
     let local = discovery::LocalIdentity {
         id,
@@ -754,6 +783,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
             seeds: seed_tx,
             remember: remember_tx,
             commands: Some(table_commands_rx),
+            members: Some(members),
         },
         cancel.clone(),
     ));

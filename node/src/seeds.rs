@@ -443,9 +443,14 @@ pub mod task {
     const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
     /// How long the dials of one attempt may take before it is judged.
     const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
-    /// How often the task checks whether the node lost every link (then
-    /// every seed is tried again at once).
-    const ISOLATION_CHECK: Duration = Duration::from_secs(1);
+    /// While an attempt is in flight, how often the task looks whether the
+    /// addresses it waits for are linked by now (a dial that lost the race
+    /// to the other side's is not always reported). Idle, it arms no timer:
+    /// losing every link is an event ([`SeedEvent::Isolated`]).
+    const ATTEMPT_CHECK: Duration = Duration::from_secs(1);
+    /// The wait when nothing is due at all (a timer that never fires in
+    /// practice; events end it).
+    const IDLE: Duration = Duration::from_secs(3600);
 
     /// What the membership task tells the seed task.
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -454,6 +459,8 @@ pub mod task {
         Linked(SocketAddr),
         /// A dial to `addr` under [`UNKNOWN`] ended without a link.
         Failed(SocketAddr, String),
+        /// The node's last link went down: every seed is tried again now.
+        Isolated,
     }
 
     struct Attempt {
@@ -560,12 +567,15 @@ pub mod task {
             let next = [
                 seeds.next_deadline().map(Instant::from_std),
                 attempts.iter().map(|a| a.deadline).min(),
-                Some(now + ISOLATION_CHECK),
+                (!attempts.is_empty()).then(|| now + ATTEMPT_CHECK),
             ]
             .into_iter()
             .flatten()
             .min()
-            .unwrap_or(now + ISOLATION_CHECK);
+            .unwrap_or(now + IDLE);
+            // Set by the event; the links are looked at on every wake-up
+            // too (a full event queue may have lost it).
+            let mut isolated = false;
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -582,6 +592,7 @@ pub mod task {
                             }
                         }
                     }
+                    Some(SeedEvent::Isolated) => isolated = true,
                     None => break,
                 },
                 () = sleep_until(next) => {}
@@ -615,7 +626,7 @@ pub mod task {
             }
             // Lost every link: every seed again, now.
             let links = state.peers.iter().any(|p| p.link == LinkState::Up);
-            if had_links && !links {
+            if (had_links || isolated) && !links {
                 seeds.on_isolated(std_now);
             }
             had_links = links;

@@ -5,7 +5,7 @@
 //! clock), then mirrors every change into the read-model, logs it, publishes
 //! it on the event bus, and turns the table's actions into dials.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 
 use proto::addr_rule::AddrRule;
 use proto::id::check_incarnation;
-use proto::membership::{Action, DialFailure, EventKind, ForceLeaveError, PeerTable};
+use proto::membership::{Action, DialFailure, EventKind, ForceLeaveError, LinkState, PeerTable};
 use proto::Message;
 use proto::NodeId;
 use serde_json::json;
@@ -139,6 +139,9 @@ pub struct Hooks {
     pub remember: Option<watch::Sender<BTreeSet<SocketAddr>>>,
     /// Operator commands (force-leave), from [`NodeState::table_commands`].
     pub commands: Option<mpsc::Receiver<TableCommand>>,
+    /// Where the number of confirmed live members is kept for discovery,
+    /// which paces its beacons and replies by it.
+    pub members: Option<Arc<AtomicUsize>>,
 }
 
 /// An operator's command for the peer table.
@@ -213,6 +216,13 @@ fn on_transport(
                 info!(peer = %p.name, id = %id.short(), addr = %p.addr, %reason, "link down");
             }
             table.on_link_down(now, id, graceful || goodbye);
+            if let Some(seeds) = &hooks.seeds {
+                if !table.peers().any(|p| p.link == LinkState::Up) {
+                    // Best effort: a full queue means the seed task wakes
+                    // anyway, and it looks at the links on every wake-up.
+                    let _ = seeds.try_send(SeedEvent::Isolated);
+                }
+            }
             id
         }
         TransportEvent::DialFailed {
@@ -377,6 +387,15 @@ fn drain(table: &mut PeerTable, state: &NodeState, hooks: &Hooks) {
             EventKind::Updated | EventKind::LinkDown | EventKind::Reaped => {}
         }
         state.publish(ev.kind.as_str(), || json!({ "peer": peer_json(&p, now) }));
+    }
+    if let (true, Some(members)) = (membership_changed, &hooks.members) {
+        // Only on a change of membership: a scan of the table, not one per
+        // event.
+        let live = table
+            .peers()
+            .filter(|p| p.confirmed() && p.is_live())
+            .count();
+        members.store(live, Ordering::Relaxed);
     }
     if let (true, Some(remember)) = (membership_changed, &hooks.remember) {
         let set = remembered(table);

@@ -25,9 +25,16 @@
 //! Decoding follows the datagram contract: one call consumes the whole
 //! datagram, valid or not, and yields a beacon or a typed error. It never
 //! returns "need more bytes".
+//!
+//! Fields added to the body after the first release travel in
+//! [`Extensions`], beside the [`Beacon`] rather than inside it: every one is
+//! optional on the wire, and an absent one encodes exactly as before the
+//! field existed (so the hex dumps in `PROTOCOL.md` stay true, and code that
+//! builds a [`Beacon`] by struct literal keeps compiling).
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -102,6 +109,23 @@ pub struct Beacon {
     pub kind: BeaconKind,
     /// [`crate::tags_digest`] of the sender's tags.
     pub digest: u64,
+}
+
+/// Optional body fields added after the first release.
+///
+/// Each is `None` when absent on the wire, and is left out of the encoding
+/// when `None`: a beacon with default extensions is byte-for-byte the beacon
+/// an older build sends, and an older build ignores the keys it does not
+/// know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Extensions {
+    /// `ivl`: the sender's current mean beacon interval, sent only while it
+    /// differs from the sender's configured one (the interval grows with the
+    /// number of members, see `PROTOCOL.md`, "Beacon pacing"). Absent means
+    /// "the configured default": a receiver then assumes its own configured
+    /// interval, as it always did. Whole milliseconds on the wire; a
+    /// receiver bounds what it believes of it (the value is not trusted).
+    pub interval: Option<Duration>,
 }
 
 /// Why a datagram is not a beacon (or a beacon cannot be encoded). Every
@@ -210,6 +234,10 @@ struct Body<'a> {
     kind: Cow<'a, str>,
     #[serde(default)]
     digest: u64,
+    /// [`Extensions::interval`] in ms. Skipped when absent, so that the map
+    /// (its length byte included) is the one older builds send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ivl: Option<u64>,
 }
 
 /// The parsed fixed envelope of a beacon, body not yet decoded.
@@ -269,12 +297,22 @@ impl Beacon {
     /// Encodes this beacon as one unsealed datagram. Refuses (rather than
     /// truncating) anything over [`MAX_BEACON`].
     pub fn encode(&self) -> Result<Bytes, BeaconError> {
-        let body = self.encode_body()?;
+        self.encode_with(&Extensions::default())
+    }
+
+    /// Encodes this beacon with `ext` as one unsealed datagram.
+    pub fn encode_with(&self, ext: &Extensions) -> Result<Bytes, BeaconError> {
+        let body = self.encode_body_with(ext)?;
         seal_envelope(0, &body, &[])
     }
 
     /// The msgpack body alone (what a sealing layer encrypts).
     pub fn encode_body(&self) -> Result<Vec<u8>, BeaconError> {
+        self.encode_body_with(&Extensions::default())
+    }
+
+    /// The msgpack body with `ext`.
+    pub fn encode_body_with(&self, ext: &Extensions) -> Result<Vec<u8>, BeaconError> {
         let body = Body {
             cluster: Cow::Borrowed(&self.cluster),
             id: self.id,
@@ -285,12 +323,21 @@ impl Beacon {
             addr: crate::addr_rule::unscoped(self.addr),
             kind: Cow::Borrowed(self.kind.as_str()),
             digest: self.digest,
+            // Saturates rather than wraps: no interval is near 2^64 ms.
+            ivl: ext
+                .interval
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         rmp_serde::to_vec_named(&body).map_err(|e| BeaconError::Encode(e.to_string()))
     }
 
     /// Decodes one whole unsealed datagram.
     pub fn decode(datagram: &[u8]) -> Result<Self, BeaconError> {
+        Self::decode_with(datagram).map(|(b, _)| b)
+    }
+
+    /// Decodes one whole unsealed datagram with its [`Extensions`].
+    pub fn decode_with(datagram: &[u8]) -> Result<(Self, Extensions), BeaconError> {
         let env = Envelope::parse(datagram)?;
         if env.flags & FLAG_SEALED != 0 {
             return Err(BeaconError::Sealed);
@@ -298,11 +345,16 @@ impl Beacon {
         if !env.trailer.is_empty() {
             return Err(BeaconError::Trailing(env.trailer.len()));
         }
-        Self::decode_body(env.body)
+        Self::decode_body_with(env.body)
     }
 
     /// Decodes a msgpack body (already opened, if it was sealed).
     pub fn decode_body(body: &[u8]) -> Result<Self, BeaconError> {
+        Self::decode_body_with(body).map(|(b, _)| b)
+    }
+
+    /// Decodes a msgpack body with its [`Extensions`].
+    pub fn decode_body_with(body: &[u8]) -> Result<(Self, Extensions), BeaconError> {
         let mut rest = body;
         let raw: Body<'_> = Deserialize::deserialize(&mut rmp_serde::Deserializer::new(&mut rest))
             .map_err(|e| BeaconError::Malformed(e.to_string()))?;
@@ -316,7 +368,10 @@ impl Beacon {
             .ok_or_else(|| BeaconError::UnknownKind(raw.kind.clone().into_owned()))?;
         crate::id::check_name(&raw.name)?;
         crate::id::check_name(&raw.cluster)?;
-        Ok(Beacon {
+        let ext = Extensions {
+            interval: raw.ivl.map(Duration::from_millis),
+        };
+        let beacon = Beacon {
             cluster: raw.cluster.into_owned(),
             id: raw.id,
             incarnation: raw.inc,
@@ -324,7 +379,8 @@ impl Beacon {
             addr: crate::addr_rule::unscoped(raw.addr),
             kind,
             digest: raw.digest,
-        })
+        };
+        Ok((beacon, ext))
     }
 }
 
@@ -495,6 +551,44 @@ pub(crate) mod tests {
         assert!(matches!(err, BeaconError::UnknownKind(k) if k == "teleport"));
     }
 
+    /// The bytes of `sample(Announce)` as every build before the `ivl`
+    /// field encoded them: default extensions must still give exactly these.
+    const SAMPLE_ANNOUNCE: &str = "4353544c0100006b\
+        87a7636c7573746572a764656661756c74a26964c410\
+        00112233445566778899aabbccddeeff\
+        a3696e63cf0000019ab697e800a46e616d65a56e6f646531\
+        a461646472af3139322e302e322e31303a36373737\
+        a46b696e64a8616e6e6f756e6365a6646967657374cd1234";
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn default_extensions_encode_exactly_as_before() {
+        let b = sample(BeaconKind::Announce);
+        assert_eq!(hex(&b.encode().unwrap()), SAMPLE_ANNOUNCE);
+        let with = b.encode_with(&Extensions::default()).unwrap();
+        assert_eq!(hex(&with), SAMPLE_ANNOUNCE);
+        let (back, ext) = Beacon::decode_with(&with).unwrap();
+        assert_eq!((back, ext), (b, Extensions::default()));
+    }
+
+    #[test]
+    fn the_interval_travels_as_ivl_and_older_decoders_ignore_it() {
+        let b = sample(BeaconKind::Announce);
+        let ext = Extensions {
+            interval: Some(Duration::from_millis(2500)),
+        };
+        let bytes = b.encode_with(&ext).unwrap();
+        // One more map entry, `ivl` = 2500 (uint 16).
+        assert_eq!(bytes[8], 0x88);
+        assert!(bytes.ends_with(&[0xa3, b'i', b'v', b'l', 0xcd, 0x09, 0xc4]));
+        assert_eq!(Beacon::decode_with(&bytes).unwrap(), (b.clone(), ext));
+        // What a build without the field sees: the same beacon.
+        assert_eq!(Beacon::decode(&bytes).unwrap(), b);
+    }
+
     #[test]
     fn oversized_beacon_is_refused_not_truncated() {
         let mut b = sample(BeaconKind::Announce);
@@ -545,6 +639,17 @@ pub(crate) mod tests {
         fn prop_encode_decode(b in arb_beacon()) {
             let bytes = b.encode().unwrap();
             prop_assert!(bytes.len() <= MAX_BEACON);
+            prop_assert_eq!(Beacon::decode(&bytes).unwrap(), b);
+        }
+
+        /// Any interval round-trips, and a decoder that does not ask for
+        /// the extensions reads the same beacon.
+        #[test]
+        fn prop_extensions_round_trip(b in arb_beacon(), ivl in proptest::option::of(any::<u32>())) {
+            let ext = Extensions { interval: ivl.map(|ms| Duration::from_millis(ms.into())) };
+            let bytes = b.encode_with(&ext).unwrap();
+            prop_assert!(bytes.len() <= MAX_BEACON);
+            prop_assert_eq!(Beacon::decode_with(&bytes).unwrap(), (b.clone(), ext));
             prop_assert_eq!(Beacon::decode(&bytes).unwrap(), b);
         }
 

@@ -76,6 +76,12 @@ pub struct NodeInfo {
     /// Whether multicast discovery runs (`--no-multicast` turns it off).
     #[serde(default = "yes")]
     pub multicast: bool,
+    /// The current mean interval between this node's beacons, in ms: the
+    /// configured `--beacon-interval` in a group of up to 40 members, longer
+    /// in a larger one (PROTOCOL.md, "Beacon pacing"); 0 without multicast
+    /// or before the first beacon.
+    #[serde(default)]
+    pub beacon_interval_ms: u64,
     /// Seeds (`--seed`, and remembered peers), each with its last outcome.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seeds: Vec<SeedInfo>,

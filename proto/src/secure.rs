@@ -31,7 +31,9 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use ring::aead::{Aad, LessSafeKey, Tag, UnboundKey, AES_256_GCM};
 use sha2::{Digest, Sha256};
 
-use crate::beacon::{seal_envelope, Beacon, BeaconError, Envelope, FLAG_SEALED, HEADER_LEN};
+use crate::beacon::{
+    seal_envelope, Beacon, BeaconError, Envelope, Extensions, FLAG_SEALED, HEADER_LEN,
+};
 use crate::id::NodeId;
 
 /// Bytes in a cluster key.
@@ -280,7 +282,19 @@ pub fn seal_beacon(
     sent_ms: u64,
     nonce: [u8; BEACON_NONCE_LEN],
 ) -> Result<Bytes, BeaconError> {
-    let body = beacon.encode_body()?;
+    seal_beacon_with(key, beacon, &Extensions::default(), sent_ms, nonce)
+}
+
+/// [`seal_beacon`] with the body's optional [`Extensions`] (sealed with the
+/// rest: an interval cannot be forged any more than the beacon can).
+pub fn seal_beacon_with(
+    key: &Key,
+    beacon: &Beacon,
+    ext: &Extensions,
+    sent_ms: u64,
+    nonce: [u8; BEACON_NONCE_LEN],
+) -> Result<Bytes, BeaconError> {
+    let body = beacon.encode_body_with(ext)?;
     let mut buf = Vec::with_capacity(SENT_LEN + body.len());
     buf.extend_from_slice(&sent_ms.to_be_bytes());
     buf.extend_from_slice(&body);
@@ -303,6 +317,14 @@ pub fn seal_beacon(
 /// beacon is a [`BeaconError::Unsealed`] security mismatch: a node with a
 /// secret never accepts plaintext.
 pub fn open_beacon(ring: &Keyring, datagram: &[u8]) -> Result<(Beacon, u64), BeaconError> {
+    open_beacon_with(ring, datagram).map(|(b, _, sent)| (b, sent))
+}
+
+/// [`open_beacon`], with the body's optional [`Extensions`].
+pub fn open_beacon_with(
+    ring: &Keyring,
+    datagram: &[u8],
+) -> Result<(Beacon, Extensions, u64), BeaconError> {
     let env = Envelope::parse(datagram)?;
     if env.flags & FLAG_SEALED == 0 {
         return Err(BeaconError::Unsealed);
@@ -334,7 +356,8 @@ pub fn open_beacon(ring: &Keyring, datagram: &[u8]) -> Result<(Beacon, u64), Bea
             }
             let (sent, body) = buf.split_at(SENT_LEN);
             let sent_ms = u64::from_be_bytes(sent.try_into().expect("8 bytes"));
-            return Ok((Beacon::decode_body(body)?, sent_ms));
+            let (beacon, ext) = Beacon::decode_body_with(body)?;
+            return Ok((beacon, ext, sent_ms));
         }
     }
     Err(BeaconError::AuthFailed)

@@ -317,6 +317,17 @@ fn secured_frames_keep_the_size_limit() {
 }
 
 proptest! {
+    /// The interval is sealed with the beacon, and absent stays absent.
+    #[test]
+    fn sealed_beacons_carry_their_extensions(b in arb_beacon(), ivl in proptest::option::of(1u64..86_400_000), sent in any::<u64>()) {
+        let k = Key::from_bytes([9u8; 32]);
+        let ext = crate::beacon::Extensions { interval: ivl.map(std::time::Duration::from_millis) };
+        if let Ok(d) = seal_beacon_with(&k, &b, &ext, sent, [3u8; 24]) {
+            prop_assert_eq!(open_beacon_with(&ring(&[&k]), &d).unwrap(), (b.clone(), ext, sent));
+            prop_assert_eq!(open_beacon(&ring(&[&k]), &d).unwrap(), (b, sent));
+        }
+    }
+
     #[test]
     fn sealed_beacons_round_trip(b in arb_beacon(), sent in any::<u64>(), nonce in any::<[u8; 24]>()) {
         let k = Key::from_bytes([9u8; 32]);
