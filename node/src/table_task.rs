@@ -78,7 +78,12 @@ pub async fn run(
                 None => break,
             },
             ev = disc_rx.recv(), if beacons => match ev {
-                Some(DiscoveryEvent::Beacon { at, beacon, .. }) => {
+                Some(DiscoveryEvent::Beacon {
+                    at,
+                    beacon,
+                    interval,
+                    ..
+                }) => {
                     if let Err(e) = check_incarnation(beacon.incarnation, wall_ms()) {
                         if state.discovery.drops.record(at, e.reason()) {
                             warn!(peer = %beacon.name, id = %beacon.id.short(), error = %e, "beacon refused");
@@ -86,6 +91,7 @@ pub async fn run(
                         continue;
                     }
                     table.on_beacon(at, &beacon);
+                    table.on_beacon_interval(beacon.id, interval, state.beacon_interval);
                     sync(&table, &state, beacon.id);
                 }
                 // No discovery (--no-multicast): links only.

@@ -98,6 +98,11 @@ use crate::id::{tags_digest, Incarnation, NodeId, Tags};
 mod due;
 mod overlay;
 
+/// Beacon intervals of silence that still mean nothing for a peer whose
+/// beacons are paced (one lost beacon and a late one), as discovery judges
+/// its sources.
+pub const BEACON_INTERVALS: u32 = 3;
+
 /// Timing settings of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
@@ -214,6 +219,10 @@ pub struct Peer {
     pub last_seen: Instant,
     /// Last beacon.
     pub last_beacon: Option<Instant>,
+    /// The interval its beacons come at, when it said it is longer than
+    /// ours (beacons are paced by group size): the silences judged on
+    /// beacons alone stretch to [`BEACON_INTERVALS`] of it.
+    pub beacon_interval: Option<Duration>,
     /// Last frame on a link: the evidence this node obtained itself, over a
     /// handshaken connection (what probe answers rest on).
     pub last_link: Option<Instant>,
@@ -273,6 +282,7 @@ impl Peer {
             rtt: None,
             last_seen: now,
             last_beacon: None,
+            beacon_interval: None,
             last_link: None,
             since: now,
             tags: Tags::new(),
@@ -711,7 +721,7 @@ impl PeerTable {
         p.link == LinkState::Up
             || p.last_beacon.is_some_and(|b| {
                 p.since_loss(Some(b))
-                    && now.saturating_duration_since(b) < self.cfg.beacon_dead_after
+                    && now.saturating_duration_since(b) < Self::beacon_allowance(&self.cfg, p)
             })
     }
 
@@ -1624,11 +1634,40 @@ impl PeerTable {
     }
 
     /// The silence after which `p` is failed.
-    fn dead_after(cfg: &Config, p: &Peer) -> Duration {
+    pub(crate) fn dead_after(cfg: &Config, p: &Peer) -> Duration {
+        // Degraded covers entries heard only by beacon, pending ones too.
         if p.degraded() {
-            cfg.beacon_dead_after.max(cfg.dead_after)
+            Self::beacon_allowance(cfg, p).max(cfg.dead_after)
         } else {
             cfg.dead_after
+        }
+    }
+
+    /// How long a peer that only beacons keep alive may go unheard:
+    /// `beacon_dead_after`, or more when its beacons are paced.
+    fn beacon_allowance(cfg: &Config, p: &Peer) -> Duration {
+        cfg.beacon_dead_after.max(Self::paced(p))
+    }
+
+    /// [`BEACON_INTERVALS`] of `p`'s paced beacon interval (zero when it
+    /// beacons at the configured rate).
+    fn paced(p: &Peer) -> Duration {
+        p.beacon_interval
+            .map_or(Duration::ZERO, |i| i.saturating_mul(BEACON_INTERVALS))
+    }
+
+    /// The interval `id`'s beacons come at, as discovery learnt it from
+    /// them (`ivl`, see PROTOCOL.md "Beacon pacing"): call after
+    /// [`PeerTable::on_beacon`] with every beacon. `None` or anything not
+    /// longer than `configured` (this node's own interval) means unpaced.
+    pub fn on_beacon_interval(&mut self, id: NodeId, interval: Duration, configured: Duration) {
+        let paced = (interval > configured).then_some(interval);
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if p.beacon_interval != paced {
+            p.beacon_interval = paced;
+            self.touch(id);
         }
     }
 }

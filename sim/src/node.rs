@@ -230,10 +230,6 @@ pub struct Node {
 /// set changed (virtual time; a cold start changes it with every beacon).
 const OVERLAY_EVERY: Duration = Duration::from_millis(20);
 
-/// Overlay mode: the group's beacons per beacon interval (see
-/// `Node::beacon_scale`).
-const BEACON_GROUP: usize = 32;
-
 /// Overlay mode: how often, at most, the ring members are recomputed from
 /// the whole table (pending entries that were forgotten raise no event);
 /// in between, the events of each input update them.
@@ -442,17 +438,16 @@ impl Node {
         }
     }
 
-    /// Overlay mode: how much longer than `beacon_interval` this node waits
-    /// between beacons, so that the group's total beacon rate stays about
-    /// [`BEACON_GROUP`] per interval whatever its size (RTCP's rule: each
-    /// member's interval grows with the members it knows). Membership
-    /// travels over the overlay; beacons are for discovery. 1 in a full
-    /// mesh.
-    fn beacon_scale(&self) -> f64 {
+    /// Overlay mode: this node's mean beacon interval, paced as the
+    /// daemon's discovery paces it (`discovery::pacing`: the group's total
+    /// beacon rate stays bounded, RTCP-style). Membership travels over the
+    /// overlay; beacons are for discovery. The configured interval in a
+    /// full mesh.
+    fn beacon_every(&self, configured: Duration) -> Duration {
         if self.overlay.is_none() {
-            return 1.0;
+            return configured;
         }
-        ((self.table.len() + 1) as f64 / BEACON_GROUP as f64).max(1.0)
+        discovery::pacing::interval(configured, self.table.len() + 1)
     }
 
     /// Number of current links.
@@ -525,7 +520,7 @@ impl Node {
                 TimerKind::Beacon => {
                     self.beacon(cx, BeaconKind::Announce, None);
                     let jitter = cx.rng.gen_range(0.9..1.1);
-                    let every = cx.s.beacon_interval.mul_f64(jitter * self.beacon_scale());
+                    let every = self.beacon_every(cx.s.beacon_interval).mul_f64(jitter);
                     let at = self.beacon_timer.set(Some(now + every));
                     self.schedule(cx, TimerKind::Beacon, at);
                 }

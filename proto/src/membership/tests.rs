@@ -262,6 +262,47 @@ fn one_bad_link_with_beacons_is_degraded_not_failed() {
     assert!(!events(&mut t).contains(&EventKind::Failed));
 }
 
+/// A large group paces its beacons (2 s here, where our own interval is
+/// 1 s): a degraded peer survives a lost paced beacon, and is failed only
+/// once three of its intervals pass in silence.
+#[test]
+fn a_degraded_peer_with_paced_beacons_survives_a_lost_one() {
+    let t0 = Instant::now();
+    let (ours, paced) = (Duration::from_secs(1), Duration::from_secs(2));
+    let mut t = table();
+    t.on_link_up(t0, &hello(HIGH, 1));
+    t.on_link_down(t0, HIGH, false);
+    let heard = |t: &mut PeerTable, at: Duration| {
+        t.on_beacon(t0 + at, &beacon(HIGH, 1, BeaconKind::Announce));
+        t.on_beacon_interval(HIGH, paced, ours);
+    };
+    heard(&mut t, Duration::from_millis(5));
+    t.on_dial_failed(t0 + Duration::from_millis(6), HIGH, DialFailure::Refused);
+    assert!(t.get(&HIGH).unwrap().degraded());
+    // The beacon due at 2 s is lost; the one at 4 s arrives. Unpaced, the
+    // 4 s gap would pass `beacon_dead_after` (3 s).
+    let mut failed_at = None;
+    for ms in (10..=12_000u64).step_by(10) {
+        let now = t0 + Duration::from_millis(ms);
+        if ms == 4_000 {
+            heard(&mut t, Duration::from_millis(ms));
+        }
+        t.on_tick(now);
+        while let Some(Action::Dial { .. }) = t.poll_action() {
+            t.on_dial_failed(now, HIGH, DialFailure::Other);
+        }
+        if failed_at.is_none() && t.get(&HIGH).is_some_and(|p| p.state == PeerState::Failed) {
+            failed_at = Some(ms);
+        }
+    }
+    // Silent from 4 s: failed 3 paced intervals (6 s) later, not before.
+    let at = failed_at.expect("failed once its beacons stop");
+    assert!((10_000..=10_100).contains(&at), "failed at {at} ms");
+    // Beacons back at the configured rate: the usual allowance again.
+    t.on_beacon_interval(HIGH, ours, ours);
+    assert_eq!(t.get(&HIGH).unwrap().beacon_interval, None);
+}
+
 #[test]
 fn silent_loss_fails_dead_after_the_last_word() {
     let t0 = Instant::now();
