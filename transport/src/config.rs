@@ -1,5 +1,7 @@
 //! Transport settings, and the two views of them the link machines take.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::link::{HandshakeConfig, LinkConfig};
@@ -36,6 +38,11 @@ pub struct Config {
     /// The cluster secret: when set, every link is a Noise handshake under
     /// one of these keys and every frame is sealed; plaintext is refused.
     pub keyring: Option<SharedKeyring>,
+    /// This node's current incarnation, when something other than the
+    /// start may raise it (a refutation by the peer table in overlay
+    /// mode): every handshake from then on carries the larger of it and
+    /// [`Config::local`]'s.
+    pub incarnation: Option<Arc<AtomicU64>>,
 }
 
 impl Config {
@@ -53,14 +60,19 @@ impl Config {
             max_pending_handshakes: 64,
             liveness_report: Duration::from_millis(50),
             keyring: None,
+            incarnation: None,
         }
     }
 
     /// What a handshake starting now needs: a snapshot of the keyring, so
     /// that a rotation never changes keys under a handshake in progress.
     pub(crate) fn handshake(&self) -> HandshakeConfig {
+        let mut local = self.local.clone();
+        if let Some(raised) = &self.incarnation {
+            local.incarnation = local.incarnation.max(raised.load(Ordering::Relaxed));
+        }
         HandshakeConfig {
-            local: self.local.clone(),
+            local,
             keyring: self
                 .keyring
                 .as_ref()
