@@ -17,9 +17,9 @@ use std::net::SocketAddr;
 use proto::addr_rule::AddrRule;
 use proto::id::check_incarnation;
 use proto::membership::{Action, DialFailure, EventKind, ForceLeaveError, LinkState, PeerTable};
-use proto::Message;
 use proto::overlay::driver::LINK_SETTLE;
 use proto::overlay::Driver as OverlayDriver;
+use proto::Message;
 use proto::NodeId;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -390,7 +390,8 @@ fn drain(table: &mut PeerTable, state: &NodeState, hooks: &mut Hooks) {
             if !state.transport.close_not_neighbour(id) {
                 // The transport's queue is full: the link stays, and the
                 // next trim looks at it again.
-                o.driver.on_link_up(now.checked_sub(LINK_SETTLE).unwrap_or(now), id);
+                o.driver
+                    .on_link_up(now.checked_sub(LINK_SETTLE).unwrap_or(now), id);
             }
         }
         let c = &state.overlay;
@@ -401,7 +402,10 @@ fn drain(table: &mut PeerTable, state: &NodeState, hooks: &mut Hooks) {
         // handshakes carry it (both read this cell).
         if let Some(inc) = table.local_incarnation() {
             if o.incarnation.fetch_max(inc, Ordering::Relaxed) < inc {
-                info!(incarnation = inc, "reported failed: refuted with a higher incarnation");
+                info!(
+                    incarnation = inc,
+                    "reported failed: refuted with a higher incarnation"
+                );
             }
         }
         // Telling the table its neighbours may have raised events.

@@ -83,9 +83,8 @@ fn forty_eight_nodes_with_max_links_6_converge_and_see_a_crash_of_five() {
         .collect();
     let all_started = started.elapsed();
     let names: Vec<String> = nodes.iter().map(|d| d.name.clone()).collect();
-    let others = |me: &str| -> BTreeSet<String> {
-        names.iter().filter(|x| *x != me).cloned().collect()
-    };
+    let others =
+        |me: &str| -> BTreeSet<String> { names.iter().filter(|x| *x != me).cloned().collect() };
     let none = BTreeSet::new();
 
     // One full table everywhere: n - 1 peers listed alive on every node.
@@ -128,6 +127,27 @@ fn forty_eight_nodes_with_max_links_6_converge_and_see_a_crash_of_five() {
             d.name
         );
     }
+
+    // A member that is not a neighbour: listed alive, no link, no RTT,
+    // not degraded; a unicast to it is refused (409, no link).
+    let (_, body) = http(&nodes[0].socket, "GET", "/v1/peers", b"");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("peers json");
+    let remote = v["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["link"] != "up")
+        .expect("a member that is not a neighbour")
+        .clone();
+    assert_eq!(remote["state"], "alive", "{remote}");
+    assert_eq!(remote["link"], "down", "{remote}");
+    assert!(remote["rtt_ms"].is_null(), "{remote}");
+    assert_eq!(remote["degraded"], false, "{remote}");
+    let to = remote["name"].as_str().expect("name");
+    let req = serde_json::json!({ "to": to, "topic": "t", "payload": "hi" }).to_string();
+    let (status, body) = http(&nodes[0].socket, "POST", "/v1/messages", req.as_bytes());
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("no link"), "{body}");
 
     // kill -9 five at once (spread over the member list).
     let victims: Vec<usize> = (0..5).map(|j| j * n / 5 + 1).collect();
@@ -185,10 +205,17 @@ fn forty_eight_nodes_with_max_links_6_converge_and_see_a_crash_of_five() {
         assert!(lists(d, &alive, &failed), "{} changed its mind", d.name);
     }
     let seen = crashed.elapsed();
-    eprintln!("crash of five seen by all {} survivors in {seen:?}", survivors.len());
+    eprintln!(
+        "crash of five seen by all {} survivors in {seen:?}",
+        survivors.len()
+    );
     let refutations: u64 = survivors
         .iter()
-        .map(|d| support::self_info(&d.socket)["overlay"]["refutations"].as_u64().unwrap_or(0))
+        .map(|d| {
+            support::self_info(&d.socket)["overlay"]["refutations"]
+                .as_u64()
+                .unwrap_or(0)
+        })
         .sum();
     eprintln!("refutations on survivors: {refutations}");
     drop(survivors);
