@@ -122,6 +122,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn handshakes_carry_a_raised_incarnation() {
+        let mut cfg = Config::new(Hello {
+            protocol: proto::frame::VERSION,
+            cluster: "test".into(),
+            id: proto::NodeId(7),
+            incarnation: 10,
+            name: "a".into(),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            tags: Default::default(),
+        });
+        assert_eq!(cfg.handshake().local.incarnation, 10);
+        let raised = Arc::new(AtomicU64::new(0));
+        cfg.incarnation = Some(raised.clone());
+        assert_eq!(cfg.handshake().local.incarnation, 10, "never lowered");
+        raised.store(11, Ordering::Relaxed);
+        assert_eq!(cfg.handshake().local.incarnation, 11, "a refutation shows");
+    }
+
+    #[test]
     fn ping_rounds_are_anchored_on_wall_clock_multiples() {
         let now = Instant::now();
         let every = Duration::from_millis(150);
