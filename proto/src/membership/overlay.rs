@@ -113,6 +113,16 @@ impl PeerTable {
         self.schedule(now);
     }
 
+    /// Overlay mode: whether the overlay is a full mesh now (at most
+    /// `max_links + 1` members: every member is everyone's neighbour). Then
+    /// each node judges silence on its own, as without the overlay; once
+    /// it is bounded, a verdict on silence takes [`ALERTS_TO_FAIL`]
+    /// observers' alerts. The driver says so whenever it recomputes the
+    /// neighbours; a table that is never told keeps the two-observer rule.
+    pub fn set_full_mesh(&mut self, full_mesh: bool) {
+        self.bounded = !full_mesh;
+    }
+
     /// Overlay mode: who this node is (its handshake), so that it can
     /// refute reports of its own failure.
     pub fn set_local(&mut self, hello: &Hello) {

@@ -186,6 +186,9 @@ impl Driver {
             self.full = false;
             self.next_full = Some(now + FULL_EVERY);
         }
+        // Up to max_links + 1 members the rings are a full mesh, and the
+        // table judges silence as without the overlay.
+        table.set_full_mesh(self.rings.len() <= self.rings.max_links() + 1);
         let want = self.rings.want_links(self.me);
         if want != self.want {
             self.want = want;
@@ -399,6 +402,41 @@ mod tests {
         d.on_link_up(t0, keep);
         d.poll(t0 + LINK_SETTLE * 3, &mut t);
         assert_eq!(d.poll_close(), None);
+    }
+
+    /// Ticks `t` at each deadline up to `until` (bounded).
+    fn run_until(t: &mut PeerTable, until: Instant) {
+        for _ in 0..1000 {
+            match t.next_deadline() {
+                Some(at) if at <= until => t.on_tick(at),
+                _ => break,
+            }
+        }
+        t.on_tick(until);
+    }
+
+    #[test]
+    fn a_full_mesh_judges_silence_alone_as_without_the_overlay() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(30);
+        // Two nodes, K = 6: the driver says the overlay is a full mesh, and
+        // the one observer's silence verdict is enough, as in a full mesh.
+        let (mut t, mut d) = (table(6), Driver::new(id(0), 6));
+        t.on_link_up(t0, &hello(1));
+        d.on_link_up(t0, id(1));
+        drain(&mut t, &mut d);
+        d.poll(t0, &mut t);
+        drain(&mut t, &mut d);
+        run_until(&mut t, later);
+        let state = t.get(&id(1)).map(|p| p.state);
+        assert_eq!(state, Some(crate::membership::PeerState::Failed));
+        // Without a driver the table keeps the two-observer rule: one
+        // observer's silence is an alert, not a verdict.
+        let mut t = table(6);
+        t.on_link_up(t0, &hello(1));
+        run_until(&mut t, later);
+        let state = t.get(&id(1)).map(|p| p.state);
+        assert_ne!(state, Some(crate::membership::PeerState::Failed));
     }
 
     #[test]
