@@ -119,7 +119,7 @@ impl PeerTable {
     /// Overlay mode: whether the overlay is a full mesh now (at most
     /// `max_links + 1` members: every member is everyone's neighbour). Then
     /// each node judges silence on its own, as without the overlay; once
-    /// it is bounded, a verdict on silence takes [`ALERTS_TO_FAIL`]
+    /// it is bounded, a verdict on silence takes two
     /// observers' alerts. The driver says so whenever it recomputes the
     /// neighbours; a table that is never told keeps the two-observer rule.
     pub fn set_full_mesh(&mut self, full_mesh: bool) {
