@@ -137,6 +137,11 @@ pub struct Config {
     /// beacons and replies ([`crate::pacing`]). `None`: the identities
     /// heard by beacon, which anyone on the group can inflate.
     pub members: Option<Arc<AtomicUsize>>,
+    /// This node's current incarnation, when something other than the
+    /// start may raise it (the peer table refutes a report of this node's
+    /// failure by raising it; see "Bounded overlay" in PROTOCOL.md). Every
+    /// beacon carries the larger of it and [`LocalIdentity::incarnation`].
+    pub incarnation: Option<Arc<AtomicU64>>,
 }
 
 /// What this node says about itself in beacons.
@@ -461,6 +466,17 @@ impl Bound {
             .unwrap_or_else(|| iface.socket_addr(self.local.data_port))
     }
 
+    /// The incarnation our beacons carry now: the start's, or a higher one
+    /// a refutation raised ([`Config::incarnation`]).
+    fn incarnation(&self) -> Incarnation {
+        let raised = self
+            .cfg
+            .incarnation
+            .as_ref()
+            .map_or(0, |a| a.load(Ordering::Relaxed));
+        self.local.incarnation.max(raised)
+    }
+
     /// The datagram of a beacon of `kind` for interface `i` (advertising
     /// that interface's address). With a cluster secret it is sealed afresh
     /// (new nonce, new send time) under the primary key at every call.
@@ -473,7 +489,7 @@ impl Bound {
         let beacon = Beacon {
             cluster: self.cfg.cluster.clone(),
             id: self.local.id,
-            incarnation: self.local.incarnation,
+            incarnation: self.incarnation(),
             name: self.local.name.clone(),
             addr: self.advertised_on(&self.ifaces[i].0),
             kind,
@@ -984,6 +1000,7 @@ mod tests {
             allow_advertise: Vec::new(),
             keyring: None,
             members: None,
+            incarnation: None,
         }
     }
 

@@ -740,7 +740,7 @@ fn self_info(state: &NodeState) -> NodeInfo {
         id: state.id.to_string(),
         name: state.name.clone(),
         cluster: state.cluster.clone(),
-        incarnation: state.incarnation,
+        incarnation: state.current_incarnation(),
         addresses: state.advertised.iter().map(|a| a.to_string()).collect(),
         listen: state.listen.to_string(),
         interfaces: state
@@ -788,6 +788,11 @@ fn self_info(state: &NodeState) -> NodeInfo {
         seeds: state.seeds.lock().map(|s| s.clone()).unwrap_or_default(),
         state_dir: state.state_dir.as_ref().map(|d| d.display().to_string()),
         handlers: state.handlers.snapshot(),
+        overlay: (state.overlay.max_links > 0).then(|| proto::control::OverlayInfo {
+            max_links: state.overlay.max_links,
+            neighbours: n(&state.overlay.neighbours),
+            refutations: n(&state.overlay.refutations),
+        }),
     }
 }
 

@@ -304,6 +304,12 @@ fn render_status(v: &NodeInfo) -> String {
     if !v.multicast {
         out.push_str("multicast:   off (--no-multicast)\n");
     }
+    if let Some(o) = &v.overlay {
+        out.push_str(&format!(
+            "overlay:     --max-links {}: {} neighbours; refuted own failure {} times\n",
+            o.max_links, o.neighbours, o.refutations
+        ));
+    }
     for s in &v.seeds {
         let resolved = if s.resolved.is_empty() {
             String::new()
@@ -787,6 +793,7 @@ mod tests {
             seeds: Vec::new(),
             state_dir: None,
             handlers: Default::default(),
+            overlay: None,
         });
         assert!(clean(&status) && status.contains(SHOWN), "{status}");
 

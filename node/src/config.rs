@@ -324,6 +324,13 @@ pub struct RunArgs {
     #[arg(long, env = "CONSTELLATION_SECRET_FILE", value_name = "PATH")]
     pub secret_file: Option<PathBuf>,
 
+    /// Bounded overlay: link to about K neighbours (K/2 rings) instead of
+    /// every member, and let membership travel over the overlay; 0 (the
+    /// default) is the full mesh. With at most K + 1 members every member
+    /// is a neighbour anyway. See "Bounded overlay" in the README.
+    #[arg(long, env = "CONSTELLATION_MAX_LINKS", default_value_t = 0, value_parser = parse_max_links, value_name = "K")]
+    pub max_links: u64,
+
     /// Largest TCP frame accepted or sent, in bytes.
     #[arg(long, env = "CONSTELLATION_MAX_FRAME", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(4096..=(64 << 20)))]
     pub max_frame: u64,
@@ -350,6 +357,15 @@ pub struct RunArgs {
     /// A handler still running after this is killed and counted.
     #[arg(long, env = "CONSTELLATION_HANDLER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handler_timeout: Duration,
+}
+
+/// `--max-links`: 0 (full mesh) or 2 to 1024 (one ring holds two links).
+fn parse_max_links(s: &str) -> Result<u64, String> {
+    let k: u64 = s.parse().map_err(|e| format!("{e}"))?;
+    match k {
+        0 | 2..=1024 => Ok(k),
+        _ => Err("0 (full mesh) or 2 to 1024".into()),
+    }
 }
 
 fn parse_seed(s: &str) -> Result<SeedSpec, String> {

@@ -587,6 +587,11 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     // The peer table's confirmed live members, which pace discovery's
     // beacons and replies (the table task keeps it current).
     let members = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // This node's incarnation now: the start's until the peer table
+    // refutes a report of our failure (overlay mode) and raises it. The
+    // membership task writes it; beacons and handshakes read it.
+    let live_incarnation = Arc::new(AtomicU64::new(incarnation));
+    let max_links = usize::try_from(args.max_links).unwrap_or(usize::MAX);
     let disc_cfg = discovery::Config {
         group: args.group,
         interfaces,
@@ -600,6 +605,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         keyring: keyring.clone(),
         allow_advertise: args.allow_advertise.clone(),
         members: Some(members.clone()),
+        incarnation: Some(live_incarnation.clone()),
     };
     let local = discovery::LocalIdentity {
         id,
@@ -662,7 +668,8 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         addr: advertised[0],
         tags: tags.clone(),
     };
-    let mut tcfg = transport::Config::new(hello);
+    let mut tcfg = transport::Config::new(hello.clone());
+    tcfg.incarnation = Some(live_incarnation.clone());
     tcfg.max_frame = args.max_frame as usize;
     tcfg.keyring = keyring.clone();
     // Link liveness reaches the peer table in batches this often: small
@@ -688,6 +695,11 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         name: name.clone(),
         cluster: args.cluster.clone(),
         incarnation,
+        live_incarnation: live_incarnation.clone(),
+        overlay: crate::state::OverlayCounters {
+            max_links: args.max_links,
+            ..Default::default()
+        },
         started: Instant::now(),
         tags: local_tags,
         interfaces: in_use,
@@ -733,9 +745,19 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         // Three beacon intervals: a degraded peer survives a lost beacon.
         beacon_dead_after: (args.beacon_interval * 3).max(args.dead_after),
         tombstone_ttl: args.tombstone_ttl,
+        // --max-links 0: the full mesh, exactly as before.
+        overlay: (max_links > 0).then_some(max_links),
         ..TableConfig::default()
     };
-    let table = PeerTable::new(id, table_cfg, rand::random());
+    let mut table = PeerTable::new(id, table_cfg, rand::random());
+    let overlay = (max_links > 0).then(|| {
+        // The table learns who we are, so that it can refute.
+        table.set_local(&hello);
+        table_task::OverlayHooks {
+            driver: proto::overlay::Driver::new(id, max_links),
+            incarnation: live_incarnation.clone(),
+        }
+    });
     let seed_tx = (!seed_specs.is_empty()).then(|| {
         let (tx, rx) = mpsc::channel(256);
         let seeds = crate::seeds::Seeds::new(
@@ -784,6 +806,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
             remember: remember_tx,
             commands: Some(table_commands_rx),
             members: Some(members),
+            overlay,
         },
         cancel.clone(),
     ));

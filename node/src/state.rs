@@ -56,6 +56,17 @@ pub struct TableCounters {
     pub unlinked: std::sync::Mutex<Vec<String>>,
 }
 
+/// The bounded overlay's figures, mirrored by the membership task.
+#[derive(Debug, Default)]
+pub struct OverlayCounters {
+    /// `--max-links` (0: full mesh, and the rest stays 0).
+    pub max_links: u64,
+    /// The members this node wants links with now.
+    pub neighbours: AtomicU64,
+    /// Times this node refuted a report of its own failure.
+    pub refutations: AtomicU64,
+}
+
 /// Everything the control API needs.
 #[derive(Debug)]
 pub struct NodeState {
@@ -65,8 +76,15 @@ pub struct NodeState {
     pub name: String,
     /// Cluster name.
     pub cluster: String,
-    /// Incarnation.
+    /// Incarnation at start.
     pub incarnation: Incarnation,
+    /// Incarnation now: the start's, raised by every refutation of a
+    /// report of this node's failure (overlay mode). One cell shared with
+    /// discovery's beacons and the transport's handshakes, written only by
+    /// the membership task (see [`NodeState::current_incarnation`]).
+    pub live_incarnation: Arc<AtomicU64>,
+    /// The bounded overlay's figures.
+    pub overlay: OverlayCounters,
     /// Start time (monotonic).
     pub started: Instant,
     /// Tags (changeable at runtime; see [`crate::tags`]).
@@ -175,6 +193,13 @@ impl NodeState {
         }
     }
 
+    /// This node's incarnation now: the start's unless a refutation
+    /// raised it.
+    pub fn current_incarnation(&self) -> Incarnation {
+        self.incarnation
+            .max(self.live_incarnation.load(Ordering::Relaxed))
+    }
+
     /// Sends this node's own membership record (its tags now, and their
     /// version) to each of `to`, off the caller's task; returns how many
     /// were asked. Best effort per peer: a full or closed link loses it,
@@ -184,8 +209,14 @@ impl NodeState {
         let Some(&addr) = self.advertised.first() else {
             return 0;
         };
-        let record =
-            crate::tags::self_record(self.id, self.incarnation, &self.name, addr, tags, version);
+        let record = crate::tags::self_record(
+            self.id,
+            self.current_incarnation(),
+            &self.name,
+            addr,
+            tags,
+            version,
+        );
         let n = to.len() as u64;
         let transport = self.transport.clone();
         tokio::spawn(async move {

@@ -5,7 +5,7 @@
 //! clock), then mirrors every change into the read-model, logs it, publishes
 //! it on the event bus, and turns the table's actions into dials.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,8 @@ use std::net::SocketAddr;
 use proto::addr_rule::AddrRule;
 use proto::id::check_incarnation;
 use proto::membership::{Action, DialFailure, EventKind, ForceLeaveError, LinkState, PeerTable};
+use proto::overlay::driver::LINK_SETTLE;
+use proto::overlay::Driver as OverlayDriver;
 use proto::Message;
 use proto::NodeId;
 use serde_json::json;
@@ -54,8 +56,11 @@ pub async fn run(
     let idle = Duration::from_secs(3600);
     let mut beacons = true;
     loop {
-        let deadline = table
-            .next_deadline()
+        let due = match (table.next_deadline(), overlay_deadline(&hooks)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let deadline = due
             .map(Instant::from_std)
             .unwrap_or_else(|| Instant::now() + idle);
         tokio::select! {
@@ -72,6 +77,13 @@ pub async fn run(
                     }
                 }
                 Some(ev) => {
+                    if let Some(o) = hooks.overlay.as_mut() {
+                        match &ev {
+                            TransportEvent::LinkUp { hello, .. } => o.driver.on_link_up(now_std(), hello.id),
+                            TransportEvent::LinkDown { id, .. } => o.driver.on_link_down(*id),
+                            _ => {}
+                        }
+                    }
                     let id = on_transport(&mut table, &state, &hooks, ev);
                     sync(&table, &state, id);
                 }
@@ -93,6 +105,11 @@ pub async fn run(
                     table.on_beacon(at, &beacon);
                     table.on_beacon_interval(beacon.id, interval, state.beacon_interval);
                     sync(&table, &state, beacon.id);
+                    if let Some(o) = hooks.overlay.as_mut() {
+                        // A newcomer heard by beacon takes its place in the
+                        // rings (the table raises no event for it).
+                        o.driver.on_beacon(beacon.id);
+                    }
                 }
                 // No discovery (--no-multicast): links only.
                 None => beacons = false,
@@ -109,8 +126,13 @@ pub async fn run(
             },
             () = sleep_until(deadline) => table.on_tick(now_std()),
         }
-        drain(&mut table, &state, &hooks);
+        drain(&mut table, &state, &mut hooks);
     }
+}
+
+/// When the overlay driver has something to do without an input.
+fn overlay_deadline(hooks: &Hooks) -> Option<std::time::Instant> {
+    hooks.overlay.as_ref()?.driver.next_deadline()
 }
 
 /// Keeps the read-model's copy of `id` current between events: only the
@@ -148,6 +170,22 @@ pub struct Hooks {
     /// Where the number of confirmed live members is kept for discovery,
     /// which paces its beacons and replies by it.
     pub members: Option<Arc<AtomicUsize>>,
+    /// The bounded overlay (`--max-links`), or `None` for the full mesh.
+    pub overlay: Option<OverlayHooks>,
+}
+
+/// What the membership task needs to keep the bounded overlay: the
+/// neighbour maintenance of `proto::overlay::driver` (the simulator runs
+/// the same) and the cell where a refuted incarnation is published.
+#[derive(Debug)]
+pub struct OverlayHooks {
+    /// Ring updates, the neighbours told to the table, links to trim.
+    pub driver: OverlayDriver,
+    /// This node's incarnation now ([`NodeState::live_incarnation`]):
+    /// discovery's beacons and the transport's handshakes read it. Only
+    /// this task writes it, after the table refuted a report of our
+    /// failure ([`PeerTable::local_incarnation`]).
+    pub incarnation: Arc<AtomicU64>,
 }
 
 /// An operator's command for the peer table.
@@ -338,9 +376,62 @@ fn remembered(table: &PeerTable) -> BTreeSet<SocketAddr> {
         .collect()
 }
 
-/// Mirrors table events into the read-model, logs and the bus; starts dials.
-fn drain(table: &mut PeerTable, state: &NodeState, hooks: &Hooks) {
+/// Mirrors table events into the read-model, logs and the bus; keeps the
+/// overlay; starts dials.
+fn drain(table: &mut PeerTable, state: &NodeState, hooks: &mut Hooks) {
     let now = now_std();
+    let mut membership_changed = events(table, state, hooks, now);
+    if let Some(o) = hooks.overlay.as_mut() {
+        o.driver.poll(now, table);
+        while let Some(id) = o.driver.poll_close() {
+            if let Some(p) = table.get(&id) {
+                debug!(peer = %p.name, id = %id.short(), "closing link: not a neighbour of either end");
+            }
+            if !state.transport.close_not_neighbour(id) {
+                // The transport's queue is full: the link stays, and the
+                // next trim looks at it again.
+                o.driver
+                    .on_link_up(now.checked_sub(LINK_SETTLE).unwrap_or(now), id);
+            }
+        }
+        let c = &state.overlay;
+        c.neighbours
+            .store(o.driver.neighbours().len() as u64, Ordering::Relaxed);
+        c.refutations.store(table.refutations(), Ordering::Relaxed);
+        // A refutation raised our incarnation: later beacons and
+        // handshakes carry it (both read this cell).
+        if let Some(inc) = table.local_incarnation() {
+            if o.incarnation.fetch_max(inc, Ordering::Relaxed) < inc {
+                info!(
+                    incarnation = inc,
+                    "reported failed: refuted with a higher incarnation"
+                );
+            }
+        }
+        // Telling the table its neighbours may have raised events.
+        membership_changed |= events(table, state, hooks, now);
+    }
+    after_events(table, hooks, membership_changed);
+    while let Some(action) = table.poll_action() {
+        match action {
+            Action::Dial { id, addr } => {
+                if !state.transport.dial(id, addr) {
+                    table.on_dial_failed(now, id, DialFailure::Other);
+                }
+            }
+            Action::Send { to, list } => send_list(state, to, list),
+        }
+    }
+}
+
+/// Mirrors the table's pending events into the read-model, logs, the bus
+/// and the overlay driver; says whether membership changed.
+fn events(
+    table: &mut PeerTable,
+    state: &NodeState,
+    hooks: &mut Hooks,
+    now: std::time::Instant,
+) -> bool {
     let c = &state.table;
     c.pending.store(table.pending() as u64, Ordering::Relaxed);
     c.admitted.store(table.admitted(), Ordering::Relaxed);
@@ -355,6 +446,9 @@ fn drain(table: &mut PeerTable, state: &NodeState, hooks: &Hooks) {
     }
     let mut membership_changed = false;
     while let Some(ev) = table.poll_event() {
+        if let Some(o) = hooks.overlay.as_mut() {
+            o.driver.on_event(&ev);
+        }
         membership_changed |= !matches!(
             ev.kind,
             EventKind::LinkUp | EventKind::LinkDown | EventKind::Suspect | EventKind::Recovered
@@ -394,6 +488,12 @@ fn drain(table: &mut PeerTable, state: &NodeState, hooks: &Hooks) {
         }
         state.publish(ev.kind.as_str(), || json!({ "peer": peer_json(&p, now) }));
     }
+    membership_changed
+}
+
+/// What follows a change of membership: discovery's pacing count and the
+/// remembered peers.
+fn after_events(table: &PeerTable, hooks: &Hooks, membership_changed: bool) {
     if let (true, Some(members)) = (membership_changed, &hooks.members) {
         // Only on a change of membership: a scan of the table, not one per
         // event.
@@ -412,15 +512,5 @@ fn drain(table: &mut PeerTable, state: &NodeState, hooks: &Hooks) {
             }
             changed
         });
-    }
-    while let Some(action) = table.poll_action() {
-        match action {
-            Action::Dial { id, addr } => {
-                if !state.transport.dial(id, addr) {
-                    table.on_dial_failed(now, id, DialFailure::Other);
-                }
-            }
-            Action::Send { to, list } => send_list(state, to, list),
-        }
     }
 }

@@ -387,6 +387,8 @@ fn control_socket_rules_and_usage_errors() {
         ("--beacon-interval", "soon"),
         ("--tag", "novalue"),
         ("--socket-mode", "0400"),
+        ("--max-links", "1"),
+        ("--max-links", "many"),
     ] {
         let out = Command::new(bin())
             .args(["run", flag, value])
@@ -400,6 +402,12 @@ fn control_socket_rules_and_usage_errors() {
     let out = Command::new(bin())
         .args(["run"])
         .env("CONSTELLATION_TTL", "999")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(bin())
+        .args(["run"])
+        .env("CONSTELLATION_MAX_LINKS", "1")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -92,6 +92,22 @@ pub struct NodeInfo {
     /// configured.
     #[serde(default, skip_serializing_if = "HandlerCounters::is_zero")]
     pub handlers: HandlerCounters,
+    /// The bounded overlay (`--max-links`); absent in a full mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<OverlayInfo>,
+}
+
+/// [`NodeInfo::overlay`]: this node's place in the bounded overlay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayInfo {
+    /// `--max-links`: about this many links per node.
+    pub max_links: u64,
+    /// Gauge: the members this node wants links with now (every other
+    /// live member while the group has at most `max_links + 1`).
+    pub neighbours: u64,
+    /// Times this node refuted a report of its own failure by raising its
+    /// incarnation.
+    pub refutations: u64,
 }
 
 /// [`NodeInfo::handlers`]: totals since start (gauges where said).

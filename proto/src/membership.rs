@@ -544,6 +544,11 @@ pub struct PeerTable {
     outbox: Vec<(Option<NodeId>, PeerRecord)>,
     /// Overlay mode: how often this node refuted a report of its failure.
     refutations: u64,
+    /// Overlay mode: the overlay is bounded (more members than a full mesh
+    /// of `max_links` holds), so a verdict on silence takes two observers'
+    /// alerts. True until the driver says otherwise
+    /// ([`PeerTable::set_full_mesh`]): without one, the cautious rule.
+    bounded: bool,
     /// Overlay mode: the latest `now` of any input, and when the queued
     /// relays are due (see [`Config::relay_batch`]).
     clock: Option<Instant>,
@@ -576,6 +581,7 @@ impl PeerTable {
             local_record: None,
             outbox: Vec::new(),
             refutations: 0,
+            bounded: true,
             clock: None,
             relay_due: None,
         }
@@ -1442,6 +1448,7 @@ impl PeerTable {
         let judge = !self.in_grace(now);
         let cfg = self.cfg;
         let local = self.local;
+        let bounded = self.bounded;
         let mut alerts = Vec::new();
         let mut reaped = Vec::new();
         let mut failed = Vec::new();
@@ -1472,7 +1479,10 @@ impl PeerTable {
                     let dead = judge && silence >= Self::dead_after(&cfg, p);
                     // Overlay mode: a verdict on silence is this observer's
                     // alert; it takes two observers' (see `overlay.rs`).
-                    let alone = p.overlay && p.confirmed && {
+                    // Not while the overlay is a full mesh: every member
+                    // watches every other, and each judges on its own as
+                    // without the overlay.
+                    let alone = p.overlay && p.confirmed && bounded && {
                         if dead && !p.alerted {
                             p.alerted = true;
                             if !p.alerts.contains(&local) {

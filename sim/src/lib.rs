@@ -17,11 +17,11 @@
 //! overlay instead: the peer table in its overlay mode
 //! (`proto::membership::Config::overlay`: confirmation through a confirmed
 //! neighbour, relay once per link, two observers for a failure on silence,
-//! refutation), and a driver that computes each node's `proto::overlay`
-//! neighbours, tells the table, closes links neither end wants
-//! (`reject{not-neighbour}`) and scales each node's beacon interval with
-//! the members it knows (the group sends about 32 beacons per interval).
-//! The daemon does not run that driver yet.
+//! refutation), and the daemon's own neighbour maintenance
+//! (`proto::overlay::driver`: each node's `proto::overlay` neighbours told
+//! to the table, links neither end wants closed with
+//! `reject{not-neighbour}`); each node's beacon interval scales with the
+//! members it knows.
 //!
 //! There is no second implementation of the protocol. What the daemon's
 //! drivers do around those machines (`node/src/membership.rs`,

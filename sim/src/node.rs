@@ -37,8 +37,8 @@ use proto::link::{
     resolve_duplicate, Duplicate, Established, Handshake, HandshakeConfig, Link, LinkConfig,
     LinkEvent, LocalClose, RejectCode, Role,
 };
-use proto::membership::{Action, DialFailure, Event, EventKind, PeerTable};
-use proto::overlay::Overlay;
+use proto::membership::{Action, DialFailure, Event, PeerTable};
+use proto::overlay::Driver as OverlayDriver;
 use proto::{FrameCodec, FrameError, Hello, Message, NodeId};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -152,8 +152,6 @@ impl End {
 struct Current {
     conn: ConnId,
     dialer: NodeId,
-    /// When it was established.
-    since: Instant,
     /// When a frame last arrived (the link's `heard_us` counter).
     heard: Option<Instant>,
     /// `heard` as of the last liveness report.
@@ -222,45 +220,9 @@ pub struct Node {
     started: Instant,
     /// Inputs that arrived while paused, in order.
     pub(crate) deferred: Vec<Input>,
-    /// Bounded overlay mode (`--max-links`): who to link to.
-    overlay: Option<OverlayState>,
-}
-
-/// How often, at most, a node recomputes its neighbours after its member
-/// set changed (virtual time; a cold start changes it with every beacon).
-const OVERLAY_EVERY: Duration = Duration::from_millis(20);
-
-/// Overlay mode: how often, at most, the ring members are recomputed from
-/// the whole table (pending entries that were forgotten raise no event);
-/// in between, the events of each input update them.
-const FULL_EVERY: Duration = Duration::from_secs(1);
-
-/// How often a node looks for links that neither end wants any more.
-const TRIM_EVERY: Duration = Duration::from_millis(250);
-
-/// A link is closed as "not a neighbour" only once it has been up this
-/// long: views of the member set differ for a moment after each change,
-/// and a link closed at once would be redialed at once.
-const LINK_SETTLE: Duration = Duration::from_secs(1);
-
-/// A node's neighbour selection in overlay mode. The ring members are the
-/// table's live entries (pending ones included: a newcomer heard by beacon
-/// must be placed before anyone confirms it) and this node. The table is
-/// told the neighbours ([`PeerTable::set_neighbours`]) and dials only
-/// those; links that neither end wants are closed ("not a neighbour").
-struct OverlayState {
-    rings: Overlay,
-    want: BTreeSet<NodeId>,
-    /// Members whose events may have changed their place in the rings.
-    changed: BTreeSet<NodeId>,
-    /// The table's size changed (a pending entry came or went, which
-    /// raises no event): the ring members are recomputed from the table,
-    /// at most every [`FULL_EVERY`].
-    full: bool,
-    next_full: Option<Instant>,
-    next_at: Option<Instant>,
-    next_trim: Option<Instant>,
-    table_len: usize,
+    /// Bounded overlay mode (`--max-links`): who to link to, by the
+    /// daemon's own rules (`proto::overlay::driver`).
+    overlay: Option<OverlayDriver>,
 }
 
 /// What a new process needs to know about itself.
@@ -324,16 +286,7 @@ impl Node {
             report_timer: Timer::default(),
             started: now,
             deferred: Vec::new(),
-            overlay: s.max_links.map(|k| OverlayState {
-                rings: Overlay::new(k),
-                want: BTreeSet::new(),
-                changed: BTreeSet::new(),
-                full: true,
-                next_full: None,
-                next_at: None,
-                next_trim: None,
-                table_len: 0,
-            }),
+            overlay: s.max_links.map(|k| OverlayDriver::new(me.id, k)),
         }
         .with_local_record()
     }
@@ -348,7 +301,7 @@ impl Node {
 
     /// The neighbours this node wants (overlay mode), or `None` (full mesh).
     pub fn neighbours(&self) -> Option<&BTreeSet<NodeId>> {
-        self.overlay.as_ref().map(|o| &o.want)
+        self.overlay.as_ref().map(|o| o.neighbours())
     }
 
     /// Ids of current links.
@@ -356,77 +309,19 @@ impl Node {
         self.links.keys()
     }
 
-    /// Overlay mode: updates the ring members from the events of the last
-    /// input (`changed`) or, when the table's size changed, from the whole
-    /// table (at most every [`OVERLAY_EVERY`]); tells the table its
-    /// neighbours; and every [`TRIM_EVERY`] closes links that neither end
-    /// wants.
-    fn refresh_overlay(&mut self, cx: &mut Cx, changed: impl Iterator<Item = NodeId>) {
+    /// Overlay mode: the driver does what is due (ring updates, telling
+    /// the table its neighbours, trimming); links that neither end wants
+    /// are closed as "not a neighbour".
+    fn refresh_overlay(&mut self, cx: &mut Cx) {
         let Some(o) = self.overlay.as_mut() else {
             return;
         };
-        o.changed.extend(changed);
-        let len = self.table.len();
-        if len != o.table_len {
-            o.full = true;
-            o.table_len = len;
-        }
-        let full_due = o.full && o.next_full.is_none_or(|t| cx.now >= t);
-        let recompute =
-            (full_due || !o.changed.is_empty()) && o.next_at.is_none_or(|t| cx.now >= t);
-        let trim = o.next_trim.is_none_or(|t| cx.now >= t);
-        if !recompute && !trim {
-            return;
-        }
-        if recompute {
-            o.next_at = Some(cx.now + OVERLAY_EVERY);
-            let table = &self.table;
-            let live = |id: &NodeId| table.get(id).is_some_and(|p| p.is_live());
-            for id in std::mem::take(&mut o.changed) {
-                if live(&id) {
-                    o.rings.insert(id);
-                } else {
-                    o.rings.remove(id);
-                }
-            }
-            if o.full && o.next_full.is_none_or(|t| cx.now >= t) {
-                let mut members: Vec<NodeId> = table
-                    .peers()
-                    .filter(|p| p.is_live())
-                    .map(|p| p.id)
-                    .collect();
-                members.push(self.id);
-                o.rings.set_members(members);
-                o.full = false;
-                o.next_full = Some(cx.now + FULL_EVERY);
-            }
-            let want = o.rings.want_links(self.id);
-            if want != o.want {
-                o.want = want;
-                self.table.set_neighbours(cx.now, o.want.iter().copied());
-            }
-        }
-        let Some(o) = self.overlay.as_mut() else {
-            return;
-        };
-        if !trim {
-            return;
-        }
-        o.next_trim = Some(cx.now + TRIM_EVERY);
-        // Links neither end wants: not ours, and by the rings as this node
-        // sees them, not the other's either.
-        let surplus: Vec<ConnId> = self
-            .links
-            .iter()
-            .filter(|(id, cur)| {
-                !o.want.contains(id)
-                    && cur.since + LINK_SETTLE <= cx.now
-                    && o.rings.contains(**id)
-                    && !o.rings.want_links(**id).contains(&self.id)
-            })
-            .map(|(_, cur)| cur.conn)
-            .collect();
-        for conn in surplus {
+        o.poll(cx.now, &mut self.table);
+        let close: Vec<NodeId> = std::iter::from_fn(|| o.poll_close()).collect();
+        for id in close {
+            let Some(conn) = self.links.get(&id).map(|cur| cur.conn) else {
+                continue;
+            };
             if let Some(End {
                 state: EndState::Open { link, .. },
                 ..
@@ -596,7 +491,7 @@ impl Node {
         if let Some(o) = self.overlay.as_mut() {
             // A newcomer heard by beacon takes its place in the rings (the
             // table says nothing of pending entries).
-            o.changed.insert(beacon.id);
+            o.on_beacon(beacon.id);
         }
     }
 
@@ -634,22 +529,12 @@ impl Node {
         }
         // Stable: the events of one peer keep their order.
         cx.events[first..].sort_by_key(|(_, e)| e.id);
-        let changed: Vec<NodeId> = cx.events[first..]
-            .iter()
-            .filter(|(_, e)| {
-                matches!(
-                    e.kind,
-                    EventKind::Joined
-                        | EventKind::Restarted
-                        | EventKind::Failed
-                        | EventKind::Left
-                        | EventKind::Recovered
-                        | EventKind::Reaped
-                )
-            })
-            .map(|(_, e)| e.id)
-            .collect();
-        self.refresh_overlay(cx, changed.into_iter());
+        if let Some(o) = self.overlay.as_mut() {
+            for (_, ev) in &cx.events[first..] {
+                o.on_event(ev);
+            }
+        }
+        self.refresh_overlay(cx);
         // Telling the table its neighbours may have queued dials.
         let again = cx.events.len();
         while let Some(ev) = self.table.poll_event() {
@@ -884,12 +769,14 @@ impl Node {
                 timer: Timer::default(),
             },
         );
+        if let Some(o) = self.overlay.as_mut() {
+            o.on_link_up(cx.now, peer);
+        }
         self.links.insert(
             peer,
             Current {
                 conn,
                 dialer,
-                since: cx.now,
                 heard: None,
                 reported: None,
             },
@@ -1138,6 +1025,9 @@ impl Node {
                         continue; // a replaced duplicate; the current link is fine
                     }
                     self.links.remove(&peer);
+                    if let Some(o) = self.overlay.as_mut() {
+                        o.on_link_down(peer);
+                    }
                     let goodbye = reason.is_goodbye();
                     let graceful = reason.is_graceful();
                     self.table_input(cx, |t, now| {

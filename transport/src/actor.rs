@@ -58,6 +58,9 @@ enum Command {
         addr: SocketAddr,
     },
     Links(oneshot::Sender<Vec<LinkInfo>>),
+    NotNeighbour {
+        id: NodeId,
+    },
     TrySend {
         id: NodeId,
         msg: Message,
@@ -129,6 +132,15 @@ impl Transport {
     /// Returns false if the transport is gone or its queue is full.
     pub fn dial(&self, id: NodeId, addr: SocketAddr) -> bool {
         self.cmd.try_send(Command::Dial { id, addr }).is_ok()
+    }
+
+    /// Closes the link to `id` (if there is one) with
+    /// `reject{not-neighbour}`: the bounded overlay no longer wants it.
+    /// Its end arrives as a graceful [`TransportEvent::LinkDown`]. Returns
+    /// false if the transport is gone or its queue is full (the overlay
+    /// asks again at its next trim).
+    pub fn close_not_neighbour(&self, id: NodeId) -> bool {
+        self.cmd.try_send(Command::NotNeighbour { id }).is_ok()
     }
 
     /// The current links.
@@ -278,6 +290,11 @@ impl Actor {
                 let links = self.links.values().map(|e| e.info.clone()).collect();
                 // The asker may have given up; nothing to do then.
                 let _ignored = reply.send(links);
+            }
+            Command::NotNeighbour { id } => {
+                if let Some(e) = self.links.get(&id) {
+                    e.info.handle.close_not_neighbour();
+                }
             }
             Command::TrySend { id, msg, reply } => {
                 let sent = match self.links.get(&id) {

@@ -1,5 +1,7 @@
 //! Transport settings, and the two views of them the link machines take.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::link::{HandshakeConfig, LinkConfig};
@@ -36,6 +38,11 @@ pub struct Config {
     /// The cluster secret: when set, every link is a Noise handshake under
     /// one of these keys and every frame is sealed; plaintext is refused.
     pub keyring: Option<SharedKeyring>,
+    /// This node's current incarnation, when something other than the
+    /// start may raise it (a refutation by the peer table in overlay
+    /// mode): every handshake from then on carries the larger of it and
+    /// [`Config::local`]'s.
+    pub incarnation: Option<Arc<AtomicU64>>,
 }
 
 impl Config {
@@ -53,14 +60,19 @@ impl Config {
             max_pending_handshakes: 64,
             liveness_report: Duration::from_millis(50),
             keyring: None,
+            incarnation: None,
         }
     }
 
     /// What a handshake starting now needs: a snapshot of the keyring, so
     /// that a rotation never changes keys under a handshake in progress.
     pub(crate) fn handshake(&self) -> HandshakeConfig {
+        let mut local = self.local.clone();
+        if let Some(raised) = &self.incarnation {
+            local.incarnation = local.incarnation.max(raised.load(Ordering::Relaxed));
+        }
         HandshakeConfig {
-            local: self.local.clone(),
+            local,
             keyring: self
                 .keyring
                 .as_ref()
@@ -108,6 +120,25 @@ pub(crate) fn now() -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshakes_carry_a_raised_incarnation() {
+        let mut cfg = Config::new(Hello {
+            protocol: proto::frame::VERSION,
+            cluster: "test".into(),
+            id: proto::NodeId(7),
+            incarnation: 10,
+            name: "a".into(),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            tags: Default::default(),
+        });
+        assert_eq!(cfg.handshake().local.incarnation, 10);
+        let raised = Arc::new(AtomicU64::new(0));
+        cfg.incarnation = Some(raised.clone());
+        assert_eq!(cfg.handshake().local.incarnation, 10, "never lowered");
+        raised.store(11, Ordering::Relaxed);
+        assert_eq!(cfg.handshake().local.incarnation, 11, "a refutation shows");
+    }
 
     #[test]
     fn ping_rounds_are_anchored_on_wall_clock_multiples() {

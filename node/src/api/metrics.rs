@@ -53,6 +53,8 @@ pub struct Snapshot {
     peers_admitted: u64,
     pending_refused: u64,
     stalls: u64,
+    overlay_neighbours: u64,
+    refutations: u64,
     uptime_seconds: u64,
     payload_bytes_in: u64,
     payload_bytes_out: u64,
@@ -106,6 +108,8 @@ impl Snapshot {
             peers_admitted: n(&s.table.admitted),
             pending_refused: n(&s.table.refused),
             stalls: n(&s.table.stalls),
+            overlay_neighbours: n(&s.overlay.neighbours),
+            refutations: n(&s.overlay.refutations),
             uptime_seconds: s.started.elapsed().as_secs(),
             payload_bytes_in,
             payload_bytes_out,
@@ -270,6 +274,16 @@ impl Snapshot {
                 "Times the node noticed its own lateness and held its verdicts.",
             )
             .value(self.stalls),
+            Family::gauge(
+                "overlay_neighbours",
+                "Members this node wants links with (--max-links; 0 in a full mesh).",
+            )
+            .value(self.overlay_neighbours),
+            Family::counter(
+                "refutations",
+                "Times this node refuted a report of its own failure.",
+            )
+            .value(self.refutations),
             Family::counter("uptime", "Seconds since start.")
                 .unit(Unit::Seconds)
                 .value(self.uptime_seconds),
@@ -378,6 +392,12 @@ constellation_pending_refused_total 0
 # HELP constellation_stalls_total Times the node noticed its own lateness and held its verdicts.
 # TYPE constellation_stalls_total counter
 constellation_stalls_total 0
+# HELP constellation_overlay_neighbours Members this node wants links with (--max-links; 0 in a full mesh).
+# TYPE constellation_overlay_neighbours gauge
+constellation_overlay_neighbours 0
+# HELP constellation_refutations_total Times this node refuted a report of its own failure.
+# TYPE constellation_refutations_total counter
+constellation_refutations_total 0
 # HELP constellation_uptime_seconds_total Seconds since start.
 # TYPE constellation_uptime_seconds_total counter
 constellation_uptime_seconds_total 1

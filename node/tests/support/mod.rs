@@ -124,6 +124,18 @@ impl Daemon {
     /// Starts `constellationd run` on loopback (interface lo, TTL 0) with a
     /// socket in `dir`, plus `extra` flags.
     pub fn start(dir: &Path, name: &str, group: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_logging(dir, name, group, extra, "debug")
+    }
+
+    /// [`Daemon::start`] with `RUST_LOG=log` (many nodes on one host log
+    /// less than `debug`).
+    pub fn start_logging(
+        dir: &Path,
+        name: &str,
+        group: &str,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> Daemon {
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let logf = std::fs::File::create(&log).expect("log file");
@@ -137,7 +149,7 @@ impl Daemon {
         let child = Command::new(bin())
             .args(args)
             .args(extra)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)

@@ -55,6 +55,9 @@
 //!   with `by`, the observer), sent when its own `dead_after` passes. The
 //!   member is failed where alerts from [`ALERTS_TO_FAIL`] different
 //!   observers have arrived: one broken path alone never fails a node.
+//!   While the rings are a full mesh (the driver says so with
+//!   [`PeerTable::set_full_mesh`]), every member watches every other and
+//!   each judges silence on its own, as without the overlay.
 //! - A node hearing the member on its own link right now does not take a
 //!   `failed` verdict: it passes it to the member instead.
 //! - A node that learns that it is reported failed, left or suspect at its
@@ -111,6 +114,16 @@ impl PeerTable {
             }
         }
         self.schedule(now);
+    }
+
+    /// Overlay mode: whether the overlay is a full mesh now (at most
+    /// `max_links + 1` members: every member is everyone's neighbour). Then
+    /// each node judges silence on its own, as without the overlay; once
+    /// it is bounded, a verdict on silence takes two
+    /// observers' alerts. The driver says so whenever it recomputes the
+    /// neighbours; a table that is never told keeps the two-observer rule.
+    pub fn set_full_mesh(&mut self, full_mesh: bool) {
+        self.bounded = !full_mesh;
     }
 
     /// Overlay mode: who this node is (its handshake), so that it can

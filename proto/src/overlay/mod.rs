@@ -37,6 +37,9 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::id::NodeId;
 
+pub mod driver;
+pub use driver::Driver;
+
 /// The position of `id` on ring `ring`: a 64-bit mix (splitmix64's
 /// finalizer) of the id and the ring number. Every node computes the same.
 pub fn ring_position(ring: usize, id: NodeId) -> u64 {

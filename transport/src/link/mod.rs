@@ -172,8 +172,22 @@ impl LinkHandle {
     /// Closes the link because a preferred one replaces it: the peer gets
     /// `reject{duplicate}` if there is room for it, or just the close.
     pub(crate) fn replace(&self) {
-        self.shared.set_cause(Cause::Local(LocalClose::Duplicate));
-        let sent = LocalClose::Duplicate
+        self.close_politely(LocalClose::Duplicate);
+    }
+
+    /// Closes the link because neither end wants it in the overlay: the
+    /// peer gets `reject{not-neighbour}` (which it takes as a graceful
+    /// close, without suspicion) behind what is already queued, or just
+    /// the close when the queue is full.
+    pub fn close_not_neighbour(&self) {
+        self.close_politely(LocalClose::NotNeighbour);
+    }
+
+    /// Queues `why`'s farewell without waiting (the writer ends after
+    /// writing it); closes at once if there is no room for it.
+    fn close_politely(&self, why: LocalClose) {
+        self.shared.set_cause(Cause::Local(why));
+        let sent = why
             .farewell()
             .is_some_and(|f| self.tx.try_send(Outbound::Frame(Box::new(f))).is_ok());
         if !sent {

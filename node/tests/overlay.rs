@@ -1,0 +1,227 @@
+//! The bounded overlay (`--max-links`) with real processes on loopback:
+//! every node lists every member while linking to a bounded few, and a
+//! crash of several nodes at once reaches every survivor over the overlay.
+//!
+//! Each node runs on interface lo with multicast TTL 0, a TCP port the OS
+//! picks and a multicast group no other test uses. The process count is
+//! `CONSTELLATION_OVERLAY_NODES` (default 48); figures go to standard error
+//! (`cargo test -p constellationd --test overlay -- --nocapture`).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use support::{http, unique_group, wait_until, Daemon, TempDir};
+
+/// `--max-links` of every node.
+const K: usize = 6;
+
+/// The peers a node lists, as (name, state, link) triples; empty if it does
+/// not answer.
+fn peers(d: &Daemon) -> Vec<(String, String, String)> {
+    let (status, body) = http(&d.socket, "GET", "/v1/peers", b"");
+    if status != 200 {
+        return Vec::new();
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["peers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    let s = |k: &str| p[k].as_str().unwrap_or_default().to_string();
+                    (s("name"), s("state"), s("link"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Does `d` list exactly `alive` as alive and `failed` as failed (and
+/// nobody else)?
+fn lists(d: &Daemon, alive: &BTreeSet<String>, failed: &BTreeSet<String>) -> bool {
+    let listed = peers(d);
+    let is = |state: &str| -> BTreeSet<String> {
+        listed
+            .iter()
+            .filter(|(_, s, _)| s == state)
+            .map(|(n, _, _)| n.clone())
+            .collect()
+    };
+    listed.len() == alive.len() + failed.len() && is("alive") == *alive && is("failed") == *failed
+}
+
+/// (min, mean, max) of `xs`.
+fn spread(xs: &[usize]) -> (usize, f64, usize) {
+    let min = xs.iter().copied().min().unwrap_or(0);
+    let max = xs.iter().copied().max().unwrap_or(0);
+    let mean = xs.iter().sum::<usize>() as f64 / xs.len().max(1) as f64;
+    (min, mean, max)
+}
+
+#[test]
+fn forty_eight_nodes_with_max_links_6_converge_and_see_a_crash_of_five() {
+    let n: usize = std::env::var("CONSTELLATION_OVERLAY_NODES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(48);
+    let dir = TempDir::new("overlay");
+    let group = unique_group();
+    let k = K.to_string();
+    let started = Instant::now();
+    let mut nodes: Vec<Daemon> = (1..=n)
+        .map(|i| {
+            Daemon::start_logging(
+                dir.path(),
+                &format!("o{i}"),
+                &group,
+                &["--max-links", &k],
+                "info",
+            )
+        })
+        .collect();
+    let all_started = started.elapsed();
+    let names: Vec<String> = nodes.iter().map(|d| d.name.clone()).collect();
+    let others =
+        |me: &str| -> BTreeSet<String> { names.iter().filter(|x| *x != me).cloned().collect() };
+    let none = BTreeSet::new();
+
+    // One full table everywhere: n - 1 peers listed alive on every node.
+    let converged = wait_until(
+        Duration::from_secs(120),
+        "every node lists every other alive",
+        || nodes.iter().all(|d| lists(d, &others(&d.name), &none)),
+    );
+    eprintln!(
+        "{n} nodes, --max-links {K}: all started in {all_started:?}, one full table {converged:?} after the last start"
+    );
+
+    // Links stay bounded: by the rings, K wanted per node, plus fill-ins
+    // others want (at most K + 2 by the overlay's own tests). Views of the
+    // member set may differ for a moment, so the bound is checked once the
+    // unwanted links had time to be trimmed (1 s to settle, 250 ms trims).
+    let bound = K + 2;
+    let links = |nodes: &[Daemon]| -> Vec<usize> {
+        nodes
+            .iter()
+            .map(|d| peers(d).iter().filter(|(_, _, l)| l == "up").count())
+            .collect()
+    };
+    let trimmed = wait_until(Duration::from_secs(30), "links bounded by K + 2", || {
+        links(&nodes).iter().all(|&l| l <= bound)
+    });
+    let counts = links(&nodes);
+    let (min, mean, max) = spread(&counts);
+    eprintln!(
+        "links per node: min {min}, mean {mean:.2}, max {max} (bound {bound}; trimmed {trimmed:?} after convergence)"
+    );
+    assert!(min >= 1, "every node has a link: {counts:?}");
+    for d in &nodes {
+        let v = support::self_info(&d.socket);
+        assert_eq!(v["overlay"]["max_links"], K as u64, "{}", d.name);
+        let neighbours = v["overlay"]["neighbours"].as_u64().unwrap_or(0);
+        assert!(
+            (1..=K as u64).contains(&neighbours),
+            "{}: {neighbours} neighbours",
+            d.name
+        );
+    }
+
+    // A member that is not a neighbour: listed alive, no link, no RTT,
+    // not degraded; a unicast to it is refused (409, no link).
+    let (_, body) = http(&nodes[0].socket, "GET", "/v1/peers", b"");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("peers json");
+    let remote = v["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["link"] != "up")
+        .expect("a member that is not a neighbour")
+        .clone();
+    assert_eq!(remote["state"], "alive", "{remote}");
+    assert_eq!(remote["link"], "down", "{remote}");
+    assert!(remote["rtt_ms"].is_null(), "{remote}");
+    assert_eq!(remote["degraded"], false, "{remote}");
+    let to = remote["name"].as_str().expect("name");
+    let req = serde_json::json!({ "to": to, "topic": "t", "payload": "hi" }).to_string();
+    let (status, body) = http(&nodes[0].socket, "POST", "/v1/messages", req.as_bytes());
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("no link"), "{body}");
+
+    // kill -9 five at once (spread over the member list).
+    let victims: Vec<usize> = (0..5).map(|j| j * n / 5 + 1).collect();
+    let crashed = Instant::now();
+    for &i in &victims {
+        nodes[i].signal("-KILL");
+    }
+    for &i in &victims {
+        // SIGKILL ends it at once; reaped here (no exit code: a signal).
+        nodes[i].child.wait().expect("killed child reaped");
+    }
+    let failed: BTreeSet<String> = victims.iter().map(|&i| names[i].clone()).collect();
+    let survivors: Vec<&Daemon> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !victims.contains(i))
+        .map(|(_, d)| d)
+        .collect();
+    // When each survivor first showed the right table (a survivor that
+    // did once keeps it: nothing else changes).
+    let mut first: Vec<Option<Duration>> = vec![None; survivors.len()];
+    wait_until(
+        Duration::from_secs(60),
+        "every survivor lists the five failed and the rest alive",
+        || {
+            for (j, d) in survivors.iter().enumerate() {
+                if first[j].is_some() {
+                    continue;
+                }
+                let alive: BTreeSet<String> = others(&d.name)
+                    .into_iter()
+                    .filter(|x| !failed.contains(x))
+                    .collect();
+                if lists(d, &alive, &failed) {
+                    first[j] = Some(crashed.elapsed());
+                }
+            }
+            first.iter().all(Option::is_some)
+        },
+    );
+    let mut times: Vec<Duration> = first.into_iter().flatten().collect();
+    times.sort();
+    eprintln!(
+        "survivors with the right table: first at {:?}, median {:?}, last {:?}",
+        times[0],
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    // Every survivor still lists it (no late flip back).
+    for d in &survivors {
+        let alive: BTreeSet<String> = others(&d.name)
+            .into_iter()
+            .filter(|x| !failed.contains(x))
+            .collect();
+        assert!(lists(d, &alive, &failed), "{} changed its mind", d.name);
+    }
+    // (The figure is the last survivor's first right answer; each poll
+    // round of every survivor's table takes a few hundred ms here, so it
+    // bounds the true time from above.)
+    eprintln!(
+        "crash of five seen by all {} survivors within {:?} (checked again {:?} after the kill)",
+        survivors.len(),
+        times[times.len() - 1],
+        crashed.elapsed()
+    );
+    let refutations: u64 = survivors
+        .iter()
+        .map(|d| {
+            support::self_info(&d.socket)["overlay"]["refutations"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    eprintln!("refutations on survivors: {refutations}");
+    drop(survivors);
+    nodes.clear();
+}
