@@ -9,7 +9,8 @@ use std::time::Duration;
 use proto::membership::{EventKind, PeerState};
 use sim::{Op, SimConfig, World};
 
-const MS: Duration = Duration::from_millis(1);
+mod support;
+use support::{others, start_all_until, MS};
 
 fn world(nodes: usize, seed: u64, loss: f64, k: usize) -> World {
     World::new(SimConfig {
@@ -22,26 +23,7 @@ fn world(nodes: usize, seed: u64, loss: f64, k: usize) -> World {
 /// Starts every node and runs until every table lists every node
 /// (confirmed, live), failing after `within`.
 fn one_table(w: &mut World, within: Duration) -> Duration {
-    let t0 = w.now();
-    let n = w.config().nodes as u64;
-    w.apply(&Op::StartAll { spread: MS });
-    let done = w.run_until(t0 + within, |w| {
-        w.observer().live() == n && w.observer().one_table()
-    });
-    let Some(t) = done else {
-        panic!(
-            "no single table within {within:?}: {} pairs missing",
-            w.observer().missing_pairs()
-        );
-    };
-    t - t0
-}
-
-fn others(w: &World, but: u32) -> Vec<proto::NodeId> {
-    (0..w.config().nodes as u32)
-        .filter(|s| *s != but)
-        .filter_map(|s| w.observer().id(s))
-        .collect()
+    start_all_until(w, within, "a single table", |w| w.observer().one_table())
 }
 
 /// (mean, max) links per running node.

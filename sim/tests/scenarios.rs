@@ -7,7 +7,8 @@ use std::time::Duration;
 use proto::membership::{EventKind, LinkState, PeerState};
 use sim::{Op, SimConfig, World};
 
-const MS: Duration = Duration::from_millis(1);
+mod support;
+use support::{others, start_all_until, MS};
 
 fn world(nodes: usize, seed: u64, loss: f64) -> World {
     World::new(SimConfig {
@@ -19,26 +20,7 @@ fn world(nodes: usize, seed: u64, loss: f64) -> World {
 /// Starts every node at once and runs until the cluster has converged,
 /// failing after `within`.
 fn converge(w: &mut World, within: Duration) -> Duration {
-    let t0 = w.now();
-    let n = w.config().nodes as u64;
-    w.apply(&Op::StartAll { spread: MS });
-    let done = w.run_until(t0 + within, |w| {
-        w.observer().live() == n && w.observer().converged()
-    });
-    let Some(t) = done else {
-        panic!(
-            "not converged within {within:?}: {} pairs missing",
-            w.observer().missing_pairs()
-        );
-    };
-    t - t0
-}
-
-fn others(w: &World, but: u32) -> Vec<proto::NodeId> {
-    (0..w.config().nodes as u32)
-        .filter(|s| *s != but)
-        .filter_map(|s| w.observer().id(s))
-        .collect()
+    start_all_until(w, within, "convergence", |w| w.observer().converged())
 }
 
 #[test]
