@@ -792,6 +792,7 @@ fn self_info(state: &NodeState) -> NodeInfo {
             max_links: state.overlay.max_links,
             neighbours: n(&state.overlay.neighbours),
             refutations: n(&state.overlay.refutations),
+            relay: state.relay.counters.snapshot(),
         }),
     }
 }
@@ -890,11 +891,16 @@ async fn post_message(
     };
     let wait = state.transport.send_timeout();
     let links = state.transport.links().await;
+    let overlay = state.overlay.max_links > 0;
     let targets: Vec<_> = match &req.to {
         Some(key) => {
             let peer = find(state, key)?;
             match links.into_iter().find(|l| l.id == peer.id) {
                 Some(l) => vec![(l, peer.name)],
+                // A live member that is not a neighbour: over the overlay.
+                None if overlay && peer.is_live() => {
+                    return relay(state, Some(&peer), msg).await;
+                }
                 None => {
                     return Err(ApiError(
                         StatusCode::CONFLICT,
@@ -908,6 +914,8 @@ async fn post_message(
                 }
             }
         }
+        // Every member, over the overlay.
+        None if overlay => return relay(state, None, msg).await,
         None => links
             .into_iter()
             .map(|l| {
@@ -958,6 +966,45 @@ async fn post_message(
         StatusCode::OK
     };
     Ok((status, Json(SendResults { results })))
+}
+
+/// `POST /v1/messages` in the bounded overlay: the message goes to every
+/// live member (`to: None`) or to one that is not a neighbour, relayed over
+/// the links (see `crate::relay`). Each recipient is listed as `relayed`; a
+/// node without a link relays nothing (no recipients, or 409 for `to`).
+async fn relay(
+    state: &NodeState,
+    to: Option<&Peer>,
+    msg: AppMessage,
+) -> Result<(StatusCode, Json<SendResults>), ApiError> {
+    let handed = state.relay.send(to.map(|p| p.id), msg).await;
+    if handed.is_empty() {
+        return match to {
+            Some(p) => Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("no link to {} and none to relay it over", p.name),
+            )),
+            None => Ok((StatusCode::OK, Json(SendResults { results: vec![] }))),
+        };
+    }
+    state.messages_out.fetch_add(1, Ordering::Relaxed);
+    let relayed = |p: &Peer| SendResult {
+        id: p.id.to_string(),
+        name: p.name.clone(),
+        status: SendStatus::Relayed,
+        error: None,
+    };
+    let mut results: Vec<SendResult> = match to {
+        Some(p) => vec![relayed(p)],
+        None => state
+            .peers
+            .iter()
+            .filter(|p| p.is_live())
+            .map(|p| relayed(&p))
+            .collect(),
+    };
+    results.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+    Ok((StatusCode::OK, Json(SendResults { results })))
 }
 
 /// The keyring, or the 409 of a node without a secret.

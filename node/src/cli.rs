@@ -561,6 +561,7 @@ pub fn render_results(v: &SendResults) -> String {
         let (name, id) = (escape(&r.name), short(&r.id));
         out.push_str(&match r.status {
             SendStatus::Sent => format!("sent to {name} ({id})\n"),
+            SendStatus::Relayed => format!("relayed to {name} ({id})\n"),
             SendStatus::Failed => format!(
                 "FAILED {name} ({id}): {}\n",
                 escape(r.error.as_deref().unwrap_or(""))
@@ -849,10 +850,11 @@ mod tests {
         let sent = render_results(&SendResults {
             results: vec![
                 result(SendStatus::Sent, None),
+                result(SendStatus::Relayed, None),
                 result(SendStatus::Failed, Some(e())),
             ],
         });
-        assert_eq!(sent.lines().count(), 2, "{sent}");
+        assert_eq!(sent.lines().count(), 3, "{sent}");
         assert!(clean(&sent) && sent.contains(SHOWN), "{sent}");
     }
 

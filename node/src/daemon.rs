@@ -689,6 +689,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     let transport = transport::Transport::start(listener, tcfg, trans_tx, cancel.clone(), &tracker);
 
     let (queries, query_inbox) = crate::query::QueryHandle::new();
+    let (relay, relay_inbox) = crate::relay::RelayHandle::new();
     let (table_commands, table_commands_rx) = mpsc::channel(64);
     let state = Arc::new(NodeState {
         id,
@@ -724,6 +725,7 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         log,
         handlers: Default::default(),
         queries,
+        relay,
         table_commands,
     });
     // Subscribed before the membership task publishes its first event.
@@ -736,6 +738,11 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     tracker.spawn(crate::query::run(
         state.clone(),
         query_inbox,
+        cancel.clone(),
+    ));
+    tracker.spawn(crate::relay::run(
+        state.clone(),
+        relay_inbox,
         cancel.clone(),
     ));
 

@@ -35,6 +35,7 @@ pub mod netif;
 pub mod notify;
 pub mod ops;
 pub mod query;
+pub mod relay;
 pub mod secret;
 pub mod seeds;
 pub mod socket;

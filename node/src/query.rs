@@ -306,8 +306,14 @@ struct Task {
 /// Runs until `cancel` fires.
 pub async fn run(state: Arc<NodeState>, inbox: QueryInbox, cancel: CancellationToken) {
     let QueryInbox(mut rx) = inbox;
+    let mut engine = Queries::new(state.id, &state.name, Limits::default());
+    if state.overlay.max_links > 0 {
+        // The bounded overlay: every node forwards, so that a query reaches
+        // the members this node has no link to.
+        engine.set_ttl(proto::overlay::flood::Config::default().ttl);
+    }
     let mut task = Task {
-        engine: Queries::new(state.id, &state.name, Limits::default()),
+        engine,
         counters: state.queries.counters.clone(),
         state,
         askers: Default::default(),

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use discovery::Interface;
 use proto::control;
+use proto::frame::AppMessage;
 use proto::membership::Peer;
 use proto::secure::SharedKeyring;
 use proto::{Incarnation, NodeId};
@@ -133,6 +134,8 @@ pub struct NodeState {
     pub handlers: crate::handlers::Stats,
     /// The query task (see [`crate::query`]).
     pub queries: crate::query::QueryHandle,
+    /// The relay task (see [`crate::relay`]).
+    pub relay: crate::relay::RelayHandle,
     /// Operator commands for the membership task.
     pub table_commands: tokio::sync::mpsc::Sender<crate::table_task::TableCommand>,
 }
@@ -191,6 +194,25 @@ impl NodeState {
             // Only a body that is not map-like (a bug of the caller) fails.
             Err(error) => warn!(kind, %error, "event not published: its body is not an object"),
         }
+    }
+
+    /// An application message for this node, from `from` (a linked peer,
+    /// or the origin of a relayed message): counted, and published as a
+    /// `message` event, built only when someone follows the events.
+    pub fn deliver_message(&self, from: NodeId, from_name: Option<String>, msg: &AppMessage) {
+        use base64::Engine as _;
+        self.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.publish("message", || {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&msg.payload);
+            let text = std::str::from_utf8(&msg.payload).ok();
+            serde_json::json!({
+                "from": from.to_string(),
+                "from_name": from_name,
+                "topic": msg.topic,
+                "payload": text,
+                "payload_b64": b64,
+            })
+        });
     }
 
     /// This node's incarnation now: the start's unless a refutation

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use discovery::DiscoveryEvent;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -330,25 +329,16 @@ fn on_transport(
             state.queries.frame(id, msg);
             id
         }
+        TransportEvent::Relay { id, msg } => {
+            table.on_traffic(now, id);
+            state.relay.frame(id, msg);
+            id
+        }
         TransportEvent::Messages { id, msgs } => {
             table.on_traffic(now, id);
-            state
-                .messages_in
-                .fetch_add(msgs.len() as u64, Ordering::Relaxed);
             let from_name = table.get(&id).map(|p| p.name.clone());
-            for msg in msgs {
-                // Built only when someone subscribes to /v1/events.
-                state.publish("message", || {
-                    let b64 = base64::engine::general_purpose::STANDARD.encode(&msg.payload);
-                    let text = std::str::from_utf8(&msg.payload).ok();
-                    json!({
-                        "from": id.to_string(),
-                        "from_name": from_name,
-                        "topic": msg.topic,
-                        "payload": text,
-                        "payload_b64": b64,
-                    })
-                });
+            for msg in &msgs {
+                state.deliver_message(id, from_name.clone(), msg);
             }
             id
         }

@@ -1,5 +1,6 @@
 //! The bounded overlay (`--max-links`) with real processes on loopback:
-//! every node lists every member while linking to a bounded few, and a
+//! every node lists every member while linking to a bounded few,
+//! broadcasts, unicasts and queries reach members without a link, and a
 //! crash of several nodes at once reaches every survivor over the overlay.
 //!
 //! Each node runs on interface lo with multicast TTL 0, a TCP port the OS
@@ -12,7 +13,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use support::{http, unique_group, wait_until, Daemon, TempDir};
+use support::{http, unique_group, wait_until, Daemon, EventStream, TempDir};
 
 /// `--max-links` of every node.
 const K: usize = 6;
@@ -129,7 +130,7 @@ fn forty_eight_nodes_with_max_links_6_converge_and_see_a_crash_of_five() {
     }
 
     // A member that is not a neighbour: listed alive, no link, no RTT,
-    // not degraded; a unicast to it is refused (409, no link).
+    // not degraded.
     let (_, body) = http(&nodes[0].socket, "GET", "/v1/peers", b"");
     let v: serde_json::Value = serde_json::from_str(&body).expect("peers json");
     let remote = v["peers"]
@@ -143,11 +144,9 @@ fn forty_eight_nodes_with_max_links_6_converge_and_see_a_crash_of_five() {
     assert_eq!(remote["link"], "down", "{remote}");
     assert!(remote["rtt_ms"].is_null(), "{remote}");
     assert_eq!(remote["degraded"], false, "{remote}");
-    let to = remote["name"].as_str().expect("name");
-    let req = serde_json::json!({ "to": to, "topic": "t", "payload": "hi" }).to_string();
-    let (status, body) = http(&nodes[0].socket, "POST", "/v1/messages", req.as_bytes());
-    assert_eq!(status, 409, "{body}");
-    assert!(body.contains("no link"), "{body}");
+    let remote_name = remote["name"].as_str().expect("name").to_string();
+
+    messages_cross_the_overlay(&nodes, &remote_name);
 
     // kill -9 five at once (spread over the member list).
     let victims: Vec<usize> = (0..5).map(|j| j * n / 5 + 1).collect();
@@ -224,4 +223,111 @@ fn forty_eight_nodes_with_max_links_6_converge_and_see_a_crash_of_five() {
     eprintln!("refutations on survivors: {refutations}");
     drop(survivors);
     nodes.clear();
+}
+
+/// The message events `stream` shows until one has `last` as its payload
+/// (the read times out after 30 s: then the list ends without it).
+fn messages_until(stream: &mut EventStream, last: &str) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    while let Some(ev) = stream.next() {
+        if ev["type"] != "message" {
+            continue;
+        }
+        let s = |k: &str| ev[k].as_str().unwrap_or_default().to_string();
+        got.push((s("from_name"), s("payload")));
+        if ev["payload"] == last {
+            break;
+        }
+    }
+    got
+}
+
+/// Broadcasts, a unicast to a non-neighbour and a query, all from the
+/// first node, reach members it has no link to.
+fn messages_cross_the_overlay(nodes: &[Daemon], remote: &str) {
+    let first = &nodes[0];
+    let mut streams: Vec<(String, EventStream)> = nodes[1..]
+        .iter()
+        .map(|d| {
+            (
+                d.name.clone(),
+                EventStream::open(&d.socket).expect("events"),
+            )
+        })
+        .collect();
+
+    // Ten broadcasts: every other node gets each once, in order.
+    let sent: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+    let started = Instant::now();
+    for p in &sent {
+        let req = serde_json::json!({ "to": null, "topic": "t", "payload": p }).to_string();
+        let (status, body) = http(&first.socket, "POST", "/v1/messages", req.as_bytes());
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("results");
+        let results = v["results"].as_array().expect("results");
+        assert_eq!(results.len(), nodes.len() - 1, "every live member: {body}");
+        assert!(results.iter().all(|r| r["status"] == "relayed"), "{body}");
+    }
+    let want: Vec<(String, String)> = sent
+        .iter()
+        .map(|p| (first.name.clone(), p.clone()))
+        .collect();
+    for (name, stream) in &mut streams {
+        assert_eq!(messages_until(stream, "b9"), want, "{name}");
+    }
+    eprintln!(
+        "ten broadcasts from {} delivered in order by all {} others within {:?}",
+        first.name,
+        streams.len(),
+        started.elapsed()
+    );
+
+    // A unicast to a member without a link goes over the overlay, and
+    // only that member delivers it.
+    let req = serde_json::json!({ "to": remote, "topic": "t", "payload": "u" }).to_string();
+    let (status, body) = http(&first.socket, "POST", "/v1/messages", req.as_bytes());
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"relayed\""), "{body}");
+    let mark = serde_json::json!({ "to": null, "topic": "t", "payload": "end" }).to_string();
+    let (status, body) = http(&first.socket, "POST", "/v1/messages", mark.as_bytes());
+    assert_eq!(status, 200, "{body}");
+    for (name, stream) in &mut streams {
+        let got = messages_until(stream, "end");
+        let mut want = vec![(first.name.clone(), "end".to_string())];
+        if name == remote {
+            want.insert(0, (first.name.clone(), "u".to_string()));
+        }
+        assert_eq!(got, want, "{name}");
+    }
+    drop(streams);
+
+    // A query reaches every member: each one acks.
+    let out = first.cli(&["query", "overlay-ping", "x", "--timeout", "2s", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let done: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .expect("a done line");
+    assert_eq!(done["type"], "done", "{stdout}");
+    assert_eq!(done["asked"], nodes.len() as u64, "{done}");
+    assert_eq!(done["acked"], nodes.len() as u64, "{done}");
+
+    // The relay counted what it carried, and lost nothing.
+    let relay = &support::self_info(&first.socket)["overlay"]["relay"];
+    assert_eq!(relay["originated"], 12, "{relay}");
+    let skipped: u64 = nodes
+        .iter()
+        .map(|d| {
+            support::self_info(&d.socket)["overlay"]["relay"]["skipped"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(skipped, 0, "gaps given up");
 }

@@ -108,6 +108,28 @@ pub struct OverlayInfo {
     /// Times this node refuted a report of its own failure by raising its
     /// incarnation.
     pub refutations: u64,
+    /// Messages relayed over the overlay.
+    #[serde(default)]
+    pub relay: RelayCounts,
+}
+
+/// [`OverlayInfo::relay`]: application messages carried over the overlay
+/// (broadcasts, and messages for members without a link), totals since
+/// start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayCounts {
+    /// Sent by this node.
+    pub originated: u64,
+    /// Copies passed on to other links.
+    pub forwarded: u64,
+    /// Delivered here.
+    pub delivered: u64,
+    /// Copies of messages already handled, dropped.
+    pub duplicates: u64,
+    /// Messages given up: a gap in an origin's order not filled in time.
+    pub skipped: u64,
+    /// Frames dropped: the relay's or a link's queue was full.
+    pub dropped: u64,
 }
 
 /// [`NodeInfo::handlers`]: totals since start (gauges where said).
@@ -516,6 +538,9 @@ impl SendRequest {
 pub enum SendStatus {
     /// Queued on the link.
     Sent,
+    /// Handed to the bounded overlay (`--max-links`), which carries it to
+    /// this member over other members' links.
+    Relayed,
     /// Not sent; see [`SendResult::error`].
     Failed,
 }

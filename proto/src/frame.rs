@@ -37,6 +37,8 @@ const KIND_APP: u8 = 6;
 const KIND_QUERY: u8 = 9;
 /// Kind byte of [`Message::QueryResponse`].
 const KIND_QUERY_RESPONSE: u8 = 10;
+/// Kind byte of [`Message::Relay`].
+const KIND_RELAY: u8 = 11;
 /// Flag: a 16-byte authentication tag ends the frame (cluster-secret mode).
 pub const FLAG_TAGGED: u8 = 0x01;
 
@@ -330,6 +332,9 @@ pub enum Message {
     Query(crate::query::Query),
     /// An ack or answer to a query, on its way back to the asker.
     QueryResponse(crate::query::QueryResponse),
+    /// An application message relayed over the bounded overlay (see
+    /// [`crate::overlay::flood`]).
+    Relay(crate::overlay::flood::Relayed),
 }
 
 impl Message {
@@ -346,6 +351,7 @@ impl Message {
             Message::Reject(_) => 8,
             Message::Query(_) => KIND_QUERY,
             Message::QueryResponse(_) => KIND_QUERY_RESPONSE,
+            Message::Relay(_) => KIND_RELAY,
         }
     }
 
@@ -362,6 +368,7 @@ impl Message {
             Message::Reject(_) => "reject",
             Message::Query(_) => "query",
             Message::QueryResponse(_) => "query_response",
+            Message::Relay(_) => "relay",
         }
     }
 
@@ -411,6 +418,7 @@ impl Message {
             Message::Reject(m) => write_named(w, m),
             Message::Query(m) => write_named(w, m),
             Message::QueryResponse(m) => write_named(w, m),
+            Message::Relay(m) => write_named(w, m),
         }
     }
 
@@ -453,6 +461,7 @@ impl Message {
             8 => Message::Reject(de(body)?),
             KIND_QUERY => Message::Query(de(body)?),
             KIND_QUERY_RESPONSE => Message::QueryResponse(de(body)?),
+            KIND_RELAY => Message::Relay(de(body)?),
             other => return Err(FrameError::UnknownKind(other)),
         })
     }
@@ -1163,6 +1172,14 @@ pub(crate) mod tests {
                 payload: Bytes::from_static(b"0.25"),
                 ttl: 255,
             }),
+            Message::Relay(crate::overlay::flood::Relayed {
+                origin: NodeId(42),
+                seq: 9,
+                to: Some(NodeId(7)),
+                ttl: 15,
+                topic: "t".into(),
+                payload: Bytes::from_static(b"over the overlay"),
+            }),
         ]
     }
 
@@ -1468,7 +1485,26 @@ pub(crate) mod tests {
                     ttl: (id % 256) as u8,
                 },
             );
+        let relay = (
+            any::<u128>(),
+            any::<u64>(),
+            proptest::option::of(any::<u128>()),
+            any::<u8>(),
+            "\\PC{0,20}",
+            proptest::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(origin, seq, to, ttl, topic, payload)| {
+                crate::overlay::flood::Relayed {
+                    origin: NodeId(origin),
+                    seq,
+                    to: to.map(NodeId),
+                    ttl,
+                    topic: topic.into(),
+                    payload: Bytes::from(payload),
+                }
+            });
         prop_oneof![
+            relay.prop_map(Message::Relay),
             query.prop_map(Message::Query),
             response.prop_map(Message::QueryResponse),
             hello.clone().prop_map(Message::Hello),

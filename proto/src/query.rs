@@ -10,8 +10,9 @@
 //! Routing is reverse-path, so that the same frames work over a partial
 //! overlay: a node that forwards a query (`ttl > 0`) to its other links
 //! remembers which link it came from, and sends responses for it back that
-//! way. Today's cluster is a full mesh, so the asker sends with `ttl = 0` to
-//! every linked peer and nobody forwards.
+//! way. In the full mesh the asker sends with `ttl = 0` to every linked
+//! peer and nobody forwards; in the bounded overlay ([`Queries::set_ttl`])
+//! every node forwards a query once, so it reaches every member.
 //!
 //! [`Queries`] is the sans-IO engine of one node: `ask`, `respond` and the
 //! `on_*` inputs take `now`; [`Queries::poll_action`] yields frames to
@@ -362,6 +363,9 @@ pub struct Queries {
     events: VecDeque<QueryEvent>,
     transmits: VecDeque<Transmit>,
     stats: QueryStats,
+    /// The `ttl` of this node's queries (0: the full mesh, nobody
+    /// forwards).
+    ttl: u8,
 }
 
 impl Queries {
@@ -379,7 +383,16 @@ impl Queries {
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             stats: QueryStats::default(),
+            ttl: 0,
         }
+    }
+
+    /// How many times this node's queries may be forwarded: 0 (the
+    /// default) in the full mesh, where the asker reaches every member
+    /// itself; more than any path's hops in the bounded overlay, where
+    /// duplicates are dropped anyway.
+    pub fn set_ttl(&mut self, ttl: u8) {
+        self.ttl = ttl;
     }
 
     /// The bounds.
@@ -457,7 +470,7 @@ impl Queries {
             payload: ask.payload,
             filter: ask.filter,
             timeout_ms: timeout.as_millis() as u64,
-            ttl: 0,
+            ttl: self.ttl,
         };
         let mut targets = ask.targets;
         targets.sort_unstable();

@@ -1018,7 +1018,7 @@ impl Node {
                     });
                     self.table_input(cx, |t, now| t.on_peer_list(now, peer, &list));
                 }
-                LinkEvent::App(_) | LinkEvent::Query(_) => {}
+                LinkEvent::App(_) | LinkEvent::Query(_) | LinkEvent::Relay(_) => {}
                 LinkEvent::Closed(reason) => {
                     let current = self.links.get(&peer).is_some_and(|c| c.conn == conn);
                     if !current {
@@ -1121,6 +1121,8 @@ fn kind_of(m: &Message) -> Kind {
         Message::Goodbye(_) => Kind::Goodbye,
         Message::Reject(_) => Kind::Reject,
         Message::Hello(_) | Message::Welcome(_) => Kind::Handshake,
-        Message::App(_) | Message::Query(_) | Message::QueryResponse(_) => Kind::Other,
+        Message::App(_) | Message::Query(_) | Message::QueryResponse(_) | Message::Relay(_) => {
+            Kind::Other
+        }
     }
 }

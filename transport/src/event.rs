@@ -64,6 +64,13 @@ pub enum TransportEvent {
         /// The frame.
         msg: proto::query::QueryMessage,
     },
+    /// A message relayed over the overlay arrived.
+    Relay {
+        /// Sender (the link's peer, not the message's origin).
+        id: NodeId,
+        /// The frame.
+        msg: proto::overlay::flood::Relayed,
+    },
     /// Application messages arrived from one peer: those of one read of
     /// its link, in the order they were sent (one event per message would
     /// cost the node a channel hop per message; a batch costs one per

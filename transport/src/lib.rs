@@ -68,7 +68,7 @@ mod stats;
 pub use actor::{LinkInfo, Transport};
 pub use config::Config;
 pub use event::{Heard, SendError, TransportEvent};
-pub use link::{LinkCounters, LinkHandle, MESSAGE_BATCH_BYTES, MESSAGE_BATCH_LEN};
+pub use link::{LinkCounters, LinkHandle, QueueError, MESSAGE_BATCH_BYTES, MESSAGE_BATCH_LEN};
 pub use proto::link::CloseReason;
 pub use proto::membership::DialFailure;
 pub use stats::Stats;

@@ -194,6 +194,8 @@ pub enum LinkEvent {
     Peers(PeerList),
     /// A query or query response arrived.
     Query(crate::query::QueryMessage),
+    /// A message relayed over the overlay arrived.
+    Relay(crate::overlay::flood::Relayed),
     /// The link ended; the machine takes no more input and this is its
     /// last event.
     Closed(CloseReason),
@@ -320,6 +322,7 @@ impl Link {
             Message::QueryResponse(r) => self
                 .events
                 .push_back(LinkEvent::Query(crate::query::QueryMessage::Response(r))),
+            Message::Relay(r) => self.events.push_back(LinkEvent::Relay(r)),
             Message::Goodbye(g) => self.end(CloseReason::Goodbye(g.reason)),
             Message::Reject(r) => self.end(CloseReason::Rejected {
                 code: r.code,

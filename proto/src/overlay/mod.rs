@@ -38,6 +38,7 @@ use std::collections::{BTreeSet, HashMap};
 use crate::id::NodeId;
 
 pub mod driver;
+pub mod flood;
 pub use driver::Driver;
 
 /// The position of `id` on ring `ring`: a 64-bit mix (splitmix64's

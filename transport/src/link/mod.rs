@@ -114,6 +114,15 @@ impl Shared {
     }
 }
 
+/// Why [`LinkHandle::try_queue`] refused a frame.
+#[derive(Debug)]
+pub enum QueueError {
+    /// The link's queue is full.
+    Full,
+    /// The link closed; here is the frame back.
+    Closed(Box<Message>),
+}
+
 /// Cheap, cloneable handle to one link's writer.
 #[derive(Clone, Debug)]
 pub struct LinkHandle {
@@ -149,11 +158,24 @@ impl LinkHandle {
     /// Queues a control message without waiting: best effort, refused when
     /// the queue is full.
     pub(crate) fn try_send(&self, msg: Message) -> Result<(), SendError> {
+        self.try_queue(msg).map_err(|_| SendError::Closed)
+    }
+
+    /// Queues a frame without waiting, best effort, and says why it was
+    /// refused: a full queue, or a closed link (the frame handed back, for
+    /// another link).
+    pub fn try_queue(&self, msg: Message) -> Result<(), QueueError> {
         let item = match msg {
             Message::App(m) => Outbound::App(m),
             other => Outbound::Frame(Box::new(other)),
         };
-        self.tx.try_send(item).map_err(|_| SendError::Closed)
+        self.tx.try_send(item).map_err(|e| match e {
+            queue::TrySendError::Full(_) => QueueError::Full,
+            queue::TrySendError::Closed(Outbound::App(m)) => {
+                QueueError::Closed(Box::new(Message::App(m)))
+            }
+            queue::TrySendError::Closed(Outbound::Frame(m)) => QueueError::Closed(m),
+        })
     }
 
     /// Queues a goodbye behind what is already queued; the writer flushes

@@ -252,6 +252,7 @@ impl Reader {
                     list,
                 },
                 LinkEvent::Query(msg) => TransportEvent::Query { id: self.peer, msg },
+                LinkEvent::Relay(msg) => TransportEvent::Relay { id: self.peer, msg },
                 LinkEvent::Closed(reason) => return Err(reason),
             };
             if let Err(full) = self.env.events.try_send(event) {
