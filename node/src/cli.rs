@@ -309,6 +309,11 @@ fn render_status(v: &NodeInfo) -> String {
             "overlay:     --max-links {}: {} neighbours; refuted own failure {} times\n",
             o.max_links, o.neighbours, o.refutations
         ));
+        let r = &o.relay;
+        out.push_str(&format!(
+            "relay:       sent {}, forwarded {}, delivered {}; dropped: duplicates {}, gaps given up {}, queue full {}\n",
+            r.originated, r.forwarded, r.delivered, r.duplicates, r.skipped, r.dropped
+        ));
     }
     for s in &v.seeds {
         let resolved = if s.resolved.is_empty() {

@@ -63,6 +63,7 @@ pub struct Snapshot {
     links_refused: BTreeMap<&'static str, u64>,
     handlers: proto::control::HandlerCounters,
     queries: proto::control::QueryCounts,
+    relay: proto::control::RelayCounts,
 }
 
 impl Snapshot {
@@ -118,6 +119,7 @@ impl Snapshot {
             links_refused: t.drops.snapshot(),
             handlers: s.handlers.snapshot(),
             queries: s.queries.counters.snapshot(),
+            relay: s.relay.counters.snapshot(),
         }
     }
 }
@@ -235,6 +237,15 @@ impl Snapshot {
             ("late", q.late),
             ("queue_full", q.dropped),
         ]);
+        let r = &self.relay;
+        let relayed = BTreeMap::from([
+            ("originated", r.originated),
+            ("forwarded", r.forwarded),
+            ("delivered", r.delivered),
+            ("duplicate", r.duplicates),
+            ("skipped", r.skipped),
+            ("queue_full", r.dropped),
+        ]);
         vec![
             Family::gauge("peers", "Peers by state.").by("state", &self.peers),
             Family::gauge("links_up", "Data links up.").value(self.links_up),
@@ -319,6 +330,11 @@ impl Snapshot {
                 "Query frames, answers or progress items discarded, by reason.",
             )
             .by("reason", &discarded),
+            Family::counter(
+                "relayed",
+                "Application messages over the bounded overlay, by outcome (skipped: a gap in a sender's order given up).",
+            )
+            .by("outcome", &relayed),
         ]
     }
 }
@@ -448,6 +464,14 @@ constellation_queries_discarded_total{reason="duplicate"} 4
 constellation_queries_discarded_total{reason="late"} 0
 constellation_queries_discarded_total{reason="oversize"} 0
 constellation_queries_discarded_total{reason="queue_full"} 0
+# HELP constellation_relayed_total Application messages over the bounded overlay, by outcome (skipped: a gap in a sender's order given up).
+# TYPE constellation_relayed_total counter
+constellation_relayed_total{outcome="delivered"} 0
+constellation_relayed_total{outcome="duplicate"} 0
+constellation_relayed_total{outcome="forwarded"} 0
+constellation_relayed_total{outcome="originated"} 0
+constellation_relayed_total{outcome="queue_full"} 0
+constellation_relayed_total{outcome="skipped"} 0
 "#;
 
     #[test]
