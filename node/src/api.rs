@@ -914,8 +914,17 @@ async fn post_message(
                 }
             }
         }
-        // Every member, over the overlay.
-        None if overlay => return relay(state, None, msg).await,
+        // Every member, over the overlay, unless every live member is
+        // linked (a cluster of at most K + 1 is a full mesh): then one
+        // frame per link, as without the overlay, rather than a flood.
+        None if overlay
+            && state
+                .peers
+                .iter()
+                .any(|p| p.is_live() && !links.iter().any(|l| l.id == p.id)) =>
+        {
+            return relay(state, None, msg).await
+        }
         None => links
             .into_iter()
             .map(|l| {
