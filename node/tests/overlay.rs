@@ -89,11 +89,27 @@ fn forty_eight_nodes_with_max_links_6_converge_and_see_a_crash_of_five() {
     let none = BTreeSet::new();
 
     // One full table everywhere: n - 1 peers listed alive on every node.
-    let converged = wait_until(
-        Duration::from_secs(120),
-        "every node lists every other alive",
-        || nodes.iter().all(|d| lists(d, &others(&d.name), &none)),
-    );
+    let converged = {
+        let start = Instant::now();
+        loop {
+            if nodes.iter().all(|d| lists(d, &others(&d.name), &none)) {
+                break start.elapsed();
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                // What each node lists instead, for the failure message.
+                let seen: Vec<String> = nodes
+                    .iter()
+                    .map(|d| {
+                        let listed = peers(d);
+                        let alive = listed.iter().filter(|(_, s, _)| s == "alive").count();
+                        format!("{}: {alive} alive of {} listed", d.name, listed.len())
+                    })
+                    .collect();
+                panic!("no full table in 120 s: {seen:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
     eprintln!(
         "{n} nodes, --max-links {K}: all started in {all_started:?}, one full table {converged:?} after the last start"
     );
