@@ -388,6 +388,7 @@ fn metrics_parse_strictly_and_keep_their_names() {
         "queries_delivered",
         "queries_answered",
         "queries_discarded",
+        "relayed",
     ];
     let mut want: Vec<(String, &str)> = gauges
         .iter()
