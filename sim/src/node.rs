@@ -21,7 +21,7 @@
 //! the glue sorts them, so that a run depends on its seed only (see
 //! `drain`). Any order is one the daemon could have produced.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -31,13 +31,14 @@ use bytes::BytesMut;
 use discovery::budget::Budget;
 use discovery::sources::{SourceTable, Verdict};
 use proto::beacon::{Beacon, BeaconKind};
-use proto::frame::{PeerList, Reject, VERSION};
+use proto::frame::{AppMessage, PeerList, Reject, VERSION};
 use proto::id::check_incarnation;
 use proto::link::{
     resolve_duplicate, Duplicate, Established, Handshake, HandshakeConfig, Link, LinkConfig,
     LinkEvent, LocalClose, RejectCode, Role,
 };
 use proto::membership::{Action, DialFailure, Event, PeerTable};
+use proto::overlay::flood::{Config as FloodConfig, Flood, FloodStats};
 use proto::overlay::Driver as OverlayDriver;
 use proto::{FrameCodec, FrameError, Hello, Message, NodeId};
 use rand::rngs::StdRng;
@@ -223,6 +224,11 @@ pub struct Node {
     /// Bounded overlay mode (`--max-links`): who to link to, by the
     /// daemon's own rules (`proto::overlay::driver`).
     overlay: Option<OverlayDriver>,
+    /// The relay of broadcasts (`proto::overlay::flood`, as the daemon's
+    /// relay task runs it).
+    flood: Flood,
+    /// When each broadcast was delivered here, by `(origin, seq)`.
+    delivered: HashMap<(NodeId, u64), Instant>,
 }
 
 /// What a new process needs to know about itself.
@@ -287,6 +293,8 @@ impl Node {
             started: now,
             deferred: Vec::new(),
             overlay: s.max_links.map(|k| OverlayDriver::new(me.id, k)),
+            flood: Flood::new(me.id, FloodConfig::default()),
+            delivered: HashMap::new(),
         }
         .with_local_record()
     }
@@ -1018,7 +1026,12 @@ impl Node {
                     });
                     self.table_input(cx, |t, now| t.on_peer_list(now, peer, &list));
                 }
-                LinkEvent::App(_) | LinkEvent::Query(_) | LinkEvent::Relay(_) => {}
+                LinkEvent::Relay(r) => {
+                    let linked: Vec<NodeId> = self.links.keys().copied().collect();
+                    self.flood.on_relayed(cx.now, peer, r, &linked);
+                    self.flush_flood(cx);
+                }
+                LinkEvent::App(_) | LinkEvent::Query(_) => {}
                 LinkEvent::Closed(reason) => {
                     let current = self.links.get(&peer).is_some_and(|c| c.conn == conn);
                     if !current {
@@ -1038,6 +1051,46 @@ impl Node {
                     });
                 }
             }
+        }
+    }
+
+    // ---- broadcasts over the overlay ----
+
+    /// Broadcasts one message over the overlay, as `POST /v1/messages` with
+    /// `to: null` does in the daemon; returns its `seq`.
+    pub(crate) fn broadcast(&mut self, cx: &mut Cx) -> u64 {
+        let linked: Vec<NodeId> = self.links.keys().copied().collect();
+        let msg = AppMessage {
+            topic: "sim".into(),
+            payload: bytes::Bytes::from_static(b"broadcast"),
+        };
+        let seq = self.flood.originate(None, msg, &linked);
+        self.flush_flood(cx);
+        seq
+    }
+
+    /// When the broadcast `(origin, seq)` was delivered here.
+    pub fn delivered(&self, origin: NodeId, seq: u64) -> Option<Instant> {
+        self.delivered.get(&(origin, seq)).copied()
+    }
+
+    /// The relay's counts.
+    pub fn flood_stats(&self) -> FloodStats {
+        self.flood.stats()
+    }
+
+    /// Writes the relay's frames on the links and notes its deliveries.
+    /// (A gap's wait ends at the next relayed frame here rather than by a
+    /// timer of its own: the simulated links lose nothing for good.)
+    fn flush_flood(&mut self, cx: &mut Cx) {
+        self.flood.on_tick(cx.now);
+        while let Some((to, r)) = self.flood.poll_transmit() {
+            if let Some(conn) = self.links.get(&to).map(|c| c.conn) {
+                self.send_frame(cx, conn, Message::Relay(r));
+            }
+        }
+        while let Some(r) = self.flood.poll_delivery() {
+            self.delivered.insert((r.origin, r.seq), cx.now);
         }
     }
 

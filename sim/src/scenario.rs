@@ -12,6 +12,7 @@
 //! | `partition` | a random 50/50 split for `partition_for` | `split_seen_ms` (each side has the other `failed`), `heal_one_table_ms` (everyone lists everyone live again), `heal_ms` (and all alive with links up) |
 //! | `pause` | `SIGSTOP` of one node for `pause_for` | `woken_false_failures` (verdicts of the woken node about running peers), `paused_seen_failed_ms`, `recovery_ms` |
 //! | `restart` | `kill -9`, then a new process on the same host 500 ms later | `restart_ms` (every table has the new id alive with link up) |
+//! | `overlay` | cold start, then a crash, a broadcast, a leave and a silent loss, one after the other | `one_table_ms`, `crash_known_by_all_ms`, `broadcast_reaches_all_ms` (the last delivery of one broadcast relayed over the overlay) and `broadcast_copies_per_node`, `leave_seen_by_all_ms`, `silent_loss_ms`, `heal_one_table_ms` |
 //!
 //! The disturbance comes two `settle` periods after every table first
 //! lists every node (`one_table_ms`); `converge_ms` is measured alongside.
@@ -507,6 +508,40 @@ pub fn overlay(p: &Params) -> Value {
         out["crash_seen_by_neighbours_ms"] = json!(by_neighbours.map(|t| ms(t - crashed)));
         out["crash_known_by_all_ms"] = json!(by_all.map(|t| ms(t - crashed)));
         out["repaired_ms"] = json!(repaired.map(|t| ms(t - crashed)));
+    }
+    // One broadcast from a running node: when has every other running node
+    // delivered it (relayed over the overlay), and what did it cost.
+    w.run_until((w.now() + p.settle).min(end), |_| false);
+    let from = loop {
+        let s = pick.gen_range(0..n);
+        if w.node(s).is_some() {
+            break s;
+        }
+    };
+    let forwarded = |w: &World| -> u64 {
+        (0..n)
+            .filter_map(|s| w.node(s))
+            .map(|node| node.flood_stats().forwarded)
+            .sum()
+    };
+    let before = forwarded(&w);
+    let sent = w.now();
+    if let Some((origin, seq)) = w.broadcast(from) {
+        let all = |w: &World| {
+            (0..n)
+                .filter(|&s| s != from)
+                .filter_map(|s| w.node(s))
+                .all(|node| node.delivered(origin, seq).is_some())
+        };
+        // Timed by the deliveries' own instants, not by the poll.
+        let reached = poll_until(&mut w, (sent + p.settle).min(end), all).map(|_| {
+            (0..n)
+                .filter_map(|s| w.node(s)?.delivered(origin, seq))
+                .max()
+                .unwrap_or(sent)
+        });
+        out["broadcast_reaches_all_ms"] = json!(reached.map(|t| ms(t - sent)));
+        out["broadcast_copies_per_node"] = json!((forwarded(&w) - before) as f64 / f64::from(n));
     }
     // A graceful leave, then a silent loss, of two other running nodes.
     let running = |w: &World, pick: &mut StdRng| loop {

@@ -252,6 +252,17 @@ impl World {
         }
     }
 
+    /// Broadcasts one message from the process of `slot` over the overlay;
+    /// returns its name, `(origin, seq)`, or `None` if nothing runs there.
+    pub fn broadcast(&mut self, slot: u32) -> Option<(proto::NodeId, u64)> {
+        let id = self.nodes.get(slot as usize)?.as_ref()?.id;
+        self.obs.trace(self.now, slot, id.0, "op:broadcast");
+        let mut seq = None;
+        self.with_node(slot, |n, cx| seq = Some(n.broadcast(cx)));
+        self.flush_events();
+        Some((id, seq?))
+    }
+
     /// Applies operations in order.
     pub fn apply_all(&mut self, ops: &[Op]) {
         for op in ops {

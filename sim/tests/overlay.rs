@@ -257,3 +257,46 @@ fn silent_loss_under_loss_is_seen_without_false_failures() {
     .expect("one table again");
     assert_eq!(failures(&w), vec![]);
 }
+
+#[test]
+fn broadcasts_reach_every_node_once_in_order_under_loss() {
+    let n = 64;
+    let mut w = world(n, 23, 0.05, 6);
+    one_table(&mut w, Duration::from_secs(10));
+    w.apply(&Op::RunFor(Duration::from_secs(2)));
+    let sent = w.now();
+    let names: Vec<(proto::NodeId, u64)> = (0..5)
+        .map(|_| w.broadcast(3).expect("slot 3 runs"))
+        .collect();
+    let delivered_all = |w: &World| {
+        (0..n as u32).filter(|&s| s != 3).all(|s| {
+            let node = w.node(s).expect("running");
+            names.iter().all(|(o, q)| node.delivered(*o, *q).is_some())
+        })
+    };
+    let done = w.run_until(sent + Duration::from_secs(5), delivered_all);
+    assert!(done.is_some(), "five broadcasts not delivered everywhere");
+    for s in (0..n as u32).filter(|&s| s != 3) {
+        let node = w.node(s).expect("running");
+        let at: Vec<_> = names
+            .iter()
+            .map(|(o, q)| node.delivered(*o, *q).expect("delivered"))
+            .collect();
+        assert!(at.windows(2).all(|p| p[0] <= p[1]), "slot {s} out of order");
+        let st = node.flood_stats();
+        assert_eq!((st.delivered, st.skipped), (5, 0), "slot {s}: {st:?}");
+    }
+    // Each node passes each message on at most once per other link.
+    let copies: u64 = (0..n as u32)
+        .filter_map(|s| w.node(s))
+        .map(|node| node.flood_stats().forwarded)
+        .sum();
+    let links: usize = (0..n as u32)
+        .filter_map(|s| w.node(s))
+        .map(|n| n.links())
+        .sum();
+    assert!(
+        copies <= 5 * links as u64,
+        "{copies} copies over {links} link ends"
+    );
+}
