@@ -306,14 +306,8 @@ struct Task {
 /// Runs until `cancel` fires.
 pub async fn run(state: Arc<NodeState>, inbox: QueryInbox, cancel: CancellationToken) {
     let QueryInbox(mut rx) = inbox;
-    let mut engine = Queries::new(state.id, &state.name, Limits::default());
-    if state.overlay.max_links > 0 {
-        // The bounded overlay: every node forwards, so that a query reaches
-        // the members this node has no link to.
-        engine.set_ttl(proto::overlay::flood::Config::default().ttl);
-    }
     let mut task = Task {
-        engine,
+        engine: Queries::new(state.id, &state.name, Limits::default()),
         counters: state.queries.counters.clone(),
         state,
         askers: Default::default(),
@@ -364,6 +358,20 @@ impl Task {
             } => self.engine.on_response(now, from, r),
             Command::Ask { spec, reply } => {
                 let (expected, asked) = self.expected(&spec, &tags);
+                // In the bounded overlay, unless every live member is
+                // linked (a cluster of at most K + 1), every node forwards
+                // the query, so that it reaches members without a link.
+                let forward = self.state.overlay.max_links > 0
+                    && self
+                        .state
+                        .peers
+                        .iter()
+                        .any(|p| p.is_live() && p.link != proto::membership::LinkState::Up);
+                self.engine.set_ttl(if forward {
+                    proto::overlay::flood::Config::default().ttl
+                } else {
+                    0
+                });
                 let ask = Ask {
                     name: spec.name,
                     payload: spec.payload,
