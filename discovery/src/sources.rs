@@ -159,7 +159,9 @@ impl Source {
 #[derive(Debug)]
 pub struct SourceTable {
     limits: Limits,
-    by_src: HashMap<SocketAddr, Source>,
+    /// Boxed: a hash map's buckets are often half empty, and an empty
+    /// bucket then costs a pointer rather than a whole entry.
+    by_src: HashMap<SocketAddr, Box<Source>>,
     holder: HashMap<NodeId, SocketAddr>,
 }
 
@@ -209,7 +211,8 @@ impl SourceTable {
             if self.by_src.len() >= self.limits.max_sources {
                 return false;
             }
-            self.by_src.insert(src, Source::new(&self.limits, now));
+            self.by_src
+                .insert(src, Box::new(Source::new(&self.limits, now)));
         }
         let s = self.by_src.get_mut(&src).expect("inserted above");
         s.bucket.try_take(now)
@@ -291,7 +294,7 @@ impl SourceTable {
         let s = self
             .by_src
             .entry(src)
-            .or_insert_with(|| Source::new(&limits, now));
+            .or_insert_with(|| Box::new(Source::new(&limits, now)));
         // A source that spoke for another identity: its port was reused by a
         // new process; the old identity loses this source.
         if let Some((old, _)) = s.speaks_for.filter(|(old, _)| *old != id) {

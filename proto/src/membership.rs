@@ -83,7 +83,7 @@
 //! Without it, every rule above holds unchanged.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -504,7 +504,10 @@ pub enum DialFailure {
 pub struct PeerTable {
     local: NodeId,
     cfg: Config,
-    peers: HashMap<NodeId, Peer>,
+    /// Boxed: the map's buckets are sized for a power of two of entries,
+    /// often half empty, and an empty bucket then costs a pointer rather
+    /// than a whole entry (several hundred bytes, N of them per node).
+    peers: HashMap<NodeId, Box<Peer>>,
     /// Confirmed name -> the entry that holds it (the first claimant while
     /// two are in conflict).
     by_name: HashMap<String, NodeId>,
@@ -513,6 +516,9 @@ pub struct PeerTable {
     rivals: HashSet<NodeId>,
     /// How many entries are pending (not confirmed).
     pending: usize,
+    /// The ids whose link is up, in order: what relays, probes and news go
+    /// over, without a scan of every entry (a handful of N).
+    linked: BTreeSet<NodeId>,
     /// The deadline last handed to the driver by `next_deadline`, until the
     /// tick it asked for.
     armed: Cell<Option<Instant>>,
@@ -567,6 +573,7 @@ impl PeerTable {
             by_name: HashMap::new(),
             rivals: HashSet::new(),
             pending: 0,
+            linked: BTreeSet::new(),
             armed: Cell::new(None),
             due: RefCell::default(),
             grace_until: None,
@@ -595,8 +602,8 @@ impl PeerTable {
         incarnation: Incarnation,
         addr: SocketAddr,
         now: Instant,
-    ) -> Peer {
-        let mut p = Peer::new(id, name, incarnation, addr, now);
+    ) -> Box<Peer> {
+        let mut p = Box::new(Peer::new(id, name, incarnation, addr, now));
         p.overlay = self.cfg.overlay.is_some();
         p.wanted = self.wanted.contains(&id);
         p
@@ -609,12 +616,12 @@ impl PeerTable {
 
     /// One peer (confirmed or pending).
     pub fn get(&self, id: &NodeId) -> Option<&Peer> {
-        self.peers.get(id)
+        self.peers.get(id).map(|p| &**p)
     }
 
     /// All peers, pending ones included, in no particular order.
     pub fn peers(&self) -> impl Iterator<Item = &Peer> {
-        self.peers.values()
+        self.peers.values().map(|p| &**p)
     }
 
     /// Number of entries, tombstones and pending entries included.
@@ -748,6 +755,7 @@ impl PeerTable {
         let Some(p) = self.peers.remove(&id) else {
             return;
         };
+        self.linked.remove(&id);
         if !p.confirmed {
             self.pending -= 1;
         }
@@ -1053,6 +1061,7 @@ impl PeerTable {
         // link that merely replaces a closed surplus one.
         let troubled = was_lost || was_state != PeerState::Alive;
         p.link = LinkState::Up;
+        self.linked.insert(id);
         if !was_up {
             events.push(EventKind::LinkUp);
         }
@@ -1109,7 +1118,7 @@ impl PeerTable {
             .peers
             .values()
             .filter(|p| p.confirmed && p.is_live() && p.id != id)
-            .map(member_record)
+            .map(|p| member_record(p))
             .collect();
         view.sort_unstable_by_key(|r| r.id);
         if !view.is_empty() {
@@ -1121,7 +1130,7 @@ impl PeerTable {
         if !news {
             return;
         }
-        let Some(change) = self.peers.get(&id).map(member_record) else {
+        let Some(change) = self.peers.get(&id).map(|p| member_record(p)) else {
             return;
         };
         if self.cfg.overlay.is_some() {
@@ -1129,13 +1138,7 @@ impl PeerTable {
             self.queue_relay(Some(id), change);
             return;
         }
-        let mut linked: Vec<NodeId> = self
-            .peers
-            .values()
-            .filter(|p| p.id != id && p.link == LinkState::Up)
-            .map(|p| p.id)
-            .collect();
-        linked.sort_unstable();
+        let linked: Vec<NodeId> = self.linked.iter().filter(|&&l| l != id).copied().collect();
         for to in linked {
             self.actions.push_back(Action::Send {
                 to,
@@ -1201,6 +1204,7 @@ impl PeerTable {
             return;
         }
         p.link = LinkState::Down;
+        self.linked.remove(&id);
         p.rtt = None;
         let mut suspect = false;
         if p.is_live() && !graceful {
@@ -1576,13 +1580,8 @@ impl PeerTable {
         let ask = PeerList {
             peers: vec![record(p, RECORD_PROBE, None)],
         };
-        let mut helpers: Vec<NodeId> = self
-            .peers
-            .values()
-            .filter(|h| h.id != id && h.link == LinkState::Up)
-            .map(|h| h.id)
-            .collect();
-        helpers.sort_unstable(); // the map's order is random; the rng is not
+        // In order: the map's order is random; the rng is not.
+        let mut helpers: Vec<NodeId> = self.linked.iter().filter(|&&h| h != id).copied().collect();
         helpers.shuffle(&mut self.rng);
         helpers.truncate(PROBE_FANOUT);
         for to in helpers {
@@ -1622,7 +1621,20 @@ impl PeerTable {
         let mut due = self.due.borrow_mut();
         due.refresh(&self.cfg, &self.peers);
         #[cfg(debug_assertions)]
-        due.check(&self.cfg, &self.peers);
+        {
+            due.check(&self.cfg, &self.peers);
+            let mut up: Vec<NodeId> = self
+                .peers
+                .values()
+                .filter(|p| p.link == LinkState::Up)
+                .map(|p| p.id)
+                .collect();
+            up.sort_unstable();
+            assert!(
+                up.into_iter().eq(self.linked.iter().copied()),
+                "the set of linked ids is out of date"
+            );
+        }
         let (silence, timer) = due.first();
         // Silence verdicts wait out a grace period after our own lateness.
         let silence = silence.map(|t| self.grace_until.map_or(t, |g| t.max(g)));

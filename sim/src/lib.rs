@@ -84,6 +84,7 @@ pub mod net;
 pub mod node;
 pub mod observe;
 mod queue;
+mod records;
 pub mod scenario;
 pub mod world;
 

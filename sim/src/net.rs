@@ -40,6 +40,7 @@ use rand::Rng;
 use serde::Serialize;
 
 use crate::queue::{Ev, Input, Queue};
+use crate::records::{Records, SharedList};
 
 /// Linux's minimum retransmission timeout.
 pub const RTO_MIN: Duration = Duration::from_millis(200);
@@ -65,6 +66,9 @@ pub enum Segment {
     /// One frame of a plaintext link, passed as a value (its bytes are the
     /// codec's business, tested in `proto`).
     Frame(Box<Message>),
+    /// A `peers` frame of a plaintext link, its records shared with every
+    /// other frame in flight that carries them (see `records.rs`).
+    Peers(SharedList),
     /// The sender closed its end.
     Fin,
     /// The sender's end was reset.
@@ -214,6 +218,8 @@ pub struct Net {
     connect_timeout: Duration,
     /// What each host sent.
     pub sent: Vec<Sent>,
+    /// The membership records in flight.
+    pub(crate) records: Records,
 }
 
 /// The address of host `slot`.
@@ -257,6 +263,7 @@ impl Net {
             loss: loss.clamp(0.0, 1.0),
             connect_timeout,
             sent: vec![Sent::default(); hosts],
+            records: Records::default(),
         }
     }
 

@@ -834,6 +834,12 @@ impl Node {
                             hs.on_bytes(now, buf);
                         }
                     }
+                    Segment::Peers(shared) => {
+                        let m = Message::Peers(shared.to_list());
+                        if FrameCodec::new(cx.s.max_frame).encode(m, buf).is_ok() {
+                            hs.on_bytes(now, buf);
+                        }
+                    }
                     // An IO error while waiting for the answer counts as a
                     // close (`handshake::answer_io`: reset).
                     Segment::Fin | Segment::Rst => hs.on_eof(now),
@@ -841,10 +847,14 @@ impl Node {
                 self.pump_handshake(cx, conn);
             }
             EndState::Open { link, rbuf, .. } => {
-                let frame = matches!(seg, Segment::Bytes(_) | Segment::Frame(_));
+                let frame = matches!(
+                    seg,
+                    Segment::Bytes(_) | Segment::Frame(_) | Segment::Peers(_)
+                );
                 match seg {
                     Segment::Bytes(b) => rbuf.extend_from_slice(&b),
                     Segment::Frame(m) => link.on_frame(now, *m),
+                    Segment::Peers(shared) => link.on_frame(now, Message::Peers(shared.to_list())),
                     Segment::Fin => link.on_eof(now),
                     Segment::Rst => link.on_error(
                         now,
@@ -1145,7 +1155,10 @@ fn write(cx: &mut Cx, conn: ConnId, idx: usize, enc: &mut FrameCodec, msg: Messa
         }
         Segment::Bytes(out.freeze())
     } else {
-        Segment::Frame(Box::new(msg))
+        match msg {
+            Message::Peers(list) => Segment::Peers(cx.net.records.share(list)),
+            msg => Segment::Frame(Box::new(msg)),
+        }
     };
     cx.net.send(cx.now, cx.rng, cx.queue, conn, idx, seg, kind);
 }

@@ -18,7 +18,8 @@
 //! [`PeerTable::next_deadline`]: super::PeerTable::next_deadline
 //! [`PeerTable::on_tick`]: super::PeerTable::on_tick
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use std::time::{Duration, Instant};
 
@@ -83,16 +84,18 @@ pub(super) fn keys(cfg: &Config, p: &Peer) -> Keys {
 /// a removal and an insertion in the ordered set.
 #[derive(Debug, Default)]
 pub(super) struct Due {
-    /// Lower bounds of silence deadlines (see above); `in_silence` says
-    /// which entry each id has here.
+    /// Lower bounds of silence deadlines (see above); each id's [`Slot`]
+    /// says which entry it has here.
     silence: BTreeSet<(Instant, NodeId)>,
-    in_silence: HashMap<NodeId, Instant>,
     timer: BTreeSet<(Instant, NodeId)>,
-    /// The true keys.
-    keys: HashMap<NodeId, Keys>,
+    /// Per id: its true keys and its entry in `silence`. One map, not
+    /// two: N of these per node.
+    slots: HashMap<NodeId, Slot>,
     /// Entries not confirmed yet, with their `since` (for the table's
-    /// `unlinked` list).
-    pending: HashMap<NodeId, Instant>,
+    /// `unlinked` list). Ordered, so that it shrinks back once a cold
+    /// start's crowd of pending entries is confirmed (a hash map keeps its
+    /// largest capacity).
+    pending: BTreeMap<NodeId, Instant>,
     /// The `unlinked` list must be recomputed at the next tick at or after
     /// this (`None`: only when `pending` changes).
     unlinked_until: Option<Instant>,
@@ -102,6 +105,15 @@ pub(super) struct Due {
     dirty: Vec<NodeId>,
 }
 
+/// What the index holds about one id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    /// The true keys.
+    keys: Keys,
+    /// Its entry in the lazy silence set, if any.
+    held: Option<Instant>,
+}
+
 impl Due {
     /// Marks `id` as possibly changed (or removed).
     pub fn touch(&mut self, id: NodeId) {
@@ -109,17 +121,31 @@ impl Due {
     }
 
     /// Recomputes the keys of every id touched since the last refresh.
-    pub fn refresh(&mut self, cfg: &Config, peers: &HashMap<NodeId, Peer>) {
+    pub fn refresh(&mut self, cfg: &Config, peers: &HashMap<NodeId, Box<Peer>>) {
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();
         for id in dirty.drain(..) {
             let new = peers.get(&id).map(|p| keys(cfg, p));
+            // The slot's keys and silence entry before this refresh.
             let old = match new {
-                Some(k) => self.keys.insert(id, k),
-                None => self.keys.remove(&id),
+                Some(k) => match self.slots.entry(id) {
+                    Entry::Occupied(mut e) => {
+                        let old = *e.get();
+                        e.get_mut().keys = k;
+                        Some(old)
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(Slot {
+                            keys: k,
+                            held: None,
+                        });
+                        None
+                    }
+                },
+                None => self.slots.remove(&id),
             };
-            let old_timer = old.and_then(|k| k.timer);
+            let old_timer = old.and_then(|s| s.keys.timer);
             let new_timer = new.and_then(|k| k.timer);
             if old_timer != new_timer {
                 if let Some(t) = old_timer {
@@ -130,16 +156,18 @@ impl Due {
                 }
             }
             let silence = new.and_then(|k| k.silence);
-            match (self.in_silence.get(&id).copied(), silence) {
-                (Some(held), Some(t)) if held <= t => {} // still a lower bound
+            let held = old.and_then(|s| s.held);
+            match (held, silence) {
+                (Some(h), Some(t)) if h <= t => {} // still a lower bound
                 (held, t) => {
                     if let Some(h) = held {
                         self.silence.remove(&(h, id));
-                        self.in_silence.remove(&id);
                     }
                     if let Some(t) = t {
                         self.silence.insert((t, id));
-                        self.in_silence.insert(id, t);
+                    }
+                    if let Some(slot) = self.slots.get_mut(&id) {
+                        slot.held = t;
                     }
                 }
             }
@@ -166,7 +194,7 @@ impl Due {
                 .silence
                 .iter()
                 .take_while(|(t, _)| *t <= bound)
-                .filter(|&&(t, id)| self.keys.get(&id).and_then(|k| k.silence) != Some(t))
+                .filter(|&&(t, id)| self.true_silence(id) != Some(t))
                 .copied()
                 .collect();
             if stale.is_empty() {
@@ -178,13 +206,20 @@ impl Due {
         }
     }
 
+    /// The true silence deadline of `id`.
+    fn true_silence(&self, id: NodeId) -> Option<Instant> {
+        self.slots.get(&id).and_then(|s| s.keys.silence)
+    }
+
     /// Replaces the entry `(held, id)` by the id's true silence deadline.
     fn move_silence(&mut self, held: Instant, id: NodeId) {
         self.silence.remove(&(held, id));
-        self.in_silence.remove(&id);
-        if let Some(t) = self.keys.get(&id).and_then(|k| k.silence) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        slot.held = slot.keys.silence;
+        if let Some(t) = slot.held {
             self.silence.insert((t, id));
-            self.in_silence.insert(id, t);
         }
     }
 
@@ -246,21 +281,21 @@ impl Due {
 
     /// Debug builds: the index matches a recomputation from every entry.
     #[cfg(debug_assertions)]
-    pub fn check(&self, cfg: &Config, peers: &HashMap<NodeId, Peer>) {
+    pub fn check(&self, cfg: &Config, peers: &HashMap<NodeId, Box<Peer>>) {
         assert!(self.dirty.is_empty(), "check after a refresh");
         assert_eq!(
-            self.keys.len(),
+            self.slots.len(),
             peers.len(),
             "an entry is missing from the deadline index"
         );
         for (id, p) in peers {
             let k = keys(cfg, p);
             assert_eq!(
-                self.keys.get(id),
-                Some(&k),
+                self.slots.get(id).map(|s| s.keys),
+                Some(k),
                 "deadline index out of date for {id:?}: an input changed it without touching it"
             );
-            let held = self.in_silence.get(id).copied();
+            let held = self.slots.get(id).and_then(|s| s.held);
             assert_eq!(
                 held.is_some(),
                 k.silence.is_some(),
@@ -273,7 +308,10 @@ impl Due {
             assert!(held.is_none_or(|h| self.silence.contains(&(h, *id))));
             assert!(k.timer.is_none_or(|t| self.timer.contains(&(t, *id))));
         }
-        assert_eq!(self.silence.len(), self.in_silence.len());
+        assert_eq!(
+            self.silence.len(),
+            self.slots.values().filter(|s| s.held.is_some()).count()
+        );
         assert_eq!(
             self.timer.len(),
             peers

@@ -194,21 +194,15 @@ impl PeerTable {
     /// it: that is how it learns to refute).
     pub(super) fn flush_relays(&mut self) {
         let out = std::mem::take(&mut self.outbox);
-        let mut linked: Vec<NodeId> = self
-            .peers
-            .values()
-            .filter(|p| p.link == LinkState::Up)
-            .map(|p| p.id)
-            .collect();
-        linked.sort_unstable();
+        let linked: Vec<NodeId> = self.linked.iter().copied().collect();
         for to in linked {
-            let peers: Vec<PeerRecord> = out
-                .iter()
-                .filter(|(except, r)| {
-                    *except != Some(to) && !(r.id == to && r.state == PeerState::Alive.as_str())
-                })
-                .map(|(_, r)| r.clone())
-                .collect();
+            let goes = |(except, r): &&(Option<NodeId>, PeerRecord)| {
+                *except != Some(to) && !(r.id == to && r.state == PeerState::Alive.as_str())
+            };
+            // Sized exactly: these lists wait in send queues, one per link,
+            // and a collected one would carry up to half its size in slack.
+            let mut peers = Vec::with_capacity(out.iter().filter(goes).count());
+            peers.extend(out.iter().filter(goes).map(|(_, r)| r.clone()));
             if !peers.is_empty() {
                 self.actions.push_back(Action::Send {
                     to,
