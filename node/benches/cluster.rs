@@ -33,6 +33,12 @@
 //!   follows `/v1/events` and posts the payload back. Baseline for all
 //!   three: a broadcast message to the same nodes in the same cluster.
 //!
+//! - Against cluster size (`-- --sizes 16,64,128,256 [--max-links 8]
+//!   [--mesh-sizes 16,64] [--serf-sizes 16,64,128] [--runs 5]`): converge,
+//!   join, leave, crash, silent loss, `peers` and idle cost (CPU, wake-ups,
+//!   network, memory) at each size, where "seen by all" means every node's
+//!   table (see `scale.rs`); only these figures run then.
+//!
 //! Every node runs on interface lo with TTL 0 on a group of its own; every
 //! process is killed when the benchmark ends.
 
@@ -50,6 +56,7 @@ use tokio::sync::mpsc;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod scale;
 mod serf;
 
 const BIN: &str = env!("CARGO_BIN_EXE_constellationd");
@@ -544,7 +551,7 @@ fn report(name: &str, extra: Value, xs: Vec<f64>, base_name: &str, base: Vec<f64
     let mut line = json!({
         "bench": name, "runs": xs.len(), "median_ms": round(med), "min_ms": round(min), "max_ms": round(max),
         "baseline": base_name, "baseline_median_ms": round(bmed), "baseline_min_ms": round(bmin), "baseline_max_ms": round(bmax),
-        "ratio_to_baseline": round(med / bmed),
+        "ratio_to_baseline": round(med / bmed), "load1": scale::load1(),
     });
     if let (Value::Object(l), Value::Object(e)) = (&mut line, extra) {
         l.extend(e);
@@ -970,14 +977,26 @@ async fn silent_loss(n: usize, runs: usize) {
     }
 }
 
-/// Sum of user and system CPU ticks of `pid` (from /proc).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12) // utime, stime (fields 14 and 15 of the whole line)
+/// CPU time (ns) and times scheduled in, summed over every thread of
+/// `pid` (`/proc/PID/task/*/schedstat`: run time, wait time, timeslices).
+/// Threads that ended meanwhile are not counted.
+fn sched(pid: u32) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    let mut total = (0, 0);
+    for t in tasks.flatten() {
+        let text = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        let f: Vec<u64> = text
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if let [run_ns, _, slices] = f[..] {
+            total.0 += run_ns;
+            total.1 += slices;
+        }
+    }
+    total
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -1020,26 +1039,38 @@ struct Idle {
     uss: f64,
     /// Mean CPU, % of one core.
     cpu: f64,
+    /// Mean times each node was scheduled in, per second (all threads).
+    wakeups: f64,
     /// Loopback bytes per node per second, net of the background rate.
     net: f64,
 }
 
 fn idle_cost(pids: &[u32], window: Duration, background: f64) -> Idle {
-    let tick = 100.0; // USER_HZ on Linux
-    let c0: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+    let s0: Vec<(u64, u64)> = pids.iter().map(|&p| sched(p)).collect();
     let (b0, t0) = (lo_bytes(), Instant::now());
     std::thread::sleep(window); // a measurement window, not synchronisation
     let (b1, secs) = (lo_bytes(), t0.elapsed().as_secs_f64());
-    let cpu: f64 = pids
-        .iter()
-        .zip(&c0)
-        .map(|(&p, &c)| (cpu_ticks(p).saturating_sub(c)) as f64 / tick / secs * 100.0)
-        .sum::<f64>()
-        / pids.len() as f64;
+    let s1: Vec<(u64, u64)> = pids.iter().map(|&p| sched(p)).collect();
+    let per_node = |f: fn(&(u64, u64)) -> u64| {
+        s0.iter()
+            .zip(&s1)
+            .map(|(a, b)| f(b).saturating_sub(f(a)) as f64)
+            .sum::<f64>()
+            / pids.len() as f64
+            / secs
+    };
+    let cpu = per_node(|s| s.0) / 1e9 * 100.0;
+    let wakeups = per_node(|s| s.1);
     let rss = stats(pids.iter().map(|&p| rss_kib(p) as f64 / 1024.0).collect()).0;
     let uss = stats(pids.iter().map(|&p| uss_kib(p) as f64 / 1024.0).collect()).0;
     let net = ((b1 - b0) as f64 / secs - background).max(0.0) / pids.len() as f64;
-    Idle { rss, uss, cpu, net }
+    Idle {
+        rss,
+        uss,
+        cpu,
+        wakeups,
+        net,
+    }
 }
 
 /// Resident memory, idle CPU and idle loopback traffic per node of an idle
@@ -1060,7 +1091,7 @@ async fn resources(n: usize, window: Duration) {
         json!({
             "bench": "idle", "system": system, "n": n, "window_s": window.as_secs(),
             "rss_mib_median": round(i.rss), "uss_mib_median": round(i.uss),
-            "cpu_pct_mean": round(i.cpu), "net_bytes_per_s": round(i.net),
+            "cpu_pct_mean": round(i.cpu), "wakeups_per_s_mean": round(i.wakeups), "net_bytes_per_s": round(i.net),
             "lo_background_bytes_per_s": round(background),
         })
     };
@@ -1074,8 +1105,9 @@ async fn resources(n: usize, window: Duration) {
 }
 
 /// `--only NAME[,NAME]` runs just those figures (join, join_seed, converge_seed, join_secret,
-/// lifecycle, peers, automation, silent_loss, idle); `--quick` fewer sizes and runs. With `SERF_BIN`
-/// set, each figure Serf shares is measured for Serf too, in the same run.
+/// lifecycle, peers, automation, silent_loss, idle; with `--sizes`: converge, lifecycle, peers,
+/// silent_loss, idle); `--quick` fewer sizes and runs. With `SERF_BIN` set, each figure Serf
+/// shares is measured for Serf too, in the same run.
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -1086,6 +1118,11 @@ async fn main() {
         .and_then(|i| args.get(i + 1))
         .map(|v| v.split(',').map(String::from).collect());
     let want = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+    if let Some(o) = scale::Opts::parse(&args, quick) {
+        // `--sizes` (with `--max-links`, ...): the figures against N only.
+        scale::run(&o, &want).await;
+        return;
+    }
     let (sizes, runs): (&[usize], usize) = if quick {
         (&[4, 16], 3)
     } else {
