@@ -87,6 +87,8 @@ pub struct Config {
     pub first_hold: Duration,
     /// Most messages held per origin; past it, the oldest gap is given up.
     pub max_held: usize,
+    /// Most payload bytes held in all; past it, every gap is given up.
+    pub max_held_bytes: usize,
     /// Most origins remembered; past it, the one heard from longest ago
     /// with nothing held is forgotten.
     pub max_origins: usize,
@@ -99,6 +101,7 @@ impl Default for Config {
             hold: Duration::from_millis(500),
             first_hold: Duration::from_millis(50),
             max_held: 1024,
+            max_held_bytes: 64 << 20,
             max_origins: 16_384,
         }
     }
@@ -141,6 +144,8 @@ pub struct Flood {
     /// How many origins hold messages (so that a node with none skips the
     /// scan for a deadline).
     holding: usize,
+    /// Payload bytes held, all origins together.
+    held_bytes: usize,
     transmits: VecDeque<(NodeId, Relayed)>,
     deliveries: VecDeque<Relayed>,
     stats: FloodStats,
@@ -155,6 +160,7 @@ impl Flood {
             next_seq: 1,
             origins: HashMap::new(),
             holding: 0,
+            held_bytes: 0,
             transmits: VecDeque::new(),
             deliveries: VecDeque::new(),
             stats: FloodStats::default(),
@@ -207,6 +213,7 @@ impl Flood {
         // Passed on before it is delivered: order is the receivers' concern.
         self.pass_on(r.clone(), Some(from), linked);
         let o = self.origins.get_mut(&r.origin).expect("inserted above");
+        self.held_bytes += size(&r);
         o.held.insert(seq, r);
         if o.held.len() > cfg.max_held {
             // Too much held: the gap is given up.
@@ -214,11 +221,23 @@ impl Flood {
             self.stats.skipped += gap_end - o.next;
             o.next = gap_end;
         }
-        self.stats.delivered += drain(o, now, &cfg, &mut self.deliveries, self.me);
+        self.stats.delivered += drain(
+            o,
+            now,
+            &cfg,
+            &mut self.deliveries,
+            self.me,
+            &mut self.held_bytes,
+        );
         match (was_holding, o.held.is_empty()) {
             (false, false) => self.holding += 1,
             (true, true) => self.holding -= 1,
             _ => {}
+        }
+        if self.held_bytes > cfg.max_held_bytes {
+            // Too much held in all: every wait ends now (each one ends
+            // within `hold` of now anyway).
+            self.on_tick(now + cfg.hold.max(cfg.first_hold));
         }
     }
 
@@ -237,7 +256,14 @@ impl Flood {
             self.stats.skipped += gap_end - o.next;
             o.next = gap_end;
             o.give_up = None;
-            self.stats.delivered += drain(o, now, &cfg, &mut self.deliveries, self.me);
+            self.stats.delivered += drain(
+                o,
+                now,
+                &cfg,
+                &mut self.deliveries,
+                self.me,
+                &mut self.held_bytes,
+            );
             if o.held.is_empty() {
                 self.holding -= 1;
             }
@@ -321,6 +347,7 @@ fn drain(
     cfg: &Config,
     out: &mut VecDeque<Relayed>,
     me: NodeId,
+    held_bytes: &mut usize,
 ) -> u64 {
     let start = o.next;
     let mut delivered = 0;
@@ -329,6 +356,7 @@ fn drain(
             break;
         }
         let r = entry.remove();
+        *held_bytes -= size(&r);
         o.next += 1;
         if r.to.is_none_or(|t| t == me) {
             delivered += 1;
@@ -341,6 +369,11 @@ fn drain(
         o.give_up = Some(now + cfg.hold);
     }
     delivered
+}
+
+/// What a held message counts against [`Config::max_held_bytes`].
+fn size(r: &Relayed) -> usize {
+    r.payload.len() + r.topic.as_str().len()
 }
 
 #[cfg(test)]

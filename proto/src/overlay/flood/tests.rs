@@ -184,6 +184,29 @@ fn too_much_held_gives_up_the_gap() {
 }
 
 #[test]
+fn too_many_bytes_held_gives_up_every_gap() {
+    // Each test message holds 2 bytes (topic "t" and one payload byte).
+    let cfg = Config {
+        max_held_bytes: 4,
+        ..Config::default()
+    };
+    let now = Instant::now();
+    let mut b = Flood::new(B, cfg);
+    b.on_relayed(now, A, relayed(A, 1, "1"), &[A]);
+    b.on_relayed(now, A, relayed(A, 3, "3"), &[A]);
+    b.on_relayed(now, C, relayed(C, 1, "1"), &[C]);
+    b.on_relayed(now, C, relayed(C, 4, "4"), &[C]);
+    assert_eq!(delivered(&mut b), vec![(A, 1), (C, 1)], "4 bytes held fit");
+    b.on_relayed(now, A, relayed(A, 5, "5"), &[A]);
+    let mut got = delivered(&mut b);
+    got.sort();
+    // Both waits ended (A's for 2, C's for 2 and 3); A now waits for 4.
+    assert_eq!(got, vec![(A, 3), (C, 4)], "every gap given up");
+    assert_eq!(b.stats().skipped, 1 + 2);
+    assert_eq!(b.held_bytes, 2, "A's 5 only");
+}
+
+#[test]
 fn origins_are_forgotten_oldest_first_past_the_bound() {
     let cfg = Config {
         max_origins: 2,
