@@ -22,7 +22,9 @@
 //!   longer path, so it fills within milliseconds. A gap that does not fill
 //!   within [`Config::hold`] (its message was lost with a link, or dropped by
 //!   a full queue on every path) is given up ([`FloodStats::skipped`]) and
-//!   delivery goes on after it. The first message heard from an origin sets
+//!   delivery goes on after it; so is a gap behind which too much waits
+//!   ([`Config::max_held`] messages of one origin, [`Config::max_held_bytes`]
+//!   in all), so that a member cannot make a node hold without bound. The first message heard from an origin sets
 //!   where its count starts: `seq` 1 is delivered at once, a higher one waits
 //!   [`Config::first_hold`] for earlier ones on longer paths.
 //! - **Addressed messages** (`to` set) travel the same way, and only the
