@@ -1120,7 +1120,7 @@ async fn main() {
     let want = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     if let Some(o) = scale::Opts::parse(&args, quick) {
         // `--sizes` (with `--max-links`, ...): the figures against N only.
-        scale::run(&o, &want).await;
+        scale::run(&o).await;
         return;
     }
     let (sizes, runs): (&[usize], usize) = if quick {

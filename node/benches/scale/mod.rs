@@ -54,6 +54,7 @@ use super::{
 };
 
 /// What `--sizes`, `--max-links` and friends asked for.
+#[derive(Clone)]
 pub struct Opts {
     /// Sizes for constellationd with `--max-links max_links`.
     pub sizes: Vec<usize>,
@@ -67,6 +68,8 @@ pub struct Opts {
     pub runs: usize,
     /// Idle measurement window.
     pub idle: Duration,
+    /// `--only`: the figures to measure (all when `None`).
+    pub only: Option<Vec<String>>,
 }
 
 impl Opts {
@@ -101,7 +104,13 @@ impl Opts {
             .unwrap_or(if quick { 3 } else { 5 })
             .max(1);
         let idle = Duration::from_secs(if quick { 5 } else { 20 });
+        let only = args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.split(',').map(String::from).collect());
         Some(Opts {
+            only,
             sizes,
             max_links,
             mesh_sizes,
@@ -112,9 +121,20 @@ impl Opts {
     }
 }
 
+impl Opts {
+    /// Whether figure `name` was asked for.
+    fn want(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|x| x == name))
+    }
+}
+
 /// Runs the suite: every size, smallest first; at each, constellationd
-/// with `--max-links`, then the full mesh, then Serf (those asked for).
-pub async fn run(o: &Opts, want: &dyn Fn(&str) -> bool) {
+/// with `--max-links`, then the full mesh, then Serf (those asked for). A
+/// size whose cluster broke down (a wait past its deadline) prints a
+/// `failed` line with the reason and the run goes on with the next.
+pub async fn run(o: &Opts) {
     let all: BTreeSet<usize> = o
         .sizes
         .iter()
@@ -123,18 +143,46 @@ pub async fn run(o: &Opts, want: &dyn Fn(&str) -> bool) {
         .copied()
         .collect();
     for n in all {
+        let mut systems = Vec::new();
         if o.sizes.contains(&n) {
-            ours(n, o.max_links, o, want).await;
+            systems.push(("constellationd", o.max_links));
         }
         if o.mesh_sizes.contains(&n) {
-            ours(n, 0, o, want).await;
+            systems.push(("constellationd", 0));
         }
-        if o.serf_sizes.contains(&n) {
-            if let Some(bin) = serf::bin() {
-                tokio::task::block_in_place(|| theirs(&bin, n, o, want));
+        for (system, k) in systems {
+            let o = o.clone();
+            // A panic (a deadline passed) ends this task, whose drop stops
+            // its processes; the next system or size starts clean.
+            if let Err(e) = tokio::spawn(async move { ours(n, k, &o).await }).await {
+                failed(system, n, k, e);
+            }
+        }
+        if let (true, Some(bin)) = (o.serf_sizes.contains(&n), serf::bin()) {
+            let o = o.clone();
+            if let Err(e) = tokio::task::spawn_blocking(move || theirs(&bin, n, &o)).await {
+                failed("serf", n, 0, e);
             }
         }
     }
+}
+
+/// The line that says a size did not complete, and why.
+fn failed(system: &str, n: usize, k: usize, e: tokio::task::JoinError) {
+    let why = match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default(),
+        Err(e) => e.to_string(),
+    };
+    let why: String = why.chars().take(300).collect();
+    println!(
+        "{}",
+        json!({"bench": "size", "suite": "scale", "system": system, "n": n, "max_links": k,
+               "failed": why, "load1": load1()})
+    );
 }
 
 /// The 1-minute load average now.
@@ -511,7 +559,8 @@ async fn settle(c: &Cluster, k: usize) {
 }
 
 /// The suite for constellationd at size `n` with `--max-links k`.
-async fn ours(n: usize, k: usize, o: &Opts, want: &dyn Fn(&str) -> bool) {
+async fn ours(n: usize, k: usize, o: &Opts) {
+    let want = |name: &str| o.want(name);
     let system = "constellationd";
     let background = {
         let (b0, t0) = (lo_bytes(), Instant::now());
@@ -711,7 +760,8 @@ fn idle_line(
 
 /// The same figures for Serf at size `n` (converge excepted: its agents
 /// join one by one).
-fn theirs(bin: &Path, n: usize, o: &Opts, want: &dyn Fn(&str) -> bool) {
+fn theirs(bin: &Path, n: usize, o: &Opts) {
+    let want = |name: &str| o.want(name);
     let system = "serf";
     let background = {
         let (b0, t0) = (lo_bytes(), Instant::now());
