@@ -96,7 +96,11 @@ use crate::frame::{Hello, PeerList, PeerRecord};
 use crate::id::{tags_digest, Incarnation, NodeId, Tags};
 
 mod due;
+mod names;
 mod overlay;
+
+/// The entries, by id.
+type Peers = HashMap<NodeId, Box<Peer>>;
 
 /// Beacon intervals of silence that still mean nothing for a peer whose
 /// beacons are paced (one lost beacon and a late one), as discovery judges
@@ -507,10 +511,10 @@ pub struct PeerTable {
     /// Boxed: the map's buckets are sized for a power of two of entries,
     /// often half empty, and an empty bucket then costs a pointer rather
     /// than a whole entry (several hundred bytes, N of them per node).
-    peers: HashMap<NodeId, Box<Peer>>,
+    peers: Peers,
     /// Confirmed name -> the entry that holds it (the first claimant while
     /// two are in conflict).
-    by_name: HashMap<String, NodeId>,
+    by_name: names::Names,
     /// Confirmed entries in a conflict: live claimants of a name that
     /// another live entry also claims.
     rivals: HashSet<NodeId>,
@@ -570,7 +574,7 @@ impl PeerTable {
             local,
             cfg,
             peers: HashMap::new(),
-            by_name: HashMap::new(),
+            by_name: names::Names::default(),
             rivals: HashSet::new(),
             pending: 0,
             linked: BTreeSet::new(),
@@ -759,9 +763,7 @@ impl PeerTable {
         if !p.confirmed {
             self.pending -= 1;
         }
-        if self.by_name.get(&p.name) == Some(&id) {
-            self.by_name.remove(&p.name);
-        }
+        self.by_name.remove_holder(&p.name, id);
         if !self.rivals.remove(&id) {
             return;
         }
@@ -775,13 +777,13 @@ impl PeerTable {
         let Some(&first) = others.first() else {
             return;
         };
-        self.by_name.entry(p.name.clone()).or_insert(first);
+        self.by_name.insert_if_absent(&self.peers, &p.name, first);
         if let [survivor] = others[..] {
             self.rivals.remove(&survivor);
             if let Some(s) = self.peers.get_mut(&survivor) {
                 s.conflict = None;
             }
-            self.by_name.insert(p.name, survivor);
+            self.by_name.insert(&self.peers, &p.name, survivor);
             self.emit(survivor, EventKind::Updated);
             return;
         }
@@ -961,7 +963,11 @@ impl PeerTable {
             // belong to a confirmed entry that is gone (a restart), or to one
             // still heard directly (a conflict)?
             let mut replaced = false;
-            while let Some(h) = self.by_name.get(&hello.name).copied().filter(|&h| h != id) {
+            while let Some(h) = self
+                .by_name
+                .get(&self.peers, &hello.name)
+                .filter(|&h| h != id)
+            {
                 let old = &self.peers[&h];
                 if self.heard_directly(old, now) {
                     rival = Some((h, old.addr));
@@ -992,7 +998,7 @@ impl PeerTable {
             match rival {
                 Some((_, addr)) => p.conflict = Some(addr),
                 None => {
-                    self.by_name.insert(hello.name.clone(), id);
+                    self.by_name.insert(&self.peers, &hello.name, id);
                 }
             }
         }

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use std::time::{Duration, Instant};
 
-use super::{Config, LinkState, Peer, PeerState, PeerTable};
+use super::{Config, LinkState, Peer, PeerState, PeerTable, Peers};
 use crate::id::NodeId;
 
 /// The two keys of one entry. See the module docs.
@@ -88,8 +88,8 @@ pub(super) struct Due {
     /// says which entry it has here.
     silence: BTreeSet<(Instant, NodeId)>,
     timer: BTreeSet<(Instant, NodeId)>,
-    /// Per id: its true keys and its entry in `silence`. One map, not
-    /// two: N of these per node.
+    /// Per id with a deadline: its true keys and its entry in `silence`
+    /// (an id with neither has no slot). One map, not two.
     slots: HashMap<NodeId, Slot>,
     /// Entries not confirmed yet, with their `since` (for the table's
     /// `unlinked` list). Ordered, so that it shrinks back once a cold
@@ -121,12 +121,17 @@ impl Due {
     }
 
     /// Recomputes the keys of every id touched since the last refresh.
-    pub fn refresh(&mut self, cfg: &Config, peers: &HashMap<NodeId, Box<Peer>>) {
+    pub fn refresh(&mut self, cfg: &Config, peers: &Peers) {
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();
         for id in dirty.drain(..) {
-            let new = peers.get(&id).map(|p| keys(cfg, p));
+            // An entry with no deadline has no slot (in overlay mode, most
+            // entries: members known through the overlay only).
+            let new = peers
+                .get(&id)
+                .map(|p| keys(cfg, p))
+                .filter(|k| *k != Keys::default());
             // The slot's keys and silence entry before this refresh.
             let old = match new {
                 Some(k) => match self.slots.entry(id) {
@@ -179,6 +184,12 @@ impl Due {
             self.pending_changed |= was != since;
         }
         self.dirty = dirty; // keep the allocation
+                            // A cold start's crowd of entries with deadlines (pending ones) is
+                            // soon known through the overlay only: give the room back.
+        let len = self.slots.len();
+        if self.slots.capacity() > 8 * len.max(16) {
+            self.slots.shrink_to(2 * len);
+        }
     }
 
     /// Moves stale silence entries at or before `until` (or, when `None`,
@@ -281,18 +292,17 @@ impl Due {
 
     /// Debug builds: the index matches a recomputation from every entry.
     #[cfg(debug_assertions)]
-    pub fn check(&self, cfg: &Config, peers: &HashMap<NodeId, Box<Peer>>) {
+    pub fn check(&self, cfg: &Config, peers: &Peers) {
         assert!(self.dirty.is_empty(), "check after a refresh");
-        assert_eq!(
-            self.slots.len(),
-            peers.len(),
-            "an entry is missing from the deadline index"
+        assert!(
+            self.slots.keys().all(|id| peers.contains_key(id)),
+            "a removed entry is still in the deadline index"
         );
         for (id, p) in peers {
             let k = keys(cfg, p);
             assert_eq!(
-                self.slots.get(id).map(|s| s.keys),
-                Some(k),
+                self.slots.get(id).map_or(Keys::default(), |s| s.keys),
+                k,
                 "deadline index out of date for {id:?}: an input changed it without touching it"
             );
             let held = self.slots.get(id).and_then(|s| s.held);

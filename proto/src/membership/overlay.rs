@@ -285,7 +285,11 @@ impl PeerTable {
     /// unless its name belongs to an entry the word may not displace.
     fn confirm_by_word(&mut self, now: Instant, from: NodeId, r: &PeerRecord) {
         let mut replaced = false;
-        while let Some(h) = self.by_name.get(&r.name).copied().filter(|&h| h != r.id) {
+        while let Some(h) = self
+            .by_name
+            .get(&self.peers, &r.name)
+            .filter(|&h| h != r.id)
+        {
             let old = &self.peers[&h];
             if old.link == LinkState::Up || (old.is_live() && r.incarnation <= old.incarnation) {
                 // Heard on our own link, or the same or a later life: a
@@ -315,7 +319,7 @@ impl PeerTable {
         p.state = PeerState::Alive;
         p.since = now;
         p.last_seen = p.last_seen.max(now);
-        self.by_name.insert(r.name.clone(), r.id);
+        self.by_name.insert(&self.peers, &r.name, r.id);
         self.emit(
             r.id,
             if replaced {
