@@ -25,6 +25,10 @@
 //! - `silent_loss`: a newcomer run as user `nobody` whose every packet on lo
 //!   is dropped (see `MuteNobody`), until all N list it `failed`. Root and
 //!   iptables only.
+//! - `broadcast`: `POST /v1/messages` with `to: null` on one node of the
+//!   N-node cluster, until the last of the other N - 1 emitted it on its
+//!   event stream (its own `at`): relayed over the overlay. Baseline: a
+//!   unicast to one of its neighbours.
 //! - `peers_query`: whole-process `constellationd peers --json` against one
 //!   node. Baseline: `curl --unix-socket` of the same URL.
 //! - `idle`: per node over a window: CPU (`/proc/PID/task/*/schedstat`
@@ -623,12 +627,41 @@ async fn ours(n: usize, k: usize, o: &Opts) {
     }
     let lifecycle = want("lifecycle");
     let silent = want("silent_loss");
-    if !lifecycle && !silent {
+    let broadcast = want("broadcast");
+    if !lifecycle && !silent && !broadcast {
         return;
     }
     let socks: Vec<PathBuf> = c.nodes.iter().map(|(_, s, _)| s.clone()).collect();
     let (mut rx, tasks) = subscribe(&socks).await;
     let limit = Duration::from_secs(30);
+    if broadcast {
+        // From node 0 until the last of the other N - 1 emitted it (their
+        // own `at`): relayed over the overlay. Baseline: a unicast to one of
+        // its neighbours, over their link.
+        let client = Client::new(&c.nodes[0].1);
+        let neighbour = match client.get("/v1/peers?state=alive").await {
+            Ok(a) => a.parse::<PeerList>().ok().and_then(|l| {
+                l.peers
+                    .into_iter()
+                    .find(|p| p.peer.link == "up")
+                    .map(|p| p.peer.name)
+            }),
+            Err(_) => None,
+        };
+        let (mut xs, mut base) = (Vec::new(), Vec::new());
+        for r in 0..o.runs {
+            if let Some(to) = &neighbour {
+                base.push(
+                    super::message_ms(&client, &mut rx, json!(to), &format!("uni{r}"), 1).await,
+                );
+            }
+            xs.push(
+                super::message_ms(&client, &mut rx, Value::Null, &format!("all{r}"), n - 1).await,
+            );
+        }
+        let base = (!base.is_empty()).then_some(("unicast to a neighbour", base.as_slice()));
+        emit("broadcast", n, system, k, &xs, base);
+    }
     if lifecycle {
         let (mut joins, mut leaves, mut crashes, mut base) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
