@@ -769,7 +769,7 @@ fn idle_line(
     })
 }
 
-/// The same figures for Serf at size `n` (converge excepted: its agents
+/// The same figures for Serf at size `n` (converge excepted: its nodes
 /// join one by one).
 fn theirs(bin: &Path, n: usize, o: &Opts) {
     let want = |name: &str| o.want(name);
