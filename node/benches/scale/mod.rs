@@ -502,18 +502,29 @@ impl Follow {
 }
 
 /// Polls a newcomer (every 10 ms, `limit` at most) until its table lists
-/// `n` peers alive and it has as many links up as it wants neighbours;
-/// returns the names it is linked to.
-async fn newcomer_ready(sock: &Path, n: usize, limit: Duration) -> Vec<String> {
+/// `n` peers alive and it has as many links up as it wants neighbours, the
+/// same on two answers at least 300 ms apart (its `neighbours` gauge can
+/// lag the member list: right after a relayed list it may want one link);
+/// in an overlay larger than a full mesh (`n + 1 > k + 1`) it must want at
+/// least 2. Returns the names it is linked to. The figures take the links'
+/// own timestamps, so this extra wait is not in them.
+async fn newcomer_ready(sock: &Path, n: usize, k: usize, limit: Duration) -> Vec<String> {
     let deadline = Instant::now() + limit;
+    let least = if k > 0 && n > k { 2 } else { 1 };
+    let mut held: Option<(u64, Instant)> = None;
     loop {
         let me = Client::new(sock).get("/v1/self").await.ok();
         let v = me.and_then(|a| a.json().ok()).unwrap_or_default();
         let wants = v["overlay"]["neighbours"].as_u64().unwrap_or(n as u64);
         let ok = v["peers"]["alive"].as_u64() >= Some(n as u64)
-            && wants > 0
+            && wants >= least
             && v["links_up"].as_u64() >= Some(wants);
-        if ok {
+        held = match (ok, held) {
+            (false, _) => None,
+            (true, Some((w, since))) if w == wants => Some((w, since)),
+            (true, _) => Some((wants, Instant::now())),
+        };
+        if held.is_some_and(|(_, since)| since.elapsed() >= Duration::from_millis(300)) {
             if let Ok(a) = Client::new(sock).get("/v1/peers").await {
                 if let Ok(list) = a.parse::<PeerList>() {
                     return list
@@ -680,7 +691,7 @@ async fn ours(n: usize, k: usize, o: &Opts) {
                 about(&["peer_joined", "link_up"], &name),
             )
             .await;
-            let linked = newcomer_ready(&sock, n, limit).await;
+            let linked = newcomer_ready(&sock, n, k, limit).await;
             let links = follow.latest_link_up(&linked).unwrap_or(listed);
             joins.push(ms_since(t0, listed.max(links)));
 
@@ -712,7 +723,7 @@ async fn ours(n: usize, k: usize, o: &Opts) {
                 about(&["peer_joined", "link_up"], &name),
             )
             .await;
-            newcomer_ready(&sock, n, limit).await;
+            newcomer_ready(&sock, n, k, limit).await;
             let t0 = SystemTime::now();
             p.0.kill().expect("kill -9");
             let _ = p.0.wait();
@@ -750,7 +761,7 @@ async fn ours(n: usize, k: usize, o: &Opts) {
                     about(&["peer_joined", "link_up"], &name),
                 )
                 .await;
-                newcomer_ready(&sock, n, limit).await;
+                newcomer_ready(&sock, n, k, limit).await;
                 let t0 = SystemTime::now();
                 let mute = MuteNobody::on().expect("iptables rule");
                 let failed = all_say(
@@ -791,7 +802,7 @@ fn idle_line(
     })
 }
 
-/// The same figures for Serf at size `n` (converge excepted: its agents
+/// The same figures for Serf at size `n` (converge excepted: its nodes
 /// join one by one).
 fn theirs(bin: &Path, n: usize, o: &Opts) {
     let want = |name: &str| o.want(name);
