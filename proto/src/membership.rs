@@ -332,11 +332,19 @@ impl Peer {
 
     /// Whether this node judges it on silence (and probes for it): always in
     /// a full mesh, and for pending entries (forgotten when silent); in
-    /// overlay mode only while its link is up or after the link was lost
-    /// without a goodbye. A neighbour whose first link is still being made
-    /// is not judged: its silence so far says nothing about it.
+    /// overlay mode only while its link is up, after the link was lost
+    /// without a goodbye, or while it is a neighbour that a dial failed to
+    /// reach. A neighbour whose first link is still being made is not
+    /// judged: its silence so far says nothing about it. One that cannot
+    /// be reached is: otherwise a member that went silent before its other
+    /// neighbours linked to it would have a single observer, and a single
+    /// alert never fails a member.
     fn judged(&self) -> bool {
-        !self.overlay || !self.confirmed || self.link == LinkState::Up || self.lost_at.is_some()
+        !self.overlay
+            || !self.confirmed
+            || self.link == LinkState::Up
+            || self.lost_at.is_some()
+            || (self.wanted && self.dial_attempts > 0)
     }
 
     /// Whether the table may dial it: always in a full mesh; in overlay
@@ -1055,6 +1063,10 @@ impl PeerTable {
             p.digest = digest;
         }
         p.last_seen = now;
+        // Overlay mode: a member known so far only by word (relayed
+        // records) may not have heard of us from anyone; its first link
+        // gets the view too (see `share`).
+        let first_link = p.overlay && p.last_link.is_none();
         p.last_link = Some(now);
         p.lost_at = None;
         p.next_probe = None;
@@ -1093,7 +1105,7 @@ impl PeerTable {
                 list: PeerList { peers: vec![r] },
             });
         }
-        self.share(id, news, !was_up && troubled);
+        self.share(id, news, !was_up && (troubled || first_link));
     }
 
     /// Membership over links: a peer `id` whose link just brought news (it
@@ -1102,9 +1114,13 @@ impl PeerTable {
     /// each change crosses each link once. A node that knows only one other
     /// (a seed) thereby learns of all, and all learn of it.
     ///
-    /// Overlay mode: a new link after trouble (`fresh`: the last link was
-    /// lost without a goodbye, or the peer was suspect or failed here) gets
-    /// the view, news or not: a node whose links were cut may have missed
+    /// Overlay mode: the first link to a member known so far only by word,
+    /// and a new link after trouble (`fresh`: the last link was lost
+    /// without a goodbye, or the peer was suspect or failed here) get the
+    /// view, news or not. A newcomer's first neighbour relays it to the
+    /// others, so its later neighbours link to a member they know already:
+    /// without the view, a newcomer whose one view got lost (a full queue)
+    /// would list only its neighbours for good. After trouble: a node whose links were cut may have missed
     /// joins and refutations that no other path will bring it again, since
     /// each change crosses each link once. Verdicts (tombstones) are not part of it: after a partition
     /// heals, one side's verdicts on silence are about members alive on the

@@ -242,6 +242,66 @@ fn silence_fails_a_member_only_on_two_observers_alerts() {
 }
 
 #[test]
+fn a_neighbour_no_dial_reaches_is_alerted_on_and_two_alerts_fail_it() {
+    let t0 = Instant::now();
+    let (a, b, x) = (NodeId(100), NodeId(200), NodeId(900));
+    let mut t = linked(t0, &[a, b]);
+    // x is known by word, then becomes a neighbour: dialed at once.
+    t.on_peer_list(t0, a, &list(vec![member(x, 1, "alive")]));
+    t.set_neighbours(t0, [a, b, x]);
+    assert_eq!(dials(&actions(&mut t)), vec![x]);
+    let dead = t.config().dead_after;
+    let later = t0 + dead * 2;
+    // a and b are heard all along.
+    t.on_traffic(later, a);
+    t.on_traffic(later, b);
+    // While the first dial is under way, its silence says nothing.
+    t.on_tick(later);
+    assert_eq!(t.get(&x).unwrap().state, PeerState::Alive);
+    assert!(sends(&actions(&mut t))
+        .iter()
+        .all(|(_, records)| records.iter().all(|(id, _)| *id != x)));
+    // The dial fails: now it is judged, and its silence is long past.
+    t.on_dial_failed(later, x, DialFailure::Other);
+    t.on_tick(later);
+    let alerts: Vec<NodeId> = actions(&mut t)
+        .iter()
+        .filter_map(|act| match act {
+            Action::Send { to, list } => list
+                .peers
+                .iter()
+                .any(|r| r.id == x && r.by == Some(LOCAL))
+                .then_some(*to),
+            Action::Dial { .. } => None,
+        })
+        .collect();
+    assert_eq!(alerts, vec![a, b], "our alert, to every link");
+    assert!(t.get(&x).unwrap().is_live(), "one alert fails nobody");
+    t.on_peer_list(later, a, &list(vec![alert(x, 1, NodeId(7))]));
+    assert_eq!(t.get(&x).unwrap().state, PeerState::Failed);
+}
+
+#[test]
+fn the_first_link_to_a_member_known_by_word_gets_the_view() {
+    let t0 = Instant::now();
+    let (a, x) = (NodeId(100), NodeId(900));
+    let mut t = linked(t0, &[a]);
+    t.on_peer_list(t0, a, &list(vec![member(x, 1, "alive")]));
+    t.set_neighbours(t0, [a, x]);
+    actions(&mut t);
+    t.on_link_up(t0, &hello(x, 1));
+    let to_x: Vec<_> = sends(&actions(&mut t))
+        .into_iter()
+        .filter(|(to, _)| *to == x)
+        .collect();
+    assert_eq!(to_x, vec![(x, vec![(a, "alive".to_string())])]);
+    // A later link to it, after a graceful close, sends nothing again.
+    t.on_link_down(t0, x, true);
+    t.on_link_up(t0, &hello(x, 1));
+    assert!(sends(&actions(&mut t)).iter().all(|(to, _)| *to != x));
+}
+
+#[test]
 fn one_remote_alert_alone_fails_nobody() {
     let t0 = Instant::now();
     let (a, b, x) = (NodeId(100), NodeId(200), NodeId(900));
