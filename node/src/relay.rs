@@ -209,7 +209,7 @@ impl Task {
         while let Some(r) = self.engine.poll_delivery() {
             let from_name = self.state.peers.get(&r.origin).map(|p| p.name.clone());
             self.state
-                .deliver_message(r.origin, from_name, &r.message());
+                .deliver_message(r.origin, from_name.as_deref(), &r.message());
         }
         let st = self.engine.stats();
         let c = &self.counters;

@@ -199,7 +199,7 @@ impl NodeState {
     /// An application message for this node, from `from` (a linked peer,
     /// or the origin of a relayed message): counted, and published as a
     /// `message` event, built only when someone follows the events.
-    pub fn deliver_message(&self, from: NodeId, from_name: Option<String>, msg: &AppMessage) {
+    pub fn deliver_message(&self, from: NodeId, from_name: Option<&str>, msg: &AppMessage) {
         use base64::Engine as _;
         self.messages_in.fetch_add(1, Ordering::Relaxed);
         self.publish("message", || {

@@ -338,7 +338,7 @@ fn on_transport(
             table.on_traffic(now, id);
             let from_name = table.get(&id).map(|p| p.name.clone());
             for msg in &msgs {
-                state.deliver_message(id, from_name.clone(), msg);
+                state.deliver_message(id, from_name.as_deref(), msg);
             }
             id
         }
