@@ -190,7 +190,9 @@ impl Flood {
     /// A relayed message arrived over the link from `from`; `linked` are the
     /// peers this node has links to now.
     pub fn on_relayed(&mut self, now: Instant, from: NodeId, r: Relayed, linked: &[NodeId]) {
-        if r.origin == self.me || r.seq == 0 {
+        // `seq` counts from 1, and never reaches the last value (a forged
+        // one is dropped: there is no `next` after it).
+        if r.origin == self.me || r.seq == 0 || r.seq == u64::MAX {
             self.stats.duplicates += 1;
             return;
         }
@@ -220,7 +222,7 @@ impl Flood {
         if o.held.len() > cfg.max_held {
             // Too much held: the gap is given up.
             let gap_end = *o.held.keys().next().expect("not empty");
-            self.stats.skipped += gap_end - o.next;
+            self.stats.skipped = self.stats.skipped.saturating_add(gap_end - o.next);
             o.next = gap_end;
         }
         self.stats.delivered += drain(
@@ -255,7 +257,7 @@ impl Flood {
                 continue;
             }
             let gap_end = *o.held.keys().next().expect("held while waiting");
-            self.stats.skipped += gap_end - o.next;
+            self.stats.skipped = self.stats.skipped.saturating_add(gap_end - o.next);
             o.next = gap_end;
             o.give_up = None;
             self.stats.delivered += drain(

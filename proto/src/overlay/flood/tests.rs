@@ -153,6 +153,28 @@ fn an_addressed_message_is_delivered_by_the_member_named_and_passed_on_by_the_re
 }
 
 #[test]
+fn forged_sequence_numbers_at_the_ends_are_dropped_without_harm() {
+    let cfg = Config::default();
+    let now = Instant::now();
+    let mut b = Flood::new(B, cfg);
+    for seq in [0, u64::MAX] {
+        b.on_relayed(now, A, relayed(A, seq, "x"), &[A, C]);
+    }
+    assert!(transmits(&mut b).is_empty());
+    assert_eq!(b.stats().duplicates, 2);
+    // A huge gap is given up like any other, and counted without overflow.
+    b.on_relayed(now, A, relayed(A, u64::MAX - 1, "x"), &[A]);
+    b.on_tick(now + cfg.first_hold);
+    b.on_relayed(now + cfg.first_hold, C, relayed(C, u64::MAX - 1, "x"), &[C]);
+    b.on_tick(now + cfg.first_hold * 2);
+    assert_eq!(
+        delivered(&mut b),
+        vec![(A, u64::MAX - 1), (C, u64::MAX - 1)]
+    );
+    assert_eq!(b.stats().skipped, u64::MAX, "saturated");
+}
+
+#[test]
 fn a_spent_ttl_is_delivered_but_not_passed_on() {
     let now = Instant::now();
     let mut b = Flood::new(B, Config::default());
