@@ -136,6 +136,21 @@ struct Origin {
     last_heard: Instant,
 }
 
+impl Origin {
+    /// Gives up the gap before the first held message: `next` moves to it.
+    /// Returns how many messages were given up.
+    fn give_up_gap(&mut self) -> u64 {
+        let gap_end = *self
+            .held
+            .keys()
+            .next()
+            .expect("a gap is before a held message");
+        let skipped = gap_end - self.next;
+        self.next = gap_end;
+        skipped
+    }
+}
+
 /// One node's relay. See the module docs.
 #[derive(Debug)]
 pub struct Flood {
@@ -221,9 +236,7 @@ impl Flood {
         o.held.insert(seq, r);
         if o.held.len() > cfg.max_held {
             // Too much held: the gap is given up.
-            let gap_end = *o.held.keys().next().expect("not empty");
-            self.stats.skipped = self.stats.skipped.saturating_add(gap_end - o.next);
-            o.next = gap_end;
+            self.stats.skipped = self.stats.skipped.saturating_add(o.give_up_gap());
         }
         self.stats.delivered += drain(
             o,
@@ -256,9 +269,7 @@ impl Flood {
             if t > now {
                 continue;
             }
-            let gap_end = *o.held.keys().next().expect("held while waiting");
-            self.stats.skipped = self.stats.skipped.saturating_add(gap_end - o.next);
-            o.next = gap_end;
+            self.stats.skipped = self.stats.skipped.saturating_add(o.give_up_gap());
             o.give_up = None;
             self.stats.delivered += drain(
                 o,

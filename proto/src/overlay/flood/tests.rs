@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -261,6 +261,34 @@ struct Net {
 }
 
 impl Net {
+    /// `n` nodes with random ids, linked as an overlay of `k` links each.
+    fn over(rng: &mut StdRng, n: usize, k: usize) -> (Net, Vec<NodeId>) {
+        let ids: Vec<NodeId> = (0..n).map(|_| NodeId(rng.gen())).collect();
+        let mut o = Overlay::new(k);
+        o.set_members(ids.iter().copied());
+        let mut adj: BTreeMap<NodeId, Vec<NodeId>> =
+            ids.iter().map(|id| (*id, Vec::new())).collect();
+        for (a, b) in o.edges() {
+            adj.entry(a).or_default().push(b);
+            adj.entry(b).or_default().push(a);
+        }
+        for peers in adj.values_mut() {
+            peers.sort_unstable();
+            peers.dedup();
+        }
+        let net = Net {
+            nodes: ids
+                .iter()
+                .map(|&id| (id, Flood::new(id, Config::default())))
+                .collect(),
+            adj,
+            inflight: BTreeMap::new(),
+            carried: BTreeMap::new(),
+            got: BTreeMap::new(),
+        };
+        (net, ids)
+    }
+
     fn collect(&mut self, id: NodeId) {
         let f = self.nodes.get_mut(&id).unwrap();
         while let Some((to, r)) = f.poll_transmit() {
@@ -327,21 +355,7 @@ proptest! {
         sends in prop::collection::vec((any::<prop::sample::Index>(), 0u8..4), 1..40),
     ) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let ids: Vec<NodeId> = (0..n).map(|_| NodeId(rng.gen())).collect();
-        let mut o = Overlay::new(k);
-        o.set_members(ids.iter().copied());
-        let mut adj: BTreeMap<NodeId, BTreeSet<NodeId>> = BTreeMap::new();
-        for (a, b) in o.edges() {
-            adj.entry(a).or_default().insert(b);
-            adj.entry(b).or_default().insert(a);
-        }
-        let mut net = Net {
-            nodes: ids.iter().map(|&id| (id, Flood::new(id, Config::default()))).collect(),
-            adj: ids.iter().map(|id| (*id, adj.get(id).map(|s| s.iter().copied().collect()).unwrap_or_default())).collect(),
-            inflight: BTreeMap::new(),
-            carried: BTreeMap::new(),
-            got: BTreeMap::new(),
-        };
+        let (mut net, ids) = Net::over(&mut rng, n, k);
         let now = Instant::now();
         let mut sent: BTreeMap<NodeId, u64> = BTreeMap::new();
         for (who, steps) in sends {
@@ -388,21 +402,7 @@ proptest! {
         sends in prop::collection::vec((any::<prop::sample::Index>(), 0u8..4, any::<bool>()), 1..40),
     ) {
         let mut rng = StdRng::seed_from_u64(seed);
-        let ids: Vec<NodeId> = (0..n).map(|_| NodeId(rng.gen())).collect();
-        let mut o = Overlay::new(4);
-        o.set_members(ids.iter().copied());
-        let mut adj: BTreeMap<NodeId, BTreeSet<NodeId>> = BTreeMap::new();
-        for (a, b) in o.edges() {
-            adj.entry(a).or_default().insert(b);
-            adj.entry(b).or_default().insert(a);
-        }
-        let mut net = Net {
-            nodes: ids.iter().map(|&id| (id, Flood::new(id, Config::default()))).collect(),
-            adj: ids.iter().map(|id| (*id, adj.get(id).map(|s| s.iter().copied().collect()).unwrap_or_default())).collect(),
-            inflight: BTreeMap::new(),
-            carried: BTreeMap::new(),
-            got: BTreeMap::new(),
-        };
+        let (mut net, ids) = Net::over(&mut rng, n, 4);
         let mut now = Instant::now();
         let mut sent: BTreeMap<NodeId, u64> = BTreeMap::new();
         for (who, steps, lose) in sends {
