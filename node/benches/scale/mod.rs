@@ -508,6 +508,28 @@ impl Follow {
 /// in an overlay larger than a full mesh (`n + 1 > k + 1`) it must want at
 /// least 2. Returns the names it is linked to. The figures take the links'
 /// own timestamps, so this extra wait is not in them.
+/// Waits until all `n` nodes list the newcomer `name` (their latest
+/// timestamp is returned) and its own links are up ([`newcomer_ready`]:
+/// the peers it linked to).
+async fn settled_in(
+    rx: &mut mpsc::UnboundedReceiver<(usize, Value)>,
+    sock: &Path,
+    name: &str,
+    n: usize,
+    k: usize,
+    limit: Duration,
+) -> (SystemTime, Vec<String>) {
+    let listed = all_say(
+        rx,
+        n,
+        limit,
+        &format!("lists {name}"),
+        about(&["peer_joined", "link_up"], name),
+    )
+    .await;
+    (listed, newcomer_ready(sock, n, k, limit).await)
+}
+
 async fn newcomer_ready(sock: &Path, n: usize, k: usize, limit: Duration) -> Vec<String> {
     let deadline = Instant::now() + limit;
     let least = if k > 0 && n > k { 2 } else { 1 };
@@ -683,15 +705,7 @@ async fn ours(n: usize, k: usize, o: &Opts) {
             let t0 = SystemTime::now();
             let (sock, mut p) = spawn(&c.dir, &c.group, &name, None);
             let follow = Follow::start(sock.clone());
-            let listed = all_say(
-                &mut rx,
-                n,
-                limit,
-                &format!("lists {name}"),
-                about(&["peer_joined", "link_up"], &name),
-            )
-            .await;
-            let linked = newcomer_ready(&sock, n, k, limit).await;
+            let (listed, linked) = settled_in(&mut rx, &sock, &name, n, k, limit).await;
             let links = follow.latest_link_up(&linked).unwrap_or(listed);
             joins.push(ms_since(t0, listed.max(links)));
 
@@ -715,15 +729,7 @@ async fn ours(n: usize, k: usize, o: &Opts) {
             // Crash (kill -9) of another newcomer once it is settled in.
             let name = format!("c{r}");
             let (sock, mut p) = spawn(&c.dir, &c.group, &name, None);
-            all_say(
-                &mut rx,
-                n,
-                limit,
-                &format!("lists {name}"),
-                about(&["peer_joined", "link_up"], &name),
-            )
-            .await;
-            newcomer_ready(&sock, n, k, limit).await;
+            settled_in(&mut rx, &sock, &name, n, k, limit).await;
             let t0 = SystemTime::now();
             p.0.kill().expect("kill -9");
             let _ = p.0.wait();
@@ -753,15 +759,7 @@ async fn ours(n: usize, k: usize, o: &Opts) {
             for r in 0..o.runs {
                 let name = format!("m{r}");
                 let (sock, mut p) = spawn_wrapped(&c.dir, &c.group, &name, None, AS_NOBODY);
-                all_say(
-                    &mut rx,
-                    n,
-                    limit,
-                    &format!("lists {name}"),
-                    about(&["peer_joined", "link_up"], &name),
-                )
-                .await;
-                newcomer_ready(&sock, n, k, limit).await;
+                settled_in(&mut rx, &sock, &name, n, k, limit).await;
                 let t0 = SystemTime::now();
                 let mute = MuteNobody::on().expect("iptables rule");
                 let failed = all_say(
