@@ -672,18 +672,12 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     tcfg.incarnation = Some(live_incarnation.clone());
     tcfg.max_frame = args.max_frame as usize;
     tcfg.keyring = keyring.clone();
-    // Link liveness reaches the peer table in batches this often: small
-    // against --suspect-after, large against the ping rate.
-    tcfg.liveness_report =
-        (args.suspect_after / 12).clamp(Duration::from_millis(10), Duration::from_millis(200));
-    // Pings often enough that silence means something well within
-    // --suspect-after, and links that go quiet are closed before --dead-after.
-    tcfg.ping_interval =
-        (args.suspect_after / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
-    tcfg.link_timeout = args
-        .dead_after
-        .mul_f64(2.0 / 3.0)
-        .max(tcfg.ping_interval * 3);
+    // Ping rounds, link silence and liveness reports, from the failure
+    // detector's settings (the simulator derives them the same way).
+    let timing = proto::link::LinkTiming::derive(args.suspect_after, args.dead_after);
+    tcfg.ping_interval = timing.ping_interval;
+    tcfg.link_timeout = timing.link_timeout;
+    tcfg.liveness_report = timing.liveness_report;
     let (trans_tx, trans_rx) = mpsc::channel(4096);
     let (disc_tx, disc_rx) = mpsc::channel(1024);
     let transport = transport::Transport::start(listener, tcfg, trans_tx, cancel.clone(), &tracker);

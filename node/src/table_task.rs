@@ -66,15 +66,7 @@ pub async fn run(
             biased;
             () = cancel.cancelled() => break,
             ev = trans_rx.recv() => match ev {
-                Some(TransportEvent::Heard(heard)) => {
-                    for h in heard {
-                        match h.rtt {
-                            Some(rtt) => table.on_pong(h.at, h.id, rtt),
-                            None => table.on_traffic(h.at, h.id),
-                        }
-                        sync(&table, &state, h.id);
-                    }
-                }
+                Some(TransportEvent::Heard(heard)) => on_heard(&mut table, &state, heard),
                 Some(ev) => {
                     if let Some(o) = hooks.overlay.as_mut() {
                         match &ev {
@@ -123,9 +115,26 @@ pub async fn run(
                 }
                 None => commands = None,
             },
-            () = sleep_until(deadline) => table.on_tick(now_std()),
+            () = sleep_until(deadline) => {
+                // What the links heard since the last report (they report
+                // once per ping round) first: a deadline is judged on the
+                // latest hearing, never on a report's lag.
+                on_heard(&mut table, &state, state.transport.heard());
+                table.on_tick(now_std());
+            }
         }
         drain(&mut table, &state, &mut hooks);
+    }
+}
+
+/// Applies the links' latest hearings (a report, or a read before a tick).
+fn on_heard(table: &mut PeerTable, state: &NodeState, heard: Vec<transport::Heard>) {
+    for h in heard {
+        match h.rtt {
+            Some(rtt) => table.on_pong(h.at, h.id, rtt),
+            None => table.on_traffic(h.at, h.id),
+        }
+        sync(table, state, h.id);
     }
 }
 

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use discovery::sources::Limits;
+use proto::link::LinkTiming;
 use proto::membership::Config as TableConfig;
 use proto::secure::{Key, Keyring};
 
@@ -112,11 +113,11 @@ pub struct Settings {
 impl Settings {
     /// The derivations of `node/src/daemon.rs`.
     pub fn from_flags(f: &DaemonFlags, secured: bool) -> Settings {
-        let ping_interval =
-            (f.suspect_after / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
-        let link_timeout = f.dead_after.mul_f64(2.0 / 3.0).max(ping_interval * 3);
-        let liveness_report =
-            (f.suspect_after / 12).clamp(Duration::from_millis(10), Duration::from_millis(200));
+        let LinkTiming {
+            ping_interval,
+            link_timeout,
+            liveness_report,
+        } = LinkTiming::derive(f.suspect_after, f.dead_after);
         let table = TableConfig {
             suspect_after: f.suspect_after,
             dead_after: f.dead_after,

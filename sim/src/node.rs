@@ -218,7 +218,6 @@ pub struct Node {
     beacon_timer: Timer,
     prune_timer: Timer,
     report_timer: Timer,
-    started: Instant,
     /// Inputs that arrived while paused, in order.
     pub(crate) deferred: Vec<Input>,
     /// Bounded overlay mode (`--max-links`): who to link to, by the
@@ -290,7 +289,6 @@ impl Node {
             beacon_timer: Timer::default(),
             prune_timer: Timer::default(),
             report_timer: Timer::default(),
-            started: now,
             deferred: Vec::new(),
             overlay: s.max_links.map(|k| OverlayDriver::new(me.id, k)),
             flood: Flood::new(me.id, FloodConfig::default()),
@@ -419,7 +417,11 @@ impl Node {
             Fire::Stale => {}
             Fire::Rearm(at) => self.schedule(cx, kind, Some(at)),
             Fire::Due => match kind {
-                TimerKind::Table => self.table_step(cx, true, |t, now| t.on_tick(now)),
+                TimerKind::Table => {
+                    // The membership loop reads the links before a tick.
+                    self.report(cx);
+                    self.table_step(cx, true, |t, now| t.on_tick(now));
+                }
                 TimerKind::Beacon => {
                     self.beacon(cx, BeaconKind::Announce, None);
                     let jitter = cx.rng.gen_range(0.9..1.1);
@@ -918,10 +920,8 @@ impl Node {
             self.unreported.push(peer);
         }
         cur.heard = Some(cx.now);
-        // The actor's report ticks every `liveness_report` from its start.
-        let every = cx.s.liveness_report.as_nanos().max(1);
-        let since = cx.now.saturating_duration_since(self.started).as_nanos();
-        let next = self.started + Duration::from_nanos(((since / every + 1) * every) as u64);
+        // The actor's report ticks every `liveness_report`, on the rounds.
+        let next = proto::link::next_round(self.ping_anchor, cx.s.liveness_report, cx.now);
         if self.report_timer.want.is_none() {
             let at = self.report_timer.set(Some(next));
             self.schedule(cx, TimerKind::Report, at);

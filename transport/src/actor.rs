@@ -27,6 +27,7 @@ use tracing::{debug, info};
 use crate::config::{now, Config};
 use crate::event::{Heard, SendError, TransportEvent};
 use crate::handshake::Linked;
+use crate::heard::Board;
 use crate::inbox::{Handoff, LinkClosed, ToActor};
 use crate::link::{self, Env, LinkHandle};
 use crate::stats::Stats;
@@ -74,6 +75,7 @@ enum Command {
 pub struct Transport {
     cmd: mpsc::Sender<Command>,
     stats: Arc<Stats>,
+    board: Arc<Board>,
     send_timeout: Duration,
 }
 
@@ -91,6 +93,7 @@ impl Transport {
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMANDS);
         let epoch = now();
+        let board = Arc::new(Board::new(epoch));
         let env = Arc::new(Env {
             events,
             inbox: inbox_tx,
@@ -114,6 +117,7 @@ impl Transport {
             cfg,
             env,
             links: HashMap::new(),
+            board: board.clone(),
             next_conn: 0,
             // Not a child of `cancel`: links must outlive it long enough to
             // carry their goodbyes.
@@ -124,6 +128,7 @@ impl Transport {
         Transport {
             cmd: cmd_tx,
             stats,
+            board,
             send_timeout,
         }
     }
@@ -167,6 +172,14 @@ impl Transport {
         rx.await.unwrap_or(Err(SendError::NoLink))
     }
 
+    /// Every link heard since it was last reported, at once and marked
+    /// reported: what the next [`TransportEvent::Heard`] would have said.
+    /// The node reads it before it judges a silence, so that the report's
+    /// pace (once per ping round) never makes a live peer look silent.
+    pub fn heard(&self) -> Vec<Heard> {
+        self.board.take()
+    }
+
     /// The counters.
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
@@ -182,14 +195,14 @@ struct Entry {
     info: LinkInfo,
     dialer: NodeId,
     conn: u64,
-    /// `heard_us` as of the last liveness report.
-    reported_us: u64,
 }
 
 struct Actor {
     cfg: Arc<Config>,
     env: Arc<Env>,
     links: HashMap<NodeId, Entry>,
+    /// What the current links last heard, for the liveness reports.
+    board: Arc<Board>,
     next_conn: u64,
     links_cancel: CancellationToken,
     tracker: TaskTracker,
@@ -203,8 +216,12 @@ impl Actor {
         cancel: CancellationToken,
     ) {
         let _stop_node_on_exit = cancel.clone().drop_guard();
-        let mut report = tokio::time::interval(self.cfg.liveness_report);
-        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Reports fall on the ping rounds (when the report's period is the
+        // ping interval, as the node sets it): the node is awake then anyway.
+        let live = self.env.liveness;
+        let first = proto::link::next_round(live.ping_anchor, self.cfg.liveness_report, now());
+        let mut report = tokio::time::interval_at(first.into(), self.cfg.liveness_report);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 biased;
@@ -244,22 +261,7 @@ impl Actor {
     /// event. A full event queue skips a report; the next one carries the
     /// same (newer) information.
     fn report_liveness(&mut self) {
-        let epoch = self.env.epoch;
-        let mut heard = Vec::new();
-        for e in self.links.values_mut() {
-            let c = &e.info.handle.counters;
-            let at_us = c.heard_us.load(Ordering::Relaxed);
-            if at_us == 0 || at_us == e.reported_us {
-                continue;
-            }
-            let rtt_us = c.rtt_us.load(Ordering::Relaxed);
-            heard.push(Heard {
-                id: e.info.id,
-                at: epoch + Duration::from_micros(at_us),
-                rtt: (rtt_us > 0).then(|| Duration::from_micros(rtt_us)),
-            });
-            e.reported_us = at_us;
-        }
+        let heard = self.board.take();
         if !heard.is_empty()
             && self
                 .env
@@ -267,9 +269,7 @@ impl Actor {
                 .try_send(TransportEvent::Heard(heard))
                 .is_err()
         {
-            for e in self.links.values_mut() {
-                e.reported_us = 0; // report again next time
-            }
+            self.board.unreport(); // report again next time
         }
     }
 
@@ -313,6 +313,7 @@ impl Actor {
             return; // a replaced duplicate; the current link is fine
         }
         self.links.remove(&c.id);
+        self.board.forget(c.id);
         let ev = TransportEvent::LinkDown {
             id: c.id,
             goodbye: c.reason.is_goodbye(),
@@ -356,6 +357,7 @@ impl Actor {
             linked: h.linked,
         };
         let handle = link::spawn(spec, &self.env, &self.links_cancel, &self.tracker);
+        self.board.watch(id, handle.counters.clone());
         self.links.insert(
             id,
             Entry {
@@ -367,7 +369,6 @@ impl Actor {
                 },
                 dialer,
                 conn,
-                reported_us: 0,
             },
         );
         if replacing.is_some() {

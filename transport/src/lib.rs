@@ -60,6 +60,7 @@ mod config;
 mod dialer;
 mod event;
 mod handshake;
+mod heard;
 mod inbox;
 mod link;
 mod listener;

@@ -33,6 +33,39 @@ pub struct LinkConfig {
     pub ping_anchor: Instant,
 }
 
+/// The link timings a node derives from its failure-detector settings
+/// (`--suspect-after`, `--dead-after`): the daemon and the simulator take
+/// them from here, so that both run the same schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkTiming {
+    /// Time between two ping rounds: a third of `suspect_after`, so that a
+    /// ping lost once and sent again by TCP (200 ms later at the least)
+    /// still arrives before a suspicion, within 20 ms to 1 s.
+    pub ping_interval: Duration,
+    /// A link silent this long is closed: two thirds of `dead_after`, and at
+    /// least three ping rounds.
+    pub link_timeout: Duration,
+    /// How often the links' liveness reaches the peer table: once per ping
+    /// round, at the round (the node is awake then to send its pings, so the
+    /// report costs no wake-up of its own). The table also reads the links
+    /// at once before it judges a silence, so a report's lag never raises a
+    /// suspicion.
+    pub liveness_report: Duration,
+}
+
+impl LinkTiming {
+    /// The timings for `suspect_after` and `dead_after`.
+    pub fn derive(suspect_after: Duration, dead_after: Duration) -> LinkTiming {
+        let ping_interval =
+            (suspect_after / 3).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        LinkTiming {
+            ping_interval,
+            link_timeout: dead_after.mul_f64(2.0 / 3.0).max(ping_interval * 3),
+            liveness_report: ping_interval,
+        }
+    }
+}
+
 /// Why this end closed a link itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LocalClose {

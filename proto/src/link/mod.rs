@@ -34,7 +34,9 @@ mod liveness;
 
 pub use codes::{GoodbyeReason, RejectCode};
 pub use handshake::{Established, Handshake, HandshakeConfig, HandshakeError};
-pub use liveness::{next_round, CloseReason, Link, LinkConfig, LinkEvent, LocalClose, Role};
+pub use liveness::{
+    next_round, CloseReason, Link, LinkConfig, LinkEvent, LinkTiming, LocalClose, Role,
+};
 
 use crate::id::NodeId;
 
