@@ -80,13 +80,26 @@ pub const ALERTS_TO_FAIL: usize = 2;
 
 impl PeerTable {
     /// Overlay mode: the members this node wants links with (its overlay
-    /// neighbours, recomputed by the driver when the member set changes).
-    /// A neighbour is dialed at once (by whichever end wants it; crossing
-    /// dials are settled by the duplicate rule) and judged on silence once its link is up; a member
-    /// that is no longer one is not redialed, and once its link is gone it
-    /// is remote. Without
-    /// `Config::overlay` this does nothing.
-    pub fn set_neighbours(&mut self, now: Instant, ids: impl IntoIterator<Item = NodeId>) {
+    /// neighbours, recomputed by the driver when the member set changes),
+    /// and which of them want a link with this node too (`mutual`, by the
+    /// rings as this node sees them). A neighbour is dialed as soon as it
+    /// is live, and judged on silence once its link is up; a member that
+    /// is no longer one is not redialed, and once its link is gone it is
+    /// remote. Without `Config::overlay` this does nothing.
+    ///
+    /// Who dials: a one-sided neighbour (a fill-in, or views that differ
+    /// for a moment) is dialed at once by the end that wants it. A mutual
+    /// one is dialed as in the full mesh: by the lower id at once, by the
+    /// higher one only if no link came up after `Config::dial_fallback`.
+    /// Two dials crossing would be settled by the duplicate rule, but the
+    /// end whose link loses may see it close before the winner's handshake
+    /// completes there: a `link_down` and a suspicion for nothing.
+    pub fn set_neighbours(
+        &mut self,
+        now: Instant,
+        ids: impl IntoIterator<Item = NodeId>,
+        mutual: impl Fn(NodeId) -> bool,
+    ) {
         if self.cfg.overlay.is_none() {
             return;
         }
@@ -98,17 +111,18 @@ impl PeerTable {
         for id in changed {
             self.touch(id);
             let wanted = self.wanted.contains(&id);
+            let dial_at = if mutual(id) {
+                self.first_dial_at(id, now)
+            } else {
+                now
+            };
             let Some(p) = self.peers.get_mut(&id) else {
                 continue;
             };
             p.wanted = wanted;
             if wanted && p.is_live() && p.link == LinkState::Down {
-                // Whoever wants the link dials it now, whichever id is
-                // lower: the other end may not want it (views differ for a
-                // moment, fill-ins are one-sided), and crossing dials are
-                // settled by the duplicate rule.
-                if p.next_dial.is_none_or(|t| t > now) {
-                    p.next_dial = Some(now);
+                if p.next_dial.is_none_or(|t| t > dial_at) {
+                    p.next_dial = Some(dial_at);
                 }
                 p.dial_attempts = 0;
             }

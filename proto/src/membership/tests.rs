@@ -943,6 +943,7 @@ fn stays_consistent(cfg: Config, inputs: Vec<(u64, Input)>) -> Result<(), TestCa
                         (0..6u128)
                             .filter(|i| (now - t0).as_millis() % (i + 2) == 0)
                             .map(NodeId),
+                        |i| i.0 % 2 == 0,
                     );
                     t.on_tick(now);
                     // Never a deadline in the past after a tick: the driver would spin.

@@ -192,7 +192,10 @@ impl Driver {
         let want = self.rings.want_links(self.me);
         if want != self.want {
             self.want = want;
-            table.set_neighbours(now, self.want.iter().copied());
+            let (rings, me) = (&self.rings, self.me);
+            table.set_neighbours(now, self.want.iter().copied(), |id| {
+                rings.want_links(id).contains(&me)
+            });
         }
     }
 
@@ -337,6 +340,43 @@ mod tests {
         d.poll(t0, &mut t);
         let want: BTreeSet<NodeId> = (1..=6).map(id).collect();
         assert_eq!(d.neighbours(), &want);
+    }
+
+    /// Both ends want the link (a small group: everyone is everyone's
+    /// neighbour): only the lower id dials at once, as in the full mesh, so
+    /// that no crossing dial closes a link the other end already took up.
+    #[test]
+    fn mutual_neighbours_are_dialed_by_the_lower_id_first() {
+        let t0 = Instant::now();
+        let mut ids: Vec<NodeId> = (1..=7).map(id).collect();
+        ids.sort_unstable();
+        let me = ids.remove(3);
+        let cfg = Config {
+            overlay: Some(6),
+            ..Config::default()
+        };
+        let (mut t, mut d) = (PeerTable::new(me, cfg, 7), Driver::new(me, 6));
+        for n in (1..=7).filter(|&n| id(n) != me) {
+            t.on_beacon(t0, &beacon(n));
+            d.on_beacon(id(n));
+        }
+        d.poll(t0, &mut t);
+        assert_eq!(d.neighbours().len(), 6);
+        let (lower, higher): (BTreeSet<NodeId>, BTreeSet<NodeId>) =
+            ids.iter().partition(|&&p| p < me);
+        assert_eq!(
+            dials(&drain(&mut t, &mut d)),
+            higher,
+            "at once: the higher ids"
+        );
+        let later = t0 + cfg.dial_fallback;
+        t.on_tick(later);
+        d.poll(later, &mut t);
+        assert_eq!(
+            dials(&drain(&mut t, &mut d)),
+            lower,
+            "no link came from the lower ids: dialed after the fallback"
+        );
     }
 
     #[test]

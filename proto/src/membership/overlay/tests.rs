@@ -105,7 +105,7 @@ fn dials(actions: &[Action]) -> Vec<NodeId> {
 /// A table linked to each of `ids` (all neighbours), with queues drained.
 fn linked(t0: Instant, ids: &[NodeId]) -> PeerTable {
     let mut t = overlay_table(LOCAL);
-    t.set_neighbours(t0, ids.iter().copied());
+    t.set_neighbours(t0, ids.iter().copied(), |_| false);
     for &id in ids {
         t.on_link_up(t0, &hello(id, 1));
     }
@@ -139,7 +139,7 @@ fn a_record_confirms_only_over_a_confirmed_linked_peer() {
     );
     assert!(events(&mut t).is_empty());
     // A confirmed neighbour's word confirms.
-    t.set_neighbours(t0, [n]);
+    t.set_neighbours(t0, [n], |_| false);
     t.on_link_up(t0, &hello(n, 1));
     events(&mut t);
     t.on_peer_list(t0, n, &list(vec![member(x, 1, "alive")]));
@@ -248,7 +248,7 @@ fn a_neighbour_no_dial_reaches_is_alerted_on_and_two_alerts_fail_it() {
     let mut t = linked(t0, &[a, b]);
     // x is known by word, then becomes a neighbour: dialed at once.
     t.on_peer_list(t0, a, &list(vec![member(x, 1, "alive")]));
-    t.set_neighbours(t0, [a, b, x]);
+    t.set_neighbours(t0, [a, b, x], |_| false);
     assert_eq!(dials(&actions(&mut t)), vec![x]);
     let dead = t.config().dead_after;
     let later = t0 + dead * 2;
@@ -287,7 +287,7 @@ fn the_first_link_to_a_member_known_by_word_gets_the_view() {
     let (a, x) = (NodeId(100), NodeId(900));
     let mut t = linked(t0, &[a]);
     t.on_peer_list(t0, a, &list(vec![member(x, 1, "alive")]));
-    t.set_neighbours(t0, [a, x]);
+    t.set_neighbours(t0, [a, x], |_| false);
     actions(&mut t);
     t.on_link_up(t0, &hello(x, 1));
     let to_x: Vec<_> = sends(&actions(&mut t))
@@ -338,7 +338,7 @@ fn a_node_reported_failed_refutes_and_the_refutation_revives_it() {
     assert_eq!(t.local_incarnation(), Some(2));
     // Elsewhere: the refutation overrides the verdict.
     let mut u = overlay_table(NodeId(300));
-    u.set_neighbours(t0, [a]);
+    u.set_neighbours(t0, [a], |_| false);
     u.on_link_up(t0, &hello(a, 1));
     u.on_peer_list(t0, a, &list(vec![member(LOCAL, 1, "alive")]));
     u.on_peer_list(t0, a, &list(vec![member(LOCAL, 1, "failed")]));
@@ -372,15 +372,15 @@ fn only_neighbours_are_dialed_and_a_closed_surplus_link_is_not_redialed() {
     let t0 = Instant::now();
     let (n, x) = (NodeId(900), NodeId(950));
     let mut t = overlay_table(LOCAL);
-    t.set_neighbours(t0, [n]);
+    t.set_neighbours(t0, [n], |_| false);
     t.on_link_up(t0, &hello(n, 1));
     t.on_peer_list(t0, n, &list(vec![member(x, 1, "alive")]));
     assert!(dials(&actions(&mut t)).is_empty(), "x is no neighbour");
-    t.set_neighbours(t0, [n, x]);
+    t.set_neighbours(t0, [n, x], |_| false);
     assert_eq!(dials(&actions(&mut t)), vec![x]);
     t.on_link_up(t0, &hello(x, 1));
     // No longer wanted: closed as "not a neighbour" (graceful).
-    t.set_neighbours(t0, [n]);
+    t.set_neighbours(t0, [n], |_| false);
     t.on_link_down(t0, x, true);
     assert!(t.get(&x).unwrap().remote());
     t.on_tick(t0 + Duration::from_secs(30));
@@ -438,7 +438,7 @@ impl Mesh {
                         .or((NodeId(b) == id).then_some(NodeId(a)))
                 })
                 .collect();
-            t.set_neighbours(t0, nb.iter().copied());
+            t.set_neighbours(t0, nb.iter().copied(), |_| false);
             for other in nb {
                 t.on_link_up(t0, &hello(other, 1));
             }
