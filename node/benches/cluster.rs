@@ -141,6 +141,11 @@ fn spawn_wrapped(
         }
     }
     cmd.args(base);
+    if !extra.iter().any(|a| a == "--max-links") {
+        // The figures at fixed sizes are the full mesh's; `--sizes` names
+        // its `--max-links` in the cluster's flags.
+        cmd.args(["--max-links", "0"]);
+    }
     cmd.args(extra);
     if let Some(file) = secret {
         cmd.arg("--secret-file").arg(file);

@@ -325,10 +325,10 @@ pub struct RunArgs {
     pub secret_file: Option<PathBuf>,
 
     /// Bounded overlay: link to about K neighbours (K/2 rings) instead of
-    /// every member, and let membership travel over the overlay; 0 (the
-    /// default) is the full mesh. With at most K + 1 members every member
-    /// is a neighbour anyway. See "Bounded overlay" in the README.
-    #[arg(long, env = "CONSTELLATION_MAX_LINKS", default_value_t = 0, value_parser = parse_max_links, value_name = "K")]
+    /// every member, and let membership travel over the overlay; 0 is the
+    /// full mesh. With at most K + 1 members every member is a neighbour
+    /// anyway. See "Bounded overlay" in the README.
+    #[arg(long, env = "CONSTELLATION_MAX_LINKS", default_value_t = DEFAULT_MAX_LINKS, value_parser = parse_max_links, value_name = "K")]
     pub max_links: u64,
 
     /// Largest TCP frame accepted or sent, in bytes.
@@ -358,6 +358,12 @@ pub struct RunArgs {
     #[arg(long, env = "CONSTELLATION_HANDLER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handler_timeout: Duration,
 }
+
+/// `--max-links` when none is given: 4 rings. A cluster of up to 9 is a
+/// full mesh; above it each node keeps about 8 links, so 8 observers watch
+/// every member and the overlay stays connected through several
+/// simultaneous failures.
+pub const DEFAULT_MAX_LINKS: u64 = 8;
 
 /// `--max-links`: 0 (full mesh) or 2 to 1024 (one ring holds two links).
 fn parse_max_links(s: &str) -> Result<u64, String> {

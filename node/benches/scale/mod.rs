@@ -222,8 +222,8 @@ fn r3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// A fresh cluster directory with `--max-links k` for every node (none
-/// for 0) and a multicast group of its own.
+/// A fresh cluster directory with `--max-links k` for every node (0: the
+/// full mesh) and a multicast group of its own.
 fn cluster_dir(tag: &str, k: usize) -> (PathBuf, String) {
     let dir = std::env::temp_dir().join(format!("cst-scale-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
@@ -232,12 +232,7 @@ fn cluster_dir(tag: &str, k: usize) -> (PathBuf, String) {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     }
-    let args = if k == 0 {
-        String::new()
-    } else {
-        format!("--max-links\n{k}\n")
-    };
-    std::fs::write(dir.join("extra.args"), args).expect("args");
+    std::fs::write(dir.join("extra.args"), format!("--max-links\n{k}\n")).expect("args");
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .map(|a| a.port())
