@@ -181,6 +181,36 @@ impl Sent {
             other: self.other + o.other,
         }
     }
+
+    /// What was sent since `earlier` (a count taken before this one).
+    pub fn since(&self, earlier: &Sent) -> Sent {
+        Sent {
+            beacons: self.beacons.saturating_sub(earlier.beacons),
+            replies: self.replies.saturating_sub(earlier.replies),
+            handshake: self.handshake.saturating_sub(earlier.handshake),
+            pings: self.pings.saturating_sub(earlier.pings),
+            pongs: self.pongs.saturating_sub(earlier.pongs),
+            peers: self.peers.saturating_sub(earlier.peers),
+            farewells: self.farewells.saturating_sub(earlier.farewells),
+            other: self.other.saturating_sub(earlier.other),
+        }
+    }
+
+    /// Each count divided by `per` (nodes times seconds), rounded to a
+    /// tenth: a rate by kind, as JSON.
+    pub fn rates(&self, per: f64) -> serde_json::Value {
+        let r = |x: u64| (x as f64 / per * 10.0).round() / 10.0;
+        serde_json::json!({
+            "beacons": r(self.beacons),
+            "replies": r(self.replies),
+            "handshake": r(self.handshake),
+            "pings": r(self.pings),
+            "pongs": r(self.pongs),
+            "peers": r(self.peers),
+            "farewells": r(self.farewells),
+            "other": r(self.other),
+        })
+    }
 }
 
 #[derive(Debug)]

@@ -413,7 +413,12 @@ fn spread(v: impl Iterator<Item = usize>) -> Value {
 /// `one_table_ms` (every table lists every node confirmed and live),
 /// `crash_seen_by_all_ms`, `leave_seen_by_all_ms`, `silent_loss_ms` (every
 /// other table emitted the verdict), `heal_one_table_ms`, and the degree
-/// (`links`) and message rates.
+/// (`links`) and message rates: over the whole run, and in the idle window
+/// (from `idle_from_ms`, one `settle` long) both in all and by kind
+/// (`idle_sent_per_node_per_s`), so that a change in the idle cost can be
+/// traced to the frames that carry it. `rate_limited`,
+/// `new_peer_budget_refusals` and `refused_pending` count what discovery's
+/// and the table's bounds turned away.
 pub fn overlay(p: &Params) -> Value {
     let wall = Instant::now();
     let mut w = World::new(p.cfg.clone());
@@ -451,12 +456,12 @@ pub fn overlay(p: &Params) -> Value {
                 .all(|node| node.links() >= full)
     });
     w.run_until((w.now() + p.settle).min(end), |_| false);
-    let sent0 = w.sent_total().total();
+    let sent0 = w.sent_total();
     let idle_from = w.now();
     w.run_until((idle_from + p.settle).min(end), |_| false);
     let idle_s = (w.now() - idle_from).as_secs_f64();
-    let idle =
-        (idle_s > 0.0).then(|| (w.sent_total().total() - sent0) as f64 / f64::from(n) / idle_s);
+    let idle_sent = w.sent_total().since(&sent0);
+    let idle = (idle_s > 0.0).then(|| idle_sent.total() as f64 / f64::from(n) / idle_s);
     let counts = overlay_counts(&w, n);
     let mut out = json!({
         "scenario": "overlay",
@@ -471,6 +476,8 @@ pub fn overlay(p: &Params) -> Value {
         "known": spread(counts.iter().map(|c| c.1)),
         "confirmed": spread(counts.iter().map(|c| c.2)),
         "idle_msgs_per_node_per_s": idle,
+        "idle_sent_per_node_per_s": (idle_s > 0.0).then(|| idle_sent.rates(f64::from(n) * idle_s)),
+        "idle_from_ms": ms(idle_from - t0),
     });
     // One crash: its neighbours see it at once (reset, refused redial);
     // everyone else only when its entry falls silent.
@@ -586,6 +593,13 @@ pub fn overlay(p: &Params) -> Value {
     w.run_until(end, |_| false);
     let counts = overlay_counts(&w, n);
     out["links_at_end"] = spread(counts.iter().map(|c| c.0));
+    let stats = w.stats();
+    out["rate_limited"] = json!(stats.rate_limited);
+    out["new_peer_budget_refusals"] = json!(stats.new_peer_budget);
+    out["refused_pending"] = json!((0..n)
+        .filter_map(|s| w.node(s))
+        .map(|node| node.table.refused_pending())
+        .sum::<u64>());
     out["false_failures"] = json!(w.observer().false_failures());
     out["false_suspicions"] = json!(w.observer().false_suspicions());
     out["sent"] = json!(w.sent_total());
