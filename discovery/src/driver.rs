@@ -48,9 +48,12 @@ const INBOUND_QUEUE: usize = 1024;
 /// Datagrams waiting for the writer. Beacons are periodic and replies are
 /// rate-limited per source, so this only fills if sending itself stalls.
 const OUTBOUND_QUEUE: usize = 256;
-/// Receive buffer: a whole datagram of any size, so oversize ones are seen
-/// (and counted) as such rather than silently truncated.
-const RECV_BUF: usize = 65_536;
+/// Receive buffer: larger than any beacon, so that an oversize datagram is
+/// still seen (and counted) as such; one larger than the buffer is cut to
+/// it, which only understates the length logged. (Three buffers of 64 KiB,
+/// one per socket reader and the writer's echo drain, were most of them
+/// resident: 10% of a node's private memory.)
+const RECV_BUF: usize = 2 * proto::beacon::MAX_BEACON;
 /// How often group membership is re-asserted on every interface (at the
 /// first beacon this long after the last time). An interface that went away
 /// and came back (a container network reconnect) loses its memberships;

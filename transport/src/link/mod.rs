@@ -308,6 +308,8 @@ pub(crate) fn spawn(
         batch_hint: 1,
         // A link starts quiet: most links carry only pings and pongs.
         small_reads: reader::QUIET_AFTER,
+        filled: false,
+        full_reads: 0,
     }));
     LinkHandle {
         tx,

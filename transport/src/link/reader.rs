@@ -37,6 +37,26 @@ const QUIET_READ: usize = 1 << 10;
 /// also happens mid-stream, at a frame's tail).
 pub(super) const QUIET_AFTER: u32 = 8;
 
+/// Full reads in a row (each took all the room it was given and completed
+/// a frame) that make a quiet link busy: a stream is waiting behind them.
+/// A single large frame (the member list a link gets when it comes up) is
+/// not a stream: its first read completes nothing, and the decoder makes
+/// room for its rest, so a quiet link takes it without [`READ_ROOM`].
+/// (Turning busy at any read of 1 KiB or more grew the buffer of nearly
+/// every new link to [`READ_ROOM`] while a node joined: a peak of 64 KiB
+/// per link that the allocator keeps.)
+const STREAM_AFTER: u32 = 2;
+
+/// The count of full reads in a row (see [`STREAM_AFTER`]) after one that
+/// `filled` its room and completed `frames` frames.
+fn full_reads(before: u32, filled: bool, frames: usize) -> u32 {
+    if filled && frames > 0 {
+        before.saturating_add(1)
+    } else {
+        0
+    }
+}
+
 pub(super) struct Reader {
     pub peer: NodeId,
     pub conn: u64,
@@ -61,6 +81,10 @@ pub(super) struct Reader {
     pub batch_hint: usize,
     /// Reads in a row that brought little (see [`QUIET_AFTER`]).
     pub small_reads: u32,
+    /// The last read took all the room it was given.
+    pub filled: bool,
+    /// Full reads in a row (see [`STREAM_AFTER`]).
+    pub full_reads: u32,
 }
 
 /// Runs the reader until the link ends, then reports why to the actor.
@@ -102,6 +126,7 @@ impl Reader {
                 armed = next;
             }
             self.make_room();
+            let room = self.buf.capacity() - self.buf.len();
             // The timer before the socket: under a steady inbound stream the
             // read is always ready, and the dialer's pings must not starve.
             tokio::select! {
@@ -113,9 +138,16 @@ impl Reader {
                 }
                 read = self.rd.read_buf(&mut self.buf) => match read { // cancel-safe
                     Ok(0) => self.machine.on_eof(now()),
-                    // Decoded at the top of the loop.
-                    Ok(n) if n < QUIET_READ => self.small_reads = self.small_reads.saturating_add(1),
-                    Ok(_) => self.small_reads = 0,
+                    // Decoded at the top of the loop, which also decides
+                    // whether a quiet link turns busy.
+                    Ok(n) => {
+                        self.filled = n == room;
+                        if n < QUIET_READ {
+                            self.small_reads = self.small_reads.saturating_add(1);
+                        } else if self.small_reads < QUIET_AFTER {
+                            self.small_reads = 0; // still busy
+                        }
+                    }
                     Err(e) => self.machine.on_error(now(), &FrameError::Io(e)),
                 },
             }
@@ -135,7 +167,7 @@ impl Reader {
             }
             return;
         }
-        if self.buf.is_empty() && self.buf.capacity() > 4 * IDLE_ROOM {
+        if self.buf.is_empty() && self.buf.capacity() > 2 * IDLE_ROOM {
             self.buf = BytesMut::with_capacity(IDLE_ROOM);
         } else if spare < IDLE_ROOM / 4 {
             self.buf.reserve(IDLE_ROOM);
@@ -157,6 +189,17 @@ impl Reader {
     /// to the machine, whose output is passed on. `Err` once the machine
     /// has closed, with why.
     async fn process(&mut self, now: Instant) -> Result<(), CloseReason> {
+        let mut decoded = 0;
+        let result = self.decode_all(now, &mut decoded).await;
+        self.full_reads = full_reads(self.full_reads, std::mem::take(&mut self.filled), decoded);
+        if self.full_reads >= STREAM_AFTER {
+            self.small_reads = 0;
+        }
+        result
+    }
+
+    /// [`Reader::process`], counting the frames decoded into `decoded`.
+    async fn decode_all(&mut self, now: Instant, decoded: &mut usize) -> Result<(), CloseReason> {
         loop {
             let (mut frames, mut msgs, mut bytes) = (0usize, 0u64, 0u64);
             while !self.machine.is_closed() && frames < DECODE_BATCH {
@@ -193,6 +236,7 @@ impl Reader {
             if frames > 0 {
                 self.count(frames as u64, msgs, bytes);
             }
+            *decoded += frames;
             self.flush_apps(now).await?;
             self.pass_on().await?;
             if frames < DECODE_BATCH {
@@ -322,4 +366,33 @@ impl Reader {
 fn tokio_instant(t: Option<Instant>) -> tokio::time::Instant {
     // A closed machine has no deadline; the loop ends before sleeping.
     t.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{full_reads, STREAM_AFTER};
+
+    fn busy(reads: &[(bool, usize)]) -> bool {
+        let mut n = 0;
+        reads.iter().any(|&(filled, frames)| {
+            n = full_reads(n, filled, frames);
+            n >= STREAM_AFTER
+        })
+    }
+
+    #[test]
+    fn only_full_reads_in_a_row_make_a_stream() {
+        // Small frames filling the room, read after read.
+        assert!(busy(&[(true, 40), (true, 40)]));
+        // A stream of frames larger than the room: a read that completes
+        // one and starts the next, twice.
+        assert!(busy(&[(true, 0), (true, 1), (true, 1)]));
+        // One large frame and a few small ones behind it: the first read
+        // completes nothing, the last leaves room.
+        assert!(!busy(&[(true, 0), (true, 1), (false, 3)]));
+        // Reads that leave room: the reader keeps up as it is.
+        assert!(!busy(&[(false, 40), (false, 40), (false, 40)]));
+        // A full read between ones that are not is no stream.
+        assert!(!busy(&[(true, 5), (false, 1), (true, 5), (false, 1)]));
+    }
 }

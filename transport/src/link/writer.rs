@@ -31,6 +31,14 @@ const WRITE_CHUNK: usize = 256 << 10;
 /// The output buffer is kept between writes, but not once a huge frame has
 /// grown it past this.
 const KEEP_BUF: usize = 4 * WRITE_CHUNK;
+/// The output buffer a link starts with, and goes back to once quiet.
+const OUT_ROOM: usize = 4 << 10;
+/// A write of fewer bytes than this is small (pings and pongs).
+const QUIET_WRITE: usize = 1 << 10;
+/// This many small writes in a row make a link quiet: an output buffer
+/// grown past [`OUT_ROOM`] (by the member list sent when the link came up,
+/// or a burst) is then given back. A busy link keeps its buffer.
+const QUIET_AFTER: u32 = 8;
 /// How long the closing FIN may take.
 const CLOSE_WAIT: Duration = Duration::from_millis(200);
 
@@ -65,6 +73,8 @@ struct Group {
     app_bytes: u64,
     /// The same, of `frames` (not encoded yet).
     held: (u64, u64, u64),
+    /// Small writes in a row (see [`QUIET_AFTER`]).
+    small_writes: u32,
 }
 
 /// Why the loop stopped writing.
@@ -102,15 +112,16 @@ impl Writer {
         let mut batch: VecDeque<Outbound> = VecDeque::new();
         let mut control: Vec<Message> = Vec::new();
         let mut g = Group {
-            // Grows with the batches it carries (up to `KEEP_BUF`); most
-            // links only ever write pings and pongs.
-            out: BytesMut::with_capacity(4 << 10),
+            // Grows with the batches it carries (up to `KEEP_BUF`, and
+            // only while busy); most links only ever write pings and pongs.
+            out: BytesMut::with_capacity(OUT_ROOM),
             frames: Vec::new(),
             staged: 0,
             n_frames: 0,
             n_apps: 0,
             app_bytes: 0,
             held: (0, 0, 0),
+            small_writes: 0,
         };
         // False once every handle is gone (after what they queued).
         let mut queue_open = true;
@@ -251,9 +262,15 @@ impl Writer {
                 g.app_bytes,
             );
         }
+        if g.out.len() < QUIET_WRITE {
+            g.small_writes = g.small_writes.saturating_add(1);
+        } else {
+            g.small_writes = 0;
+        }
         g.out.clear();
-        if g.out.capacity() > KEEP_BUF {
-            g.out = BytesMut::with_capacity(4 << 10);
+        let quiet = g.small_writes >= QUIET_AFTER;
+        if g.out.capacity() > KEEP_BUF || (quiet && g.out.capacity() > OUT_ROOM) {
+            g.out = BytesMut::with_capacity(OUT_ROOM);
         }
         (g.staged, g.n_frames, g.n_apps, g.app_bytes) = (0, 0, 0, 0);
         Ok(wrote)
