@@ -98,6 +98,7 @@ use crate::id::{tags_digest, Incarnation, NodeId, Tags};
 mod due;
 mod names;
 mod overlay;
+pub use overlay::MUTUAL_DIAL_WAIT;
 
 /// The entries, by id.
 type Peers = HashMap<NodeId, Box<Peer>>;

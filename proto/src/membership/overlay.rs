@@ -67,7 +67,7 @@
 //!   report everywhere.
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{
     member_record, record, Action, EventKind, LinkState, PeerList, PeerRecord, PeerState, PeerTable,
@@ -78,6 +78,11 @@ use crate::id::{tags_digest, Incarnation, NodeId};
 /// How many different observers' silence alerts fail a member.
 pub const ALERTS_TO_FAIL: usize = 2;
 
+/// While the overlay is a full mesh: how long the higher id of two nodes
+/// waits for the lower one's dial before dialing itself. Long enough for a
+/// handshake on a busy host, short against a cold start.
+pub const MUTUAL_DIAL_WAIT: Duration = Duration::from_millis(100);
+
 impl PeerTable {
     /// Overlay mode: the members this node wants links with (its overlay
     /// neighbours, recomputed by the driver when the member set changes),
@@ -87,13 +92,16 @@ impl PeerTable {
     /// is no longer one is not redialed, and once its link is gone it is
     /// remote. Without `Config::overlay` this does nothing.
     ///
-    /// Who dials: a one-sided neighbour (a fill-in, or views that differ
-    /// for a moment) is dialed at once by the end that wants it. A mutual
-    /// one is dialed as in the full mesh: by the lower id at once, by the
-    /// higher one only if no link came up after `Config::dial_fallback`.
-    /// Two dials crossing would be settled by the duplicate rule, but the
-    /// end whose link loses may see it close before the winner's handshake
-    /// completes there: a `link_down` and a suspicion for nothing.
+    /// Who dials: while the overlay is a full mesh (at most K + 1
+    /// members), the lower id of two mutual neighbours at once and the
+    /// higher one after [`MUTUAL_DIAL_WAIT`] without a link, so that a
+    /// small cluster links as without the overlay. Two dials crossing would
+    /// be settled by the duplicate rule, but the end whose link loses may
+    /// see it close before the winner's handshake completes there: a
+    /// `link_down` and a suspicion for nothing. Once the overlay is
+    /// bounded, either end dials at once: views of the member set differ
+    /// during a cold start, and one end waiting for the other would hold
+    /// links up for the other's view to catch up; fill-ins are one-sided.
     pub fn set_neighbours(
         &mut self,
         now: Instant,
@@ -111,8 +119,8 @@ impl PeerTable {
         for id in changed {
             self.touch(id);
             let wanted = self.wanted.contains(&id);
-            let dial_at = if mutual(id) {
-                self.first_dial_at(id, now)
+            let dial_at = if mutual(id) && id < self.local && !self.bounded {
+                now + MUTUAL_DIAL_WAIT
             } else {
                 now
             };
