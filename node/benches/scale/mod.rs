@@ -1,5 +1,5 @@
 //! Figures against cluster size: `--sizes 16,64,128,256` with every node run
-//! as `--max-links K` (`--max-links 8`; 0 is the full mesh), the full mesh
+//! as `--max-links K` (8 by default, as the daemon; 0 is the full mesh), the full mesh
 //! beside it at `--mesh-sizes`, and Serf at `--serf-sizes`, all in one run.
 //!
 //! "Seen by all" means that every node's *table* says it: a `peer_joined`
@@ -62,7 +62,8 @@ use super::{
 pub struct Opts {
     /// Sizes for constellationd with `--max-links max_links`.
     pub sizes: Vec<usize>,
-    /// `--max-links` of every node in `sizes` (0: the full mesh).
+    /// `--max-links` of every node in `sizes` (0: the full mesh; the
+    /// daemon's default when not given).
     pub max_links: usize,
     /// Sizes for the full mesh beside it (none when `max_links` is 0).
     pub mesh_sizes: Vec<usize>,
@@ -95,7 +96,7 @@ impl Opts {
         let sizes = list("--sizes")?;
         let max_links = list("--max-links")
             .and_then(|v| v.first().copied())
-            .unwrap_or(0);
+            .unwrap_or(node::config::DEFAULT_MAX_LINKS as usize);
         let mesh_sizes = if max_links == 0 {
             Vec::new()
         } else {
