@@ -343,8 +343,9 @@ mod tests {
     }
 
     /// Both ends want the link (a small group: everyone is everyone's
-    /// neighbour): only the lower id dials at once, as in the full mesh, so
-    /// that no crossing dial closes a link the other end already took up.
+    /// neighbour): only the lower id dials at once, the higher one after
+    /// `MUTUAL_DIAL_WAIT` without a link, so that no crossing dial closes a
+    /// link the other end already took up.
     #[test]
     fn mutual_neighbours_are_dialed_by_the_lower_id_first() {
         let t0 = Instant::now();
@@ -369,7 +370,15 @@ mod tests {
             higher,
             "at once: the higher ids"
         );
-        let later = t0 + cfg.dial_fallback;
+        let wait = crate::membership::MUTUAL_DIAL_WAIT;
+        let early = t0 + wait / 2;
+        t.on_tick(early);
+        d.poll(early, &mut t);
+        assert!(
+            dials(&drain(&mut t, &mut d)).is_empty(),
+            "the lower ids' turn"
+        );
+        let later = t0 + wait;
         t.on_tick(later);
         d.poll(later, &mut t);
         assert_eq!(
