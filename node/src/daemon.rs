@@ -748,6 +748,9 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         tombstone_ttl: args.tombstone_ttl,
         // --max-links 0: the full mesh, exactly as before.
         overlay: (max_links > 0).then_some(max_links),
+        // Member lists in frames well under --max-frame (which drops a
+        // larger one), with room for framing and sealing.
+        max_list_bytes: usize::try_from(args.max_frame / 2).unwrap_or(usize::MAX),
         ..TableConfig::default()
     };
     let mut table = PeerTable::new(id, table_cfg, rand::random());

@@ -138,6 +138,11 @@ pub struct Config {
     /// milliseconds bound the frames per node during a cold start's flood
     /// of joins, whatever N, at that much latency per hop.
     pub relay_batch: Duration,
+    /// Largest `peers` frame body this table asks for, in bytes (by an
+    /// upper bound of each record's size, [`record_bound`]): a longer list
+    /// (a whole view, a large relay batch) goes as several frames. The
+    /// daemon sets it under its `--max-frame`, which drops a larger frame.
+    pub max_list_bytes: usize,
 }
 
 impl Default for Config {
@@ -152,8 +157,26 @@ impl Default for Config {
             tombstone_ttl: Duration::from_secs(600),
             overlay: None,
             relay_batch: Duration::ZERO,
+            max_list_bytes: 256 << 10,
         }
     }
+}
+
+/// An upper bound of the bytes `r` takes in a `peers` frame body: its
+/// fields' names and fixed-size values, the name, the address as text, and
+/// the tags.
+pub fn record_bound(r: &PeerRecord) -> usize {
+    // Field names (about 60 bytes), id and `by` (18 each), incarnation,
+    // age and version (9 each), state, the address as text (at most 62
+    // bytes for an IPv6 address with a scope and a port), map headers.
+    const FIXED: usize = 256;
+    const PER_TAG: usize = 10;
+    let tags: usize = r
+        .tags
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + PER_TAG)
+        .sum();
+    FIXED + r.name.len() + r.state.len() + tags
 }
 
 /// A peer's membership state.
@@ -1144,12 +1167,7 @@ impl PeerTable {
             .map(|p| member_record(p))
             .collect();
         view.sort_unstable_by_key(|r| r.id);
-        if !view.is_empty() {
-            self.actions.push_back(Action::Send {
-                to: id,
-                list: PeerList { peers: view },
-            });
-        }
+        self.send_list(id, view);
         if !news {
             return;
         }
@@ -1421,12 +1439,7 @@ impl PeerTable {
             }
         }
         self.schedule(now);
-        if !answers.is_empty() {
-            self.actions.push_back(Action::Send {
-                to: from,
-                list: PeerList { peers: answers },
-            });
-        }
+        self.send_list(from, answers);
     }
 
     /// Another node reports hearing `id` (at `incarnation`) on its link,
@@ -1636,6 +1649,41 @@ impl PeerTable {
                     addr: p.addr,
                 });
             }
+        }
+    }
+
+    /// Queues `peers` for `to` as one `peers` frame, or as several when
+    /// their size would pass [`Config::max_list_bytes`] (in order, each
+    /// with at least one record).
+    fn send_list(&mut self, to: NodeId, peers: Vec<PeerRecord>) {
+        let budget = self.cfg.max_list_bytes;
+        let total: usize = peers.iter().map(record_bound).sum();
+        if total <= budget {
+            if !peers.is_empty() {
+                self.actions.push_back(Action::Send {
+                    to,
+                    list: PeerList { peers },
+                });
+            }
+            return;
+        }
+        let mut chunk = Vec::new();
+        let mut size = 0;
+        for r in peers {
+            let n = record_bound(&r);
+            if !chunk.is_empty() && size + n > budget {
+                let list = PeerList {
+                    peers: std::mem::take(&mut chunk),
+                };
+                self.actions.push_back(Action::Send { to, list });
+                size = 0;
+            }
+            size += n;
+            chunk.push(r);
+        }
+        if !chunk.is_empty() {
+            let list = PeerList { peers: chunk };
+            self.actions.push_back(Action::Send { to, list });
         }
     }
 

@@ -225,12 +225,7 @@ impl PeerTable {
             // and a collected one would carry up to half its size in slack.
             let mut peers = Vec::with_capacity(out.iter().filter(goes).count());
             peers.extend(out.iter().filter(goes).map(|(_, r)| r.clone()));
-            if !peers.is_empty() {
-                self.actions.push_back(Action::Send {
-                    to,
-                    list: PeerList { peers },
-                });
-            }
+            self.send_list(to, peers);
         }
     }
 

@@ -1159,3 +1159,97 @@ fn unlinked_lists_pending_entries_heard_for_a_while_as_of_each_tick() {
     t.on_link_up(t0 + ms(7100), &hello(HIGH, 1));
     assert_eq!(unlinked_at(&mut t, ms(7200)), ["n100"]);
 }
+
+/// The largest record the daemon lets through: every field set to its
+/// widest, 64 tags at the tag limits, a scoped IPv6 address.
+fn widest_record(id: NodeId) -> PeerRecord {
+    let tags: Tags = (0..64)
+        .map(|i| {
+            (
+                format!("{i:0>64}"),
+                "v".repeat(crate::id::MAX_TAG_VALUE_LEN),
+            )
+        })
+        .collect();
+    PeerRecord {
+        id,
+        incarnation: u64::MAX,
+        name: "n".repeat(255),
+        addr: "[fe80::1234:5678:9abc:def0%4294967295]:65535"
+            .parse()
+            .unwrap(),
+        state: PeerState::Suspect.as_str().into(),
+        age_ms: Some(u64::MAX),
+        tags,
+        tags_version: u64::MAX,
+        by: Some(NodeId(u128::MAX)),
+    }
+}
+
+#[test]
+fn record_bound_is_an_upper_bound_of_the_encoding() {
+    let wide = widest_record(NodeId(u128::MAX));
+    let narrow = PeerRecord {
+        tags: Tags::new(),
+        age_ms: None,
+        by: None,
+        tags_version: 0,
+        name: String::new(),
+        ..wide.clone()
+    };
+    for r in [wide, narrow] {
+        for n in [1, 3] {
+            let list = PeerList {
+                peers: vec![r.clone(); n],
+            };
+            let body = rmp_serde::to_vec_named(&list).unwrap().len();
+            // The list's own map and array headers: a few bytes.
+            assert!(
+                body <= n * record_bound(&r) + 16,
+                "{body} > {n} × {}",
+                record_bound(&r)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_view_larger_than_the_frame_budget_goes_as_several_frames() {
+    let t0 = Instant::now();
+    let cfg = Config {
+        overlay: Some(8),
+        max_list_bytes: 64 << 10,
+        ..Config::default()
+    };
+    let mut t = PeerTable::new(LOCAL, cfg, 1);
+    let wide_hello = |id: NodeId| Hello {
+        tags: widest_record(id).tags,
+        ..hello(id, 1)
+    };
+    let members: Vec<NodeId> = (1..=20).map(|i| NodeId(1000 + i)).collect();
+    for &id in &members {
+        t.on_link_up(t0, &wide_hello(id));
+    }
+    actions(&mut t);
+    let newcomer = NodeId(2000);
+    t.on_link_up(t0, &hello(newcomer, 1));
+    let lists: Vec<PeerList> = actions(&mut t)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Send { to, list } if to == newcomer => Some(list),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        lists.len() > 1,
+        "20 members of ~21 KB each in 64 KiB frames"
+    );
+    let mut sent = Vec::new();
+    for l in &lists {
+        let bound: usize = l.peers.iter().map(record_bound).sum();
+        assert!(bound <= 64 << 10, "a frame of {bound} bytes");
+        sent.extend(l.peers.iter().map(|r| r.id));
+    }
+    sent.sort_unstable();
+    assert_eq!(sent, members, "every member, once, in order");
+}
