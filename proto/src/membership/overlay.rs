@@ -116,19 +116,21 @@ impl PeerTable {
         let mut changed: Vec<NodeId> = new.symmetric_difference(&self.wanted).copied().collect();
         changed.sort_unstable();
         self.wanted = new;
+        let full_mesh = !self.bounded;
         for id in changed {
             self.touch(id);
             let wanted = self.wanted.contains(&id);
-            let dial_at = if mutual(id) && id < self.local && !self.bounded {
-                now + MUTUAL_DIAL_WAIT
-            } else {
-                now
-            };
             let Some(p) = self.peers.get_mut(&id) else {
                 continue;
             };
             p.wanted = wanted;
             if wanted && p.is_live() && p.link == LinkState::Down {
+                // `mutual` last: it walks the rings.
+                let dial_at = if full_mesh && id < local && mutual(id) {
+                    now + MUTUAL_DIAL_WAIT
+                } else {
+                    now
+                };
                 if p.next_dial.is_none_or(|t| t > dial_at) {
                     p.next_dial = Some(dial_at);
                 }
