@@ -170,46 +170,39 @@ impl Sent {
 
     /// The sum of two counts.
     pub fn add(&self, o: &Sent) -> Sent {
-        Sent {
-            beacons: self.beacons + o.beacons,
-            replies: self.replies + o.replies,
-            handshake: self.handshake + o.handshake,
-            pings: self.pings + o.pings,
-            pongs: self.pongs + o.pongs,
-            peers: self.peers + o.peers,
-            farewells: self.farewells + o.farewells,
-            other: self.other + o.other,
-        }
+        self.zip(o, |a, b| a + b)
     }
 
     /// What was sent since `earlier` (a count taken before this one).
     pub fn since(&self, earlier: &Sent) -> Sent {
+        self.zip(earlier, u64::saturating_sub)
+    }
+
+    /// `f` of each kind's two counts.
+    fn zip(&self, o: &Sent, f: impl Fn(u64, u64) -> u64) -> Sent {
         Sent {
-            beacons: self.beacons.saturating_sub(earlier.beacons),
-            replies: self.replies.saturating_sub(earlier.replies),
-            handshake: self.handshake.saturating_sub(earlier.handshake),
-            pings: self.pings.saturating_sub(earlier.pings),
-            pongs: self.pongs.saturating_sub(earlier.pongs),
-            peers: self.peers.saturating_sub(earlier.peers),
-            farewells: self.farewells.saturating_sub(earlier.farewells),
-            other: self.other.saturating_sub(earlier.other),
+            beacons: f(self.beacons, o.beacons),
+            replies: f(self.replies, o.replies),
+            handshake: f(self.handshake, o.handshake),
+            pings: f(self.pings, o.pings),
+            pongs: f(self.pongs, o.pongs),
+            peers: f(self.peers, o.peers),
+            farewells: f(self.farewells, o.farewells),
+            other: f(self.other, o.other),
         }
     }
 
     /// Each count divided by `per` (nodes times seconds), rounded to a
-    /// tenth: a rate by kind, as JSON.
+    /// tenth: a rate by kind, as JSON (the same keys as the counts').
     pub fn rates(&self, per: f64) -> serde_json::Value {
-        let r = |x: u64| (x as f64 / per * 10.0).round() / 10.0;
-        serde_json::json!({
-            "beacons": r(self.beacons),
-            "replies": r(self.replies),
-            "handshake": r(self.handshake),
-            "pings": r(self.pings),
-            "pongs": r(self.pongs),
-            "peers": r(self.peers),
-            "farewells": r(self.farewells),
-            "other": r(self.other),
-        })
+        let mut v = serde_json::json!(self);
+        if let Some(m) = v.as_object_mut() {
+            for x in m.values_mut() {
+                let n = x.as_u64().unwrap_or(0);
+                *x = serde_json::json!((n as f64 / per * 10.0).round() / 10.0);
+            }
+        }
+        v
     }
 }
 
