@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use proto::link::{resolve_duplicate, Duplicate, LocalClose, Role};
+use proto::link::{resolve_duplicate, CloseReason, Duplicate, Handovers, LocalClose, Role};
 use proto::{Message, NodeId};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Encoder;
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
-use crate::config::{now, Config};
+use crate::config::{now, tokio_instant, Config};
 use crate::event::{Heard, SendError, TransportEvent};
 use crate::handshake::Linked;
 use crate::heard::Board;
@@ -102,6 +102,7 @@ impl Transport {
             liveness: cfg.liveness(epoch),
             queue: cfg.queue,
             secured: cfg.keyring.is_some(),
+            farewell_drain: cfg.farewell_drain,
         });
         let cfg = Arc::new(cfg);
         tracker.spawn(listener::run(
@@ -119,6 +120,7 @@ impl Transport {
             links: HashMap::new(),
             board: board.clone(),
             next_conn: 0,
+            handovers: Handovers::default(),
             // Not a child of `cancel`: links must outlive it long enough to
             // carry their goodbyes.
             links_cancel: CancellationToken::new(),
@@ -204,6 +206,9 @@ struct Actor {
     /// What the current links last heard, for the liveness reports.
     board: Arc<Board>,
     next_conn: u64,
+    /// Links the peer rejected as duplicates, reported down only if its
+    /// preferred link does not complete here soon.
+    handovers: Handovers,
     links_cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -223,6 +228,8 @@ impl Actor {
         let mut report = tokio::time::interval_at(first.into(), self.cfg.liveness_report);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
+            let handover = self.handovers.next_deadline();
+            let handover_due = tokio::time::sleep_until(tokio_instant(handover));
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -234,6 +241,11 @@ impl Actor {
                 // No links, nothing to report: the timer is not polled, so
                 // a node without peers does not wake for it.
                 _ = report.tick(), if !self.links.is_empty() => self.report_liveness(),
+                () = handover_due, if handover.is_some() => {
+                    for (id, reason) in self.handovers.expired(now()) {
+                        self.link_down(id, reason).await;
+                    }
+                }
             }
         }
         // Goodbye on every link, concurrently, bounded.
@@ -314,11 +326,21 @@ impl Actor {
         }
         self.links.remove(&c.id);
         self.board.forget(c.id);
+        if self
+            .handovers
+            .hold(now(), c.id, &c.reason, self.cfg.handover_wait)
+        {
+            return; // the peer's preferred link is on its way
+        }
+        self.link_down(c.id, c.reason).await;
+    }
+
+    async fn link_down(&mut self, id: NodeId, reason: CloseReason) {
         let ev = TransportEvent::LinkDown {
-            id: c.id,
-            goodbye: c.reason.is_goodbye(),
-            graceful: c.reason.is_graceful(),
-            reason: c.reason,
+            id,
+            goodbye: reason.is_goodbye(),
+            graceful: reason.is_graceful(),
+            reason,
         };
         if self.env.events.send(ev).await.is_err() {
             debug!("node stopped");
@@ -371,7 +393,7 @@ impl Actor {
                 conn,
             },
         );
-        if replacing.is_some() {
+        if replacing.is_some() || self.handovers.take(id) {
             return; // the peer was linked before and still is
         }
         self.env
@@ -402,10 +424,21 @@ impl Actor {
             let Some(reject) = LocalClose::Duplicate.farewell() else {
                 return;
             };
-            if encoder.encode(reject, &mut out).is_ok() {
-                // Best effort, bounded; the connection closes either way.
-                let _best_effort = tokio::time::timeout(wait, stream.write_all(&out)).await;
+            if encoder.encode(reject, &mut out).is_err() {
+                return;
             }
+            // Best effort, bounded; the connection closes either way. After
+            // the FIN, read until the peer closes: a close with unread data
+            // would reset the connection, and the reset can overtake the
+            // reject (see `link::reader`'s drain).
+            let _best_effort = tokio::time::timeout(wait, async {
+                stream.write_all(&out).await?;
+                stream.shutdown().await?;
+                let mut sink = [0u8; 1024];
+                while stream.read(&mut sink).await? > 0 {}
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
         });
     }
 }

@@ -32,6 +32,16 @@ pub struct Config {
     pub send_timeout: Duration,
     /// Most inbound handshakes in progress at once; more are refused.
     pub max_pending_handshakes: usize,
+    /// How long a link the peer closed with `reject{duplicate}` waits for
+    /// the peer's preferred link before it is reported down
+    /// ([`proto::link::Handovers`]). Keep it well below the node's
+    /// suspicion deadline.
+    pub handover_wait: Duration,
+    /// How long a link closed here with a farewell (`goodbye`, `reject`)
+    /// reads on, dropping what it reads, for the peer's close: a socket
+    /// closed with unread data resets the connection, and the reset can
+    /// overtake the farewell.
+    pub farewell_drain: Duration,
     /// How often links that carried frames are reported as
     /// [`TransportEvent::Heard`](crate::TransportEvent::Heard).
     pub liveness_report: Duration,
@@ -58,6 +68,8 @@ impl Config {
             queue: 1024,
             send_timeout: Duration::from_secs(2),
             max_pending_handshakes: 64,
+            handover_wait: proto::link::HANDOVER_WAIT,
+            farewell_drain: proto::link::FAREWELL_DRAIN,
             liveness_report: Duration::from_millis(50),
             keyring: None,
             incarnation: None,
@@ -115,6 +127,12 @@ pub(crate) fn wall_clock_anchor(now: Instant, since_epoch: Duration, every: Dura
 /// controls every timer and timestamp of the transport.
 pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
+}
+
+/// A deadline for `tokio::time::sleep_until`. `None` (no deadline) gives
+/// now: callers disable or leave the branch before such a sleep matters.
+pub(crate) fn tokio_instant(t: Option<Instant>) -> tokio::time::Instant {
+    t.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)
 }
 
 #[cfg(test)]

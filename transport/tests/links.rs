@@ -9,9 +9,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use proto::frame::{AppMessage, Message, Ping, VERSION};
+use proto::frame::{AppMessage, Message, Ping, Reject, VERSION};
 use proto::link::{
-    CloseReason, Established, GoodbyeReason, Handshake, HandshakeConfig, LocalClose,
+    CloseReason, Established, GoodbyeReason, Handshake, HandshakeConfig, LocalClose, RejectCode,
 };
 use proto::membership::DialFailure;
 use proto::secure::{Key, Keyring};
@@ -305,6 +305,165 @@ async fn duplicate_dials_resolve_to_the_link_the_lower_id_dialed() {
         a.stop().await;
         b.stop().await;
     }
+}
+
+/// The duplicate rule's losing end: the peer (node 77, the lower id)
+/// rejects `a`'s link as a duplicate before its own, preferred link has
+/// completed its handshake at `a`. Sent in that order, and the second only
+/// once `a` has closed the first (so `a`'s actor hears of the close before
+/// the new link).
+async fn rejected_as_duplicate(a: &mut Node) -> (TcpStream, SocketAddr) {
+    let (mut old, mut est, mut buf) = dialed_by(a).await;
+    a.link_up().await;
+    let new = TcpStream::connect(a.addr).await.unwrap();
+    let reject = Message::Reject(Reject {
+        code: RejectCode::Duplicate,
+        detail: "a link between these nodes already exists".into(),
+    });
+    let mut out = BytesMut::new();
+    est.encoder.encode(reject, &mut out).unwrap();
+    old.write_all(&out).await.unwrap();
+    while timeout(WAIT, read_frame(&mut old, &mut est, &mut buf))
+        .await
+        .expect("a closes the rejected link")
+        .is_some()
+    {}
+    let addr = old.local_addr().unwrap();
+    (new, addr)
+}
+
+#[tokio::test]
+async fn a_link_rejected_as_a_duplicate_hands_over_to_the_preferred_one_without_going_down() {
+    let mut a = Node::with_id(NodeId(200), "a", |c| {
+        // A generous wait: the handover must not depend on the machine's
+        // speed. The default is checked by the next test's bound.
+        c.handover_wait = WAIT;
+    })
+    .await;
+    let (mut new, addr) = rejected_as_duplicate(&mut a).await;
+    let dial = Handshake::dial(Instant::now().into_std(), peer_cfg(addr));
+    let (_est, _buf) = handshake(&mut new, dial).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let links = a.transport.links().await;
+        if links.len() == 1 && !links[0].outbound {
+            break; // the peer's link is now a's link to it
+        }
+        assert!(Instant::now() < deadline, "{links:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The actor heard of the close before the new link: had it reported
+    // it, the event would be queued by now.
+    while let Ok(ev) = a.events.try_recv() {
+        assert!(
+            !matches!(
+                ev,
+                TransportEvent::LinkUp { .. } | TransportEvent::LinkDown { .. }
+            ),
+            "{ev:?}"
+        );
+    }
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_link_rejected_as_a_duplicate_with_no_preferred_one_goes_down_after_the_wait() {
+    let wait = Duration::from_millis(50);
+    let mut a = Node::with_id(NodeId(200), "a", |c| c.handover_wait = wait).await;
+    let rejected = Instant::now();
+    let (_new, _) = rejected_as_duplicate(&mut a).await;
+    let (id, goodbye, graceful, reason) = a.link_down().await;
+    assert!(rejected.elapsed() >= wait, "held for the wait");
+    assert_eq!(id, NodeId(77));
+    assert!(graceful && !goodbye);
+    assert!(
+        matches!(
+            reason,
+            CloseReason::Rejected {
+                code: RejectCode::Duplicate,
+                ..
+            }
+        ),
+        "{reason:?}"
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_link_closed_with_a_farewell_reads_on_until_the_peer_closes() {
+    // `a` closes its link to a hand-driven peer as no longer a neighbour
+    // while bytes from the peer wait unread in its socket: its node takes
+    // no events (a channel of one), so its reader is held. Closing the
+    // socket then would reset the connection, and a reset can overtake the
+    // reject; `a` reads on instead, until the peer closes (the drain is
+    // made long here so that a slow machine cannot end it first).
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a_addr = listener.local_addr().unwrap();
+    let mut cfg = Config::new(hello(NodeId(200), "a", a_addr));
+    cfg.farewell_drain = WAIT;
+    let (tx, mut events) = mpsc::channel(1);
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let transport = Transport::start(listener, cfg, tx, cancel.clone(), &tracker);
+    let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    assert!(transport.dial(NodeId(77), peer.local_addr().unwrap()));
+    let (mut stream, _) = peer.accept().await.unwrap();
+    let accept = Handshake::accept(
+        Instant::now().into_std(),
+        peer_cfg(peer.local_addr().unwrap()),
+    );
+    let (mut est, mut buf) = handshake(&mut stream, accept).await;
+    let up = timeout(WAIT, events.recv()).await.unwrap().unwrap();
+    assert!(matches!(up, TransportEvent::LinkUp { .. }), "{up:?}");
+    // Messages, one write each, until the reader is held: the first batch
+    // fills the channel, the next waits, and the rest stay in the socket.
+    let mut out = BytesMut::new();
+    for i in 0..64 {
+        out.clear();
+        est.encoder.encode(Message::App(app(i)), &mut out).unwrap();
+        stream.write_all(&out).await.unwrap();
+    }
+    assert!(transport.close_not_neighbour(NodeId(77)));
+    let mut rejected = false;
+    while let Some((_, m)) = timeout(WAIT, read_frame(&mut stream, &mut est, &mut buf))
+        .await
+        .expect("the reject, then the end of the stream")
+    {
+        rejected |= matches!(
+            m,
+            Message::Reject(Reject {
+                code: RejectCode::NotNeighbour,
+                ..
+            })
+        );
+    }
+    assert!(rejected, "the reject came before the end of the stream");
+    // `a` still reads: what the peer sends now draws no reset.
+    for _ in 0..20 {
+        out.clear();
+        est.encoder
+            .encode(Message::Ping(Ping::default()), &mut out)
+            .unwrap();
+        stream
+            .write_all(&out)
+            .await
+            .expect("the closing end still reads");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(stream);
+    cancel.cancel();
+    tracker.close();
+    let drained = async {
+        while let Some(ev) = events.recv().await {
+            if let TransportEvent::LinkDown { reason, .. } = ev {
+                assert_eq!(reason, CloseReason::Local(LocalClose::NotNeighbour));
+            }
+        }
+    };
+    timeout(WAIT, drained).await.expect("events end");
+    timeout(WAIT, tracker.wait())
+        .await
+        .expect("transport stops");
 }
 
 #[tokio::test]

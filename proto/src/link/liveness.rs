@@ -66,6 +66,15 @@ impl LinkTiming {
     }
 }
 
+/// How long an end that closed a link with a farewell (`goodbye`,
+/// `reject`) keeps reading after it, for the peer's close. A socket closed
+/// with unread data resets the connection, and the reset can overtake the
+/// farewell: the peer would see a lost link (and suspect a live node)
+/// instead of a graceful close. The peer closes as soon as it reads the
+/// farewell, so a drain lasts about one round trip; the bound is for a peer
+/// that never does.
+pub const FAREWELL_DRAIN: Duration = Duration::from_millis(500);
+
 /// Why this end closed a link itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LocalClose {
@@ -180,6 +189,12 @@ impl CloseReason {
             | CloseReason::BadFrame { .. }
             | CloseReason::UnexpectedHandshake => false,
         }
+    }
+
+    /// This end closed with a farewell frame (`goodbye`, `reject`): it then
+    /// reads on until the peer closes too, for at most [`FAREWELL_DRAIN`].
+    pub fn sent_farewell(&self) -> bool {
+        matches!(self, CloseReason::Local(why) if why.farewell().is_some())
     }
 
     /// The drop-counter label when the end was the peer's fault.

@@ -36,7 +36,10 @@ pub use codes::{GoodbyeReason, RejectCode};
 pub use handshake::{Established, Handshake, HandshakeConfig, HandshakeError};
 pub use liveness::{
     next_round, CloseReason, Link, LinkConfig, LinkEvent, LinkTiming, LocalClose, Role,
+    FAREWELL_DRAIN,
 };
+
+use std::time::{Duration, Instant};
 
 use crate::id::NodeId;
 
@@ -68,6 +71,78 @@ pub fn resolve_duplicate(
         Duplicate::KeepNew
     } else {
         Duplicate::KeepCurrent
+    }
+}
+
+/// How long a link closed by the peer's `reject{duplicate}` waits for the
+/// peer's preferred link before it is reported down, by default (see
+/// [`Handovers`]).
+/// Far below the suspicion deadline, so that the peer table, which still
+/// takes the peer as linked meanwhile, never judges it by the wait.
+pub const HANDOVER_WAIT: Duration = Duration::from_millis(200);
+
+/// Links whose end is held back because another link between the same two
+/// nodes is on its way: the duplicate rule's losing end.
+///
+/// When two dials cross, both ends keep the link dialed by the lower id
+/// ([`resolve_duplicate`]). The end that completes the preferred link first
+/// closes the other with `reject{duplicate}`, and that reject may reach the
+/// other end before the preferred link's handshake completes there. A
+/// `link_down` followed a moment later by a `link_up` would tell the peer
+/// table (and the log, and the overlay, which would pick a replacement
+/// neighbour) of a loss that is none. So the driver holds such a close for
+/// up to `wait` ([`HANDOVER_WAIT`] by default): a link to the same peer completing meanwhile
+/// takes the old one's place silently (as a replacement does when the order
+/// is the other way round); otherwise the close is reported as it came.
+/// The transport's actor and the simulator both drive one.
+#[derive(Debug, Default)]
+pub struct Handovers {
+    held: Vec<(NodeId, Instant, CloseReason)>,
+}
+
+impl Handovers {
+    /// The current link to `id` closed with `reason`: true if its report is
+    /// held for up to `wait` (the peer rejected it as a duplicate), false
+    /// to report it now.
+    pub fn hold(&mut self, now: Instant, id: NodeId, reason: &CloseReason, wait: Duration) -> bool {
+        let duplicate = matches!(
+            reason,
+            CloseReason::Rejected {
+                code: RejectCode::Duplicate,
+                ..
+            }
+        );
+        if duplicate {
+            self.held.retain(|(h, ..)| *h != id);
+            self.held.push((id, now + wait, reason.clone()));
+        }
+        duplicate
+    }
+
+    /// A link to `id` completed while none was current: true if it replaces
+    /// a held one (no `link_up` then: the peer never stopped being linked).
+    pub fn take(&mut self, id: NodeId) -> bool {
+        let before = self.held.len();
+        self.held.retain(|(h, ..)| *h != id);
+        self.held.len() < before
+    }
+
+    /// The held closes whose wait is over at `now`, to report now.
+    pub fn expired(&mut self, now: Instant) -> Vec<(NodeId, CloseReason)> {
+        let mut due = Vec::new();
+        self.held.retain(|(id, until, reason)| {
+            let over = *until <= now;
+            if over {
+                due.push((*id, reason.clone()));
+            }
+            !over
+        });
+        due
+    }
+
+    /// When the next held close is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.held.iter().map(|(_, until, _)| *until).min()
     }
 }
 

@@ -393,6 +393,57 @@ fn duplicate_links_resolve_to_the_one_the_lower_id_dialed() {
 }
 
 #[test]
+fn a_duplicate_close_is_held_until_the_preferred_link_or_the_wait_ends() {
+    let t0 = Instant::now();
+    let wait = Duration::from_millis(200);
+    let duplicate = CloseReason::Rejected {
+        code: RejectCode::Duplicate,
+        detail: String::new(),
+    };
+    let mut h = Handovers::default();
+    // Any other end is reported at once.
+    for other in [
+        CloseReason::Eof,
+        CloseReason::Goodbye(GoodbyeReason::Shutdown),
+        CloseReason::Rejected {
+            code: RejectCode::NotNeighbour,
+            detail: String::new(),
+        },
+        CloseReason::Local(LocalClose::Duplicate),
+    ] {
+        assert!(!h.hold(t0, NodeId(1), &other, wait), "{other:?}");
+    }
+    assert_eq!(h.next_deadline(), None);
+    // The preferred link comes: the close is never reported.
+    assert!(h.hold(t0, NodeId(1), &duplicate, wait));
+    assert!(h.hold(t0 + ms(10), NodeId(2), &duplicate, wait));
+    assert_eq!(h.next_deadline(), Some(t0 + wait));
+    assert!(h.take(NodeId(1)));
+    assert!(!h.take(NodeId(1)), "taken once");
+    assert!(!h.take(NodeId(3)), "a first link is no replacement");
+    // It does not come: reported, as it came, once the wait is over.
+    assert_eq!(h.next_deadline(), Some(t0 + ms(10) + wait));
+    assert_eq!(h.expired(t0 + wait), vec![]);
+    assert_eq!(
+        h.expired(t0 + ms(10) + wait),
+        vec![(NodeId(2), duplicate.clone())]
+    );
+    assert_eq!(h.next_deadline(), None);
+    assert!(!h.take(NodeId(2)), "too late: a link now is a new one");
+}
+
+#[test]
+fn only_a_close_with_a_farewell_drains() {
+    assert!(CloseReason::Local(LocalClose::Shutdown).sent_farewell());
+    assert!(CloseReason::Local(LocalClose::Duplicate).sent_farewell());
+    assert!(CloseReason::Local(LocalClose::NotNeighbour).sent_farewell());
+    assert!(!CloseReason::Local(LocalClose::Stalled).sent_farewell());
+    assert!(!CloseReason::Local(LocalClose::Dropped).sent_farewell());
+    assert!(!CloseReason::Eof.sent_farewell());
+    assert!(!CloseReason::Goodbye(GoodbyeReason::Shutdown).sent_farewell());
+}
+
+#[test]
 fn wrong_key_fails_authentication_and_mixed_modes_are_a_security_mismatch() {
     let (k1, k2) = (Key::generate(), Key::generate());
     // Wrong key: the acceptor counts `auth` and closes unanswered.

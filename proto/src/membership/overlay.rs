@@ -95,10 +95,10 @@ impl PeerTable {
     /// Who dials: while the overlay is a full mesh (at most K + 1
     /// members), the lower id of two mutual neighbours at once and the
     /// higher one after [`MUTUAL_DIAL_WAIT`] without a link, so that a
-    /// small cluster links as without the overlay. Two dials crossing would
-    /// be settled by the duplicate rule, but the end whose link loses may
-    /// see it close before the winner's handshake completes there: a
-    /// `link_down` and a suspicion for nothing. Once the overlay is
+    /// small cluster links as without the overlay. Two dials crossing are
+    /// settled by the duplicate rule, and the losing end waits for the
+    /// winner's handshake ([`crate::link::Handovers`]), but each crossing
+    /// still costs a second handshake and a reject. Once the overlay is
     /// bounded, either end dials at once: views of the member set differ
     /// during a cold start, and one end waiting for the other would hold
     /// links up for the other's view to catch up; fill-ins are one-sided.

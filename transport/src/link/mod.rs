@@ -247,6 +247,9 @@ pub(crate) struct Env {
     pub queue: usize,
     /// A secured link's encoder seals batches into records.
     pub secured: bool,
+    /// How long a link closed here with a farewell reads on for the peer's
+    /// close.
+    pub farewell_drain: Duration,
 }
 
 /// One link to start.

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::{add, Cause, Env, LinkCounters, Shared, MESSAGE_BATCH_BYTES, MESSAGE_BATCH_LEN};
-use crate::config::now;
+use crate::config::{now, tokio_instant};
 use crate::event::TransportEvent;
 use crate::inbox::{LinkClosed, ToActor};
 
@@ -97,6 +97,7 @@ pub(super) async fn run(mut r: Reader) {
         r.env.stats.drops.record(now(), label);
     }
     debug!(peer = %r.peer.short(), %reason, "link reader ended");
+    let drain = reason.sent_farewell();
     let closed = ToActor::Closed(LinkClosed {
         id: r.peer,
         conn: r.conn,
@@ -104,6 +105,9 @@ pub(super) async fn run(mut r: Reader) {
     });
     if r.env.inbox.send(closed).await.is_err() {
         debug!(peer = %r.peer.short(), "transport gone before link close was reported");
+    }
+    if drain {
+        r.drain().await;
     }
 }
 
@@ -181,6 +185,27 @@ impl Reader {
             Some(Cause::WriteFailed(e)) => self.machine.on_error(now, &FrameError::Io(e)),
             None => self.machine.close(now, LocalClose::Dropped),
         }
+    }
+
+    /// After this end's farewell: reads and drops whatever arrives until the
+    /// peer closes, or for the transport's `farewell_drain`
+    /// ([`proto::link::FAREWELL_DRAIN`] by default), so that the socket is
+    /// not closed with unread data, which would reset the connection.
+    async fn drain(&mut self) {
+        let read_to_end = async {
+            loop {
+                self.buf.clear();
+                if self.buf.capacity() < IDLE_ROOM {
+                    self.buf.reserve(IDLE_ROOM);
+                }
+                match self.rd.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _peer_closed_or_timed_out =
+            tokio::time::timeout(self.env.farewell_drain, read_to_end).await;
     }
 
     /// Decodes every whole frame in the buffer, all heard at `now` (the
@@ -361,11 +386,6 @@ impl Reader {
             .cloned()
             .unwrap_or(CloseReason::Local(LocalClose::Dropped))
     }
-}
-
-fn tokio_instant(t: Option<Instant>) -> tokio::time::Instant {
-    // A closed machine has no deadline; the loop ends before sleeping.
-    t.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)
 }
 
 #[cfg(test)]
