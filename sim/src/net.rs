@@ -223,6 +223,8 @@ struct Conn {
     slots: [u32; 2],
     procs: [u32; 2],
     open: [bool; 2],
+    /// A closed end that still reads, until when (see [`Net::close_after_farewell`]).
+    draining: [Option<Instant>; 2],
     accepted: bool,
     started: Instant,
     dirs: [Dir; 2],
@@ -425,6 +427,7 @@ impl Net {
                 slots: [from.0, target],
                 procs: [from.1, 0],
                 open: [true, false],
+                draining: [None; 2],
                 accepted: false,
                 started: now,
                 dirs: [dir(), dir()],
@@ -611,6 +614,42 @@ impl Net {
     ) {
         self.send(now, rng, q, conn, end, Segment::Fin, Kind::Other);
         self.shut(conn, end);
+    }
+
+    /// End `end` closes its socket after writing a farewell (`goodbye`,
+    /// `reject`): a FIN follows what it sent, and the end reads on (and
+    /// drops what it reads) until the peer's FIN or reset, or for `drain`,
+    /// as the daemon's link reader does, so that what the peer sends
+    /// meanwhile draws no reset that could overtake the farewell.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn close_after_farewell(
+        &mut self,
+        now: Instant,
+        rng: &mut StdRng,
+        q: &mut Queue,
+        conn: ConnId,
+        end: usize,
+        drain: Duration,
+    ) {
+        self.close(now, rng, q, conn, end);
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.draining[end] = Some(now + drain);
+        }
+    }
+
+    /// Whether closed end `end` still reads `seg` at `now` (and drops it),
+    /// instead of answering it with a reset: it closed after a farewell,
+    /// and neither the drain's time nor the peer's side has ended. The
+    /// peer's FIN or reset ends the drain.
+    pub(crate) fn drains(&mut self, now: Instant, conn: ConnId, end: usize, seg: &Segment) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return false;
+        };
+        let until = c.draining[end];
+        if matches!(seg, Segment::Fin | Segment::Rst) {
+            c.draining[end] = None;
+        }
+        until.is_some_and(|t| now < t)
     }
 
     /// End `end` is reset (its process crashed, or it was dropped): the

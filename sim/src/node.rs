@@ -34,8 +34,8 @@ use proto::beacon::{Beacon, BeaconKind};
 use proto::frame::{AppMessage, PeerList, Reject, VERSION};
 use proto::id::check_incarnation;
 use proto::link::{
-    resolve_duplicate, Duplicate, Established, Handshake, HandshakeConfig, Link, LinkConfig,
-    LinkEvent, LocalClose, RejectCode, Role,
+    resolve_duplicate, CloseReason, Duplicate, Established, Handovers, Handshake, HandshakeConfig,
+    Link, LinkConfig, LinkEvent, LocalClose, RejectCode, Role, FAREWELL_DRAIN, HANDOVER_WAIT,
 };
 use proto::membership::{Action, DialFailure, Event, PeerTable};
 use proto::overlay::flood::{Config as FloodConfig, Flood, FloodStats};
@@ -218,6 +218,10 @@ pub struct Node {
     beacon_timer: Timer,
     prune_timer: Timer,
     report_timer: Timer,
+    /// Links the peer rejected as duplicates, reported down only if its
+    /// preferred link does not complete soon (`Actor::closed`).
+    handovers: Handovers,
+    handover_timer: Timer,
     /// Inputs that arrived while paused, in order.
     pub(crate) deferred: Vec<Input>,
     /// Bounded overlay mode (`--max-links`): who to link to, by the
@@ -289,6 +293,8 @@ impl Node {
             beacon_timer: Timer::default(),
             prune_timer: Timer::default(),
             report_timer: Timer::default(),
+            handovers: Handovers::default(),
+            handover_timer: Timer::default(),
             deferred: Vec::new(),
             overlay: s.max_links.map(|k| OverlayDriver::new(me.id, k)),
             flood: Flood::new(me.id, FloodConfig::default()),
@@ -408,6 +414,7 @@ impl Node {
             TimerKind::Beacon => &mut self.beacon_timer,
             TimerKind::Prune => &mut self.prune_timer,
             TimerKind::Report => &mut self.report_timer,
+            TimerKind::Handover => &mut self.handover_timer,
             TimerKind::Conn(conn) => match self.ends.get_mut(&conn) {
                 Some(e) => &mut e.timer,
                 None => return,
@@ -435,6 +442,12 @@ impl Node {
                     self.schedule(cx, TimerKind::Prune, at);
                 }
                 TimerKind::Report => self.report(cx),
+                TimerKind::Handover => {
+                    for (peer, reason) in self.handovers.expired(now) {
+                        self.link_down(cx, peer, &reason);
+                    }
+                    self.arm_handover(cx);
+                }
                 TimerKind::Conn(conn) => self.on_end_timeout(cx, conn),
             },
         }
@@ -738,7 +751,14 @@ impl Node {
                         detail: "a link between these nodes already exists".into(),
                     });
                     write(cx, conn, idx, &mut encoder, reject);
-                    cx.net.close(cx.now, cx.rng, cx.queue, conn, idx);
+                    cx.net.close_after_farewell(
+                        cx.now,
+                        cx.rng,
+                        cx.queue,
+                        conn,
+                        idx,
+                        FAREWELL_DRAIN,
+                    );
                     return;
                 }
             },
@@ -791,7 +811,7 @@ impl Node {
                 reported: None,
             },
         );
-        if replacing.is_none() {
+        if replacing.is_none() && !self.handovers.take(peer) {
             self.stats.links_established += 1;
             if check_incarnation(remote.incarnation, self.wall(cx)).is_ok() {
                 self.table_input(cx, |t, now| t.on_link_up(now, &remote));
@@ -1014,13 +1034,19 @@ impl Node {
             events.push(e);
         }
         let closed = link.is_closed();
+        let drain = link.close_reason().is_some_and(CloseReason::sent_farewell);
         let want = link.next_deadline();
         for m in out {
             write(cx, conn, idx, enc, m);
         }
         if closed {
             self.ends.remove(&conn);
-            cx.net.close(cx.now, cx.rng, cx.queue, conn, idx);
+            if drain {
+                cx.net
+                    .close_after_farewell(cx.now, cx.rng, cx.queue, conn, idx, FAREWELL_DRAIN);
+            } else {
+                cx.net.close(cx.now, cx.rng, cx.queue, conn, idx);
+            }
         } else {
             let at = end.timer.set(want);
             self.schedule(cx, TimerKind::Conn(conn), at);
@@ -1048,20 +1074,34 @@ impl Node {
                         continue; // a replaced duplicate; the current link is fine
                     }
                     self.links.remove(&peer);
-                    if let Some(o) = self.overlay.as_mut() {
-                        o.on_link_down(peer);
+                    if self.handovers.hold(cx.now, peer, &reason, HANDOVER_WAIT) {
+                        self.arm_handover(cx);
+                        continue; // the peer's preferred link is on its way
                     }
-                    let goodbye = reason.is_goodbye();
-                    let graceful = reason.is_graceful();
-                    self.table_input(cx, |t, now| {
-                        if goodbye {
-                            t.on_goodbye(now, peer);
-                        }
-                        t.on_link_down(now, peer, graceful || goodbye);
-                    });
+                    self.link_down(cx, peer, &reason);
                 }
             }
         }
+    }
+
+    /// `Actor::link_down`: the peer's link is gone.
+    fn link_down(&mut self, cx: &mut Cx, peer: NodeId, reason: &CloseReason) {
+        if let Some(o) = self.overlay.as_mut() {
+            o.on_link_down(peer);
+        }
+        let goodbye = reason.is_goodbye();
+        let graceful = reason.is_graceful();
+        self.table_input(cx, |t, now| {
+            if goodbye {
+                t.on_goodbye(now, peer);
+            }
+            t.on_link_down(now, peer, graceful || goodbye);
+        });
+    }
+
+    fn arm_handover(&mut self, cx: &mut Cx) {
+        let at = self.handover_timer.set(self.handovers.next_deadline());
+        self.schedule(cx, TimerKind::Handover, at);
     }
 
     // ---- broadcasts over the overlay ----
@@ -1141,6 +1181,7 @@ impl Node {
             cx.net.close(cx.now, cx.rng, cx.queue, conn, e.index());
         }
         self.links.clear();
+        self.handovers = Handovers::default();
     }
 }
 

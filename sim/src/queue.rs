@@ -24,6 +24,8 @@ pub(crate) enum TimerKind {
     Prune,
     /// The transport's liveness report (`Heard` batches).
     Report,
+    /// The transport's held duplicate closes (`proto::link::Handovers`).
+    Handover,
     /// One connection end: connect timeout, handshake or link deadline.
     Conn(ConnId),
 }

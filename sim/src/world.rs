@@ -352,6 +352,9 @@ impl World {
     fn deliver(&mut self, slot: u32, proc: Option<u32>, input: Input) {
         if let Input::Segment { conn, end, seg } = &input {
             if !self.net.is_open(*conn, *end) {
+                if self.net.drains(self.now, *conn, *end, seg) {
+                    return; // read and dropped after a farewell
+                }
                 // The socket is gone: its kernel resets the sender.
                 self.net
                     .refuse_segment(self.now, &mut self.rng, &mut self.queue, *conn, *end, seg);
