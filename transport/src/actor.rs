@@ -227,9 +227,17 @@ impl Actor {
         let first = proto::link::next_round(live.ping_anchor, self.cfg.liveness_report, now());
         let mut report = tokio::time::interval_at(first.into(), self.cfg.liveness_report);
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // One timer for held duplicate closes, moved only when the next
+        // one changes (the loop runs once per command and link event).
+        let mut handover = None;
+        let handover_due = tokio::time::sleep_until(tokio_instant(handover));
+        tokio::pin!(handover_due);
         loop {
-            let handover = self.handovers.next_deadline();
-            let handover_due = tokio::time::sleep_until(tokio_instant(handover));
+            let next = self.handovers.next_deadline();
+            if next != handover {
+                handover = next;
+                handover_due.as_mut().reset(tokio_instant(next));
+            }
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
@@ -241,7 +249,7 @@ impl Actor {
                 // No links, nothing to report: the timer is not polled, so
                 // a node without peers does not wake for it.
                 _ = report.tick(), if !self.links.is_empty() => self.report_liveness(),
-                () = handover_due, if handover.is_some() => {
+                () = &mut handover_due, if handover.is_some() => {
                     for (id, reason) in self.handovers.expired(now()) {
                         self.link_down(id, reason).await;
                     }

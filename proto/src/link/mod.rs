@@ -91,9 +91,10 @@ pub const HANDOVER_WAIT: Duration = Duration::from_millis(200);
 /// `link_down` followed a moment later by a `link_up` would tell the peer
 /// table (and the log, and the overlay, which would pick a replacement
 /// neighbour) of a loss that is none. So the driver holds such a close for
-/// up to `wait` ([`HANDOVER_WAIT`] by default): a link to the same peer completing meanwhile
-/// takes the old one's place silently (as a replacement does when the order
-/// is the other way round); otherwise the close is reported as it came.
+/// up to `wait` ([`HANDOVER_WAIT`] by default): a link to the same peer
+/// completing meanwhile takes the old one's place silently (as a
+/// replacement does when the order is the other way round); otherwise the
+/// close is reported as it came.
 /// The transport's actor and the simulator both drive one.
 #[derive(Debug, Default)]
 pub struct Handovers {
