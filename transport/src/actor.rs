@@ -13,13 +13,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use proto::link::{resolve_duplicate, CloseReason, Duplicate, Handovers, LocalClose, Role};
+use proto::link::{resolve_duplicate, CloseReason, Duplicate, Handovers, Role};
 use proto::{Message, NodeId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
@@ -365,7 +362,13 @@ impl Actor {
             Some(cur) => match resolve_duplicate(local, id, cur.dialer, dialer) {
                 Duplicate::KeepNew => Some(cur.info.handle.clone()),
                 Duplicate::KeepCurrent => {
-                    self.refuse(h.linked);
+                    // Refused as a link in its own right that closes at
+                    // once with `reject{duplicate}`: what the peer sent on
+                    // it meanwhile still reaches the node (see
+                    // `Link::hands_on`). Never current, so its close is no
+                    // event.
+                    let (refused, _) = self.spawn_link(id, h.outbound, h.linked);
+                    refused.replace();
                     return;
                 }
             },
@@ -373,20 +376,7 @@ impl Actor {
         if let Some(old) = &replacing {
             old.replace();
         }
-        self.next_conn += 1;
-        let conn = self.next_conn;
-        let role = if h.outbound {
-            Role::Dialer
-        } else {
-            Role::Acceptor
-        };
-        let spec = link::Spec {
-            peer: id,
-            conn,
-            role,
-            linked: h.linked,
-        };
-        let handle = link::spawn(spec, &self.env, &self.links_cancel, &self.tracker);
+        let (handle, conn) = self.spawn_link(id, h.outbound, h.linked);
         self.board.watch(id, handle.counters.clone());
         self.links.insert(
             id,
@@ -418,35 +408,22 @@ impl Actor {
         }
     }
 
-    /// Closes a connection that lost the tie-break, telling the peer why.
-    /// Best effort: the other side resolves the race the same way anyway.
-    fn refuse(&self, linked: Linked) {
-        let Linked {
-            mut stream,
-            mut encoder,
-            ..
-        } = linked;
-        let wait = self.cfg.handshake_timeout;
-        self.tracker.spawn(async move {
-            let mut out = BytesMut::new();
-            let Some(reject) = LocalClose::Duplicate.farewell() else {
-                return;
-            };
-            if encoder.encode(reject, &mut out).is_err() {
-                return;
-            }
-            // Best effort, bounded; the connection closes either way. After
-            // the FIN, read until the peer closes: a close with unread data
-            // would reset the connection, and the reset can overtake the
-            // reject (see `link::reader`'s drain).
-            let _best_effort = tokio::time::timeout(wait, async {
-                stream.write_all(&out).await?;
-                stream.shutdown().await?;
-                let mut sink = [0u8; 1024];
-                while stream.read(&mut sink).await? > 0 {}
-                Ok::<(), std::io::Error>(())
-            })
-            .await;
-        });
+    /// Starts the loops of a link to `id` under a new connection number.
+    fn spawn_link(&mut self, id: NodeId, outbound: bool, linked: Linked) -> (LinkHandle, u64) {
+        self.next_conn += 1;
+        let conn = self.next_conn;
+        let role = if outbound {
+            Role::Dialer
+        } else {
+            Role::Acceptor
+        };
+        let spec = link::Spec {
+            peer: id,
+            conn,
+            role,
+            linked,
+        };
+        let handle = link::spawn(spec, &self.env, &self.links_cancel, &self.tracker);
+        (handle, conn)
     }
 }

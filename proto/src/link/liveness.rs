@@ -334,7 +334,7 @@ impl Link {
     /// dropped, as [`Link::on_frame`] would.
     pub fn on_data(&mut self, now: Instant) -> bool {
         if self.closed.is_some() {
-            return false;
+            return self.hands_on();
         }
         self.last_heard = self.last_heard.max(now);
         true
@@ -345,11 +345,13 @@ impl Link {
     /// [`Link::on_data`]).
     pub fn on_frame(&mut self, now: Instant, msg: Message) {
         if self.closed.is_some() {
+            if self.hands_on() {
+                self.hand_on(msg);
+            }
             return;
         }
         self.last_heard = self.last_heard.max(now);
         match msg {
-            Message::App(m) => self.events.push_back(LinkEvent::App(m)),
             Message::Ping(p) => {
                 if p.rtt_us > 0 {
                     self.rtt = Some(Duration::from_micros(p.rtt_us));
@@ -363,21 +365,37 @@ impl Link {
                     self.rtt = Some(rtt.max(Duration::from_micros(1)));
                 }
             }
-            Message::Peers(list) => self.events.push_back(LinkEvent::Peers(list)),
-            Message::Query(q) => self
-                .events
-                .push_back(LinkEvent::Query(crate::query::QueryMessage::Query(q))),
-            Message::QueryResponse(r) => self
-                .events
-                .push_back(LinkEvent::Query(crate::query::QueryMessage::Response(r))),
-            Message::Relay(r) => self.events.push_back(LinkEvent::Relay(r)),
             Message::Goodbye(g) => self.end(CloseReason::Goodbye(g.reason)),
             Message::Reject(r) => self.end(CloseReason::Rejected {
                 code: r.code,
                 detail: r.detail,
             }),
             Message::Hello(_) | Message::Welcome(_) => self.end(CloseReason::UnexpectedHandshake),
+            data => self.hand_on(data),
         }
+    }
+
+    /// Closed here as a duplicate: another link between the same two nodes
+    /// carries on, and what the peer sent on this one before our reject
+    /// reached it (a member list, a verdict to refute, messages) is still
+    /// its word. The driver keeps reading for it (the farewell's drain) and
+    /// the machine still passes on application messages, member lists,
+    /// queries and relays; pings, pongs and the peer's own close are moot.
+    pub fn hands_on(&self) -> bool {
+        matches!(self.closed, Some(CloseReason::Local(LocalClose::Duplicate)))
+    }
+
+    /// A data frame, as an event for the node (anything else is dropped).
+    fn hand_on(&mut self, msg: Message) {
+        let event = match msg {
+            Message::App(m) => LinkEvent::App(m),
+            Message::Peers(list) => LinkEvent::Peers(list),
+            Message::Query(q) => LinkEvent::Query(crate::query::QueryMessage::Query(q)),
+            Message::QueryResponse(r) => LinkEvent::Query(crate::query::QueryMessage::Response(r)),
+            Message::Relay(r) => LinkEvent::Relay(r),
+            _ => return,
+        };
+        self.events.push_back(event);
     }
 
     /// The stream failed to yield a frame: a decode error, or an IO error

@@ -1015,3 +1015,33 @@ proptest::proptest! {
         }
     }
 }
+
+/// A link closed here as a duplicate still hands on what the peer sent
+/// before our reject reached it (another link carries on, and the peer
+/// never resends it); pings go unanswered. Any other close drops it all.
+#[test]
+fn a_link_closed_as_a_duplicate_hands_on_the_peers_data_frames() {
+    let t0 = Instant::now();
+    let list = PeerList { peers: Vec::new() };
+    for (why, hands_on) in [
+        (LocalClose::Duplicate, true),
+        (LocalClose::NotNeighbour, false),
+        (LocalClose::Shutdown, false),
+    ] {
+        let mut link = Link::new(t0, Role::Acceptor, link_cfg(t0));
+        link.close(t0, why);
+        while link.poll_transmit().is_some() {}
+        assert!(matches!(link.poll_event(), Some(LinkEvent::Closed(_))));
+        assert_eq!(link.hands_on(), hands_on, "{why:?}");
+        link.on_frame(t0, Message::Ping(Ping::default()));
+        link.on_frame(t0, Message::Peers(list.clone()));
+        assert_eq!(link.on_data(t0), hands_on, "{why:?}");
+        assert!(
+            link.poll_transmit().is_none(),
+            "{why:?}: no pong once closed"
+        );
+        let expected = hands_on.then(|| LinkEvent::Peers(list.clone()));
+        assert_eq!(link.poll_event(), expected, "{why:?}");
+        assert_eq!(link.poll_event(), None);
+    }
+}

@@ -187,15 +187,24 @@ impl Reader {
         }
     }
 
-    /// After this end's farewell: reads and drops whatever arrives until the
-    /// peer closes, or for the transport's `farewell_drain`
-    /// ([`proto::link::FAREWELL_DRAIN`] by default), so that the socket is
-    /// not closed with unread data, which would reset the connection.
+    /// After this end's farewell: reads until the peer closes, or for the
+    /// transport's `farewell_drain` ([`proto::link::FAREWELL_DRAIN`] by
+    /// default), so that the socket is not closed with unread data, which
+    /// would reset the connection. What arrives is dropped, except on a
+    /// link closed as a duplicate ([`Link::hands_on`]): the peer's frames
+    /// sent before our reject reached it go to the node, as the other
+    /// link's would, since the peer never resends them.
     async fn drain(&mut self) {
+        let hand_on = self.machine.hands_on();
+        let limit = self.env.farewell_drain;
         let read_to_end = async {
             loop {
-                self.buf.clear();
-                if self.buf.capacity() < IDLE_ROOM {
+                if !hand_on {
+                    self.buf.clear();
+                } else if self.decode_all(now(), &mut 0).await.is_err() {
+                    return; // a bad frame, or the node is gone
+                }
+                if self.buf.capacity() - self.buf.len() < IDLE_ROOM / 4 {
                     self.buf.reserve(IDLE_ROOM);
                 }
                 match self.rd.read_buf(&mut self.buf).await {
@@ -204,8 +213,7 @@ impl Reader {
                 }
             }
         };
-        let _peer_closed_or_timed_out =
-            tokio::time::timeout(self.env.farewell_drain, read_to_end).await;
+        let _peer_closed_or_timed_out = tokio::time::timeout(limit, read_to_end).await;
     }
 
     /// Decodes every whole frame in the buffer, all heard at `now` (the
@@ -227,7 +235,8 @@ impl Reader {
     async fn decode_all(&mut self, now: Instant, decoded: &mut usize) -> Result<(), CloseReason> {
         loop {
             let (mut frames, mut msgs, mut bytes) = (0usize, 0u64, 0u64);
-            while !self.machine.is_closed() && frames < DECODE_BATCH {
+            let reading = |m: &Link| !m.is_closed() || m.hands_on();
+            while reading(&self.machine) && frames < DECODE_BATCH {
                 match self.decoder.decode_next(&mut self.buf) {
                     Ok(Some(Decoded::App(msg))) => {
                         frames += 1;
@@ -254,6 +263,9 @@ impl Reader {
                     Ok(None) => break,
                     Err(e) => {
                         self.flush_apps(now).await?;
+                        if self.machine.is_closed() {
+                            return Err(self.end_reason()); // draining: stop here
+                        }
                         self.machine.on_error(now, &e);
                     }
                 }
@@ -358,10 +370,12 @@ impl Reader {
             TrySendError::Full(event) => event,
         };
         // Racing the send against the token loses at most this event, on a
-        // link that is ending anyway.
+        // link that is ending anyway. A link already closed (draining, see
+        // `drain`) just waits: its drain is bounded in time.
+        let open = !self.machine.is_closed();
         let sent = tokio::select! {
             biased;
-            () = self.cancel.cancelled() => None,
+            () = self.cancel.cancelled(), if open => None,
             sent = self.env.events.send(event) => Some(sent.is_ok()),
         };
         match sent {
