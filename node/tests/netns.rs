@@ -289,8 +289,19 @@ fn a_peer_cut_off_from_one_node_only_stays_alive_through_the_others() {
             .find(|p| p["name"] == "h3")
             .unwrap_or_default()
     };
+    let cut = std::time::Instant::now();
+    let mut seen = String::new();
     wait_until(Duration::from_secs(10), "h3 degraded on h1", || {
         let p = h3_on_h1();
+        // Each change, for the record of a failure.
+        let now = format!(
+            "link {} state {} degraded {}",
+            p["link"], p["state"], p["degraded"]
+        );
+        if now != seen {
+            eprintln!("{:?} after the cut: h3 on h1: {now}", cut.elapsed());
+            seen = now;
+        }
         // "connecting" while a redial hangs on the dropped path, else "down".
         p["link"] != "up" && p["state"] == "alive" && p["degraded"] == true
     });
