@@ -255,8 +255,11 @@ impl PeerTable {
 
     /// A record of a live member: confirms it, or brings a newer
     /// incarnation or tags version.
+    ///
+    /// Most records of a catch-up view are old news: those change nothing
+    /// and, so that a view costs the table no more than reading it, mark
+    /// nothing for the deadline index either.
     fn hear_alive(&mut self, now: Instant, from: NodeId, r: &PeerRecord) {
-        self.touch(r.id);
         let Some(p) = self.peers.get_mut(&r.id).filter(|p| p.confirmed) else {
             self.confirm_by_word(now, from, r);
             return;
@@ -265,6 +268,7 @@ impl PeerTable {
             if p.state == PeerState::Left {
                 return; // it said goodbye: no later word brings it back
             }
+            self.due.get_mut().touch(r.id);
             // A refutation (the same id, a higher incarnation): it is
             // alive, whatever was believed of the older one.
             p.incarnation = r.incarnation;
@@ -290,6 +294,7 @@ impl PeerTable {
             }
             self.relay_state(Some(from), r.id);
         } else if r.incarnation == p.incarnation && r.tags_version > p.tags_version && p.is_live() {
+            self.due.get_mut().touch(r.id);
             p.tags_version = r.tags_version;
             p.digest = tags_digest(&r.tags);
             if p.tags != r.tags {
