@@ -245,6 +245,9 @@ pub struct Net {
     pub sent: Vec<Sent>,
     /// The membership records in flight.
     pub(crate) records: Records,
+    /// Membership records sent in `peers` frames, summed over every host:
+    /// what catch-up views and relays cost beyond their frame count.
+    pub records_sent: u64,
 }
 
 /// The address of host `slot`.
@@ -289,6 +292,7 @@ impl Net {
             connect_timeout,
             sent: vec![Sent::default(); hosts],
             records: Records::default(),
+            records_sent: 0,
         }
     }
 

@@ -1189,6 +1189,9 @@ impl Node {
 /// value) and writes it on end `idx` of `conn`.
 fn write(cx: &mut Cx, conn: ConnId, idx: usize, enc: &mut FrameCodec, msg: Message) {
     let kind = kind_of(&msg);
+    if let Message::Peers(list) = &msg {
+        cx.net.records_sent += list.peers.len() as u64;
+    }
     let seg = if cx.s.keyring.is_some() {
         let mut out = BytesMut::new();
         if enc.encode(msg, &mut out).is_err() {

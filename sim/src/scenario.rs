@@ -605,6 +605,7 @@ pub fn overlay(p: &Params) -> Value {
     out["sent"] = json!(w.sent_total());
     out["msgs_per_node_per_s"] =
         json!(w.sent_total().total() as f64 / f64::from(n) / p.seconds.as_secs_f64());
+    out["records_per_node"] = json!(w.records_sent() as f64 / f64::from(n));
     out["trace_hash"] = json!(format!("{:016x}", w.observer().trace_hash()));
     out["virtual_s"] = json!(p.seconds.as_secs_f64());
     out["wall_ms"] = json!((wall.elapsed().as_secs_f64() * 1e4).round() / 10.0);

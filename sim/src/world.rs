@@ -190,6 +190,11 @@ impl World {
         self.net.sent.iter().fold(Sent::default(), |a, s| a.add(s))
     }
 
+    /// Membership records sent in `peers` frames, summed over hosts.
+    pub fn records_sent(&self) -> u64 {
+        self.net.records_sent
+    }
+
     /// Node counters summed over every process, ended ones included.
     pub fn stats(&self) -> NodeStats {
         let mut t = self.ended;
