@@ -372,10 +372,17 @@ impl Peer {
     }
 
     /// Whether the table may dial it: always in a full mesh; in overlay
-    /// mode only a neighbour, or a peer whose link was lost without a
-    /// goodbye (a refused redial is how a crash is seen).
+    /// mode only a neighbour, a peer whose link was lost without a goodbye
+    /// (a refused redial is how a crash is seen), or a member held failed
+    /// whose beacon came after the verdict (a recheck: see
+    /// [`PeerTable::on_beacon`]).
     fn may_dial(&self) -> bool {
-        !self.overlay || self.wanted || self.lost_at.is_some()
+        !self.overlay || self.wanted || self.lost_at.is_some() || self.beacon_after_verdict()
+    }
+
+    /// Failed here, and a beacon heard since the verdict.
+    fn beacon_after_verdict(&self) -> bool {
+        self.state == PeerState::Failed && self.last_beacon.is_some_and(|b| b > self.since)
     }
 
     /// Link down while beacons still arrive, or while other nodes report
@@ -475,6 +482,11 @@ pub const MAX_PENDING: usize = 4096;
 pub const UNLINKED_AFTER: Duration = Duration::from_secs(5);
 /// Most names [`PeerTable::unlinked`] lists.
 pub const UNLINKED_SHOWN: usize = 8;
+
+/// Overlay mode: a member held failed here whose beacon arrives after the
+/// verdict is dialed once, at a random point of this window after the
+/// beacon (see [`PeerTable::on_beacon`]).
+pub const RECHECK_SPREAD: Duration = Duration::from_secs(2);
 
 /// How soon a dial reset during its handshake is retried.
 const RESET_RETRY: Duration = Duration::from_millis(10);
@@ -926,9 +938,26 @@ impl PeerTable {
             // A beacon alone never revives a failed peer (nor a left one,
             // under a new incarnation): it may be replayed or forged. A link
             // will, if the peer is there: dial it now.
-            if p.link == LinkState::Down {
+            //
+            // Overlay mode, a member this node does not link to: it may be
+            // alive without knowing of the verdict (the word that would make
+            // it refute was lost, or stayed on this side of a healed
+            // partition), and then nothing else would ever correct this
+            // table. The link's handshake makes it refute (`on_link_up`),
+            // and the refutation reaches every node over the overlay. The
+            // dial waits a random part of `RECHECK_SPREAD`: a beacon reaches
+            // every node at once, and of the many that may hold the member
+            // failed, most hear the refutation before their turn comes.
+            let recheck = p.overlay && !p.wanted && p.lost_at.is_none();
+            if p.link == LinkState::Down && !recheck {
                 p.next_dial = Some(now);
                 p.dial_attempts = 0;
+            } else if p.link == LinkState::Down
+                && p.state == PeerState::Failed
+                && p.next_dial.is_none()
+            {
+                let wait = RECHECK_SPREAD.mul_f64(self.rng.gen_range(0.0..1.0));
+                p.next_dial = Some(now + wait);
             }
             self.schedule(now);
             return;

@@ -11,7 +11,9 @@ use proptest::prelude::*;
 use crate::beacon::{Beacon, BeaconKind};
 use crate::frame::{Hello, PeerList, PeerRecord, VERSION};
 use crate::id::{NodeId, Tags};
-use crate::membership::{Action, Config, DialFailure, EventKind, LinkState, PeerState, PeerTable};
+use crate::membership::{
+    Action, Config, DialFailure, EventKind, LinkState, PeerState, PeerTable, RECHECK_SPREAD,
+};
 
 const LOCAL: NodeId = NodeId(500);
 
@@ -346,6 +348,53 @@ fn a_node_reported_failed_refutes_and_the_refutation_revives_it() {
     u.on_peer_list(t0, a, &list(vec![member(LOCAL, 2, "alive")]));
     assert_eq!(u.get(&LOCAL).unwrap().state, PeerState::Alive);
     assert_eq!(events(&mut u), vec![(LOCAL, EventKind::Joined)]);
+}
+
+#[test]
+fn a_member_held_failed_whose_beacons_arrive_is_dialed_once_and_told() {
+    let t0 = Instant::now();
+    let (a, x) = (NodeId(100), NodeId(900));
+    let mut t = linked(t0, &[a]);
+    t.on_peer_list(t0, a, &list(vec![member(x, 1, "alive")]));
+    let t1 = t0 + Duration::from_millis(10);
+    t.on_peer_list(t1, a, &list(vec![member(x, 1, "failed")]));
+    assert_eq!(t.get(&x).unwrap().state, PeerState::Failed);
+    events(&mut t);
+    actions(&mut t);
+    // No neighbour, never linked: without a beacon, never dialed.
+    t.on_tick(t1 + RECHECK_SPREAD * 2);
+    assert!(dials(&actions(&mut t)).is_empty());
+    let beacon = Beacon {
+        cluster: "c".into(),
+        id: x,
+        incarnation: 1,
+        name: "n900".into(),
+        addr: addr(x),
+        kind: BeaconKind::Announce,
+        digest: 0,
+    };
+    // Beacons every 500 ms: one dial within the spread, not one per beacon.
+    let t2 = t1 + RECHECK_SPREAD * 3;
+    let step = Duration::from_millis(50);
+    let mut now = t2;
+    let mut dialed = Vec::new();
+    while now <= t2 + RECHECK_SPREAD + step {
+        if (now - t2).as_millis() % 500 == 0 {
+            t.on_beacon(now, &beacon);
+        }
+        t.on_tick(now);
+        dialed.extend(dials(&actions(&mut t)).into_iter().map(|id| (id, now)));
+        now += step;
+    }
+    assert_eq!(dialed.len(), 1, "{dialed:?}");
+    let (id, at) = dialed[0];
+    assert_eq!(id, x);
+    let due = at;
+    // The link proves it alive here and tells it of the verdict, so that
+    // it refutes for everyone else.
+    t.on_link_up(due, &hello(x, 1));
+    assert_eq!(t.get(&x).unwrap().state, PeerState::Alive);
+    assert!(sends(&actions(&mut t)).contains(&(x, vec![(x, "failed".to_string())])));
 }
 
 #[test]
