@@ -457,6 +457,7 @@ pub fn overlay(p: &Params) -> Value {
     });
     w.run_until((w.now() + p.settle).min(end), |_| false);
     let sent0 = w.sent_total();
+    let records0 = w.records_sent();
     let idle_from = w.now();
     w.run_until((idle_from + p.settle).min(end), |_| false);
     let idle_s = (w.now() - idle_from).as_secs_f64();
@@ -478,6 +479,9 @@ pub fn overlay(p: &Params) -> Value {
         "idle_msgs_per_node_per_s": idle,
         "idle_sent_per_node_per_s": (idle_s > 0.0).then(|| idle_sent.rates(f64::from(n) * idle_s)),
         "idle_from_ms": ms(idle_from - t0),
+        // Records per `peers` frame tell views (hundreds) from relays (a few).
+        "idle_records_per_node_per_s": (idle_s > 0.0)
+            .then(|| (w.records_sent() - records0) as f64 / f64::from(n) / idle_s),
     });
     // One crash: its neighbours see it at once (reset, refused redial);
     // everyone else only when its entry falls silent.
