@@ -247,7 +247,53 @@ pub struct Net {
     pub(crate) records: Records,
     /// Membership records sent in `peers` frames, summed over every host:
     /// what catch-up views and relays cost beyond their frame count.
-    pub records_sent: u64,
+    pub records_sent: RecordsSent,
+}
+
+/// Membership records sent, by what they say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct RecordsSent {
+    /// `alive` (joins, refutations, views) and `suspect` without an observer.
+    pub alive: u64,
+    /// Silence alerts (`suspect` with `by`).
+    pub alerts: u64,
+    /// `failed`.
+    pub failed: u64,
+    /// `left`.
+    pub left: u64,
+    /// Probes and their answers (`age_ms`).
+    pub probes: u64,
+}
+
+impl RecordsSent {
+    /// Counts `r`.
+    pub fn count(&mut self, r: &proto::frame::PeerRecord) {
+        let n = match (r.state.as_str(), r.by, r.age_ms) {
+            (_, _, Some(_)) | ("probe", _, _) => &mut self.probes,
+            ("suspect", Some(_), _) => &mut self.alerts,
+            ("failed", _, _) => &mut self.failed,
+            ("left", _, _) => &mut self.left,
+            _ => &mut self.alive,
+        };
+        *n += 1;
+    }
+
+    /// Every record.
+    pub fn total(&self) -> u64 {
+        self.alive + self.alerts + self.failed + self.left + self.probes
+    }
+
+    /// The records counted since `before`, each per `per`.
+    pub fn rates_since(&self, before: &RecordsSent, per: f64) -> serde_json::Value {
+        let r = |a: u64, b: u64| ((a - b) as f64 / per * 10.0).round() / 10.0;
+        serde_json::json!({
+            "alive": r(self.alive, before.alive),
+            "alerts": r(self.alerts, before.alerts),
+            "failed": r(self.failed, before.failed),
+            "left": r(self.left, before.left),
+            "probes": r(self.probes, before.probes),
+        })
+    }
 }
 
 /// The address of host `slot`.
@@ -292,7 +338,7 @@ impl Net {
             connect_timeout,
             sent: vec![Sent::default(); hosts],
             records: Records::default(),
-            records_sent: 0,
+            records_sent: RecordsSent::default(),
         }
     }
 

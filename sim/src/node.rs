@@ -1190,7 +1190,9 @@ impl Node {
 fn write(cx: &mut Cx, conn: ConnId, idx: usize, enc: &mut FrameCodec, msg: Message) {
     let kind = kind_of(&msg);
     if let Message::Peers(list) = &msg {
-        cx.net.records_sent += list.peers.len() as u64;
+        for r in &list.peers {
+            cx.net.records_sent.count(r);
+        }
     }
     let seg = if cx.s.keyring.is_some() {
         let mut out = BytesMut::new();

@@ -30,6 +30,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::SimConfig;
 use crate::net::Sent;
+use crate::observe::{FalseVerdict, Observer};
 use crate::world::{Op, World};
 
 /// Every scenario, in the order `all` runs them.
@@ -99,6 +100,8 @@ pub struct Report {
     pub figures: Map<String, Value>,
     /// `failed` verdicts about live, running, reachable nodes.
     pub false_failures: usize,
+    /// The first few false failures: when, by whom, about whom.
+    pub first_false_failures: Vec<FalseVerdict>,
     /// `suspect` verdicts about live, running, reachable nodes.
     pub false_suspicions: usize,
     /// Every message sent, per node per virtual second.
@@ -338,6 +341,7 @@ fn report(
         converge_ms: converge.map(ms),
         figures,
         false_failures: obs.false_failures(),
+        first_false_failures: first_false_failures(obs),
         false_suspicions: obs.false_suspicions(),
         msgs_per_node_per_s: (sent.total() as f64 / n / secs * 10.0).round() / 10.0,
         idle_msgs_per_node_per_s: idle.map(|x| (x * 10.0).round() / 10.0),
@@ -393,6 +397,17 @@ fn overlay_counts(w: &World, n: u32) -> Vec<(usize, usize, usize)> {
         .collect()
 }
 
+/// The first false failures (at most 8), so that a run that has some says
+/// where to look.
+fn first_false_failures(obs: &Observer) -> Vec<FalseVerdict> {
+    obs.false_verdicts()
+        .iter()
+        .filter(|v| v.kind == EventKind::Failed.as_str())
+        .take(8)
+        .cloned()
+        .collect()
+}
+
 /// Min, mean and max of `v`, as JSON.
 fn spread(v: impl Iterator<Item = usize>) -> Value {
     let v: Vec<usize> = v.collect();
@@ -416,7 +431,10 @@ fn spread(v: impl Iterator<Item = usize>) -> Value {
 /// (`links`) and message rates: over the whole run, and in the idle window
 /// (from `idle_from_ms`, one `settle` long) both in all and by kind
 /// (`idle_sent_per_node_per_s`), so that a change in the idle cost can be
-/// traced to the frames that carry it. `rate_limited`,
+/// traced to the frames that carry it, and the membership records those
+/// frames carried (`records_per_node` over the run,
+/// `idle_records_per_node_per_s` and `…_by_kind` in the idle window: a view
+/// is hundreds of `alive` records in a frame, a relay a few). `rate_limited`,
 /// `new_peer_budget_refusals` and `refused_pending` count what discovery's
 /// and the table's bounds turned away.
 pub fn overlay(p: &Params) -> Value {
@@ -481,7 +499,9 @@ pub fn overlay(p: &Params) -> Value {
         "idle_from_ms": ms(idle_from - t0),
         // Records per `peers` frame tell views (hundreds) from relays (a few).
         "idle_records_per_node_per_s": (idle_s > 0.0)
-            .then(|| (w.records_sent() - records0) as f64 / f64::from(n) / idle_s),
+            .then(|| (w.records_sent().total() - records0.total()) as f64 / f64::from(n) / idle_s),
+        "idle_records_per_node_per_s_by_kind": (idle_s > 0.0)
+            .then(|| w.records_sent().rates_since(&records0, f64::from(n) * idle_s)),
     });
     // One crash: its neighbours see it at once (reset, refused redial);
     // everyone else only when its entry falls silent.
@@ -605,11 +625,12 @@ pub fn overlay(p: &Params) -> Value {
         .map(|node| node.table.refused_pending())
         .sum::<u64>());
     out["false_failures"] = json!(w.observer().false_failures());
+    out["first_false_failures"] = json!(first_false_failures(w.observer()));
     out["false_suspicions"] = json!(w.observer().false_suspicions());
     out["sent"] = json!(w.sent_total());
     out["msgs_per_node_per_s"] =
         json!(w.sent_total().total() as f64 / f64::from(n) / p.seconds.as_secs_f64());
-    out["records_per_node"] = json!(w.records_sent() as f64 / f64::from(n));
+    out["records_per_node"] = json!(w.records_sent().total() as f64 / f64::from(n));
     out["trace_hash"] = json!(format!("{:016x}", w.observer().trace_hash()));
     out["virtual_s"] = json!(p.seconds.as_secs_f64());
     out["wall_ms"] = json!((wall.elapsed().as_secs_f64() * 1e4).round() / 10.0);

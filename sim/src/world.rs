@@ -191,7 +191,7 @@ impl World {
     }
 
     /// Membership records sent in `peers` frames, summed over hosts.
-    pub fn records_sent(&self) -> u64 {
+    pub fn records_sent(&self) -> crate::net::RecordsSent {
         self.net.records_sent
     }
 
