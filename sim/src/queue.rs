@@ -77,6 +77,8 @@ pub(crate) enum Ev {
 /// events wait in a slab.
 pub(crate) struct Queue {
     origin: Instant,
+    /// Virtual now: no event is due before it (see [`Queue::push`]).
+    floor: Instant,
     heap: BinaryHeap<Reverse<(u128, u32)>>,
     slab: Vec<Option<(Instant, Ev)>>,
     free: Vec<u32>,
@@ -94,6 +96,7 @@ impl Queue {
     pub fn new(origin: Instant) -> Queue {
         Queue {
             origin,
+            floor: origin,
             heap: BinaryHeap::new(),
             slab: Vec::new(),
             free: Vec::new(),
@@ -101,8 +104,12 @@ impl Queue {
         }
     }
 
-    /// Schedules `ev` at `at`.
+    /// Schedules `ev` at `at`, or now if `at` has passed: a timer armed for
+    /// a deadline already past fires at once, as a runtime's does (a state
+    /// machine's deadline may be a lower bound that has gone by). Left in
+    /// the past, it would move virtual time back.
     pub fn push(&mut self, at: Instant, ev: Ev) {
+        let at = at.max(self.floor);
         self.seq += 1;
         let ns = at.saturating_duration_since(self.origin).as_nanos() as u64;
         let key = (u128::from(ns) << 64) | u128::from(self.seq);
@@ -125,15 +132,49 @@ impl Queue {
         self.slab[*idx as usize].as_ref().map(|(at, _)| *at)
     }
 
-    /// Takes the earliest event.
+    /// Takes the earliest event; virtual time moves to it.
     pub fn pop(&mut self) -> Option<(Instant, Ev)> {
         let Reverse((_, idx)) = self.heap.pop()?;
         self.free.push(idx);
-        self.slab[idx as usize].take()
+        let (at, ev) = self.slab[idx as usize].take()?;
+        self.floor = self.floor.max(at);
+        Some((at, ev))
+    }
+
+    /// Virtual time moved to `now` without an event (a run's end, a
+    /// scheduled start).
+    pub fn advance(&mut self, now: Instant) {
+        self.floor = self.floor.max(now);
     }
 
     /// Events waiting.
     pub fn len(&self) -> usize {
         self.heap.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn timer(slot: u32) -> Ev {
+        Ev::Syn {
+            conn: slot as ConnId,
+        }
+    }
+
+    #[test]
+    fn an_event_scheduled_in_the_past_is_due_now_and_time_never_moves_back() {
+        let t0 = Instant::now();
+        let mut q = Queue::new(t0);
+        q.push(t0 + Duration::from_secs(5), timer(1));
+        let (at, _) = q.pop().unwrap();
+        assert_eq!(at, t0 + Duration::from_secs(5));
+        q.push(t0 + Duration::from_secs(1), timer(2));
+        assert_eq!(q.pop().map(|(at, _)| at), Some(t0 + Duration::from_secs(5)));
+        q.advance(t0 + Duration::from_secs(9));
+        q.push(t0 + Duration::from_secs(6), timer(3));
+        assert_eq!(q.peek_time(), Some(t0 + Duration::from_secs(9)));
     }
 }

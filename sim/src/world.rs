@@ -305,6 +305,7 @@ impl World {
                 Some(t) if t <= until => {
                     if next_start == Some(t) {
                         self.now = t;
+                        self.queue.advance(t);
                         self.run_starts();
                     } else {
                         self.step();
@@ -315,6 +316,7 @@ impl World {
                 }
                 _ => {
                     self.now = until.max(self.now);
+                    self.queue.advance(self.now);
                     return None;
                 }
             }
