@@ -949,15 +949,14 @@ impl PeerTable {
             // every node at once, and of the many that may hold the member
             // failed, most hear the refutation before their turn comes.
             let recheck = p.overlay && !p.wanted && p.lost_at.is_none();
-            if p.link == LinkState::Down && !recheck {
-                p.next_dial = Some(now);
-                p.dial_attempts = 0;
-            } else if p.link == LinkState::Down
-                && p.state == PeerState::Failed
-                && p.next_dial.is_none()
-            {
-                let wait = RECHECK_SPREAD.mul_f64(self.rng.gen_range(0.0..1.0));
-                p.next_dial = Some(now + wait);
+            if p.link == LinkState::Down {
+                if !recheck {
+                    p.next_dial = Some(now);
+                    p.dial_attempts = 0;
+                } else if p.state == PeerState::Failed && p.next_dial.is_none() {
+                    let wait = RECHECK_SPREAD.mul_f64(self.rng.gen_range(0.0..1.0));
+                    p.next_dial = Some(now + wait);
+                }
             }
             self.schedule(now);
             return;

@@ -158,9 +158,9 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn timer(slot: u32) -> Ev {
+    fn event(conn: u32) -> Ev {
         Ev::Syn {
-            conn: slot as ConnId,
+            conn: conn as ConnId,
         }
     }
 
@@ -168,13 +168,13 @@ mod tests {
     fn an_event_scheduled_in_the_past_is_due_now_and_time_never_moves_back() {
         let t0 = Instant::now();
         let mut q = Queue::new(t0);
-        q.push(t0 + Duration::from_secs(5), timer(1));
+        q.push(t0 + Duration::from_secs(5), event(1));
         let (at, _) = q.pop().unwrap();
         assert_eq!(at, t0 + Duration::from_secs(5));
-        q.push(t0 + Duration::from_secs(1), timer(2));
+        q.push(t0 + Duration::from_secs(1), event(2));
         assert_eq!(q.pop().map(|(at, _)| at), Some(t0 + Duration::from_secs(5)));
         q.advance(t0 + Duration::from_secs(9));
-        q.push(t0 + Duration::from_secs(6), timer(3));
+        q.push(t0 + Duration::from_secs(6), event(3));
         assert_eq!(q.peek_time(), Some(t0 + Duration::from_secs(9)));
     }
 }

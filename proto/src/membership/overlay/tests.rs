@@ -33,6 +33,19 @@ fn hello(id: NodeId, inc: u64) -> Hello {
     }
 }
 
+/// The announce beacon of `id` at incarnation 1.
+fn announce(id: NodeId) -> Beacon {
+    Beacon {
+        cluster: "c".into(),
+        id,
+        incarnation: 1,
+        name: format!("n{}", id.0),
+        addr: addr(id),
+        kind: BeaconKind::Announce,
+        digest: 0,
+    }
+}
+
 fn member(id: NodeId, inc: u64, state: &str) -> PeerRecord {
     PeerRecord {
         id,
@@ -122,18 +135,7 @@ fn a_record_confirms_only_over_a_confirmed_linked_peer() {
     let mut t = overlay_table(LOCAL);
     let (pending, n, x) = (NodeId(100), NodeId(200), NodeId(300));
     // A peer heard by beacon only: its word is a claim like its beacon.
-    t.on_beacon(
-        t0,
-        &Beacon {
-            cluster: "c".into(),
-            id: pending,
-            incarnation: 1,
-            name: "n100".into(),
-            addr: addr(pending),
-            kind: BeaconKind::Announce,
-            digest: 0,
-        },
-    );
+    t.on_beacon(t0, &announce(pending));
     t.on_peer_list(t0, pending, &list(vec![member(x, 1, "alive")]));
     assert!(
         t.get(&x).is_none(),
@@ -364,15 +366,7 @@ fn a_member_held_failed_whose_beacons_arrive_is_dialed_once_and_told() {
     // No neighbour, never linked: without a beacon, never dialed.
     t.on_tick(t1 + RECHECK_SPREAD * 2);
     assert!(dials(&actions(&mut t)).is_empty());
-    let beacon = Beacon {
-        cluster: "c".into(),
-        id: x,
-        incarnation: 1,
-        name: "n900".into(),
-        addr: addr(x),
-        kind: BeaconKind::Announce,
-        digest: 0,
-    };
+    let beacon = announce(x);
     // Beacons every 500 ms: one dial within the spread, not one per beacon.
     let t2 = t1 + RECHECK_SPREAD * 3;
     let step = Duration::from_millis(50);
