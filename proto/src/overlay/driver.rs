@@ -18,14 +18,18 @@
 //!   [`FULL_EVERY`], whenever the table's size changed: a pending entry
 //!   that is forgotten raises no event, so events alone would leave it on
 //!   the rings.
-//! - **Trimming.** Every [`TRIM_EVERY`], a link that this node does not
-//!   want, that has been up for [`LINK_SETTLE`], and that the other end
-//!   does not want either (by the rings as this node sees them) is queued
-//!   for closing ([`Driver::poll_close`]), to be closed with
-//!   `reject{not-neighbour}` ([`crate::link::LocalClose::NotNeighbour`]).
-//!   The settling time is there because views of the member set differ for
-//!   a moment after each change, and a link closed at once would be
-//!   redialed at once by the end that still wants it.
+//! - **Trimming.** A link that this node does not want, that has been up
+//!   for [`LINK_SETTLE`], and that the other end does not want either (by
+//!   the rings as this node sees them) is queued for closing
+//!   ([`Driver::poll_close`]), to be closed with `reject{not-neighbour}`
+//!   ([`crate::link::LocalClose::NotNeighbour`]). The settling time is
+//!   there because views of the member set differ for a moment after each
+//!   change, and a link closed at once would be redialed at once by the
+//!   end that still wants it. The links are looked at when that answer can
+//!   change, at most every [`TRIM_EVERY`]: after a recompute or a new link,
+//!   and when an unwanted link settles. A link that only the other end
+//!   wants (common: wanting is not symmetric) costs no look, and no
+//!   wake-up, until the rings change.
 //!
 //! Inputs take `now`; [`Driver::poll`] is called after every input the
 //! table took (it is cheap when nothing is due), and
@@ -46,7 +50,8 @@ pub const OVERLAY_EVERY: Duration = Duration::from_millis(20);
 /// table (when its size changed); in between, events update them.
 pub const FULL_EVERY: Duration = Duration::from_secs(1);
 
-/// How often the driver looks for links that neither end wants any more.
+/// How often, at most, the driver looks for links that neither end wants
+/// any more.
 pub const TRIM_EVERY: Duration = Duration::from_millis(250);
 
 /// A link is closed as "not a neighbour" only once it has been up this
@@ -66,7 +71,10 @@ pub struct Driver {
     full: bool,
     next_full: Option<Instant>,
     next_at: Option<Instant>,
+    /// When the links are next looked at (see the module docs); `None`:
+    /// not before an input can change the answer.
     next_trim: Option<Instant>,
+    last_trim: Option<Instant>,
     table_len: usize,
     /// Current links and since when they are up.
     links: BTreeMap<NodeId, Instant>,
@@ -87,6 +95,7 @@ impl Driver {
             next_full: None,
             next_at: None,
             next_trim: None,
+            last_trim: None,
             table_len: 0,
             links: BTreeMap::new(),
             close: VecDeque::new(),
@@ -111,9 +120,14 @@ impl Driver {
 
     /// A beacon from `id` was given to the table: a newcomer heard by
     /// beacon takes its place in the rings (the table raises no event for
-    /// pending entries).
+    /// pending entries). A beacon from a member already on the rings
+    /// changes nothing, and schedules nothing: every member's beacons reach
+    /// every node, and a recompute (and a wake-up) for each was most of an
+    /// idle node's timer wake-ups.
     pub fn on_beacon(&mut self, id: NodeId) {
-        self.changed.insert(id);
+        if !self.rings.contains(id) {
+            self.changed.insert(id);
+        }
     }
 
     /// An event the table raised. Only changes of membership matter
@@ -135,6 +149,7 @@ impl Driver {
     /// A link to `id` came up (or replaced the previous one) at `now`.
     pub fn on_link_up(&mut self, now: Instant, id: NodeId) {
         self.links.insert(id, now);
+        self.trim_soon();
     }
 
     /// The link to `id` is gone.
@@ -155,12 +170,24 @@ impl Driver {
         let full_due = self.full && self.next_full.is_none_or(|t| now >= t);
         let recompute =
             (full_due || !self.changed.is_empty()) && self.next_at.is_none_or(|t| now >= t);
-        let trim = self.next_trim.is_none_or(|t| now >= t);
         if recompute {
             self.recompute(now, table, full_due);
         }
-        if trim {
+        if self.next_trim.is_some_and(|t| now >= t) {
             self.trim(now);
+        }
+    }
+
+    /// Asks for a look at the links as soon as [`TRIM_EVERY`] allows.
+    fn trim_soon(&mut self) {
+        let allowed = self.last_trim.map(|t| t + TRIM_EVERY);
+        self.next_trim = match (self.next_trim, allowed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if self.next_trim.is_none() {
+            // Never trimmed: at once.
+            self.next_trim = self.links.values().min().copied();
         }
     }
 
@@ -197,6 +224,8 @@ impl Driver {
                 rings.want_links(id).contains(&me)
             });
         }
+        // The rings (and so what either end wants) may have changed.
+        self.trim_soon();
     }
 
     /// Queues the links that neither end wants: not ours, and by the rings
@@ -204,17 +233,25 @@ impl Driver {
     /// that is not on the rings (pending, or already judged) is left to
     /// the table.
     fn trim(&mut self, now: Instant) {
-        self.next_trim = Some(now + TRIM_EVERY);
+        self.last_trim = Some(now);
+        // The next look: when the first unwanted link that is still
+        // settling settles, and not before TRIM_EVERY.
+        let mut settles: Option<Instant> = None;
         for (&id, &since) in &self.links {
             if !self.want.contains(&id)
-                && since + LINK_SETTLE <= now
                 && self.rings.contains(id)
                 && !self.rings.want_links(id).contains(&self.me)
                 && !self.close.contains(&id)
             {
-                self.close.push_back(id);
+                let settled = since + LINK_SETTLE;
+                if settled <= now {
+                    self.close.push_back(id);
+                } else {
+                    settles = Some(settles.map_or(settled, |s| s.min(settled)));
+                }
             }
         }
+        self.next_trim = settles.map(|s| s.max(now + TRIM_EVERY));
     }
 
     /// The next link to close with `reject{not-neighbour}`. The driver
@@ -228,7 +265,7 @@ impl Driver {
     }
 
     /// When [`Driver::poll`] has something to do without a new input:
-    /// a postponed recompute, or a trim while some link is unwanted.
+    /// a postponed recompute, or a look at the links (see the module docs).
     pub fn next_deadline(&self) -> Option<Instant> {
         let mut at: Option<Instant> = None;
         let mut earliest = |t: Option<Instant>| {
@@ -246,9 +283,7 @@ impl Driver {
                 (a, b) => a.or(b),
             });
         }
-        if self.links.keys().any(|id| !self.want.contains(id)) {
-            earliest(self.next_trim);
-        }
+        earliest(self.next_trim);
         at
     }
 }
@@ -440,7 +475,7 @@ mod tests {
         d.poll(t0 + TRIM_EVERY, &mut t);
         assert_eq!(d.poll_close(), None, "not before it settled");
         let at = d.next_deadline().expect("a trim is due");
-        assert!(at <= t0 + TRIM_EVERY * 2);
+        assert_eq!(at, t0 + LINK_SETTLE, "when it settles");
         d.poll(t0 + LINK_SETTLE + TRIM_EVERY, &mut t);
         assert_eq!(d.poll_close(), Some(other));
         assert_eq!(d.poll_close(), None, "once");
@@ -451,6 +486,54 @@ mod tests {
         d.on_link_up(t0, keep);
         d.poll(t0 + LINK_SETTLE * 3, &mut t);
         assert_eq!(d.poll_close(), None);
+    }
+
+    /// An idle node wakes for nothing: a link that only the other end wants
+    /// is looked at once, not every `TRIM_EVERY`, and beacons from members
+    /// on the rings schedule no recompute.
+    #[test]
+    fn an_idle_overlay_has_no_deadline() {
+        let t0 = Instant::now();
+        // Wanting is not symmetric where the rings' fill-in reaches further
+        // for one end than for the other: find such a member (a few
+        // sizes, as in a cluster of 16 with K = 8).
+        let (mut t, mut d, n, size) = (12..=40)
+            .find_map(|size| {
+                let (mut t, mut d) = (table(8), Driver::new(id(0), 8));
+                for n in 1..=size {
+                    t.on_beacon(t0, &beacon(n));
+                    d.on_beacon(id(n));
+                }
+                d.poll(t0, &mut t);
+                drain(&mut t, &mut d);
+                let mine = d.neighbours().clone();
+                (1..=size)
+                    .find(|&n| {
+                        !mine.contains(&id(n)) && d.rings().want_links(id(n)).contains(&id(0))
+                    })
+                    .map(|n| (t, d, n, size))
+            })
+            .expect("a member that wants us and that we do not want");
+        t.on_link_up(t0, &hello(n));
+        d.on_link_up(t0, id(n));
+        // Until the driver has nothing left to do (bounded).
+        let mut now = t0;
+        for _ in 0..100 {
+            drain(&mut t, &mut d);
+            d.poll(now, &mut t);
+            match d.next_deadline() {
+                Some(at) => now = at.max(now),
+                None => break,
+            }
+        }
+        assert_eq!(d.next_deadline(), None, "quiet after {:?}", now - t0);
+        assert_eq!(d.poll_close(), None, "the other end wants it: kept");
+        for n in 1..=size {
+            d.on_beacon(id(n));
+        }
+        assert_eq!(d.next_deadline(), None, "beacons of ring members");
+        d.on_beacon(id(size + 1));
+        assert!(d.next_deadline().is_some(), "a newcomer's beacon");
     }
 
     /// Ticks `t` at each deadline up to `until` (bounded).
