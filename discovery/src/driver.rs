@@ -145,6 +145,11 @@ pub struct Config {
     /// failure by raising it; see "Bounded overlay" in PROTOCOL.md). Every
     /// beacon carries the larger of it and [`LocalIdentity::incarnation`].
     pub incarnation: Option<Arc<AtomicU64>>,
+    /// The period of the node's ping rounds, which fall on wall-clock
+    /// multiples of it (see [`proto::link::wall_clock_anchor`]): periodic
+    /// beacons go out on the round nearest to when they are due, when the
+    /// node is awake anyway ([`pacing::on_round`]). `None`: when due.
+    pub rounds: Option<Duration>,
 }
 
 /// What this node says about itself in beacons.
@@ -631,7 +636,18 @@ impl Bound {
             now_std(),
         );
         let mut replay = ReplayGuard::default();
-        let mut clock = BeaconClock::new(Instant::now()); // announce at once
+        // Announce at once; later beacons on the node's ping rounds.
+        let rounds = self.cfg.rounds.map(|every| {
+            let since_epoch = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let now = now_std();
+            (
+                proto::link::wall_clock_anchor(now, since_epoch, every),
+                every,
+            )
+        });
+        let mut clock = BeaconClock::new(Instant::now(), rounds);
         let mut next_prune = Instant::now() + self.cfg.limits.forget_after;
         let mut next_rejoin = Instant::now() + REJOIN_EVERY;
         let configured = self.cfg.interval;
@@ -879,17 +895,33 @@ impl Bound {
 /// it holds, even from the runtime's own thread, and that costs the node an
 /// extra wake-up; re-arming at each beacon a timer that is later than one
 /// already armed never does. Which of the two fires is all that differs.
+///
+/// With ping rounds given, each beacon after the first goes out on the
+/// round nearest to when it is due ([`pacing::on_round`]); the jittered
+/// series of due times is kept apart from the rounded deadlines, so that
+/// rounding neither drifts the mean interval nor erases the jitter.
 struct BeaconClock {
     timers: [Pin<Box<Sleep>>; 2],
+    /// When each timer's beacon is due, before it is put on a round.
+    due: [Instant; 2],
+    rounds: Option<(std::time::Instant, Duration)>,
 }
 
 impl BeaconClock {
     /// Both timers at `first`: the first beacon goes out then, and
     /// [`BeaconClock::rearm`] spaces out the ones after it.
-    fn new(first: Instant) -> Self {
+    fn new(first: Instant, rounds: Option<(std::time::Instant, Duration)>) -> Self {
         BeaconClock {
             timers: [Box::pin(sleep_until(first)), Box::pin(sleep_until(first))],
+            due: [first; 2],
+            rounds,
         }
+    }
+
+    fn set(&mut self, i: usize, due: Instant, gap: Duration) {
+        self.due[i] = due;
+        let at = pacing::on_round(due.into_std(), gap, self.rounds);
+        self.timers[i].as_mut().reset(Instant::from_std(at));
     }
 
     /// Waits for the next beacon; returns which timer it was. Cancel-safe
@@ -918,10 +950,9 @@ impl BeaconClock {
     fn rearm(&mut self, fired: usize, now: Instant, gap: Duration) {
         let other = 1 - fired;
         if self.timers[other].deadline() <= now {
-            self.timers[other].as_mut().reset(now + gap);
+            self.set(other, now + gap, gap);
         }
-        let after = self.timers[other].deadline() + gap;
-        self.timers[fired].as_mut().reset(after);
+        self.set(fired, self.due[other] + gap, gap);
     }
 }
 
@@ -1004,6 +1035,7 @@ mod tests {
             keyring: None,
             members: None,
             incarnation: None,
+            rounds: None,
         }
     }
 

@@ -37,10 +37,20 @@
 //! members it links to tell it the rest over the link (push-pull of the
 //! member list). Below `REPLIERS` + 1 members everyone answers, as before.
 //!
-//! Nothing here reads a clock or a socket: the driver passes counts and
-//! durations and acts on the answers.
+//! A third half, of wake-ups rather than traffic: a node wakes on its ping
+//! rounds anyway (wall-clock multiples of the ping interval, the same for
+//! every node), so its periodic beacons go out on the round nearest to when
+//! they are due ([`on_round`]), and every node hears them in the same
+//! burst as its pings and pongs instead of at a moment of its own: at N
+//! members that is up to [`GROUP_BEACONS`] wake-ups a second saved per
+//! node. The mean interval is unchanged (the nearest round is as often
+//! before as after), and so are the jitter's randomness across senders
+//! (which round) and a newcomer's first announce (at once).
+//!
+//! Nothing here reads a clock or a socket: the driver passes counts,
+//! instants and durations and acts on the answers.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::NodeId;
 
@@ -66,6 +76,20 @@ pub const MAX_ADVERTISED: Duration = Duration::from_secs(300);
 /// How many beacon intervals of silence are normal: one lost beacon, and a
 /// jittered one late, never look like a silent source.
 pub const SILENT_INTERVALS: u32 = 3;
+
+/// When a beacon due at `due`, `gap` after the one before it, goes out:
+/// on the ping round nearest to `due` when `rounds` (the rounds' anchor
+/// and period, see [`proto::link::wall_clock_anchor`]) are given and at
+/// most half the gap apart, so that rounding never merges two beacons or
+/// moves one by more than a quarter of its interval; else at `due`.
+pub fn on_round(due: Instant, gap: Duration, rounds: Option<(Instant, Duration)>) -> Instant {
+    match rounds {
+        Some((anchor, every)) if !every.is_zero() && every.saturating_mul(2) <= gap => {
+            proto::link::nearest_round(anchor, every, due)
+        }
+        _ => due,
+    }
+}
 
 /// The mean interval between this node's announces when it knows
 /// `members` members (itself included): `configured` up to
@@ -172,6 +196,35 @@ mod tests {
         assert_eq!(interval(SEC, 80), Duration::from_secs(2));
         // Never overflows, however absurd the inputs.
         assert!(interval(Duration::MAX, usize::MAX) >= Duration::MAX / 2);
+    }
+
+    #[test]
+    fn periodic_beacons_ride_on_the_nearest_ping_round() {
+        let anchor = Instant::now();
+        let ms = Duration::from_millis;
+        let rounds = Some((anchor, ms(200)));
+        assert_eq!(on_round(anchor + ms(1090), SEC, rounds), anchor + ms(1000));
+        assert_eq!(on_round(anchor + ms(1110), SEC, rounds), anchor + ms(1200));
+        assert_eq!(on_round(anchor + ms(1200), SEC, rounds), anchor + ms(1200));
+        // Rounds too far apart for the interval (a short beacon interval,
+        // long pings), or none: the beacon goes when due.
+        let due = anchor + ms(1090);
+        assert_eq!(on_round(due, ms(300), rounds), due);
+        assert_eq!(on_round(due, SEC, None), due);
+        assert_eq!(on_round(due, SEC, Some((anchor, Duration::ZERO))), due);
+        // Never moved by more than half a round, so the mean interval of a
+        // jittered series stays what it was (within rounding).
+        let mut at = anchor;
+        let (mut ideal, n) = (anchor, 200u32);
+        for k in 0..n {
+            let gap = SEC.mul_f64(0.9 + 0.2 * f64::from(k) / f64::from(n));
+            ideal += gap;
+            let sent = on_round(ideal, gap, rounds);
+            assert!(sent.max(ideal) - sent.min(ideal) <= ms(100), "{k}");
+            at = sent;
+        }
+        let mean = (at - anchor) / n;
+        assert!(mean > ms(990) && mean < ms(1010), "{mean:?}");
     }
 
     #[test]

@@ -606,6 +606,10 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         allow_advertise: args.allow_advertise.clone(),
         members: Some(members.clone()),
         incarnation: Some(live_incarnation.clone()),
+        // The links' ping rounds (the same derivation as the transport's).
+        rounds: Some(
+            proto::link::LinkTiming::derive(args.suspect_after, args.dead_after).ping_interval,
+        ),
     };
     let local = discovery::LocalIdentity {
         id,

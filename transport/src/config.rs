@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use proto::link::{HandshakeConfig, LinkConfig};
+use proto::link::{wall_clock_anchor, HandshakeConfig, LinkConfig};
 use proto::secure::SharedKeyring;
 use proto::Hello;
 
@@ -95,7 +95,7 @@ impl Config {
     }
 
     /// The liveness settings of every link, with ping rounds anchored on
-    /// the wall clock as of `now` (see [`wall_clock_anchor`]).
+    /// the wall clock as of `now` (see [`proto::link::wall_clock_anchor`]).
     pub(crate) fn liveness(&self, now: Instant) -> LinkConfig {
         let since_epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -106,21 +106,6 @@ impl Config {
             ping_anchor: wall_clock_anchor(now, since_epoch, self.ping_interval),
         }
     }
-}
-
-/// The monotonic instant of the last multiple of `every` of the wall clock
-/// at or before `now`, given the wall clock's reading at `now`. Every node
-/// anchors its ping rounds this way, so that a cluster's pings and pongs
-/// travel together and each node wakes a few times per round instead of
-/// once per link. It is taken once per transport: a wall-clock step later
-/// moves no round (rounds stay evenly spaced), which matters more than
-/// staying in phase with other nodes.
-pub(crate) fn wall_clock_anchor(now: Instant, since_epoch: Duration, every: Duration) -> Instant {
-    let every_ns = every.as_nanos().max(1);
-    // Below `every`, so it fits in u64 for any sane interval.
-    let into_round = (since_epoch.as_nanos() % every_ns) as u64;
-    now.checked_sub(Duration::from_nanos(into_round))
-        .unwrap_or(now)
 }
 
 /// The drivers' clock: tokio's, so that `#[tokio::test(start_paused = true)]`
@@ -156,19 +141,5 @@ mod tests {
         assert_eq!(cfg.handshake().local.incarnation, 10, "never lowered");
         raised.store(11, Ordering::Relaxed);
         assert_eq!(cfg.handshake().local.incarnation, 11, "a refutation shows");
-    }
-
-    #[test]
-    fn ping_rounds_are_anchored_on_wall_clock_multiples() {
-        let now = Instant::now();
-        let every = Duration::from_millis(150);
-        // 10.2 s after the epoch: the last multiple of 150 ms was 60 ms ago.
-        let anchor = wall_clock_anchor(now, Duration::from_millis(10_260), every);
-        assert_eq!(now - anchor, Duration::from_millis(60));
-        assert_eq!(
-            wall_clock_anchor(now, Duration::from_millis(10_200), every),
-            now,
-            "on a multiple"
-        );
     }
 }

@@ -466,6 +466,24 @@ impl Link {
         Some(self.next_ping.map_or(silence, |p| p.min(silence)))
     }
 
+    /// When a driver that wakes on timers should wake this machine: the
+    /// last ping round at or before [`Link::next_deadline`] while that round
+    /// is still after `now`, else the deadline itself.
+    ///
+    /// The silence deadline moves later with every frame heard, so a timer
+    /// set for it nearly always finds nothing due, and at a moment of its
+    /// own: an acceptor's link would wake its node about once per
+    /// `link_timeout` at a random phase. On a round the node is awake anyway
+    /// (its pings and the links' report to the table fall there), so the
+    /// early look costs nothing; a deadline that does come is still met to
+    /// the instant, by the second wake-up.
+    pub fn next_wake(&self, now: Instant) -> Option<Instant> {
+        let due = self.next_deadline()?;
+        let round = next_round(self.cfg.ping_anchor, self.cfg.ping_interval, due)
+            .checked_sub(self.cfg.ping_interval);
+        Some(round.filter(|&r| r > now).unwrap_or(due))
+    }
+
     /// The next frame to send.
     pub fn poll_transmit(&mut self) -> Option<Message> {
         self.transmits.pop_front()
@@ -517,6 +535,32 @@ pub fn next_round(anchor: Instant, every: Duration, now: Instant) -> Instant {
             anchor - nanos(k * every_ns)
         }
     }
+}
+
+/// The round `anchor + k * every` nearest to `t` (the later one of two
+/// equally near).
+pub fn nearest_round(anchor: Instant, every: Duration, t: Instant) -> Instant {
+    let after = next_round(anchor, every, t);
+    match after.checked_sub(every) {
+        Some(before) if t - before < after - t => before,
+        _ => after,
+    }
+}
+
+/// The monotonic instant of the last multiple of `every` of the wall clock
+/// at or before `now`, given the wall clock's reading at `now`
+/// (`since_epoch`). Every node anchors its ping rounds this way, so that a
+/// cluster's pings and pongs travel together and each node wakes a few
+/// times per round instead of once per link; discovery puts its periodic
+/// beacons on the same rounds. A driver takes it once: a wall-clock step
+/// later moves no round (rounds stay evenly spaced), which matters more
+/// than staying in phase with other nodes.
+pub fn wall_clock_anchor(now: Instant, since_epoch: Duration, every: Duration) -> Instant {
+    let every_ns = every.as_nanos().max(1);
+    // Below `every`, so it fits in u64 for any sane interval.
+    let into_round = (since_epoch.as_nanos() % every_ns) as u64;
+    now.checked_sub(Duration::from_nanos(into_round))
+        .unwrap_or(now)
 }
 
 fn nanos(n: u128) -> Duration {

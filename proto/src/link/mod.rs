@@ -35,8 +35,8 @@ mod liveness;
 pub use codes::{GoodbyeReason, RejectCode};
 pub use handshake::{Established, Handshake, HandshakeConfig, HandshakeError};
 pub use liveness::{
-    next_round, CloseReason, Link, LinkConfig, LinkEvent, LinkTiming, LocalClose, Role,
-    FAREWELL_DRAIN,
+    nearest_round, next_round, wall_clock_anchor, CloseReason, Link, LinkConfig, LinkEvent,
+    LinkTiming, LocalClose, Role, FAREWELL_DRAIN,
 };
 
 use std::time::{Duration, Instant};

@@ -690,6 +690,30 @@ fn the_dialer_pings_at_once_then_on_the_rounds_of_the_anchor() {
 }
 
 #[test]
+fn ping_rounds_are_anchored_on_wall_clock_multiples() {
+    let now = Instant::now();
+    let every = ms(150);
+    // 10.26 s after the epoch: the last multiple of 150 ms was 60 ms ago.
+    let anchor = wall_clock_anchor(now, ms(10_260), every);
+    assert_eq!(now - anchor, ms(60));
+    assert_eq!(
+        wall_clock_anchor(now, ms(10_200), every),
+        now,
+        "on a multiple"
+    );
+}
+
+#[test]
+fn the_nearest_round_is_the_later_of_two_equally_near() {
+    let a = Instant::now() + ms(1000);
+    assert_eq!(nearest_round(a, ms(100), a + ms(140)), a + ms(100));
+    assert_eq!(nearest_round(a, ms(100), a + ms(160)), a + ms(200));
+    assert_eq!(nearest_round(a, ms(100), a + ms(150)), a + ms(200));
+    assert_eq!(nearest_round(a, ms(100), a + ms(200)), a + ms(200));
+    assert_eq!(nearest_round(a, ms(100), a - ms(30)), a);
+}
+
+#[test]
 fn next_round_counts_from_either_side_of_the_anchor() {
     let a = Instant::now() + ms(1000);
     assert_eq!(next_round(a, ms(100), a), a + ms(100));
@@ -762,6 +786,50 @@ fn silence_closes_the_link_exactly_at_the_timeout_and_any_frame_defers_it() {
     );
     link.on_frame(t0 + ms(600), Message::Peers(PeerList::default()));
     assert!(link.poll_event().is_none());
+}
+
+/// An acceptor's silence deadline moves with every ping it hears: its
+/// driver is woken on the ping rounds (when it is awake anyway), and only
+/// a deadline that really comes is met at its own instant.
+#[test]
+fn an_acceptor_is_woken_on_the_rounds_and_at_a_silence_that_comes() {
+    let t0 = Instant::now();
+    // Rounds at t0 + 20 + k * 100 ms; the dialer's pings arrive 3 ms after.
+    let anchor = t0 + ms(20);
+    let mut link = Link::new(t0, Role::Acceptor, link_cfg(anchor));
+    // Silence due at t0 + 450: the last round before it.
+    assert_eq!(link.next_wake(t0), Some(t0 + ms(420)));
+    let ping = Ping {
+        seq: 1,
+        ts_us: 1,
+        rtt_us: 500,
+    };
+    let mut now = t0;
+    for k in 0..20u64 {
+        let heard = anchor + ms(100 * k + 3);
+        link.on_frame(heard, Message::Ping(ping));
+        while link.poll_transmit().is_some() {}
+        now = heard;
+        let wake = link.next_wake(now).expect("open");
+        assert!(wake > now, "{k}");
+        assert_eq!(
+            wake.duration_since(anchor).as_millis() % 100,
+            0,
+            "on a round: {k}"
+        );
+        assert!(wake <= now + SILENCE, "{k}");
+    }
+    // The pings stop: one look on the last round before the deadline,
+    // then the deadline itself, met exactly.
+    let due = now + SILENCE;
+    let round = link.next_wake(now).expect("open");
+    assert!(round < due && due - round < PING);
+    link.on_timeout(round);
+    assert!(!link.is_closed(), "early look");
+    assert_eq!(link.next_wake(round), Some(due));
+    link.on_timeout(due);
+    assert!(link.is_closed());
+    assert_eq!(link.next_wake(due), None);
 }
 
 #[test]

@@ -113,19 +113,19 @@ pub(super) async fn run(mut r: Reader) {
 
 impl Reader {
     async fn read_loop(&mut self) -> CloseReason {
-        // One timer for the link's life. It is moved only when the machine
-        // needs an earlier wake-up: waking early is harmless (the machine
-        // decides), and the silence deadline moves later with every read,
-        // which would otherwise cost a timer update per read.
-        let mut armed = self.machine.next_deadline();
+        // One timer for the link's life, set for the machine's next wake-up
+        // (a ping round before its silence deadline, see `Link::next_wake`):
+        // that moves once per round, not with every read, so a busy link
+        // does not pay a timer update per read.
+        let mut armed = self.machine.next_wake(now());
         let sleep = tokio::time::sleep_until(tokio_instant(armed));
         tokio::pin!(sleep);
         loop {
             if let Err(reason) = self.process(now()).await {
                 return reason;
             }
-            let next = self.machine.next_deadline();
-            if next.is_some() && (armed.is_none() || next < armed) {
+            let next = self.machine.next_wake(now());
+            if next.is_some() && next != armed {
                 sleep.as_mut().reset(tokio_instant(next));
                 armed = next;
             }
