@@ -26,8 +26,10 @@
 //!   there because views of the member set differ for a moment after each
 //!   change, and a link closed at once would be redialed at once by the
 //!   end that still wants it. The links are looked at when that answer can
-//!   change, at most every [`TRIM_EVERY`]: after a recompute or a new link,
-//!   and when an unwanted link settles. A link that only the other end
+//!   change: after a recompute or a new link (at most every
+//!   [`TRIM_EVERY`]), and when an unwanted link settles (at most every
+//!   [`OVERLAY_EVERY`], so that a cold start's extra links close as they
+//!   settle rather than in a tail of 250 ms steps). A link that only the other end
 //!   wants (common: wanting is not symmetric) costs no look, and no
 //!   wake-up, until the rings change.
 //!
@@ -235,7 +237,7 @@ impl Driver {
     fn trim(&mut self, now: Instant) {
         self.last_trim = Some(now);
         // The next look: when the first unwanted link that is still
-        // settling settles, and not before TRIM_EVERY.
+        // settling settles (not sooner than OVERLAY_EVERY from now).
         let mut settles: Option<Instant> = None;
         for (&id, &since) in &self.links {
             if !self.want.contains(&id)
@@ -251,7 +253,7 @@ impl Driver {
                 }
             }
         }
-        self.next_trim = settles.map(|s| s.max(now + TRIM_EVERY));
+        self.next_trim = settles.map(|s| s.max(now + OVERLAY_EVERY));
     }
 
     /// The next link to close with `reject{not-neighbour}`. The driver
