@@ -592,6 +592,9 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     // membership task writes it; beacons and handshakes read it.
     let live_incarnation = Arc::new(AtomicU64::new(incarnation));
     let max_links = usize::try_from(args.max_links).unwrap_or(usize::MAX);
+    // Ping rounds, link silence and liveness reports, from the failure
+    // detector's settings (the simulator derives them the same way).
+    let timing = proto::link::LinkTiming::derive(args.suspect_after, args.dead_after);
     let disc_cfg = discovery::Config {
         group: args.group,
         interfaces,
@@ -606,10 +609,8 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
         allow_advertise: args.allow_advertise.clone(),
         members: Some(members.clone()),
         incarnation: Some(live_incarnation.clone()),
-        // The links' ping rounds (the same derivation as the transport's).
-        rounds: Some(
-            proto::link::LinkTiming::derive(args.suspect_after, args.dead_after).ping_interval,
-        ),
+        // Periodic beacons ride on the links' ping rounds.
+        rounds: Some(timing.ping_interval),
     };
     let local = discovery::LocalIdentity {
         id,
@@ -676,9 +677,6 @@ async fn run(plan: Plan, log: Option<LogControl>) -> Result<Running, StartError>
     tcfg.incarnation = Some(live_incarnation.clone());
     tcfg.max_frame = args.max_frame as usize;
     tcfg.keyring = keyring.clone();
-    // Ping rounds, link silence and liveness reports, from the failure
-    // detector's settings (the simulator derives them the same way).
-    let timing = proto::link::LinkTiming::derive(args.suspect_after, args.dead_after);
     tcfg.ping_interval = timing.ping_interval;
     tcfg.link_timeout = timing.link_timeout;
     tcfg.liveness_report = timing.liveness_report;

@@ -29,9 +29,9 @@
 //!   change: after a recompute or a new link (at most every
 //!   [`TRIM_EVERY`]), and when an unwanted link settles (at most every
 //!   [`OVERLAY_EVERY`], so that a cold start's extra links close as they
-//!   settle rather than in a tail of 250 ms steps). A link that only the other end
-//!   wants (common: wanting is not symmetric) costs no look, and no
-//!   wake-up, until the rings change.
+//!   settle rather than in a tail of 250 ms steps). A link that only the
+//!   other end wants (common: wanting is not symmetric) costs no look, and
+//!   no wake-up, until the rings change.
 //!
 //! Inputs take `now`; [`Driver::poll`] is called after every input the
 //! table took (it is cheap when nothing is due), and
@@ -151,7 +151,7 @@ impl Driver {
     /// A link to `id` came up (or replaced the previous one) at `now`.
     pub fn on_link_up(&mut self, now: Instant, id: NodeId) {
         self.links.insert(id, now);
-        self.trim_soon();
+        self.trim_soon(now);
     }
 
     /// The link to `id` is gone.
@@ -181,16 +181,14 @@ impl Driver {
     }
 
     /// Asks for a look at the links as soon as [`TRIM_EVERY`] allows.
-    fn trim_soon(&mut self) {
-        let allowed = self.last_trim.map(|t| t + TRIM_EVERY);
-        self.next_trim = match (self.next_trim, allowed) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+    fn trim_soon(&mut self, now: Instant) {
+        let allowed = match self.last_trim {
+            Some(t) => t + TRIM_EVERY,
+            // Never looked: at once, once there is a link to look at.
+            None if self.links.is_empty() => return,
+            None => now,
         };
-        if self.next_trim.is_none() {
-            // Never trimmed: at once.
-            self.next_trim = self.links.values().min().copied();
-        }
+        self.next_trim = Some(self.next_trim.map_or(allowed, |t| t.min(allowed)));
     }
 
     fn recompute(&mut self, now: Instant, table: &mut PeerTable, full_due: bool) {
@@ -227,7 +225,7 @@ impl Driver {
             });
         }
         // The rings (and so what either end wants) may have changed.
-        self.trim_soon();
+        self.trim_soon(now);
     }
 
     /// Queues the links that neither end wants: not ours, and by the rings
